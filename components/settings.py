@@ -1,0 +1,319 @@
+"""Stack settings: read once, validated before any resource registers.
+
+Components receive a `Settings` (plain, typed values) and never read config themselves, so a
+bad value fails `pulumi preview` with one clear message instead of half a deployment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import posixpath
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+NAMESPACE = "cognivern"
+
+RELEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+SERVER_NAME_RE = re.compile(r"^(_|\*?[A-Za-z0-9.-]{1,253})$")
+LISTEN_RE = re.compile(r"^((\d{1,3}(\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):)?\d{1,5}$")
+SERVER_TYPE_RE = re.compile(r"^[a-z]{2,4}\d{1,3}$")
+IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+HOST_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( [^\n]*)?$")
+PUBLIC_KEY_RE = HOST_KEY_RE
+
+LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
+DEPRECATED_SERVER_TYPES = frozenset(
+    {"cx11", "cx21", "cx31", "cx41", "cx51", "cx22", "cx32", "cx42", "cx52"}
+    | {"cpx11", "cpx21", "cpx31", "cpx41", "cpx51"}
+)
+# Keys the program writes into shared/.env itself; `env`/`secretEnv` may not override them.
+RESERVED_ENV_KEYS = frozenset({"PORT", "AGENTS_ENABLED"})
+SECRET_KEYS = ("sshPrivateKey", "secretEnv")
+
+
+class ConfigError(Exception):
+    """A stack setting is invalid; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every stack setting, validated. Secret values stay wrapped until a component needs them."""
+
+    release: str
+    host: str | None
+    ssh_user: str
+    ssh_port: int
+    ssh_private_key: str | None = field(repr=False)
+    ssh_public_key: str | None
+    host_key: str | None
+    ssh_allowed_cidrs: tuple[str, ...]
+    server_type: str
+    location: str
+    image: str
+    backups: bool
+    protect: bool
+    root: str
+    app_user: str
+    app_name: str
+    port: int
+    instances: int
+    node_major: int
+    env: Mapping[str, str]
+    secret_env: Mapping[str, str] = field(repr=False)
+    agents_enabled: bool
+    keep_releases: int
+    data_backups_keep: int
+    health_path: str
+    health_timeout: int
+    wait_ready: bool
+    listen_timeout_ms: int
+    kill_timeout_ms: int
+    server_name: str
+    nginx_listen: tuple[str, ...]
+    artifact: str | None
+    artifact_url: str | None
+    artifact_sha256: str | None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def creates_server(self) -> bool:
+        return self.host is None
+
+    @property
+    def stack_env(self) -> dict[str, str]:
+        """The non-secret part of shared/.env: program-owned keys first, then `env`."""
+        return {"PORT": str(self.port), "AGENTS_ENABLED": "true" if self.agents_enabled else "false", **self.env}
+
+
+def _fail(key: str, message: str) -> ConfigError:
+    return ConfigError(f"{NAMESPACE}:{key}: {message}")
+
+
+class _Reader:
+    """Typed access to raw config strings (as Pulumi stores them) with key-naming errors."""
+
+    def __init__(self, get: Callable[[str], str | None]) -> None:
+        self._get = get
+
+    def raw(self, key: str) -> str | None:
+        value = self._get(key)
+        return None if value is None or value == "" else value
+
+    def string(self, key: str, default: str | None = None) -> str | None:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if "\n" in value or "\r" in value or "\0" in value:
+            raise _fail(key, "must be a single line (no newline or NUL characters)")
+        return value
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        value = self.raw(key)
+        if value is None:
+            return default
+        try:
+            number = int(value, 10)
+        except ValueError:
+            raise _fail(key, f"must be a whole number from {lo} to {hi}, got {value!r}") from None
+        if not lo <= number <= hi:
+            raise _fail(key, f"must be a whole number from {lo} to {hi}, got {number}")
+        return number
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise _fail(key, f"must be true or false, got {value!r}")
+
+    def json_value(self, key: str, kind: type, what: str) -> Any:
+        value = self.raw(key)
+        if value is None:
+            return None
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise _fail(key, f"must be {what} (set it as YAML in the stack file or with --path)") from None
+        if not isinstance(parsed, kind):
+            raise _fail(key, f"must be {what}, got {type(parsed).__name__}")
+        return parsed
+
+
+def _pattern(key: str, value: str, regex: re.Pattern[str], allowed: str) -> str:
+    if not regex.match(value):
+        raise _fail(key, f"{value!r} is not allowed: {allowed}")
+    return value
+
+
+def _env_map(key: str, raw: Any) -> dict[str, str]:
+    if raw is None:
+        return {}
+    out: dict[str, str] = {}
+    for name, value in raw.items():
+        if not ENV_KEY_RE.match(name):
+            raise _fail(key, f"{name!r} is not a valid environment variable name (letters, digits, _; not starting with a digit)")
+        if name in RESERVED_ENV_KEYS:
+            raise _fail(key, f"{name} is set by the program (from cognivern:port / cognivern:agentsEnabled); remove it here")
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            value = str(value)
+        elif not isinstance(value, str):
+            raise _fail(key, f"{name} must be a string, number or boolean")
+        if any(c in value for c in "\n\r\0"):
+            raise _fail(key, f"{name} must be a single line (no newline or NUL characters)")
+        out[name] = value
+    return out
+
+
+def _cidrs(raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return ("0.0.0.0/0", "::/0")
+    if not raw:
+        raise _fail("sshAllowedCidrs", "must list at least one CIDR, or SSH (and every deploy) is locked out")
+    out = []
+    for item in raw:
+        try:
+            out.append(str(ipaddress.ip_network(str(item), strict=False)))
+        except ValueError:
+            raise _fail("sshAllowedCidrs", f"{item!r} is not an IPv4 or IPv6 CIDR such as 203.0.113.7/32") from None
+    return tuple(out)
+
+
+def _host(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    return _pattern("host", value, HOSTNAME_RE, "an IPv4/IPv6 address or a DNS name (letters, digits, '-', '.')")
+
+
+def _root(value: str) -> str:
+    if not value.startswith("/") or posixpath.normpath(value) != value or value == "/" or "//" in value:
+        raise _fail("root", f"{value!r} must be an absolute, normalised path such as /opt/cognivern (no trailing '/', '..' or '//')")
+    if not re.match(r"^[A-Za-z0-9/._-]+$", value):
+        raise _fail("root", f"{value!r} may contain only letters, digits, '/', '.', '_' and '-'")
+    return value
+
+
+def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], bool] = lambda _k: True) -> Settings:
+    """Build `Settings` from raw config strings (`get("release")` -> value or None).
+
+    Kept free of Pulumi so the same rules run in unit tables and in the program.
+    """
+    r = _Reader(get)
+    for key in SECRET_KEYS:
+        if r.raw(key) is not None and not is_secret(key):
+            raise _fail(key, f"must be stored encrypted: pulumi config set --secret {NAMESPACE}:{key} ...")
+
+    release = r.string("release")
+    if release is None:
+        raise _fail("release", "is required: the release id to run, e.g. pulumi config set cognivern:release 20261128120000-abc1234")
+    _pattern("release", release, RELEASE_ID_RE, "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")
+
+    host = _host(r.string("host"))
+    ssh_public_key = r.string("sshPublicKey")
+    if host is None and ssh_public_key is None:
+        raise _fail("sshPublicKey", "is required when the program creates the server (cognivern:host is not set): an OpenSSH public key line")
+    if ssh_public_key is not None:
+        _pattern("sshPublicKey", ssh_public_key, PUBLIC_KEY_RE, "an OpenSSH public key line: 'ssh-ed25519 AAAA... comment'")
+    host_key = r.string("hostKey")
+    if host_key is not None:
+        _pattern("hostKey", host_key, HOST_KEY_RE, "the server's public host key line: 'ssh-ed25519 AAAA...'")
+
+    private_key = r.raw("sshPrivateKey")
+    if private_key is not None and "PRIVATE KEY-----" not in private_key:
+        raise _fail("sshPrivateKey", "must be a PEM/OpenSSH private key (-----BEGIN ... PRIVATE KEY-----)")
+
+    server_type = _pattern("serverType", r.string("serverType", "cx23") or "cx23", SERVER_TYPE_RE, "a Hetzner server type such as cx23, cpx22 or cax11")
+    warnings: list[str] = []
+    if server_type in DEPRECATED_SERVER_TYPES:
+        warnings.append(f"{NAMESPACE}:serverType {server_type} is deprecated by Hetzner; prefer cx23/cx33/cx43/cx53, cpx12/cpx22 or cax11-cax41")
+    location = r.string("location", "fsn1") or "fsn1"
+    if location not in LOCATIONS:
+        raise _fail("location", f"{location!r} is not a Hetzner location; allowed: {', '.join(LOCATIONS)}")
+
+    env = _env_map("env", r.json_value("env", dict, "an object of NAME: value"))
+    secret_env = _env_map("secretEnv", r.json_value("secretEnv", dict, "an object of NAME: value"))
+    both = sorted(set(env) & set(secret_env))
+    if both:
+        raise _fail("secretEnv", f"{', '.join(both)} also set in cognivern:env; set each variable in one of them")
+
+    listen_raw = r.json_value("nginxListen", list, "a list such as ['80', '[::]:80']")
+    listen = tuple(str(x) for x in (listen_raw if listen_raw is not None else ["80", "[::]:80"]))
+    if not listen:
+        raise _fail("nginxListen", "must list at least one address")
+    for item in listen:
+        _pattern("nginxListen", item, LISTEN_RE, "PORT, IPv4:PORT or [IPv6]:PORT")
+        if not 1 <= int(item.rsplit(":", 1)[-1]) <= 65535:
+            raise _fail("nginxListen", f"{item!r}: port must be 1-65535")
+
+    health_path = r.string("healthPath", "/health") or "/health"
+    _pattern("healthPath", health_path, re.compile(r"^/[A-Za-z0-9/._-]*$"), "a URL path such as /health")
+
+    artifact_url = r.string("artifactUrl")
+    artifact_sha256 = r.string("artifactSha256")
+    if artifact_url is not None:
+        _pattern("artifactUrl", artifact_url, re.compile(r"^https://[A-Za-z0-9.-]+(:\d+)?/[A-Za-z0-9._~/%+-]*$"), "an https:// URL without query string or shell characters")
+        if artifact_sha256 is None:
+            raise _fail("artifactSha256", "is required with cognivern:artifactUrl (64 lowercase hex characters)")
+    if artifact_sha256 is not None:
+        _pattern("artifactSha256", artifact_sha256, SHA256_RE, "64 lowercase hex characters")
+    artifact = r.string("artifact")
+    if artifact is not None and artifact_url is not None:
+        raise _fail("artifact", "set either cognivern:artifact (a local file) or cognivern:artifactUrl, not both")
+
+    app_user = _pattern("appUser", r.string("appUser", "cognivern") or "cognivern", USER_RE, "a Linux user name (lowercase letters, digits, _ and -), not root")
+    if app_user == "root":
+        raise _fail("appUser", "must not be root: PM2 and the app run as an unprivileged user")
+
+    return Settings(
+        release=release,
+        host=host,
+        ssh_user=_pattern("sshUser", r.string("sshUser", "root") or "root", USER_RE, "a Linux user name (lowercase letters, digits, _ and -)"),
+        ssh_port=r.integer("sshPort", 22, 1, 65535),
+        ssh_private_key=private_key,
+        ssh_public_key=ssh_public_key,
+        host_key=host_key,
+        ssh_allowed_cidrs=_cidrs(r.json_value("sshAllowedCidrs", list, "a list of CIDRs")),
+        server_type=server_type,
+        location=location,
+        image=_pattern("image", r.string("image", "ubuntu-24.04") or "ubuntu-24.04", IMAGE_RE, "a Hetzner image name such as ubuntu-24.04 or debian-12"),
+        backups=r.boolean("backups", False),
+        protect=r.boolean("protect", True),
+        root=_root(r.string("root", "/opt/cognivern") or "/opt/cognivern"),
+        app_user=app_user,
+        app_name=_pattern("appName", r.string("appName", "cognivern-agent") or "cognivern-agent", APP_NAME_RE, "1-64 characters from A-Z a-z 0-9 . _ -"),
+        port=r.integer("port", 3000, 1, 65535),
+        instances=r.integer("instances", 1, 1, 64),
+        node_major=r.integer("nodeMajor", 22, 18, 40),
+        env=env,
+        secret_env=secret_env,
+        agents_enabled=r.boolean("agentsEnabled", False),
+        keep_releases=r.integer("keepReleases", 5, 2, 100),
+        data_backups_keep=r.integer("dataBackupsKeep", 5, 0, 100),
+        health_path=health_path,
+        health_timeout=r.integer("healthTimeout", 25, 1, 600),
+        wait_ready=r.boolean("waitReady", False),
+        listen_timeout_ms=r.integer("listenTimeoutMs", 10000, 1000, 300000),
+        kill_timeout_ms=r.integer("killTimeoutMs", 8000, 500, 300000),
+        server_name=_pattern("serverName", r.string("serverName", "_") or "_", SERVER_NAME_RE, "'_' (any) or a host name such as api.example.com"),
+        nginx_listen=listen,
+        artifact=artifact,
+        artifact_url=artifact_url,
+        artifact_sha256=artifact_sha256,
+        warnings=tuple(warnings),
+    )
