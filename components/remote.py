@@ -1,0 +1,25 @@
+"""How the program turns a script file plus arguments into a remote command string.
+
+A script travels inside the command (`bash -c '<script>' name args...`), so stdin stays free for
+data (a secret .env, a rendered site) and a change to the script file is a change to the
+command's input: pulumi-command re-runs it in place and `pulumi preview` shows the diff.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def script_command(script: Path, args: Sequence[str], *, sudo: bool = False) -> str:
+    """`bash -c <script> <name> <args>` with every piece shell-quoted; sudo for non-root users."""
+    prefix = "sudo -n " if sudo else ""
+    quoted = " ".join(shlex.quote(a) for a in args)
+    return f"{prefix}bash -c {shlex.quote(script.read_text())} {shlex.quote(script.stem)} {quoted}".rstrip()
+
+
+def tool_command(tool: str, args: Sequence[str], *, sudo: bool = False) -> str:
+    """An installed server-side tool called with quoted arguments."""
+    prefix = "sudo -n " if sudo else ""
+    return prefix + " ".join(shlex.quote(a) for a in [tool, *args])
