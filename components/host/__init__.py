@@ -1,0 +1,86 @@
+"""Host preparation and runtime config: everything a server (created or existing) needs before releases.
+
+Each concern is one idempotent remote command whose script is a file here and whose data rides on
+stdin; a change to the script, its arguments or the data updates the command in place, which
+re-runs it (pulumi-command runs `create` again when no `update` is given).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulumi
+from pulumi_command import remote
+
+from components.remote import script_command
+from components.render import RELEASE_DIR, render_ecosystem, render_env, render_nginx_site, render_release_conf
+from components.settings import Settings
+
+HERE = Path(__file__).resolve().parent
+PROVISION = HERE / "provision.sh"
+PUT_FILE = HERE / "put-file.sh"
+NGINX_SITE = HERE / "nginx-site.sh"
+RUN_SH = HERE / "run.sh"
+RELEASE_TOOL = RELEASE_DIR / "cognivern-release.sh"
+
+
+@dataclass(frozen=True)
+class HostArgs:
+    connection: remote.ConnectionArgs
+    settings: Settings
+
+
+def site_name(app_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", app_name)
+
+
+class Host(pulumi.ComponentResource):
+    """Prepares the host and writes its runtime config; `ready` lists what releases must wait for."""
+
+    ready: list[pulumi.Resource]
+
+    def __init__(self, name: str, args: HostArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("cognivern:index:Host", name, {}, opts)
+        s = args.settings
+        sudo = s.ssh_user != "root"
+        conn = args.connection
+
+        def command(role: str, create: str, stdin: pulumi.Input[str], depends_on: list[pulumi.Resource], secret: bool = False) -> remote.Command:
+            opts = pulumi.ResourceOptions(parent=self, depends_on=depends_on)
+            if secret:
+                opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(additional_secret_outputs=["stdout", "stderr"]))
+            return remote.Command(
+                f"{name}-{role}",
+                connection=conn,
+                create=create,
+                stdin=stdin,
+                logging=remote.Logging.NONE if secret else remote.Logging.STDOUT_AND_STDERR,
+                add_previous_output_in_env=False,
+                opts=opts,
+            )
+
+        def put(role: str, dest: str, mode: str, owner: str, content: pulumi.Input[str], deps: list[pulumi.Resource], *, reload: bool = False, secret: bool = False) -> remote.Command:
+            argv = ["--dest", dest, "--mode", mode, "--owner", owner] + (["--reload-root", s.root] if reload else [])
+            return command(role, script_command(PUT_FILE, argv, sudo=sudo), content, deps, secret)
+
+        provision = command(
+            "provision",
+            script_command(
+                PROVISION,
+                ["--root", s.root, "--app-user", s.app_user, "--node-major", str(s.node_major), "--ssh-user", s.ssh_user],
+                sudo=sudo,
+            ),
+            RELEASE_TOOL.read_text(),
+            [],
+        )
+        run_script = put("run-script", f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), [provision])
+        release_conf = put("release-conf", f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s), [provision])
+        ecosystem = put("ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [run_script], reload=True)
+        env_text = pulumi.Output.secret(render_env(s.stack_env, s.secret_env))
+        env = put("env", f"{s.root}/shared/.env", "0600", f"{s.app_user}:{s.app_user}", env_text, [run_script, ecosystem], reload=True, secret=True)
+        nginx = command("nginx-site", script_command(NGINX_SITE, ["--name", site_name(s.app_name)], sudo=sudo), render_nginx_site(s), [provision])
+
+        self.ready = [provision, run_script, release_conf, ecosystem, env, nginx]
+        self.register_outputs({})

@@ -1,0 +1,159 @@
+"""A release: upload (when there is an artifact), install, then health-gated activation.
+
+The release id and the artifact digest are the `triggers` of install and activate, so changing
+`cognivern:release` replaces them: the new release's commands run, the old resources are dropped
+(create-before-delete). No command has a `delete`: destroying or replacing a release resource never
+removes a release directory or undoes the newer activation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pulumi
+from pulumi_command import remote
+
+from components.remote import tool_command
+
+TOOL = "cognivern-release"
+
+
+class ArtifactError(Exception):
+    """The artifact named by the stack cannot be used; raised before anything registers."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Where the release comes from: a local file to upload, a URL the server fetches, or nothing."""
+
+    kind: str  # "file", "url" or "none" (the release must already be on the server)
+    location: str | None = None
+    sha256: str | None = None
+
+    @property
+    def digest(self) -> str:
+        return self.sha256 or "on-server"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_sha256_file(path: Path) -> str:
+    """`<hex>  <name>` (sha256sum format) or a bare hex digest."""
+    words = path.read_text().split()
+    if not words or len(words[0]) != 64:
+        raise ArtifactError(f"{path}: expected a sha256sum line, got {path.read_text()[:80]!r}")
+    return words[0].lower()
+
+
+def resolve_artifact(release: str, project_dir: Path, artifact: str | None, url: str | None, url_sha256: str | None) -> Artifact:
+    """Pre-flight: a local artifact must exist and match its .sha256 before anything reaches a server."""
+    if url is not None:
+        return Artifact("url", url, url_sha256)
+    explicit = artifact is not None
+    path = Path(artifact) if artifact is not None else project_dir / ".artifacts" / f"cognivern-{release}.tar.gz"
+    if not path.is_absolute():
+        path = project_dir / path
+    if not path.exists():
+        if explicit:
+            raise ArtifactError(f"cognivern:artifact: {path} does not exist")
+        return Artifact("none")
+    digest = sha256_file(path)
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.exists():
+        expected = read_sha256_file(sidecar)
+        if expected != digest:
+            raise ArtifactError(f"{path}: sha256 {digest} does not match {sidecar.name} ({expected}); rebuild the artifact")
+    elif not explicit:
+        raise ArtifactError(f"{path}: {sidecar.name} is missing; scripts/build-artifact writes both")
+    return Artifact("file", str(path), digest)
+
+
+@dataclass(frozen=True)
+class ReleaseArgs:
+    connection: remote.ConnectionArgs
+    release: str
+    root: str
+    keep_releases: int
+    artifact: Artifact
+    sudo: bool
+    depends_on: list[pulumi.Resource]
+
+
+def parse_state(stdout: str) -> dict[str, Any]:
+    """The last line of the activate command is `cognivern-release list --json`."""
+    lines = [line for line in stdout.strip().splitlines() if line.startswith("{")]
+    if not lines:
+        return {"current": None, "previous": None, "releases": []}
+    parsed: dict[str, Any] = json.loads(lines[-1])
+    return parsed
+
+
+class Release(pulumi.ComponentResource):
+    active_release: pulumi.Output[Any]
+    previous_release: pulumi.Output[Any]
+    releases: pulumi.Output[Any]
+
+    def __init__(self, name: str, args: ReleaseArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("cognivern:index:Release", name, {}, opts)
+        a = args.artifact
+        root = ["--root", args.root]
+        triggers = [args.release, a.digest]
+
+        def tool(*argv: str) -> str:
+            return tool_command(TOOL, [*root, *argv], sudo=args.sudo)
+
+        deps = list(args.depends_on)
+        if a.kind == "file":
+            assert a.location is not None
+            remote_path = f"{args.root}/incoming/cognivern-{args.release}.tar.gz"
+            upload = remote.CopyToRemote(
+                f"{name}-upload",
+                connection=args.connection,
+                source=pulumi.FileAsset(a.location),
+                remote_path=remote_path,
+                triggers=triggers,
+                opts=pulumi.ResourceOptions(parent=self, depends_on=deps),
+            )
+            deps = [upload]
+            install_cmd = tool("install", args.release, remote_path, a.digest)
+        elif a.kind == "url":
+            assert a.location is not None and a.sha256 is not None
+            install_cmd = tool("install", args.release, a.location, a.sha256)
+        else:
+            install_cmd = tool("install", args.release, "-", "-")
+
+        install = remote.Command(
+            f"{name}-install",
+            connection=args.connection,
+            create=install_cmd,
+            triggers=triggers,
+            add_previous_output_in_env=False,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=deps),
+        )
+        activate = remote.Command(
+            f"{name}-activate",
+            connection=args.connection,
+            create=" && ".join(
+                [tool("activate", args.release), tool("prune", "--keep", str(args.keep_releases)), tool("list", "--json")]
+            ),
+            triggers=triggers,
+            add_previous_output_in_env=False,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[install]),
+        )
+        state = activate.stdout.apply(parse_state)
+        self.active_release = state.apply(lambda st: st.get("current"))
+        self.previous_release = state.apply(lambda st: st.get("previous"))
+        self.releases = state.apply(lambda st: st.get("releases", []))
+        self.register_outputs(
+            {"activeRelease": self.active_release, "previousRelease": self.previous_release, "releases": self.releases}
+        )
