@@ -31,8 +31,7 @@ PUBLIC_KEY_RE = HOST_KEY_RE
 
 LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
 DEPRECATED_SERVER_TYPES = frozenset(
-    {"cx11", "cx21", "cx31", "cx41", "cx51", "cx22", "cx32", "cx42", "cx52"}
-    | {"cpx11", "cpx21", "cpx31", "cpx41", "cpx51"}
+    {"cx11", "cx21", "cx31", "cx41", "cx51", "cx22", "cx32", "cx42", "cx52"} | {"cpx11", "cpx21", "cpx31", "cpx41", "cpx51"}
 )
 # Keys the program writes into shared/.env itself; `env`/`secretEnv` may not override them.
 RESERVED_ENV_KEYS = frozenset({"PORT", "AGENTS_ENABLED"})
@@ -227,7 +226,9 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
     host = _host(r.string("host"))
     ssh_public_key = r.string("sshPublicKey")
     if host is None and ssh_public_key is None:
-        raise _fail("sshPublicKey", "is required when the program creates the server (cognivern:host is not set): an OpenSSH public key line")
+        raise _fail(
+            "sshPublicKey", "is required when the program creates the server (cognivern:host is not set): an OpenSSH public key line"
+        )
     if ssh_public_key is not None:
         _pattern("sshPublicKey", ssh_public_key, PUBLIC_KEY_RE, "an OpenSSH public key line: 'ssh-ed25519 AAAA... comment'")
     host_key = r.string("hostKey")
@@ -238,10 +239,14 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
     if private_key is not None and "PRIVATE KEY-----" not in private_key:
         raise _fail("sshPrivateKey", "must be a PEM/OpenSSH private key (-----BEGIN ... PRIVATE KEY-----)")
 
-    server_type = _pattern("serverType", r.string("serverType", "cx23") or "cx23", SERVER_TYPE_RE, "a Hetzner server type such as cx23, cpx22 or cax11")
+    server_type = _pattern(
+        "serverType", r.string("serverType", "cx23") or "cx23", SERVER_TYPE_RE, "a Hetzner server type such as cx23, cpx22 or cax11"
+    )
     warnings: list[str] = []
     if server_type in DEPRECATED_SERVER_TYPES:
-        warnings.append(f"{NAMESPACE}:serverType {server_type} is deprecated by Hetzner; prefer cx23/cx33/cx43/cx53, cpx12/cpx22 or cax11-cax41")
+        warnings.append(
+            f"{NAMESPACE}:serverType {server_type} is deprecated by Hetzner; prefer cx23/cx33/cx43/cx53, cpx12/cpx22 or cax11-cax41"
+        )
     location = r.string("location", "fsn1") or "fsn1"
     if location not in LOCATIONS:
         raise _fail("location", f"{location!r} is not a Hetzner location; allowed: {', '.join(LOCATIONS)}")
@@ -267,7 +272,12 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
     artifact_url = r.string("artifactUrl")
     artifact_sha256 = r.string("artifactSha256")
     if artifact_url is not None:
-        _pattern("artifactUrl", artifact_url, re.compile(r"^https://[A-Za-z0-9.-]+(:\d+)?/[A-Za-z0-9._~/%+-]*$"), "an https:// URL without query string or shell characters")
+        _pattern(
+            "artifactUrl",
+            artifact_url,
+            re.compile(r"^https://[A-Za-z0-9.-]+(:\d+)?/[A-Za-z0-9._~/%+-]*$"),
+            "an https:// URL without query string or shell characters",
+        )
         if artifact_sha256 is None:
             raise _fail("artifactSha256", "is required with cognivern:artifactUrl (64 lowercase hex characters)")
     if artifact_sha256 is not None:
@@ -276,14 +286,21 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
     if artifact is not None and artifact_url is not None:
         raise _fail("artifact", "set either cognivern:artifact (a local file) or cognivern:artifactUrl, not both")
 
-    app_user = _pattern("appUser", r.string("appUser", "cognivern") or "cognivern", USER_RE, "a Linux user name (lowercase letters, digits, _ and -), not root")
+    app_user = _pattern(
+        "appUser",
+        r.string("appUser", "cognivern") or "cognivern",
+        USER_RE,
+        "a Linux user name (lowercase letters, digits, _ and -), not root",
+    )
     if app_user == "root":
         raise _fail("appUser", "must not be root: PM2 and the app run as an unprivileged user")
 
     return Settings(
         release=release,
         host=host,
-        ssh_user=_pattern("sshUser", r.string("sshUser", "root") or "root", USER_RE, "a Linux user name (lowercase letters, digits, _ and -)"),
+        ssh_user=_pattern(
+            "sshUser", r.string("sshUser", "root") or "root", USER_RE, "a Linux user name (lowercase letters, digits, _ and -)"
+        ),
         ssh_port=r.integer("sshPort", 22, 1, 65535),
         ssh_private_key=private_key,
         ssh_public_key=ssh_public_key,
@@ -291,12 +308,16 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
         ssh_allowed_cidrs=_cidrs(r.json_value("sshAllowedCidrs", list, "a list of CIDRs")),
         server_type=server_type,
         location=location,
-        image=_pattern("image", r.string("image", "ubuntu-24.04") or "ubuntu-24.04", IMAGE_RE, "a Hetzner image name such as ubuntu-24.04 or debian-12"),
+        image=_pattern(
+            "image", r.string("image", "ubuntu-24.04") or "ubuntu-24.04", IMAGE_RE, "a Hetzner image name such as ubuntu-24.04 or debian-12"
+        ),
         backups=r.boolean("backups", False),
         protect=r.boolean("protect", True),
         root=_root(r.string("root", "/opt/cognivern") or "/opt/cognivern"),
         app_user=app_user,
-        app_name=_pattern("appName", r.string("appName", "cognivern-agent") or "cognivern-agent", APP_NAME_RE, "1-64 characters from A-Z a-z 0-9 . _ -"),
+        app_name=_pattern(
+            "appName", r.string("appName", "cognivern-agent") or "cognivern-agent", APP_NAME_RE, "1-64 characters from A-Z a-z 0-9 . _ -"
+        ),
         port=r.integer("port", 3000, 1, 65535),
         instances=r.integer("instances", 1, 1, 64),
         node_major=r.integer("nodeMajor", 22, 18, 40),
@@ -310,7 +331,9 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
         wait_ready=r.boolean("waitReady", False),
         listen_timeout_ms=r.integer("listenTimeoutMs", 10000, 1000, 300000),
         kill_timeout_ms=r.integer("killTimeoutMs", 8000, 500, 300000),
-        server_name=_pattern("serverName", r.string("serverName", "_") or "_", SERVER_NAME_RE, "'_' (any) or a host name such as api.example.com"),
+        server_name=_pattern(
+            "serverName", r.string("serverName", "_") or "_", SERVER_NAME_RE, "'_' (any) or a host name such as api.example.com"
+        ),
         nginx_listen=listen,
         artifact=artifact,
         artifact_url=artifact_url,

@@ -47,7 +47,9 @@ class Host(pulumi.ComponentResource):
         sudo = s.ssh_user != "root"
         conn = args.connection
 
-        def command(role: str, create: str, stdin: pulumi.Input[str], depends_on: list[pulumi.Resource], secret: bool = False) -> remote.Command:
+        def command(
+            role: str, create: str, stdin: pulumi.Input[str], depends_on: list[pulumi.Resource], secret: bool = False
+        ) -> remote.Command:
             opts = pulumi.ResourceOptions(parent=self, depends_on=depends_on)
             if secret:
                 opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(additional_secret_outputs=["stdout", "stderr"]))
@@ -61,7 +63,17 @@ class Host(pulumi.ComponentResource):
                 opts=opts,
             )
 
-        def put(role: str, dest: str, mode: str, owner: str, content: pulumi.Input[str], deps: list[pulumi.Resource], *, reload: bool = False, secret: bool = False) -> remote.Command:
+        def put(
+            role: str,
+            dest: str,
+            mode: str,
+            owner: str,
+            content: pulumi.Input[str],
+            deps: list[pulumi.Resource],
+            *,
+            reload: bool = False,
+            secret: bool = False,
+        ) -> remote.Command:
             argv = ["--dest", dest, "--mode", mode, "--owner", owner] + (["--reload-root", s.root] if reload else [])
             return command(role, script_command(PUT_FILE, argv, sudo=sudo), content, deps, secret)
 
@@ -77,10 +89,23 @@ class Host(pulumi.ComponentResource):
         )
         run_script = put("run-script", f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), [provision])
         release_conf = put("release-conf", f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s), [provision])
-        ecosystem = put("ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [run_script], reload=True)
+        ecosystem = put(
+            "ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [run_script], reload=True
+        )
         env_text = pulumi.Output.secret(render_env(s.stack_env, s.secret_env))
-        env = put("env", f"{s.root}/shared/.env", "0600", f"{s.app_user}:{s.app_user}", env_text, [run_script, ecosystem], reload=True, secret=True)
-        nginx = command("nginx-site", script_command(NGINX_SITE, ["--name", site_name(s.app_name)], sudo=sudo), render_nginx_site(s), [provision])
+        env = put(
+            "env",
+            f"{s.root}/shared/.env",
+            "0600",
+            f"{s.app_user}:{s.app_user}",
+            env_text,
+            [run_script, ecosystem],
+            reload=True,
+            secret=True,
+        )
+        nginx = command(
+            "nginx-site", script_command(NGINX_SITE, ["--name", site_name(s.app_name)], sudo=sudo), render_nginx_site(s), [provision]
+        )
 
         self.ready = [provision, run_script, release_conf, ecosystem, env, nginx]
         self.register_outputs({})

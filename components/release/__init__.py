@@ -143,9 +143,7 @@ class Release(pulumi.ComponentResource):
         activate = remote.Command(
             f"{name}-activate",
             connection=args.connection,
-            create=" && ".join(
-                [tool("activate", args.release), tool("prune", "--keep", str(args.keep_releases)), tool("list", "--json")]
-            ),
+            create=" && ".join([tool("activate", args.release), tool("prune", "--keep", str(args.keep_releases)), tool("list", "--json")]),
             triggers=triggers,
             add_previous_output_in_env=False,
             opts=pulumi.ResourceOptions(parent=self, depends_on=[install]),
@@ -154,6 +152,4 @@ class Release(pulumi.ComponentResource):
         self.active_release = state.apply(lambda st: st.get("current"))
         self.previous_release = state.apply(lambda st: st.get("previous"))
         self.releases = state.apply(lambda st: st.get("releases", []))
-        self.register_outputs(
-            {"activeRelease": self.active_release, "previousRelease": self.previous_release, "releases": self.releases}
-        )
+        self.register_outputs({"activeRelease": self.active_release, "previousRelease": self.previous_release, "releases": self.releases})

@@ -157,11 +157,14 @@ def run_program(
     stack: str = "prod",
     preview: bool = False,
     mocks: pulumi_mocks.Mocks | None = None,
+    recorded: list[Registration] | None = None,
 ) -> ProgramRun:
     """Run `__main__.py` with this stack config; raises what the program raises (e.g. RunError)."""
     mocks = mocks or DefaultMocks()
     pulumi.runtime.settings.ROOT.set(None)  # a fresh Stack per run: exports must not leak between runs
     monitor = RecordingMonitor(mocks)
+    if recorded is not None:
+        monitor.recorded = recorded  # lets a caller see what registered even when the program raises
     log = WarningCollector()
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=preview, monitor=monitor, logger=log)  # type: ignore[arg-type]
     pulumi.runtime.set_all_config(config_map(config), secret_keys=[k if ":" in k else f"cognivern:{k}" for k in secret_keys])

@@ -1,0 +1,32 @@
+# The README's two commands: `make deploy` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := venv
+STACK ?= prod
+
+.PHONY: deploy preview test lint bench
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+## pulumi up for $(STACK) on a local file:// backend with passphrase secrets (scripts/pulumi-local)
+deploy: $(VENV)/.installed
+	scripts/pulumi-local $(STACK) up
+
+preview: $(VENV)/.installed
+	scripts/pulumi-local $(STACK) preview --diff
+
+## the whole test suite: lint, types, unit, mock-monitor and real-host tests
+test: $(VENV)/.installed lint
+	$(VENV)/bin/pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+	shellcheck -S style $$(git ls-files '*.sh') scripts/pulumi-local .ci/run
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python -m bench.release_bench --out reports/release-bench.json

@@ -1,0 +1,126 @@
+"""Stack settings: a table of raw config -> the error that must name the key (pyinfra-style)."""
+
+from __future__ import annotations
+
+import pytest
+
+from components.settings import ConfigError, Settings, parse_settings
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ8b0pTBp5e8hGQHDgNnLrHHOHxg0VHzUXoTWlBXDk8S deploy"
+BASE = {"release": "20261128120000-abc1234", "sshPublicKey": KEY}
+
+
+def parse(**overrides: str | None) -> Settings:
+    raw = {**BASE, **overrides}
+    return parse_settings(lambda k: raw.get(k))
+
+
+def test_defaults_follow_the_document() -> None:
+    s = parse()
+    assert (s.root, s.app_user, s.app_name, s.port, s.instances, s.node_major) == (
+        "/opt/cognivern",
+        "cognivern",
+        "cognivern-agent",
+        3000,
+        1,
+        22,
+    )
+    assert (s.ssh_user, s.ssh_port, s.server_type, s.location, s.image) == ("root", 22, "cx23", "fsn1", "ubuntu-24.04")
+    assert (s.keep_releases, s.protect, s.backups, s.agents_enabled) == (5, True, False, False)
+    assert s.ssh_allowed_cidrs == ("0.0.0.0/0", "::/0")
+    assert s.creates_server and s.warnings == ()
+    assert s.stack_env == {"PORT": "3000", "AGENTS_ENABLED": "false"}
+
+
+def test_existing_host_needs_no_public_key() -> None:
+    s = parse_settings({"release": "v1", "host": "10.0.0.5"}.get)
+    assert s.host == "10.0.0.5" and not s.creates_server
+
+
+def test_env_values_are_normalised_to_strings() -> None:
+    s = parse(env='{"FLAG": true, "N": 3, "URL": "https://x/y?a=1&b=2"}', port="8080", agentsEnabled="true")
+    assert s.stack_env == {"PORT": "8080", "AGENTS_ENABLED": "true", "FLAG": "true", "N": "3", "URL": "https://x/y?a=1&b=2"}
+
+
+def test_deprecated_server_type_warns() -> None:
+    assert "deprecated" in parse(serverType="cx22").warnings[0]
+    assert parse(serverType="cpx22").warnings == ()
+
+
+BAD = [
+    ({"release": None}, "cognivern:release: is required"),
+    ({"release": "v1;rm -rf /"}, "cognivern:release: 'v1;rm -rf /' is not allowed"),
+    ({"release": "$(reboot)"}, "cognivern:release"),
+    ({"release": "-v1"}, "cognivern:release"),
+    ({"release": "a" * 65}, "cognivern:release"),
+    ({"release": "v1\nv2"}, "cognivern:release: must be a single line"),
+    ({"host": "example.com;id"}, "cognivern:host"),
+    ({"host": "$(id)"}, "cognivern:host"),
+    ({"sshPublicKey": None}, "cognivern:sshPublicKey: is required when the program creates the server"),
+    ({"sshPublicKey": "not a key"}, "cognivern:sshPublicKey"),
+    ({"port": "0"}, "cognivern:port: must be a whole number from 1 to 65535, got 0"),
+    ({"port": "65536"}, "cognivern:port: must be a whole number from 1 to 65535"),
+    ({"port": "80; id"}, "cognivern:port"),
+    ({"sshPort": "70000"}, "cognivern:sshPort"),
+    ({"keepReleases": "1"}, "cognivern:keepReleases: must be a whole number from 2 to 100, got 1"),
+    ({"env": '{"1BAD": "x"}'}, "cognivern:env: '1BAD' is not a valid environment variable name"),
+    ({"env": '{"A-B": "x"}'}, "cognivern:env: 'A-B' is not a valid environment variable name"),
+    ({"env": '{"A": "line1\\nline2"}'}, "cognivern:env: A must be a single line"),
+    ({"env": '{"PORT": "1"}'}, "cognivern:env: PORT is set by the program"),
+    ({"env": '["A"]'}, "cognivern:env: must be an object"),
+    ({"secretEnv": '{"K": "a\\rb"}'}, "cognivern:secretEnv: K must be a single line"),
+    ({"secretEnv": '{"K": "1"}', "env": '{"K": "2"}'}, "cognivern:secretEnv: K also set in cognivern:env"),
+    ({"root": "opt/cognivern"}, "cognivern:root: 'opt/cognivern' must be an absolute, normalised path"),
+    ({"root": "/opt/../etc"}, "cognivern:root"),
+    ({"root": "/opt/cognivern/"}, "cognivern:root"),
+    ({"root": "/opt//cognivern"}, "cognivern:root"),
+    ({"root": "/"}, "cognivern:root"),
+    ({"root": "/opt/cog nivern"}, "cognivern:root: '/opt/cog nivern' may contain only"),
+    ({"appUser": "root"}, "cognivern:appUser: must not be root"),
+    ({"appUser": "Bad User"}, "cognivern:appUser"),
+    ({"appName": "a b"}, "cognivern:appName"),
+    ({"location": "moon1"}, "cognivern:location: 'moon1' is not a Hetzner location"),
+    ({"serverType": "cx23;id"}, "cognivern:serverType"),
+    ({"sshAllowedCidrs": '["10.0.0.300/8"]'}, "cognivern:sshAllowedCidrs: '10.0.0.300/8' is not an IPv4 or IPv6 CIDR"),
+    ({"sshAllowedCidrs": "[]"}, "cognivern:sshAllowedCidrs: must list at least one CIDR"),
+    ({"protect": "maybe"}, "cognivern:protect: must be true or false"),
+    ({"instances": "0"}, "cognivern:instances"),
+    ({"hostKey": "AAAA"}, "cognivern:hostKey"),
+    ({"healthPath": "/health;id"}, "cognivern:healthPath"),
+    ({"nginxListen": '["80; include /etc/passwd"]'}, "cognivern:nginxListen"),
+    ({"nginxListen": '["99999"]'}, "cognivern:nginxListen: '99999': port must be 1-65535"),
+    ({"serverName": "a b"}, "cognivern:serverName"),
+    ({"artifactUrl": "https://example.com/a.tgz"}, "cognivern:artifactSha256: is required with cognivern:artifactUrl"),
+    ({"artifactUrl": "http://example.com/a.tgz", "artifactSha256": "0" * 64}, "cognivern:artifactUrl"),
+    ({"artifactUrl": "https://example.com/a.tgz?x=$(id)", "artifactSha256": "0" * 64}, "cognivern:artifactUrl"),
+    ({"artifactSha256": "XYZ"}, "cognivern:artifactSha256"),
+    ({"artifact": "a.tgz", "artifactUrl": "https://e.com/a.tgz", "artifactSha256": "0" * 64}, "cognivern:artifact: set either"),
+    ({"sshPrivateKey": "hunter2"}, "cognivern:sshPrivateKey: must be a PEM/OpenSSH private key"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[m.split(":")[1] + f"-{i}" for i, (_, m) in enumerate(BAD)])
+def test_bad_values_name_the_key(overrides: dict[str, str | None], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse(**overrides)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+@pytest.mark.parametrize("key", ["secretEnv", "sshPrivateKey"])
+def test_secret_keys_must_be_encrypted(key: str) -> None:
+    raw = {**BASE, "secretEnv": '{"K": "v"}', "sshPrivateKey": "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----"}
+    with pytest.raises(ConfigError, match=f"cognivern:{key}: must be stored encrypted: pulumi config set --secret"):
+        parse_settings(raw.get, lambda k: k != key)
+
+
+GOOD_IDS = ["v1", "20261128120000-abc1234", "1.2.3", "release_2", "A" * 64]
+
+
+@pytest.mark.parametrize("release", GOOD_IDS)
+def test_good_release_ids(release: str) -> None:
+    assert parse(release=release).release == release
+
+
+@pytest.mark.parametrize("host", ["203.0.113.7", "2001:db8::7", "app.example.com"])
+def test_good_hosts(host: str) -> None:
+    assert parse(host=host).host == host
