@@ -20,7 +20,7 @@ from pulumi.runtime import mocks as pulumi_mocks
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "__main__.py"
-PROJECT = "cognivern-infra"
+PROJECT = "cognivern"  # the project name is the config namespace (typed project config must be project-namespaced)
 SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 
 
