@@ -1,0 +1,370 @@
+#!/usr/bin/env bash
+# Managed by cognivern-infra. Idempotent host preparation for the Cognivern backend (run as root).
+#
+#   bash -c "$(cat provision.sh)" provision --root R --app-user U --node-major N --ssh-user S \
+#       < cognivern-release.sh
+#
+# stdin: the server-side release tool, installed as $BIN_DIR/cognivern-release when it differs
+# (empty stdin or a terminal: that step is skipped). Every step prints one line, "ok (already)"
+# or what it changed, so a re-run on a prepared host changes nothing and says so.
+# Supported: Ubuntu 24.04, Debian 12. Nothing under R/shared is ever deleted.
+#
+# Overrides (test hosts): COGNIVERN_BIN_DIR (/usr/local/bin), COGNIVERN_LOGROTATE_DIR
+# (/etc/logrotate.d), COGNIVERN_SSHD_CONFIG (/etc/ssh/sshd_config; the drop-in goes into its
+# sibling sshd_config.d/), COGNIVERN_SSHD_PIDFILE (reload by SIGHUP when systemd is not running),
+# COGNIVERN_NGINX_SITES_ENABLED (/etc/nginx/sites-enabled), COGNIVERN_NGINX_CONF and
+# COGNIVERN_NGINX_PREFIX (nginx -c / -p for the reload after removing the distro default site).
+set -euo pipefail
+umask 022
+
+prog=provision
+say() { printf '%s: %s\n' "$prog" "$*"; }
+die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
+usage() {
+    cat >&2 <<'EOF'
+usage: provision --root ABS_PATH --app-user USER --node-major N --ssh-user USER  (release tool on stdin)
+EOF
+    exit 2
+}
+
+# ---------------------------------------------------------------------------- arguments
+root="" app_user="" node_major="" ssh_user=""
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --root | --app-user | --node-major | --ssh-user)
+            [ "$#" -ge 2 ] || { echo "$prog: $1 needs a value" >&2; usage; }
+            case "$1" in
+                --root) root=$2 ;;
+                --app-user) app_user=$2 ;;
+                --node-major) node_major=$2 ;;
+                --ssh-user) ssh_user=$2 ;;
+            esac
+            shift 2
+            ;;
+        -h | --help) usage ;;
+        *) echo "$prog: unknown argument: $1" >&2; usage ;;
+    esac
+done
+
+valid_user() { [[ $1 =~ ^[a-z_][a-z0-9_-]{0,31}$ ]]; }
+valid_abs_path() {
+    # absolute, normalised (no //, ., .., trailing /), not "/", conservative characters only
+    [[ $1 =~ ^(/[A-Za-z0-9._-]+)+$ ]] || return 1
+    [[ /$1/ != */./* && /$1/ != */../* ]]
+}
+[ -n "$root" ] || { echo "$prog: --root is required" >&2; usage; }
+[ -n "$app_user" ] || { echo "$prog: --app-user is required" >&2; usage; }
+[ -n "$node_major" ] || { echo "$prog: --node-major is required" >&2; usage; }
+[ -n "$ssh_user" ] || { echo "$prog: --ssh-user is required" >&2; usage; }
+valid_abs_path "$root" || die "--root must be an absolute, normalised path such as /opt/cognivern, got '$root'"
+valid_user "$app_user" || die "--app-user must be a Linux user name (a-z 0-9 _ -), got '$app_user'"
+[ "$app_user" != root ] || die "--app-user must not be root"
+valid_user "$ssh_user" || die "--ssh-user must be a Linux user name (a-z 0-9 _ -), got '$ssh_user'"
+[[ $node_major =~ ^[1-9][0-9]{0,2}$ ]] || die "--node-major must be a number such as 22, got '$node_major'"
+
+bin_dir=${COGNIVERN_BIN_DIR:-/usr/local/bin}
+logrotate_dir=${COGNIVERN_LOGROTATE_DIR:-/etc/logrotate.d}
+sshd_config=${COGNIVERN_SSHD_CONFIG:-/etc/ssh/sshd_config}
+sshd_pidfile=${COGNIVERN_SSHD_PIDFILE:-}
+sites_enabled=${COGNIVERN_NGINX_SITES_ENABLED:-/etc/nginx/sites-enabled}
+nginx_conf=${COGNIVERN_NGINX_CONF:-/etc/nginx/nginx.conf}
+nginx_prefix=${COGNIVERN_NGINX_PREFIX:-}
+for var in bin_dir logrotate_dir sshd_config sites_enabled nginx_conf; do
+    valid_abs_path "${!var}" || die "$var must be an absolute, normalised path, got '${!var}'"
+done
+[ -z "$sshd_pidfile" ] || valid_abs_path "$sshd_pidfile" || die "COGNIVERN_SSHD_PIDFILE must be an absolute path"
+[ -z "$nginx_prefix" ] || valid_abs_path "$nginx_prefix" || die "COGNIVERN_NGINX_PREFIX must be an absolute path"
+[ "$(id -u)" -eq 0 ] || die "must run as root (the program prefixes sudo -n for a non-root SSH user)"
+
+# Read the release tool now, before anything changes (and before apt could touch stdin).
+tmpdir=$(mktemp -d)
+trap 'rm -rf -- "$tmpdir"' EXIT
+tool_src="$tmpdir/cognivern-release"
+if [ -t 0 ]; then
+    : >"$tool_src"
+else
+    cat >"$tool_src"
+fi
+
+systemd_running() { [ -d /run/systemd/system ]; }
+export DEBIAN_FRONTEND=noninteractive
+apt_opts=(-o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold -y -q)
+
+# ---------------------------------------------------------------------------- cloud-init
+if [ -d /run/cloud-init ] && command -v cloud-init >/dev/null 2>&1; then
+    rc=0
+    timeout 1800 cloud-init status --wait >/dev/null || rc=$?
+    case "$rc" in
+        0) say "cloud-init: ok (finished)" ;;
+        2) say "cloud-init: ok (finished, degraded: see cloud-init status --long)" ;;
+        124) die "cloud-init still running after 30 minutes" ;;
+        *) die "cloud-init failed (cloud-init status exit $rc); see cloud-init status --long" ;;
+    esac
+else
+    say "cloud-init: ok (did not run on this boot; not waiting)"
+fi
+
+# ---------------------------------------------------------------------------- packages
+pkg_installed() {
+    local status
+    status=$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)
+    [ "$status" = "install ok installed" ]
+}
+missing=()
+command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+for pkg in curl ca-certificates logrotate tar gzip util-linux; do
+    pkg_installed "$pkg" || missing+=("$pkg")
+done
+apt_install() {
+    # Try the local package lists first (fast, works when they are fresh); refresh them only if needed.
+    if ! apt-get "${apt_opts[@]}" install "$@" >"$tmpdir/apt.log" 2>&1; then
+        apt-get "${apt_opts[@]}" update >"$tmpdir/apt.log" 2>&1 || { cat "$tmpdir/apt.log" >&2; die "apt-get update failed"; }
+        apt-get "${apt_opts[@]}" install "$@" >"$tmpdir/apt.log" 2>&1 || { cat "$tmpdir/apt.log" >&2; die "apt-get install $* failed"; }
+    fi
+}
+if [ "${#missing[@]}" -eq 0 ]; then
+    say "packages: ok (already)"
+else
+    apt_install "${missing[@]}"
+    say "packages: installed ${missing[*]}"
+fi
+
+# ---------------------------------------------------------------------------- Node.js
+node_version=$(node --version 2>/dev/null || true)
+if [[ $node_version == "v$node_major."* ]]; then
+    say "node: ok (already $node_version)"
+else
+    keyring=/etc/apt/keyrings/nodesource.asc
+    install -d -m 0755 /etc/apt/keyrings
+    if [ ! -s "$keyring" ]; then
+        curl -fsSL --retry 3 https://deb.nodesource.com/gpgkey/nodesource-repo.gpg.key -o "$tmpdir/nodesource.asc"
+        grep -q 'BEGIN PGP PUBLIC KEY BLOCK' "$tmpdir/nodesource.asc" || die "NodeSource key download is not a PGP key"
+        install -m 0644 "$tmpdir/nodesource.asc" "$keyring"
+    fi
+    cat >/etc/apt/sources.list.d/nodesource.sources <<EOF
+Types: deb
+URIs: https://deb.nodesource.com/node_${node_major}.x
+Suites: nodistro
+Components: main
+Signed-By: ${keyring}
+EOF
+    # Prefer NodeSource's nodejs over the distribution's package of the same name.
+    cat >/etc/apt/preferences.d/nodesource <<'EOF'
+Package: nodejs
+Pin: origin deb.nodesource.com
+Pin-Priority: 600
+EOF
+    apt-get "${apt_opts[@]}" update >"$tmpdir/apt.log" 2>&1 || { cat "$tmpdir/apt.log" >&2; die "apt-get update (NodeSource) failed"; }
+    apt-get "${apt_opts[@]}" install nodejs >"$tmpdir/apt.log" 2>&1 || { cat "$tmpdir/apt.log" >&2; die "apt-get install nodejs failed"; }
+    hash -r
+    new_version=$(node --version 2>/dev/null || true)
+    [[ $new_version == "v$node_major."* ]] || die "node is ${new_version:-missing} after installing NodeSource node_${node_major}.x"
+    say "node: installed $new_version from NodeSource (was ${node_version:-none})"
+fi
+
+# ---------------------------------------------------------------------------- app user
+# The app user is a system account with a locked password and no SSH keys, so nobody can log in
+# as it. Its shell is bash (not nologin) so operators and tools can use `runuser -l`/`sudo -iu`
+# to run pm2 in its environment; our own scripts call `runuser -u U -- env -i HOME=... pm2 ...`,
+# which does not need a shell at all.
+app_home=/home/$app_user
+if id -u "$app_user" >/dev/null 2>&1; then
+    say "app user: ok (already $app_user)"
+else
+    useradd --system --create-home --home-dir "$app_home" --shell /bin/bash --user-group "$app_user"
+    say "app user: created $app_user (home $app_home)"
+fi
+app_home=$(getent passwd "$app_user" | cut -d: -f6)
+if [ -z "$app_home" ] || [ ! -d "$app_home" ]; then die "home directory of $app_user is missing"; fi
+id -u "$ssh_user" >/dev/null 2>&1 || die "--ssh-user $ssh_user does not exist on this host"
+
+# ---------------------------------------------------------------------------- layout
+layout_changes=()
+ensure_dir() { # path owner group mode
+    local path=$1 owner=$2 group=$3 mode=$4
+    if [ -L "$path" ] || { [ -e "$path" ] && [ ! -d "$path" ]; }; then
+        die "$path exists but is not a directory"
+    fi
+    if [ ! -d "$path" ]; then
+        install -d -o "$owner" -g "$group" -m "$mode" "$path"
+        layout_changes+=("created $path")
+        return
+    fi
+    local have
+    have=$(stat -c '%U:%G %a' "$path")
+    if [ "$have" != "$owner:$group ${mode#0}" ]; then
+        chown "$owner:$group" "$path"
+        chmod "$mode" "$path"
+        layout_changes+=("fixed $path ($have -> $owner:$group ${mode#0})")
+    fi
+}
+ssh_group=$(id -gn "$ssh_user")
+ensure_dir "$root" root root 0755
+ensure_dir "$root/releases" "$app_user" "$app_user" 0755
+ensure_dir "$root/shared" "$app_user" "$app_user" 0750
+ensure_dir "$root/shared/data" "$app_user" "$app_user" 0750
+ensure_dir "$root/shared/logs" "$app_user" "$app_user" 0750
+ensure_dir "$root/cache" "$app_user" "$app_user" 0750
+ensure_dir "$root/backups" "$app_user" "$app_user" 0750
+ensure_dir "$root/config" root root 0755
+ensure_dir "$root/.deploy" root root 0700
+ensure_dir "$root/incoming" "$ssh_user" "$ssh_group" 0700
+if [ "${#layout_changes[@]}" -eq 0 ]; then
+    say "layout: ok (already)"
+else
+    joined=$(printf '%s; ' "${layout_changes[@]}")
+    say "layout: ${joined%; }"
+fi
+
+# ---------------------------------------------------------------------------- pnpm, pm2
+if command -v pnpm >/dev/null 2>&1; then
+    say "pnpm: ok (already $(pnpm --version 2>/dev/null || echo present))"
+else
+    command -v corepack >/dev/null 2>&1 || die "pnpm is missing and corepack is not available (node $(node --version))"
+    corepack enable pnpm
+    # Fetch pnpm now for the app user (corepack caches per user), without the download prompt.
+    version=$(cd / && runuser -u "$app_user" -- env -i HOME="$app_home" PATH="$PATH" COREPACK_ENABLE_DOWNLOAD_PROMPT=0 pnpm --version) ||
+        die "corepack could not provide pnpm for $app_user"
+    say "pnpm: enabled through corepack ($version)"
+fi
+if command -v pm2 >/dev/null 2>&1; then
+    say "pm2: ok (already installed)"
+else
+    npm install -g --no-fund --no-audit pm2 >"$tmpdir/npm.log" 2>&1 || { cat "$tmpdir/npm.log" >&2; die "npm install -g pm2 failed"; }
+    hash -r
+    say "pm2: installed $(pm2 --version 2>/dev/null | tail -n 1)"
+fi
+
+# ---------------------------------------------------------------------------- pm2 at boot
+if systemd_running; then
+    if [ -e "/etc/systemd/system/pm2-$app_user.service" ] && systemctl is-enabled --quiet "pm2-$app_user.service"; then
+        say "pm2 startup: ok (already enabled pm2-$app_user.service)"
+    else
+        env PATH="$PATH" pm2 startup systemd -u "$app_user" --hp "$app_home" >"$tmpdir/pm2.log" 2>&1 ||
+            { cat "$tmpdir/pm2.log" >&2; die "pm2 startup systemd failed"; }
+        say "pm2 startup: enabled pm2-$app_user.service"
+    fi
+else
+    say "pm2 startup: skipped (systemd is not running on this host)"
+fi
+
+# ---------------------------------------------------------------------------- release tool
+tool_dst="$bin_dir/cognivern-release"
+if [ ! -s "$tool_src" ]; then
+    say "release tool: skipped (nothing on stdin)"
+else
+    [ "$(head -c 2 "$tool_src")" = '#!' ] || die "the release tool on stdin does not start with #!"
+    ok_mode=0
+    if [ -f "$tool_dst" ] && [ "$(stat -c '%U:%G %a' "$tool_dst")" = "root:root 755" ]; then ok_mode=1; fi
+    if [ "$ok_mode" -eq 1 ] && cmp -s "$tool_src" "$tool_dst"; then
+        say "release tool: ok (already $tool_dst)"
+    else
+        install -d -m 0755 "$bin_dir"
+        tmp=$(mktemp "$bin_dir/.cognivern-release.XXXXXX")
+        cat "$tool_src" >"$tmp"
+        chown root:root "$tmp"
+        chmod 0755 "$tmp"
+        mv -f "$tmp" "$tool_dst"
+        say "release tool: installed $tool_dst"
+    fi
+fi
+
+# ---------------------------------------------------------------------------- logrotate
+lr_file="$logrotate_dir/cognivern"
+cat >"$tmpdir/logrotate" <<EOF
+# Managed by cognivern-infra: rotate the app's PM2 logs (copytruncate: PM2 keeps its file open).
+$root/shared/logs/*.log {
+    daily
+    rotate 14
+    compress
+    delaycompress
+    missingok
+    notifempty
+    copytruncate
+    su $app_user $app_user
+}
+EOF
+if cmp -s "$tmpdir/logrotate" "$lr_file"; then
+    say "logrotate: ok (already $lr_file)"
+else
+    install -d -m 0755 "$logrotate_dir"
+    install -m 0644 "$tmpdir/logrotate" "$lr_file"
+    if command -v logrotate >/dev/null 2>&1 && ! logrotate -d "$lr_file" >"$tmpdir/lr.log" 2>&1; then
+        cat "$tmpdir/lr.log" >&2
+        die "logrotate rejects $lr_file"
+    fi
+    say "logrotate: wrote $lr_file"
+fi
+
+# ---------------------------------------------------------------------------- nginx default site
+# Ours is default_server; the distribution's default site would clash with it.
+if [ -e "$sites_enabled/default" ] || [ -L "$sites_enabled/default" ]; then
+    rm -f -- "$sites_enabled/default"
+    nginx_args=(-c "$nginx_conf")
+    [ -z "$nginx_prefix" ] || nginx_args+=(-p "$nginx_prefix")
+    if ! nginx -t "${nginx_args[@]}" >"$tmpdir/nginx.log" 2>&1; then
+        say "nginx default site: removed $sites_enabled/default (nginx -t fails until our site is installed; not reloaded)"
+    elif systemd_running; then
+        if systemctl is-active --quiet nginx; then
+            systemctl reload nginx
+            say "nginx default site: removed $sites_enabled/default, nginx reloaded"
+        else
+            say "nginx default site: removed $sites_enabled/default (nginx not running)"
+        fi
+    elif nginx "${nginx_args[@]}" -s reload >"$tmpdir/nginx.log" 2>&1; then
+        say "nginx default site: removed $sites_enabled/default, nginx reloaded"
+    else
+        say "nginx default site: removed $sites_enabled/default (nginx not running)"
+    fi
+else
+    say "nginx default site: ok (already absent)"
+fi
+
+# ---------------------------------------------------------------------------- sshd
+# sshd_config keeps the FIRST value of a keyword, and the distro config includes
+# sshd_config.d/*.conf at its top in lexical order: 10-... wins over cloud-init's 50-cloud-init.conf.
+[ -f "$sshd_config" ] || die "$sshd_config does not exist"
+dropin_dir="$(dirname "$sshd_config")/sshd_config.d"
+dropin="$dropin_dir/10-cognivern-hardening.conf"
+cat >"$tmpdir/sshd" <<'EOF'
+# Managed by cognivern-infra: keys only. Sorts before 50-cloud-init.conf (first value wins).
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+EOF
+if cmp -s "$tmpdir/sshd" "$dropin"; then
+    say "sshd: ok (already $dropin)"
+else
+    install -d -m 0755 "$dropin_dir"
+    backup=""
+    if [ -e "$dropin" ]; then
+        backup="$tmpdir/sshd.previous"
+        cp -p "$dropin" "$backup"
+    fi
+    install -m 0644 "$tmpdir/sshd" "$dropin"
+    # sshd -t needs its privilege separation directory (present whenever sshd runs).
+    [ -d /run/sshd ] || install -d -m 0755 /run/sshd
+    if ! /usr/sbin/sshd -t -f "$sshd_config" >"$tmpdir/sshd.log" 2>&1; then
+        if [ -n "$backup" ]; then cp -p "$backup" "$dropin"; else rm -f -- "$dropin"; fi
+        cat "$tmpdir/sshd.log" >&2
+        die "sshd -t rejects the configuration with $dropin; restored the previous state"
+    fi
+    effective=$(/usr/sbin/sshd -T -f "$sshd_config" 2>/dev/null || true)
+    if ! grep -qx 'passwordauthentication no' <<<"$effective"; then
+        echo "$prog: WARNING: $sshd_config does not apply $dropin (no Include of sshd_config.d/*.conf at its top?); password login is still enabled" >&2
+    fi
+    if systemd_running; then
+        systemctl try-reload-or-restart ssh.service
+        reloaded="ssh.service reloaded"
+    elif [ -n "$sshd_pidfile" ] && [ -s "$sshd_pidfile" ]; then
+        pid=$(cat "$sshd_pidfile")
+        [[ $pid =~ ^[0-9]+$ ]] || die "$sshd_pidfile does not hold a process id"
+        kill -HUP "$pid"
+        reloaded="sshd (pid $pid) reloaded"
+    else
+        reloaded="reload skipped: no systemd and no COGNIVERN_SSHD_PIDFILE"
+    fi
+    say "sshd: wrote $dropin (password login off), $reloaded"
+fi
+
+say "done"

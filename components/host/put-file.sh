@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Managed by cognivern-infra. Writes stdin to a file atomically (run as root):
+#
+#   bash -c "$(cat put-file.sh)" put-file --dest PATH --mode MODE --owner USER[:GROUP] [--reload-root ROOT] < content
+#
+# The content may be a secret (shared/.env): it is never echoed and never placed in argv; the
+# temp file is created with umask 077 in the destination directory, gets its mode and owner
+# before the rename (`mv -f`), so readers see either the old or the new file, never a partial one.
+# Identical content with the right mode/owner: nothing happens ("unchanged").
+#
+# --reload-root ROOT: when the file changed and ROOT/current exists, reload the app:
+#   * `$BIN_DIR/cognivern-release --root ROOT reload` when the release tool is installed
+#     (BIN_DIR: COGNIVERN_BIN_DIR, default /usr/local/bin);
+#   * else `bash ROOT/shared/run.sh` as the owner of ROOT/shared (the app user, never root), with
+#     a clean environment (HOME, PM2_HOME=$HOME/.pm2) so PM2 runs under that user's own home.
+set -euo pipefail
+
+prog=put-file
+say() { printf '%s: %s\n' "$prog" "$*"; }
+die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
+usage() {
+    echo "usage: put-file --dest ABS_PATH --mode MODE --owner USER[:GROUP] [--reload-root ABS_PATH]  (content on stdin)" >&2
+    exit 2
+}
+
+dest="" mode="" owner="" reload_root=""
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --dest | --mode | --owner | --reload-root)
+            [ "$#" -ge 2 ] || { echo "$prog: $1 needs a value" >&2; usage; }
+            case "$1" in
+                --dest) dest=$2 ;;
+                --mode) mode=$2 ;;
+                --owner) owner=$2 ;;
+                --reload-root) reload_root=$2 ;;
+            esac
+            shift 2
+            ;;
+        -h | --help) usage ;;
+        *) echo "$prog: unknown argument: $1" >&2; usage ;;
+    esac
+done
+
+valid_abs_path() {
+    [[ $1 =~ ^(/[A-Za-z0-9._-]+)+$ ]] || return 1
+    [[ /$1/ != */./* && /$1/ != */../* ]]
+}
+valid_name() { [[ $1 =~ ^[a-z_][a-z0-9_-]{0,31}$ ]]; }
+[ -n "$dest" ] || { echo "$prog: --dest is required" >&2; usage; }
+[ -n "$mode" ] || { echo "$prog: --mode is required" >&2; usage; }
+[ -n "$owner" ] || { echo "$prog: --owner is required" >&2; usage; }
+valid_abs_path "$dest" || die "--dest must be an absolute, normalised path, got '$dest'"
+[[ $mode =~ ^0?[0-7]{3}$ ]] || die "--mode must be an octal mode such as 0600 or 644, got '$mode'"
+user=${owner%%:*}
+group=""
+if [[ $owner == *:* ]]; then group=${owner#*:}; fi
+valid_name "$user" || die "--owner user must be a Linux user name, got '$user'"
+if [[ $owner == *:* ]] && ! valid_name "$group"; then
+    die "--owner group must be a Linux group name, got '$group'"
+fi
+[ -z "$reload_root" ] || valid_abs_path "$reload_root" || die "--reload-root must be an absolute, normalised path, got '$reload_root'"
+bin_dir=${COGNIVERN_BIN_DIR:-/usr/local/bin}
+valid_abs_path "$bin_dir" || die "COGNIVERN_BIN_DIR must be an absolute, normalised path"
+
+id -u "$user" >/dev/null 2>&1 || die "user $user does not exist"
+if [ -z "$group" ]; then group=$(id -gn "$user"); fi
+getent group "$group" >/dev/null || die "group $group does not exist"
+dir=$(dirname "$dest")
+[ -d "$dir" ] || die "directory $dir does not exist"
+if [ -d "$dest" ]; then die "$dest is a directory"; fi
+mode=$(printf '%o' "$((8#$mode))")
+
+tmp=$(umask 077 && mktemp "$dir/.$(basename "$dest").XXXXXX")
+trap 'rm -f -- "$tmp"' EXIT
+cat >"$tmp"
+
+if [ -f "$dest" ] && [ ! -L "$dest" ] && cmp -s "$tmp" "$dest" &&
+    [ "$(stat -c '%a %U %G' "$dest")" = "$mode $user $group" ]; then
+    say "$dest: unchanged"
+    exit 0
+fi
+state=created
+if [ -e "$dest" ] || [ -L "$dest" ]; then state=updated; fi
+chown "$user:$group" "$tmp"
+chmod "$mode" "$tmp"
+mv -f "$tmp" "$dest"
+say "$dest: $state (mode $mode, owner $user:$group)"
+
+[ -n "$reload_root" ] || exit 0
+if [ ! -e "$reload_root/current" ]; then
+    say "reload: skipped ($reload_root/current does not exist yet)"
+    exit 0
+fi
+tool="$bin_dir/cognivern-release"
+if [ -x "$tool" ]; then
+    "$tool" --root "$reload_root" reload
+    say "reload: done with $tool"
+    exit 0
+fi
+[ -d "$reload_root/shared" ] || die "$reload_root/shared does not exist"
+app_user=$(stat -c '%U' "$reload_root/shared")
+[ "$app_user" != root ] || die "$reload_root/shared is owned by root; refusing to run PM2 as root"
+app_home=$(getent passwd "$app_user" | cut -d: -f6)
+if [ -z "$app_home" ] || [ ! -d "$app_home" ]; then die "home directory of $app_user is missing"; fi
+(
+    cd /
+    runuser -u "$app_user" -- env -i HOME="$app_home" USER="$app_user" LOGNAME="$app_user" \
+        PM2_HOME="$app_home/.pm2" LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        bash "$reload_root/shared/run.sh"
+)
+say "reload: done with $reload_root/shared/run.sh as $app_user"
