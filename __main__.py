@@ -11,6 +11,7 @@ import pulumi
 from pulumi.runtime.config import is_config_secret
 from pulumi_command import remote
 
+from components.envfile import drift_warnings, load_env_example
 from components.host import Host, HostArgs
 from components.release import ArtifactError, Release, ReleaseArgs, resolve_artifact
 from components.server import Server, ServerArgs
@@ -23,7 +24,7 @@ try:
     artifact = resolve_artifact(settings.release, PROJECT_DIR, settings.artifact, settings.artifact_url, settings.artifact_sha256)
 except (ConfigError, ArtifactError) as err:
     raise pulumi.RunError(str(err)) from None
-for warning in settings.warnings:
+for warning in [*settings.warnings, *drift_warnings(load_env_example(PROJECT_DIR / ".env.example"), settings)]:
     pulumi.log.warn(warning)
 
 name = f"cognivern-{pulumi.get_stack()}"
