@@ -1,0 +1,515 @@
+"""The host scripts over real SSH, sent exactly as the program sends them (remote.script_command).
+
+One TargetHost (private sshd + private nginx + temp ROOT + unique app user) serves the module:
+provision prepares it, then nginx-site and put-file run against the prepared host.
+"""
+
+from __future__ import annotations
+
+import base64
+import grp
+import hashlib
+import json
+import os
+import pwd
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, site_name
+from components.remote import script_command
+from components.render import render_nginx_site
+from components.settings import Settings
+from tests.support.target_host import TargetHost
+
+FAKE_TOOL = '#!/usr/bin/env bash\n# stand-in for cognivern-release\necho "cognivern-release $*" >>"${COGNIVERN_TOOL_LOG:-/dev/null}"\n'
+
+
+# ---------------------------------------------------------------------------- helpers
+def provision_cmd(s: Settings) -> str:
+    return script_command(
+        PROVISION, ["--root", s.root, "--app-user", s.app_user, "--node-major", str(s.node_major), "--ssh-user", s.ssh_user]
+    )
+
+
+def put_cmd(dest: str, mode: str, owner: str, reload_root: str | None = None) -> str:
+    args = ["--dest", dest, "--mode", mode, "--owner", owner] + (["--reload-root", reload_root] if reload_root else [])
+    return script_command(PUT_FILE, args)
+
+
+def site_cmd(name: str) -> str:
+    return script_command(NGINX_SITE, ["--name", name])
+
+
+def manifest(*tops: Path) -> dict[str, tuple[object, ...]]:
+    """Every path under `tops` with type, mode, owner, size, mtime and link target."""
+    out: dict[str, tuple[object, ...]] = {}
+    for top in tops:
+        if not top.exists():
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in [".", *dirnames, *filenames]:
+                p = Path(dirpath) if name == "." else Path(dirpath) / name
+                st = p.lstat()
+                link = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
+                out[str(p)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, link)
+    return out
+
+
+def owner_mode(p: Path) -> tuple[str, str, str]:
+    st = p.stat()
+    return pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, oct(stat.S_IMODE(st.st_mode))
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except (httpx.HTTPError, OSError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
+
+
+def ws_accept(key: str) -> str:
+    """RFC 6455 Sec-WebSocket-Accept for a client key."""
+    digest = hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()  # noqa: S324 (protocol-mandated)
+    return base64.b64encode(digest).decode()
+
+
+class Backend(BaseHTTPRequestHandler):
+    """A stand-in app: /health JSON, anything else echoes the path; WebSocket handshake + echo."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            accept = ws_accept(self.headers["Sec-WebSocket-Key"])
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Sec-WebSocket-Accept", accept)
+            self.end_headers()
+            self.wfile.flush()
+            data = self.rfile.read(5)
+            self.wfile.write(data.upper())
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        info = {"status": "ok", "path": self.path, "host": self.headers.get("Host"), "xff": self.headers.get("X-Forwarded-For")}
+        body = json.dumps(info).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def host() -> Iterator[TargetHost]:
+    with TargetHost() as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def first_run(host: TargetHost) -> subprocess.CompletedProcess[str]:
+    """provision.sh on a fresh host (a distro default site present, as after `apt install nginx`)."""
+    (host.nginx.sites_enabled / "default").write_text("server { listen 127.0.0.1:9; server_name distro-default; }\n")
+    assert host.sshd is not None
+    assert host.sshd.auth_methods() >= {"publickey", "password"}
+    result = host.run(provision_cmd(host.settings()), stdin=FAKE_TOOL)
+    assert result.returncode == 0, result.stderr + result.stdout
+    return result
+
+
+@pytest.fixture(scope="module")
+def backend(host: TargetHost) -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", host.app_port), Backend)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+# ---------------------------------------------------------------------------- provision
+def test_provision_prepares_user_and_layout(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    u = host.app_user
+    assert host.user_exists()
+    entry = pwd.getpwnam(u)
+    assert entry.pw_dir == str(host.app_home) and host.app_home.is_dir()
+    assert entry.pw_shell == "/bin/bash"
+    assert entry.pw_uid < 1000, "a system account"
+    root = host.root
+    expected = {
+        root: ("root", "root", "0o755"),
+        root / "releases": (u, u, "0o755"),
+        root / "shared": (u, u, "0o750"),
+        root / "shared/data": (u, u, "0o750"),
+        root / "shared/logs": (u, u, "0o750"),
+        root / "cache": (u, u, "0o750"),
+        root / "backups": (u, u, "0o750"),
+        root / "config": ("root", "root", "0o755"),
+        root / ".deploy": ("root", "root", "0o700"),
+        root / "incoming": ("root", "root", "0o700"),
+    }
+    for path, want in expected.items():
+        assert owner_mode(path) == want, path
+    lines = first_run.stdout.splitlines()
+    assert all(line.startswith("provision: ") for line in lines), first_run.stdout
+    assert "provision: pm2 startup: skipped (systemd is not running on this host)" in lines
+    assert "provision: cloud-init: ok (did not run on this boot; not waiting)" in lines
+
+
+def test_provision_installs_release_tool_and_logrotate(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    tool = host.bin_dir / "cognivern-release"
+    assert tool.read_text() == FAKE_TOOL
+    assert owner_mode(tool) == ("root", "root", "0o755")
+    # PATH on the host (SetEnv) finds it by name, as the release component calls it.
+    assert host.run("command -v cognivern-release").stdout.strip() == str(tool)
+    conf = host.logrotate_dir / "cognivern"
+    text = conf.read_text()
+    assert f"{host.root}/shared/logs/*.log {{" in text
+    for directive in ("daily", "rotate 14", "compress", "missingok", "copytruncate"):
+        assert f"    {directive}\n" in text
+    check = subprocess.run(["logrotate", "-d", str(conf)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_provision_disables_password_login_and_reloads_sshd(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    assert host.sshd is not None
+    dropin = host.sshd.dropin_dir / "10-cognivern-hardening.conf"
+    assert dropin.exists()
+    assert sorted(p.name for p in host.sshd.dropin_dir.iterdir())[0] < "50-cloud-init.conf"
+    effective = host.sshd.effective_config()
+    assert effective["passwordauthentication"] == "no"
+    assert effective["kbdinteractiveauthentication"] == "no"
+    assert effective["permitrootlogin"] == "without-password"  # sshd -T spells prohibit-password this way
+    # The running daemon picked it up (SIGHUP via COGNIVERN_SSHD_PIDFILE): only keys are offered now.
+    assert host.sshd.auth_methods() == {"publickey"}
+    assert "reloaded" in next(line for line in first_run.stdout.splitlines() if line.startswith("provision: sshd:"))
+
+
+def test_provision_removes_distro_default_site(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    assert not (host.nginx.sites_enabled / "default").exists()
+    assert "provision: nginx default site: removed" in first_run.stdout
+
+
+def test_provision_second_run_changes_nothing(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    assert host.sshd is not None
+    watched = (host.root, host.bin_dir, host.logrotate_dir, host.sshd.dropin_dir, host.nginx.sites_enabled, host.app_home)
+    before = manifest(*watched)
+    sshd_config = host.sshd.config_path.stat().st_mtime_ns
+    started = time.monotonic()
+    again = host.run(provision_cmd(host.settings()), stdin=FAKE_TOOL)
+    elapsed = time.monotonic() - started
+    assert again.returncode == 0, again.stderr
+    assert manifest(*watched) == before
+    assert host.sshd.config_path.stat().st_mtime_ns == sshd_config
+    steps = [line for line in again.stdout.splitlines() if line != "provision: done"]
+    changed = [line for line in steps if "ok (" not in line and "skipped" not in line]
+    assert not changed, again.stdout
+    assert elapsed < 15, f"re-run took {elapsed:.1f}s"
+
+
+def test_provision_keeps_shared_content(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    data = host.root / "shared/data/usage.json"
+    data.write_text("{}")
+    assert host.run(provision_cmd(host.settings()), stdin="").returncode == 0
+    assert data.read_text() == "{}"
+    data.unlink()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--root", "opt/cognivern"], "--root must be an absolute"),
+        (["--root", "/opt/../etc"], "--root must be an absolute"),
+        (["--root", "/opt/cognivern/"], "--root must be an absolute"),
+        (["--app-user", "Root;x"], "--app-user must be"),
+        (["--app-user", "root"], "must not be root"),
+        (["--node-major", "22x"], "--node-major must be a number"),
+        (["--bogus", "1"], "unknown argument: --bogus"),
+    ],
+)
+def test_provision_rejects_bad_arguments(host: TargetHost, first_run: object, args: list[str], message: str) -> None:
+    base = {"--root": str(host.root) + "-bad", "--app-user": "cvtbad", "--node-major": "20", "--ssh-user": "root"}
+    argv: list[str] = []
+    for key, value in base.items():
+        argv += [key, value]
+    argv += args  # a repeated option overrides; an unknown one is rejected
+    result = host.run(script_command(PROVISION, argv), stdin="")
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert result.stdout == ""
+    assert not Path(str(host.root) + "-bad").exists()
+
+
+# ---------------------------------------------------------------------------- nginx-site
+def get(url: str, **kwargs: object) -> httpx.Response:
+    return httpx.get(url, timeout=5, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def site(host: TargetHost, first_run: subprocess.CompletedProcess[str], backend: ThreadingHTTPServer) -> tuple[str, str]:
+    s = host.settings()
+    name, text = site_name(s.app_name), render_nginx_site(s)
+    result = host.run(site_cmd(name), stdin=text)
+    assert result.returncode == 0, result.stderr
+    assert "reloaded nginx" in result.stdout
+    wait_until(lambda: get(host.nginx.url("/health")).status_code == 200)
+    return name, text
+
+
+def test_nginx_site_serves_through_private_nginx(host: TargetHost, site: tuple[str, str]) -> None:
+    name, text = site
+    available = host.nginx.sites_available / f"{name}.conf"
+    assert available.read_text() == text
+    assert os.readlink(host.nginx.sites_enabled / f"{name}.conf") == str(available)
+    assert not [p for p in host.nginx.sites_available.iterdir() if p.name.startswith(".")], "temp files left"
+    health = get(host.nginx.url("/health"))
+    assert health.json()["status"] == "ok" and health.json()["path"] == "/health"
+    assert health.headers["server"] == "nginx", "server_tokens off: no version"
+    other = get(host.nginx.url("/api/x?y=1"))
+    assert other.json()["path"] == "/api/x?y=1"
+    assert other.json()["xff"] == "127.0.0.1"
+
+
+def test_nginx_site_passes_websocket_upgrade(host: TargetHost, site: tuple[str, str]) -> None:
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", host.nginx.port), timeout=5) as sock:
+        sock.sendall(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, head
+            head += chunk
+        status = head.split(b"\r\n", 1)[0]
+        assert status.startswith(b"HTTP/1.1 101"), head
+        assert f"Sec-WebSocket-Accept: {ws_accept(key)}".encode() in head
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        sock.sendall(b"hello")
+        while len(rest) < 5:
+            chunk = sock.recv(16)
+            assert chunk
+            rest += chunk
+        assert rest == b"HELLO", "bytes tunnel both ways after the upgrade"
+
+
+def test_nginx_site_unchanged_does_not_reload(host: TargetHost, site: tuple[str, str]) -> None:
+    name, text = site
+    workers = host.nginx.worker_pids()
+    assert workers
+    result = host.run(site_cmd(name), stdin=text)
+    assert result.returncode == 0, result.stderr
+    assert "unchanged" in result.stdout
+    time.sleep(0.3)
+    assert host.nginx.worker_pids() == workers
+
+
+def test_nginx_site_broken_config_keeps_previous_site(host: TargetHost, site: tuple[str, str]) -> None:
+    name, text = site
+    master, workers = host.nginx.master_pid, host.nginx.worker_pids()
+    broken = text.replace("    server_tokens off;\n", "    server_tokens off;\n    bogus_directive on;\n")
+    assert broken != text
+    result = host.run(site_cmd(name), stdin=broken)
+    assert result.returncode != 0
+    assert "bogus_directive" in result.stderr and "nginx -t rejected" in result.stderr
+    assert (host.nginx.sites_available / f"{name}.conf").read_text() == text
+    assert (host.nginx.sites_enabled / f"{name}.conf").exists()
+    assert not [p for p in host.nginx.sites_available.iterdir() if p.name.startswith(".")], "temp files left"
+    time.sleep(0.3)
+    assert host.nginx.master_pid == master and host.nginx.worker_pids() == workers, "running nginx untouched"
+    assert get(host.nginx.url("/health")).status_code == 200
+
+
+def test_nginx_site_broken_new_site_is_removed(host: TargetHost, site: tuple[str, str]) -> None:
+    result = host.run(site_cmd("brand-new"), stdin="server { listen 127.0.0.1:1; bogus_directive on; }\n")
+    assert result.returncode != 0
+    assert not (host.nginx.sites_available / "brand-new.conf").exists()
+    assert not (host.nginx.sites_enabled / "brand-new.conf").is_symlink()
+    assert get(host.nginx.url("/health")).status_code == 200
+
+
+def test_nginx_site_change_reloads_and_starts_stopped_nginx(host: TargetHost, site: tuple[str, str]) -> None:
+    name, text = site
+    changed = text.replace("client_max_body_size 10m;", "client_max_body_size 11m;")
+    workers = host.nginx.worker_pids()
+    result = host.run(site_cmd(name), stdin=changed)
+    assert result.returncode == 0 and "reloaded nginx" in result.stdout, result.stderr
+    wait_until(lambda: host.nginx.worker_pids() and host.nginx.worker_pids().isdisjoint(workers))
+    # nginx not running: the script starts it (same -c/-p).
+    subprocess.run(host.nginx.argv("-s", "quit"), check=True)
+    wait_until(lambda: host.nginx.master_pid is None)
+    result = host.run(site_cmd(name), stdin=text)
+    assert result.returncode == 0 and "started nginx" in result.stdout, result.stderr
+    wait_until(lambda: get(host.nginx.url("/health")).status_code == 200)
+
+
+@pytest.mark.parametrize("args", [["--name", "../etc"], ["--name", ""], ["--nam", "x"], []])
+def test_nginx_site_rejects_bad_arguments(host: TargetHost, site: tuple[str, str], args: list[str]) -> None:
+    result = host.run(script_command(NGINX_SITE, args), stdin="server {}\n")
+    assert result.returncode != 0 and result.stderr
+
+
+# ---------------------------------------------------------------------------- put-file
+SECRET = "ROUTEWAY_API_KEY='sk-test-" + hashlib.sha256(b"cognivern").hexdigest()[:24] + "'"
+
+
+def test_put_file_creates_with_mode_and_owner_then_unchanged(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    dest = host.root / "shared/.env"
+    u = host.app_user
+    content = f"PORT=3000\n{SECRET}\n"
+    first = host.run(put_cmd(str(dest), "0600", f"{u}:{u}"), stdin=content)
+    assert first.returncode == 0, first.stderr
+    assert dest.read_text() == content
+    assert owner_mode(dest) == (u, u, "0o600")
+    assert "created" in first.stdout
+    inode, mtime = dest.stat().st_ino, dest.stat().st_mtime_ns
+    again = host.run(put_cmd(str(dest), "0600", f"{u}:{u}"), stdin=content)
+    assert again.returncode == 0 and "unchanged" in again.stdout
+    assert (dest.stat().st_ino, dest.stat().st_mtime_ns) == (inode, mtime)
+    # Same content, wrong mode: fixed.
+    dest.chmod(0o644)
+    fixed = host.run(put_cmd(str(dest), "0600", u), stdin=content)
+    assert fixed.returncode == 0 and "updated" in fixed.stdout
+    assert owner_mode(dest) == (u, u, "0o600")
+    for out in (first, again, fixed):
+        assert "sk-test" not in out.stdout + out.stderr
+    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".env.")], "temp files left"
+
+
+def test_put_file_secret_never_in_output_or_argv(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    assert host.sshd is not None
+    dest = host.root / "shared/.env"
+    u = host.app_user
+    content = f"# secret\n{SECRET}\nOTHER=1\n".encode()
+    proc = host.sshd.popen(put_cmd(str(dest), "0600", f"{u}:{u}"))
+    assert proc.stdin is not None
+    proc.stdin.write(content[:12])
+    proc.stdin.flush()
+    # While the script waits for the rest of stdin, no process shows the secret in its argv.
+    seen = []
+    for _ in range(10):
+        seen.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout)
+        time.sleep(0.05)
+    out, err = proc.communicate(input=content[12:], timeout=30)
+    assert proc.returncode == 0, err
+    assert dest.read_bytes() == content
+    assert all("sk-test" not in snapshot for snapshot in seen)
+    assert b"sk-test" not in out + err
+
+
+def test_put_file_replaces_atomically(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    dest = host.root / "config/big.txt"
+    versions = [b"a" * 2_000_000, b"b" * 2_000_000]
+    assert host.run(put_cmd(str(dest), "0644", "root:root"), stdin=versions[0]).returncode == 0
+    stop = threading.Event()
+    bad: list[int] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            data = dest.read_bytes()
+            if data not in versions:
+                bad.append(len(data))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(6):
+            result = host.run(put_cmd(str(dest), "0644", "root:root"), stdin=versions[(i + 1) % 2])
+            assert result.returncode == 0, result.stderr
+    finally:
+        stop.set()
+        thread.join()
+    assert not bad, f"readers saw partial files of sizes {bad[:5]}"
+    dest.unlink()
+
+
+def test_put_file_reload_uses_release_tool_then_run_sh(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    root = host.root
+    u = host.app_user
+    log = root / "shared/logs/reload.log"
+    tool = host.bin_dir / "cognivern-release"
+    original_tool = tool.read_text()
+    release = root / "releases/r1"
+    release.mkdir()
+    (root / "current").symlink_to(release)
+    try:
+        eco = str(root / "config/ecosystem.config.cjs")
+        # 1) the installed release tool does the reload (it logs its arguments)
+        tool.write_text(f'#!/usr/bin/env bash\necho "tool $*" >>{log}\n')
+        r = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: []};\n")
+        assert r.returncode == 0, r.stderr
+        assert log.read_text() == f"tool --root {root} reload\n"
+        unchanged = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: []};\n")
+        assert "unchanged" in unchanged.stdout and log.read_text().count("\n") == 1, "no reload when unchanged"
+        # 2) no release tool: shared/run.sh runs as the owner of shared/ with its own HOME/PM2_HOME
+        tool.unlink()
+        run_sh = root / "shared/run.sh"
+        run_log = root / "shared/logs/run-sh.log"
+        run_sh.write_text(f'#!/usr/bin/env bash\necho "run.sh $(id -un) $HOME $PM2_HOME $PWD" >>{run_log}\n')
+        run_sh.chmod(0o755)
+        r = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: [] };\n")
+        assert r.returncode == 0, r.stderr
+        assert run_log.read_text() == f"run.sh {u} {host.app_home} {host.pm2_home} /\n"
+        # 3) no current yet: nothing to reload
+        (root / "current").unlink()
+        r = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: [1] };\n")
+        assert r.returncode == 0 and "reload: skipped" in r.stdout
+    finally:
+        tool.write_text(original_tool)
+        tool.chmod(0o755)
+        for p in (root / "current", root / "shared/run.sh", log, root / "shared/logs/run-sh.log", root / "config/ecosystem.config.cjs"):
+            if p.is_symlink() or p.exists():
+                p.unlink()
+        release.rmdir()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dest", "relative/.env", "--mode", "0600", "--owner", "root"], "--dest must be an absolute"),
+        (["--dest", "/tmp/../etc/x", "--mode", "0600", "--owner", "root"], "--dest must be an absolute"),
+        (["--dest", "/tmp/x y", "--mode", "0600", "--owner", "root"], "--dest must be an absolute"),
+        (["--dest", "{d}/x", "--mode", "999", "--owner", "root"], "--mode must be an octal"),
+        (["--dest", "{d}/x", "--mode", "4755", "--owner", "root"], "--mode must be an octal"),
+        (["--dest", "{d}/x", "--mode", "0600", "--owner", "Root"], "--owner user must be"),
+        (["--dest", "{d}/x", "--mode", "0600", "--owner", "root:"], "--owner group must be"),
+        (["--dest", "{d}/x", "--mode", "0600", "--owner", "nosuchuser1"], "user nosuchuser1 does not exist"),
+        (["--dest", "{d}/missing/x", "--mode", "0600", "--owner", "root"], "does not exist"),
+        (["--dest", "{d}/x", "--mode", "0600"], "--owner is required"),
+        (["--dest", "{d}/x", "--mode", "0600", "--owner", "root", "--reload", "{d}"], "unknown argument: --reload"),
+        (["--dest", "{d}/x", "--mode", "0600", "--owner", "root", "--reload-root", "x"], "--reload-root must be"),
+    ],
+)
+def test_put_file_rejects_bad_arguments(host: TargetHost, first_run: object, args: list[str], message: str) -> None:
+    d = str(host.root / "config")
+    argv = [a.replace("{d}", d) for a in args]
+    result = host.run(script_command(PUT_FILE, argv), stdin=SECRET)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "sk-test" not in result.stdout + result.stderr
+    assert not (host.root / "config/x").exists()
+    assert not [p for p in (host.root / "config").iterdir() if p.name.startswith(".")]

@@ -1,0 +1,106 @@
+"""What the program renders is accepted by the tools that will read it: nginx, node, shellcheck.
+
+nginx -t runs inside a PrivateNginx prefix (never /etc/nginx); the ecosystem file is checked by
+node itself; every shell script in the repository passes `shellcheck -S style`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from components.render import AGENT_NAME, HOST_DIR, render_ecosystem, render_nginx_site
+from components.settings import Settings, parse_settings
+from tests.support.nginx import PrivateNginx
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = {"release": "r1", "host": "192.0.2.10"}
+
+
+def settings(**values: object) -> Settings:
+    raw = {**BASE, **values}
+    cfg = {k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
+    return parse_settings(cfg.get)
+
+
+@pytest.fixture
+def nginx() -> Iterator[PrivateNginx]:
+    n = PrivateNginx(autostart=False)
+    try:
+        yield n
+    finally:
+        n.stop()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"serverName": "api.example.com", "nginxListen": ["127.0.0.1:8080", "[::1]:8080"]},
+        {"appName": "cognivern.agent-2", "port": "4000"},
+    ],
+    ids=["defaults", "named-server", "dotted-app-name"],
+)
+def test_nginx_site_passes_nginx_t(nginx: PrivateNginx, values: dict[str, object]) -> None:
+    s = settings(**values)
+    text = render_nginx_site(s)
+    (nginx.sites_enabled / "site.conf").write_text(text)
+    result = nginx.test_config()
+    assert result.returncode == 0, result.stderr
+    assert "server_tokens off;" in text
+    assert (" default_server;" in text) == (s.server_name == "_")
+
+
+def test_nginx_t_catches_a_broken_site(nginx: PrivateNginx) -> None:
+    (nginx.sites_enabled / "site.conf").write_text(render_nginx_site(settings()).replace("keepalive 32;", "keepalive;"))
+    assert nginx.test_config().returncode != 0
+
+
+def node_apps(tmp_path: Path, text: str) -> list[dict[str, object]]:
+    path = tmp_path / "ecosystem.config.cjs"
+    path.write_text(text)
+    check = subprocess.run(["node", "--check", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    out = subprocess.run(
+        ["node", "-e", "process.stdout.write(JSON.stringify(require(process.argv[1]).apps))", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    apps = json.loads(out.stdout)
+    assert isinstance(apps, list)
+    return apps
+
+
+@pytest.mark.parametrize("agents", [False, True])
+def test_ecosystem_is_valid_node_with_expected_apps(tmp_path: Path, agents: bool) -> None:
+    s = settings(agentsEnabled="true" if agents else "false", instances="2", waitReady="true", secretEnv={"GROQ_API_KEY": "gsk-secret"})
+    text = render_ecosystem(s)
+    apps = node_apps(tmp_path, text)
+    names = [a["name"] for a in apps]
+    assert names == ([s.app_name, AGENT_NAME] if agents else [s.app_name])
+    main = apps[0]
+    assert main["exec_mode"] == "cluster" and main["instances"] == 2 and main["wait_ready"] is True
+    assert main["script"] == "./dist/index.js"
+    for app in apps:
+        assert app["cwd"] == f"{s.root}/current"
+        assert app["env"] == {"NODE_ENV": "production"}
+        assert str(app["out_file"]).startswith(f"{s.root}/shared/logs/")
+    assert "gsk-secret" not in text, "secrets never reach the ecosystem file"
+
+
+def shell_scripts() -> list[str]:
+    tracked = subprocess.run(["git", "ls-files", "-z", "--", "*.sh"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    paths = {p for p in tracked.split("\0") if p}
+    paths.add(str((HOST_DIR / "run.sh").relative_to(REPO)))
+    return sorted(paths)
+
+
+@pytest.mark.parametrize("script", shell_scripts())
+def test_shellcheck(script: str) -> None:
+    result = subprocess.run(["shellcheck", "-S", "style", script], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
