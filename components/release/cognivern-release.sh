@@ -1,0 +1,815 @@
+#!/usr/bin/env bash
+# cognivern-release: install, activate, roll back and prune releases of the Cognivern backend.
+# Managed by cognivern-infra; installed as /usr/local/bin/cognivern-release. Run as root.
+# `cognivern-release --help` explains the commands; the layout is described in usage() below.
+set -euo pipefail
+shopt -s inherit_errexit
+umask 022
+
+readonly PROG=cognivern-release
+readonly ID_RE='^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$'
+readonly SHA_RE='^[0-9a-f]{64}$'
+readonly LOCK_FD=9     # the deploy lock (activate, restore, prune, reload)
+readonly INSTALL_FD=8  # the per-release install lock
+
+usage() {
+    cat <<'EOF'
+Usage: cognivern-release [--root DIR] COMMAND [ARGS]
+
+Installs and switches releases of the Cognivern backend under ROOT (--root, else
+$COGNIVERN_ROOT, else /opt/cognivern). Settings come from ROOT/config/cognivern.conf
+(APP_USER, APP_NAME, PORT, HEALTH_PATH, HEALTH_TIMEOUT, KEEP_RELEASES, DATA_BACKUPS_KEEP,
+optional PM2_HOME). Run as root; node, pnpm and pm2 run as APP_USER.
+
+Commands:
+  install ID SOURCE SHA256   Verify SOURCE (a tarball path or an https:// URL) against SHA256,
+                             unpack it into releases/ID, install prod dependencies with pnpm
+                             (shared store ROOT/cache/pnpm-store) and link .env, data, logs.
+                             Installing a complete release again does nothing.
+  install ID - -             Only check that ID is installed (fails with the list of releases).
+  activate [--force] ID      Pre-flight ID on a spare loopback port, back up shared/data, switch
+                             ROOT/current atomically, reload PM2 (shared/run.sh) and wait until
+                             the app is healthy on the new release; on failure switch back and
+                             mark ID bad. --force activates a release marked bad.
+  prune [--keep N]           Remove old releases, keeping the newest N (default KEEP_RELEASES,
+                             N >= 2) plus current and previous; removes abandoned unfinished ones.
+  list [--json]              Releases newest first: id, install time, size, state
+                             (current, previous, bad, unfinished, installed).
+  status                     Current and previous release, PM2 processes, health answer.
+  backup                     Archive shared/data into ROOT/backups/data; prints the path.
+  restore BACKUP             Stop the app, replace shared/data from BACKUP (a path or a file
+                             name in ROOT/backups/data), start it again and check health.
+  reload                     Run shared/run.sh (after .env or ecosystem changes) and check health.
+
+Emergency rollback by hand:   cognivern-release list; cognivern-release activate <older-id>
+State lives in ROOT/.deploy: lock (+ who holds it), releases.log (one line per action),
+previous, meta/<id>, bad/<id> (why a release was refused), preflight/<id>.log.
+Progress goes to stderr; `list --json` and `backup` print their result on stdout.
+Exit status: 0 success, 1 failure, 2 usage error, 3 another deploy holds the lock.
+EOF
+}
+
+# ---------------------------------------------------------------- output and the action log
+
+say() { printf '%s: %s\n' "$PROG" "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+usage_error() { say "$*"; say "see: $PROG --help"; exit 2; }
+iso_now() { date -u +%Y-%m-%dT%H:%M:%SZ; }
+
+ACTION=""
+ACTION_ID="-"
+ACTION_SHA="-"
+RESULT=""
+
+invoking_user() {
+    if [ -n "${SUDO_USER:-}" ]; then printf '%s' "$SUDO_USER"; else id -un; fi
+}
+
+log_action() {
+    local rc=$1 result
+    [ -n "$ACTION" ] || return 0
+    if [ "$rc" -eq 0 ]; then result=${RESULT:-ok}; else result="${RESULT:-failed}(exit=$rc)"; fi
+    mkdir -p "$DEPLOY" 2>/dev/null || return 0
+    printf '%s %s %s %s %s %s\n' "$(iso_now)" "$ACTION" "$ACTION_ID" "$(invoking_user)" "$ACTION_SHA" "$result" \
+        >>"$DEPLOY/releases.log" 2>/dev/null || true
+}
+
+on_exit() {
+    local rc=$?
+    trap - EXIT
+    [ -z "${PREFLIGHT_PID:-}" ] || stop_pid "$PREFLIGHT_PID" 2
+    [ -z "${TMP_CLEANUP:-}" ] || rm -rf -- "$TMP_CLEANUP"
+    log_action "$rc"
+    exit "$rc"
+}
+
+# ---------------------------------------------------------------- settings and helpers
+
+valid_id() {
+    [[ $1 =~ $ID_RE ]] || usage_error "invalid release id '$1': 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+}
+
+load_settings() {
+    local conf="$ROOT/config/cognivern.conf"
+    unset APP_USER APP_NAME PORT HEALTH_PATH HEALTH_TIMEOUT KEEP_RELEASES DATA_BACKUPS_KEEP PM2_HOME
+    if [ -f "$conf" ]; then
+        # shellcheck disable=SC1090
+        . "$conf"
+    fi
+    APP_USER=${APP_USER:-cognivern}
+    APP_NAME=${APP_NAME:-cognivern-agent}
+    PORT=${PORT:-3000}
+    HEALTH_PATH=${HEALTH_PATH:-/health}
+    HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-25}
+    KEEP_RELEASES=${KEEP_RELEASES:-5}
+    DATA_BACKUPS_KEEP=${DATA_BACKUPS_KEEP:-5}
+    local n
+    for n in PORT HEALTH_TIMEOUT KEEP_RELEASES DATA_BACKUPS_KEEP; do
+        [[ ${!n} =~ ^[0-9]+$ ]] || die "$conf: $n must be a whole number, got '${!n}'"
+    done
+    [[ $HEALTH_PATH =~ ^/[A-Za-z0-9/._-]*$ ]] || die "$conf: HEALTH_PATH must be a URL path, got '$HEALTH_PATH'"
+    APP_HOME=$(getent passwd "$APP_USER" | cut -d: -f6) || true
+    [ -n "$APP_HOME" ] || die "app user '$APP_USER' does not exist (provisioning creates it)"
+    APP_UID=$(id -u "$APP_USER")
+    APP_GROUP=$(id -gn "$APP_USER")
+    PM2_HOME=${PM2_HOME:-$APP_HOME/.pm2}
+    HEALTH_URL="http://127.0.0.1:$PORT$HEALTH_PATH"
+}
+
+# Run a command as APP_USER with HOME and PM2_HOME set; lock descriptors are closed so that
+# no child (PM2's daemon above all) keeps a deploy lock alive after we exit.
+as_app() {
+    if [ "$(id -u)" = "$APP_UID" ]; then
+        env HOME="$APP_HOME" PM2_HOME="$PM2_HOME" PATH="$PATH" "$@" 8>&- 9>&-
+    else
+        runuser -u "$APP_USER" -- env HOME="$APP_HOME" PM2_HOME="$PM2_HOME" PATH="$PATH" "$@" 8>&- 9>&-
+    fi
+}
+
+ensure_dirs() {
+    mkdir -p "$RELEASES" "$ROOT/shared/data" "$ROOT/shared/logs" "$DEPLOY/meta" "$DEPLOY/bad" \
+        "$DEPLOY/locks" "$DEPLOY/preflight" "$DEPLOY/tmp" "$ROOT/cache/pnpm-store" "$ROOT/incoming"
+    chmod 0750 "$DEPLOY/tmp"
+    if [ "$(id -u)" = 0 ]; then
+        chown "$APP_USER:$APP_GROUP" "$RELEASES" "$ROOT/shared/data" "$ROOT/shared/logs" "$ROOT/cache" "$ROOT/cache/pnpm-store"
+    fi
+}
+
+release_complete() { [ -d "$RELEASES/$1" ] && [ ! -e "$RELEASES/$1/$UNFINISHED" ]; }
+is_bad() { [ -e "$DEPLOY/bad/$1" ]; }
+current_id() {
+    local target
+    target=$(readlink "$ROOT/current" 2>/dev/null) || return 0
+    printf '%s' "${target##*/}"
+}
+previous_id() {
+    local id=""
+    [ -f "$DEPLOY/previous" ] && id=$(head -n1 "$DEPLOY/previous")
+    if [ -n "$id" ] && [[ $id =~ $ID_RE ]]; then printf '%s' "$id"; fi
+}
+
+installed_epoch() {
+    local e=""
+    [ -f "$DEPLOY/meta/$1" ] && e=$(sed -n 's/^installed_epoch=//p' "$DEPLOY/meta/$1")
+    [[ $e =~ ^[0-9]+$ ]] || e=$(stat -c %Y "$RELEASES/$1")
+    printf '%s' "$e"
+}
+
+complete_releases() {  # newest first, one per line
+    local d id
+    for d in "$RELEASES"/*/; do
+        [ -d "$d" ] || continue
+        id=${d%/}
+        id=${id##*/}
+        [[ $id =~ $ID_RE ]] || continue
+        release_complete "$id" || continue
+        printf '%s %s\n' "$(installed_epoch "$id")" "$id"
+    done | sort -rn -k1,1 | cut -d' ' -f2
+}
+
+complete_list_text() {
+    local list
+    list=$(complete_releases | paste -sd, - | sed 's/,/, /g')
+    printf '%s' "${list:-none}"
+}
+
+switch_current() {  # atomic: a new link renamed over the old one
+    local tmp="$ROOT/.current.$$"
+    ln -sfn "releases/$1" "$tmp"
+    mv -T "$tmp" "$ROOT/current"
+}
+
+mark_bad() {
+    printf 'marked_at=%s\nreason=%s\n' "$(iso_now)" "$2" >"$DEPLOY/bad/$1"
+    say "marked release $1 bad ($2); deploy a fixed build under a new id (or activate --force $1)"
+}
+
+# ---------------------------------------------------------------- locks
+
+take_deploy_lock() {  # $1 = action, $2 = id, $3 = seconds to wait (0: fail at once)
+    local lockfile="$DEPLOY/lock" holder
+    local wait_opt=(-n)
+    [ "$3" -eq 0 ] || wait_opt=(-w "$3")
+    exec 9>>"$lockfile"
+    if ! flock "${wait_opt[@]}" "$LOCK_FD"; then
+        holder=$(cat "$lockfile" 2>/dev/null || true)
+        [ -n "$holder" ] || holder="(holder is just starting)"
+        RESULT=locked
+        say "error: another deploy is in progress: $holder"
+        say "wait for it to finish (or check that pid is still alive) and try again"
+        exit 3
+    fi
+    printf 'pid=%s user=%s action=%s id=%s since=%s\n' "$$" "$(invoking_user)" "$1" "$2" "$(iso_now)" >"$lockfile"
+}
+
+take_install_lock() {
+    local lockfile="$DEPLOY/locks/install-$1.lock"
+    exec 8>>"$lockfile"
+    flock -n "$INSTALL_FD" || { RESULT=locked; die "release $1 is being installed by another process right now"; }
+}
+
+# ---------------------------------------------------------------- health
+
+health_ok() {  # $1 = url; true when it answers 2xx JSON with "status":"ok"
+    local body
+    body=$(curl -fsS --max-time 2 "$1" 2>/dev/null) || return 1
+    grep -Eq '"status"[[:space:]]*:[[:space:]]*"ok"' <<<"$body"
+}
+
+app_worker_pids() {  # pids of APP_NAME's online PM2 processes
+    as_app pm2 jlist 2>/dev/null | node -e '
+        let s = ""; process.stdin.on("data", d => s += d).on("end", () => {
+            let list = []; try { list = JSON.parse(s); } catch (e) { process.exit(0); }
+            for (const p of list) if (p.name === process.argv[1] && p.pm2_env && p.pm2_env.status === "online" && p.pid) console.log(p.pid);
+        });' "$APP_NAME" || true
+}
+
+served_by() {  # true when every online worker of APP_NAME runs from releases/$1
+    local want pid n=0
+    want=$(cd "$RELEASES/$1" && pwd -P)
+    while IFS= read -r pid; do
+        [ -n "$pid" ] || continue
+        n=$((n + 1))
+        [ "$(readlink "/proc/$pid/cwd" 2>/dev/null || true)" = "$want" ] || return 1
+    done < <(app_worker_pids)
+    [ "$n" -gt 0 ]
+}
+
+app_restarts() {  # "<sum of restarts> <processes errored or stopped>" for APP_NAME
+    # shellcheck disable=SC2016
+    as_app pm2 jlist 2>/dev/null | node -e '
+        let s = ""; process.stdin.on("data", d => s += d).on("end", () => {
+            let list = []; try { list = JSON.parse(s); } catch (e) { console.log("0 0"); return; }
+            let restarts = 0, down = 0;
+            for (const p of list) { if (p.name !== process.argv[1]) continue; const e = p.pm2_env || {};
+                restarts += e.restart_time || 0; if (e.status === "errored" || e.status === "stopped") down++; }
+            console.log(`${restarts} ${down}`);
+        });' "$APP_NAME" || echo "0 0"
+}
+
+# $1 = release id expected to serve, $2 = restart count before the switch (optional).
+# Polls every ~250 ms up to HEALTH_TIMEOUT; gives up early when PM2 shows a crash loop.
+wait_healthy() {
+    local deadline=$((SECONDS + HEALTH_TIMEOUT)) n=0 restarts down
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if health_ok "$HEALTH_URL" && served_by "$1"; then
+            return 0
+        fi
+        n=$((n + 1))
+        if [ -n "${2:-}" ] && [ $((n % 4)) -eq 0 ]; then
+            read -r restarts down < <(app_restarts)
+            if [ "$down" -gt 0 ] || [ "$restarts" -ge $(($2 + 3)) ]; then
+                say "PM2 reports the app crash-looping (restarts $2 -> $restarts, errored/stopped: $down)"
+                return 1
+            fi
+        fi
+        sleep 0.25
+    done
+    return 1
+}
+
+run_app() {  # shared/run.sh as APP_USER (PM2 startOrReload --update-env)
+    [ -f "$ROOT/shared/run.sh" ] || die "$ROOT/shared/run.sh is missing (provisioning installs it)"
+    as_app bash "$ROOT/shared/run.sh" >&2
+}
+
+stop_app() {  # stop (not delete) the apps the ecosystem lists
+    as_app pm2 stop "$ROOT/config/ecosystem.config.cjs" >&2 || true
+}
+
+show_error_log() {
+    local f="$ROOT/shared/logs/error.log"
+    if [ -f "$f" ]; then
+        say "last lines of $f:"
+        tail -n 30 "$f" >&2 || true
+    fi
+}
+
+# ---------------------------------------------------------------- data backups
+
+data_backup() {  # $1 = label; prints the archive path
+    local dir="$ROOT/backups/data" name tmp
+    mkdir -p "$dir"
+    chmod 0750 "$dir"
+    name="data-$(date -u +%Y%m%dT%H%M%S.%NZ)-$1.tar.gz"
+    tmp="$dir/.$name.partial"
+    tar -czf "$tmp" -C "$ROOT/shared" data
+    chmod 0600 "$tmp"
+    mv -T "$tmp" "$dir/$name"
+    if [ "$DATA_BACKUPS_KEEP" -gt 0 ]; then
+        find "$dir" -maxdepth 1 -type f -name 'data-*.tar.gz' -printf '%f\n' | sort -r |
+            tail -n +"$((DATA_BACKUPS_KEEP + 1))" | while IFS= read -r old; do rm -f -- "${dir:?}/$old"; done
+    fi
+    printf '%s\n' "$dir/$name"
+}
+
+# ---------------------------------------------------------------- tarball checks
+
+check_members() {  # $1 = tarball, $2 = allowed top-level prefix regex ('' = any); refuses unsafe members
+    local tarball=$1 prefix=$2 names types bad
+    names=$(tar -tzf "$tarball" 2>/dev/null) || die "$tarball is not a readable gzip tar archive"
+    types=$(tar -tvzf "$tarball" 2>/dev/null | cut -c1 | sort -u | tr -d '\n') || die "$tarball is not readable"
+    [ -n "$names" ] || die "$tarball is empty"
+    if grep -Eq '^/' <<<"$names"; then die "$tarball has absolute member paths; refused"; fi
+    if grep -Eq '(^|/)\.\.(/|$)' <<<"$names"; then die "$tarball has members with '..' in their path; refused"; fi
+    if [[ $types =~ [^-d] ]]; then
+        die "$tarball has links, devices or other special members (types: $types); only files and directories are allowed"
+    fi
+    if [ -n "$prefix" ]; then
+        bad=$(grep -Ev "$prefix" <<<"$names" | head -n 3 || true)
+        [ -z "$bad" ] || die "$tarball has unexpected members: $bad"
+    fi
+}
+
+# ---------------------------------------------------------------- install
+
+cmd_install() {
+    [ $# -eq 3 ] || usage_error "usage: install ID SOURCE SHA256 (or: install ID - -)"
+    local id=$1 source=$2 sha=$3 dir tarball actual top
+    valid_id "$id"
+    ACTION_ID=$id
+    dir="$RELEASES/$id"
+
+    if [ "$source" = - ]; then
+        [ "$sha" = - ] || usage_error "install ID - - takes no checksum without a source"
+        if release_complete "$id"; then
+            RESULT=present
+            say "release $id is installed"
+            return 0
+        fi
+        local why="is not installed"
+        [ -d "$dir" ] && why="is only half installed"
+        die "release $id $why on this server. Complete releases here: $(complete_list_text).
+Build an artifact with scripts/build-artifact, then set cognivern:release to its id and provide it
+(cognivern:artifact = the tarball path, or cognivern:artifactUrl + cognivern:artifactSha256) and run pulumi up;
+or set cognivern:release to one of the releases listed above."
+    fi
+
+    sha=${sha,,}
+    [[ $sha =~ $SHA_RE ]] || usage_error "SHA256 must be 64 hex characters, got '$sha'"
+    ACTION_SHA=$sha
+    ensure_dirs
+    take_install_lock "$id"
+
+    if release_complete "$id"; then
+        local had=""
+        [ -f "$DEPLOY/meta/$id" ] && had=$(sed -n 's/^sha256=//p' "$DEPLOY/meta/$id")
+        if [ -n "$had" ] && [ "$had" != "$sha" ]; then
+            RESULT=conflict
+            die "release $id is already installed from a different artifact (sha256 $had); build it under a new id"
+        fi
+        RESULT=noop
+        say "release $id is already installed; nothing to do"
+        return 0
+    fi
+    if [ -d "$dir" ]; then
+        say "release $id was half installed; removing it and installing again"
+        rm -rf -- "$dir"
+    fi
+
+    case $source in
+        https://*)
+            tarball="$DEPLOY/tmp/download-$id.$$.tar.gz"
+            TMP_CLEANUP=$tarball
+            say "downloading $source"
+            curl -fsSL --proto '=https' --retry 3 --max-time 600 -o "$tarball" "$source" || die "download of $source failed"
+            ;;
+        http://* | ftp://* | *://*) usage_error "SOURCE URLs must be https://, got '$source'" ;;
+        *)
+            tarball=$source
+            [ -f "$tarball" ] || die "$tarball does not exist (upload it to $ROOT/incoming first)"
+            ;;
+    esac
+
+    actual=$(sha256sum <"$tarball" | cut -d' ' -f1)
+    if [ "$actual" != "$sha" ]; then
+        RESULT="bad-checksum"
+        die "checksum mismatch for $tarball: expected $sha, got $actual; nothing was unpacked"
+    fi
+    check_members "$tarball" ''
+    local first
+    first=$(tar -tzf "$tarball" | sed -e 's#^\./##' -e 's#/.*##' | sort -u)
+    if grep -qxE '\.env|data|logs|node_modules' <<<"$first"; then
+        die "$tarball contains $(grep -xE '\.env|data|logs|node_modules' <<<"$first" | paste -sd' ' -) at its top level; artifacts carry no secrets, data, logs or node_modules"
+    fi
+
+    say "installing release $id"
+    mkdir -p "$dir"
+    touch "$dir/$UNFINISHED"
+    tar -xzf "$tarball" -C "$dir" --no-same-owner --no-same-permissions
+    if [ ! -f "$dir/package.json" ]; then
+        # tolerate one wrapping directory (cognivern-ID/...)
+        top=$(find "$dir" -mindepth 1 -maxdepth 1 ! -name "$UNFINISHED")
+        if [ "$(wc -l <<<"$top")" -eq 1 ] && [ -f "$top/package.json" ]; then
+            find "$top" -mindepth 1 -maxdepth 1 -exec mv -t "$dir" -- {} +
+            rmdir "$top"
+        fi
+    fi
+    [ -f "$dir/package.json" ] || die "release $id has no package.json"
+    [ -f "$dir/pnpm-lock.yaml" ] || die "release $id has no pnpm-lock.yaml (needed for --frozen-lockfile)"
+    [ -f "$dir/dist/index.js" ] || die "release $id has no dist/index.js"
+    [ "$(id -u)" != 0 ] || chown -R "$APP_USER:$APP_GROUP" "$dir"
+
+    say "installing production dependencies (pnpm, store $ROOT/cache/pnpm-store)"
+    if ! (cd "$dir" && as_app env CI=true pnpm install --prod --frozen-lockfile --prefer-offline \
+        --store-dir "$ROOT/cache/pnpm-store" --reporter=append-only >&2); then
+        die "pnpm install failed for release $id (left unfinished; install it again to retry)"
+    fi
+
+    ln -sfn ../../shared/.env "$dir/.env"
+    ln -sfn ../../shared/data "$dir/data"
+    ln -sfn ../../shared/logs "$dir/logs"
+    [ "$(id -u)" != 0 ] || chown -h "$APP_USER:$APP_GROUP" "$dir/.env" "$dir/data" "$dir/logs"
+    [ -e "$dir/.env" ] || say "warning: $ROOT/shared/.env does not exist yet; the app will start without it"
+
+    printf 'installed_at=%s\ninstalled_epoch=%s\nsha256=%s\nsource=%s\n' "$(iso_now)" "$(date +%s)" "$sha" "$source" \
+        >"$DEPLOY/meta/$id"
+    rm -f "$DEPLOY/bad/$id"
+    rm -f "$dir/$UNFINISHED"
+    RESULT=installed
+    say "release $id installed"
+}
+
+# ---------------------------------------------------------------- activate
+
+free_port() {
+    node -e 'const s = require("net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });'
+}
+
+stop_pid() {  # SIGINT, then SIGKILL after $2 seconds
+    local pid=$1 i
+    kill -INT "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < $2 * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+preflight() {  # start releases/$1 with node on a spare loopback port and wait for a healthy answer
+    local id=$1 dir="$RELEASES/$1" port log runner deadline
+    port=$(free_port)
+    log="$DEPLOY/preflight/$id.log"
+    say "pre-flight: starting $id on 127.0.0.1:$port"
+    : >"$log"
+    # The inner shell prints its pid and then execs node, so that pid is the app's.
+    # shellcheck disable=SC2016
+    (cd "$dir" && as_app bash -c 'echo "preflight-pid=$$"; set -a; [ ! -r "$1" ] || . "$1"; set +a;
+        export PORT="$2" NODE_ENV="${NODE_ENV:-production}"; exec node dist/index.js' preflight "$ROOT/shared/.env" "$port") \
+        >>"$log" 2>&1 &
+    runner=$!
+    deadline=$((SECONDS + HEALTH_TIMEOUT))
+    local ok=1
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        [ -n "${PREFLIGHT_PID:-}" ] || PREFLIGHT_PID=$(sed -n 's/^preflight-pid=//p' "$log" | head -n1)
+        if health_ok "http://127.0.0.1:$port$HEALTH_PATH"; then ok=0; break; fi
+        kill -0 "$runner" 2>/dev/null || break
+        sleep 0.25
+    done
+    [ -n "${PREFLIGHT_PID:-}" ] || PREFLIGHT_PID=$(sed -n 's/^preflight-pid=//p' "$log" | head -n1)
+    if [ -n "${PREFLIGHT_PID:-}" ]; then stop_pid "$PREFLIGHT_PID" 5; fi
+    PREFLIGHT_PID=""
+    wait "$runner" 2>/dev/null || true
+    if [ "$ok" -ne 0 ]; then
+        say "pre-flight of $id failed: no healthy answer from $HEALTH_PATH within ${HEALTH_TIMEOUT}s; its output:"
+        grep -v '^preflight-pid=' "$log" | tail -n 30 >&2 || true
+        return 1
+    fi
+    say "pre-flight: $id answered healthy"
+}
+
+cmd_activate() {
+    local force=0 id="" arg
+    for arg in "$@"; do
+        case $arg in
+            --force) force=1 ;;
+            -*) usage_error "activate: unknown option $arg" ;;
+            *) [ -z "$id" ] || usage_error "usage: activate [--force] ID"; id=$arg ;;
+        esac
+    done
+    [ -n "$id" ] || usage_error "usage: activate [--force] ID"
+    valid_id "$id"
+    ACTION_ID=$id
+    [ ! -f "$DEPLOY/meta/$id" ] || ACTION_SHA=$(sed -n 's/^sha256=//p' "$DEPLOY/meta/$id")
+    ensure_dirs
+    take_deploy_lock activate "$id" 0
+
+    [ -d "$RELEASES/$id" ] || { RESULT=missing; die "release $id is not installed; installed releases: $(complete_list_text)"; }
+    release_complete "$id" || { RESULT=unfinished; die "release $id is unfinished (install it again)"; }
+    if is_bad "$id" && [ "$force" -ne 1 ]; then
+        RESULT=refused-bad
+        die "release $id is marked bad ($(sed -n 's/^reason=//p' "$DEPLOY/bad/$id")); deploy a fixed build under a new id, or use activate --force $id"
+    fi
+
+    local cur prev
+    cur=$(current_id)
+    prev=$(previous_id)
+    if [ "$cur" = "$id" ]; then
+        say "release $id is already current; making sure it runs"
+        run_app || true
+        if wait_healthy "$id"; then
+            RESULT=already-current
+            say "release $id is current and healthy"
+            return 0
+        fi
+        show_error_log
+        die "release $id is current but not healthy at $HEALTH_URL"
+    fi
+
+    if [ "$DATA_BACKUPS_KEEP" -gt 0 ]; then
+        local backup
+        backup=$(data_backup "before-$id")
+        say "backed up shared/data to $backup"
+    fi
+
+    if ! preflight "$id"; then
+        mark_bad "$id" "pre-flight failed"
+        RESULT=preflight-failed
+        exit 1
+    fi
+
+    if [ -n "$cur" ]; then printf '%s\n' "$cur" >"$DEPLOY/previous"; fi
+    say "switching current: ${cur:-none} -> $id"
+    local started=$SECONDS base_restarts
+    read -r base_restarts _ < <(app_restarts)
+    switch_current "$id"
+    if run_app && wait_healthy "$id" "$base_restarts"; then
+        [ "$force" -ne 1 ] || rm -f "$DEPLOY/bad/$id"
+        RESULT=activated
+        say "release $id is live and healthy after $((SECONDS - started))s (previous: ${cur:-none})"
+        return 0
+    fi
+
+    say "release $id did not become healthy at $HEALTH_URL within ${HEALTH_TIMEOUT}s"
+    show_error_log
+    if [ -n "$cur" ] && [ -d "$RELEASES/$cur" ]; then
+        say "switching back to $cur"
+        switch_current "$cur"
+        if [ -n "$prev" ]; then printf '%s\n' "$prev" >"$DEPLOY/previous"; else rm -f "$DEPLOY/previous"; fi
+        run_app || true
+        mark_bad "$id" "not healthy after switch"
+        if wait_healthy "$cur"; then
+            RESULT=rolled-back
+            say "rolled back: $cur is serving and healthy again"
+        else
+            RESULT=rollback-unhealthy
+            say "error: rolled back to $cur but it is NOT healthy either; check: $PROG status"
+        fi
+    else
+        say "this was the first deploy: stopping the app's PM2 processes and removing current"
+        as_app pm2 delete "$ROOT/config/ecosystem.config.cjs" >&2 || true
+        as_app pm2 save --force >/dev/null 2>&1 || true
+        rm -f "$ROOT/current"
+        mark_bad "$id" "not healthy after switch (first deploy)"
+        RESULT="first-deploy-failed"
+        say "no release is running now; current does not exist"
+    fi
+    exit 1
+}
+
+# ---------------------------------------------------------------- prune
+
+cmd_prune() {
+    local keep=$KEEP_RELEASES
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --keep)
+                [ $# -ge 2 ] || usage_error "prune: --keep needs a number"
+                keep=$2
+                shift 2
+                ;;
+            --keep=*) keep=${1#--keep=}; shift ;;
+            *) usage_error "usage: prune [--keep N]" ;;
+        esac
+    done
+    if ! [[ $keep =~ ^[0-9]+$ ]] || [ "$keep" -lt 2 ]; then usage_error "prune: --keep must be a whole number >= 2, got '$keep'"; fi
+    ensure_dirs
+    take_deploy_lock prune - 0
+
+    local cur prev id n=0 removed=0 d
+    cur=$(current_id)
+    prev=$(previous_id)
+    while IFS= read -r id; do
+        [ -n "$id" ] || continue
+        n=$((n + 1))
+        if [ "$n" -le "$keep" ] || [ "$id" = "$cur" ] || [ "$id" = "$prev" ]; then continue; fi
+        say "removing release $id"
+        rm -rf -- "${RELEASES:?}/$id"
+        rm -f "$DEPLOY/meta/$id" "$DEPLOY/bad/$id" "$DEPLOY/preflight/$id.log" "$DEPLOY/locks/install-$id.lock"
+        removed=$((removed + 1))
+    done < <(complete_releases)
+
+    for d in "$RELEASES"/*/; do
+        [ -d "$d" ] || continue
+        id=${d%/}
+        id=${id##*/}
+        [ -e "$RELEASES/$id/$UNFINISHED" ] || continue
+        exec 8>>"$DEPLOY/locks/install-$id.lock"
+        if flock -n "$INSTALL_FD"; then
+            if [ -e "$RELEASES/$id/$UNFINISHED" ]; then
+                say "removing abandoned unfinished release $id"
+                rm -rf -- "${RELEASES:?}/$id"
+                rm -f "$DEPLOY/meta/$id" "$DEPLOY/locks/install-$id.lock"
+                removed=$((removed + 1))
+            fi
+            flock -u "$INSTALL_FD"
+        else
+            say "keeping $id: it is being installed right now"
+        fi
+        exec 8>&-
+    done
+    RESULT="removed=$removed"
+    say "prune: removed $removed release(s); kept the newest $keep plus current (${cur:-none}) and previous (${prev:-none})"
+}
+
+# ---------------------------------------------------------------- list and status
+
+cmd_list() {
+    local json=0
+    case ${1:-} in
+        --json) json=1 ;;
+        "") ;;
+        *) usage_error "usage: list [--json]" ;;
+    esac
+    local cur prev d id epoch state size rows=""
+    cur=$(current_id)
+    prev=$(previous_id)
+    if [ -d "$RELEASES" ]; then
+        for d in "$RELEASES"/*/; do
+            [ -d "$d" ] || continue
+            id=${d%/}
+            id=${id##*/}
+            [[ $id =~ $ID_RE ]] || continue
+            epoch=$(installed_epoch "$id")
+            if [ -e "$RELEASES/$id/$UNFINISHED" ]; then state=unfinished
+            elif [ "$id" = "$cur" ]; then state=current
+            elif [ "$id" = "$prev" ]; then state=previous
+            elif is_bad "$id"; then state=bad
+            else state=installed; fi
+            size=$(du -sb "$RELEASES/$id" 2>/dev/null | cut -f1)
+            rows+="$epoch $id ${size:-0} $state"$'\n'
+        done
+    fi
+    rows=$(printf '%s' "$rows" | sort -rn -k1,1)
+    [ -d "$RELEASES/$prev" ] || prev=""
+    if [ "$json" -eq 1 ]; then
+        local first=1
+        printf '{"current": %s, "previous": %s, "releases": [' \
+            "$([ -n "$cur" ] && printf '"%s"' "$cur" || printf null)" "$([ -n "$prev" ] && printf '"%s"' "$prev" || printf null)"
+        while read -r epoch id size state; do
+            [ -n "$id" ] || continue
+            [ "$first" -eq 1 ] || printf ', '
+            first=0
+            printf '{"id": "%s", "installed_at": "%s", "size_bytes": %s, "state": "%s"}' \
+                "$id" "$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)" "$size" "$state"
+        done <<<"$rows"
+        printf ']}\n'
+    else
+        printf '%-40s %-20s %12s  %s\n' ID INSTALLED_AT SIZE STATE
+        while read -r epoch id size state; do
+            [ -n "$id" ] || continue
+            printf '%-40s %-20s %12s  %s\n' "$id" "$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)" "$size" "$state"
+        done <<<"$rows"
+    fi
+}
+
+cmd_status() {
+    [ $# -eq 0 ] || usage_error "usage: status"
+    local cur prev body
+    cur=$(current_id)
+    prev=$(previous_id)
+    printf 'root:     %s\ncurrent:  %s\nprevious: %s\n' "$ROOT" "${cur:-none}" "${prev:-none}"
+    printf 'pm2 (PM2_HOME %s):\n' "$PM2_HOME"
+    # shellcheck disable=SC2016
+    as_app pm2 jlist 2>/dev/null | node -e '
+        let s = ""; process.stdin.on("data", d => s += d).on("end", () => {
+            let list = []; try { list = JSON.parse(s); } catch (e) { console.log("  (pm2 not answering)"); return; }
+            if (!list.length) console.log("  (no processes)");
+            for (const p of list) { const e = p.pm2_env || {};
+                console.log(`  ${p.name} #${p.pm_id} pid=${p.pid} ${e.status} restarts=${e.restart_time} mode=${e.exec_mode}`); }
+        });' || printf '  (pm2 not available)\n'
+    if body=$(curl -sS --max-time 3 "$HEALTH_URL" 2>&1); then
+        printf 'health:   %s -> %s\n' "$HEALTH_URL" "${body:0:300}"
+    else
+        printf 'health:   %s -> no answer (%s)\n' "$HEALTH_URL" "${body:0:200}"
+    fi
+    if [ -n "$cur" ] && served_by "$cur"; then printf 'workers:  all on %s\n' "$cur"; fi
+}
+
+# ---------------------------------------------------------------- backup, restore, reload
+
+cmd_backup() {
+    [ $# -eq 0 ] || usage_error "usage: backup"
+    ensure_dirs
+    local path
+    path=$(data_backup manual)
+    RESULT="ok:${path##*/}"
+    say "backed up shared/data"
+    printf '%s\n' "$path"
+}
+
+cmd_restore() {
+    [ $# -eq 1 ] || usage_error "usage: restore BACKUP (a path, or a file name in $ROOT/backups/data)"
+    local backup=$1 stage safety cur
+    case $backup in */*) ;; *) backup="$ROOT/backups/data/$backup" ;; esac
+    [ -f "$backup" ] || die "backup $backup does not exist"
+    ACTION_ID=${backup##*/}
+    ensure_dirs
+    take_deploy_lock restore "${backup##*/}" 0
+    check_members "$backup" '^(\./)?data(/|$)'
+
+    safety=$(data_backup before-restore)
+    say "current shared/data saved to $safety"
+    cur=$(current_id)
+    if [ -n "$cur" ]; then
+        say "stopping the app"
+        stop_app
+    fi
+    stage=$(mktemp -d "$ROOT/shared/.restore.XXXXXX")
+    TMP_CLEANUP=$stage
+    tar -xzf "$backup" -C "$stage" --no-same-owner --no-same-permissions
+    [ -d "$stage/data" ] || die "backup $backup holds no data/ directory"
+    [ "$(id -u)" != 0 ] || chown -R "$APP_USER:$APP_GROUP" "$stage/data"
+    mv -T "$ROOT/shared/data" "$stage/old-data"
+    mv -T "$stage/data" "$ROOT/shared/data"
+    say "restored shared/data from $backup"
+    if [ -n "$cur" ]; then
+        run_app || true
+        if ! wait_healthy "$cur"; then
+            show_error_log
+            die "the app is not healthy after the restore; the data from before is in $safety"
+        fi
+        say "app is healthy on $cur"
+    fi
+    RESULT=restored
+}
+
+cmd_reload() {
+    [ $# -eq 0 ] || usage_error "usage: reload"
+    ensure_dirs
+    take_deploy_lock reload - "$((HEALTH_TIMEOUT * 4))"
+    local cur
+    cur=$(current_id)
+    if [ -z "$cur" ]; then
+        RESULT=no-current
+        say "no current release; nothing to reload"
+        return 0
+    fi
+    ACTION_ID=$cur
+    run_app || die "shared/run.sh failed"
+    wait_healthy "$cur" || { show_error_log; die "the app is not healthy after the reload"; }
+    RESULT=reloaded
+    say "reloaded; $cur is healthy"
+}
+
+# ---------------------------------------------------------------- main
+
+main() {
+    ROOT=${COGNIVERN_ROOT:-/opt/cognivern}
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --root)
+                [ $# -ge 2 ] || usage_error "--root needs a directory"
+                ROOT=$2
+                shift 2
+                ;;
+            --root=*) ROOT=${1#--root=}; shift ;;
+            -h | --help | help) usage; exit 0 ;;
+            -*) usage_error "unknown option $1" ;;
+            *) break ;;
+        esac
+    done
+    [ $# -ge 1 ] || { usage >&2; exit 2; }
+    [[ $ROOT == /* ]] || usage_error "--root must be an absolute path"
+    ROOT=${ROOT%/}
+    RELEASES="$ROOT/releases"
+    DEPLOY="$ROOT/.deploy"
+    UNFINISHED=".cognivern-unfinished"
+    local cmd=$1
+    shift
+    case $cmd in
+        install | activate | prune | backup | restore | reload) ;;
+        list | status) ;;
+        *) usage_error "unknown command '$cmd'" ;;
+    esac
+    for a in "$@"; do
+        case $a in -h | --help) usage; exit 0 ;; esac
+    done
+    load_settings
+    trap on_exit EXIT
+    case $cmd in
+        install | activate | prune | backup | restore | reload) ACTION=$cmd ;;
+    esac
+    case $cmd in
+        install) cmd_install "$@" ;;
+        activate) cmd_activate "$@" ;;
+        prune) cmd_prune "$@" ;;
+        list) cmd_list "$@" ;;
+        status) cmd_status "$@" ;;
+        backup) cmd_backup "$@" ;;
+        restore) cmd_restore "$@" ;;
+        reload) cmd_reload "$@" ;;
+    esac
+}
+
+main "$@"

@@ -1,0 +1,237 @@
+"""A throwaway server layout for exercising cognivern-release for real (Node, pnpm, PM2).
+
+`ReleaseHost` lays out a temp ROOT the way provisioning does, renders conf/ecosystem/.env with
+components.render from a real `Settings`, gives PM2 a private home (PM2_HOME in cognivern.conf),
+and runs the tool. Used by tests/test_release_tool.py and bench/release_bench.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from components.render import render_ecosystem, render_env, render_release_conf
+from components.settings import Settings, parse_settings
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "components" / "release" / "cognivern-release.sh"
+RUN_SH = REPO / "components" / "host" / "run.sh"
+FIXTURE_APP = REPO / "tests" / "fixtures" / "app"
+APP_USER = "cgv-rt"
+SECRET_VALUE = "fixture-secret-must-never-be-printed"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    info.mtime = 1_700_000_000
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_release_tarball(out_dir: Path, release_id: str, mode: str = "ok", **fixture: object) -> tuple[Path, str]:
+    """The fixture app as a release artifact (dist/, package.json, pnpm-lock.yaml, config/)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"cognivern-{release_id}.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name in ("package.json", "pnpm-lock.yaml"):
+            tar.add(FIXTURE_APP / name, arcname=name)
+        tar.add(FIXTURE_APP / "dist", arcname="dist")
+        for item in sorted((FIXTURE_APP / "config").iterdir()):
+            if item.name != "fixture.json":
+                tar.add(item, arcname=f"config/{item.name}")
+        _add_bytes(tar, "config/fixture.json", json.dumps({"mode": mode, **fixture}).encode())
+    return path, sha256_file(path)
+
+
+def build_evil_tarball(out_dir: Path, name: str) -> tuple[Path, str]:
+    """A tarball with a `../` member that would escape releases/ID if unpacked naively."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(FIXTURE_APP / "package.json", arcname="package.json")
+        _add_bytes(tar, "../../escaped.txt", b"escaped\n")
+    return path, sha256_file(path)
+
+
+def ensure_app_user(name: str = APP_USER) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--create-home", "--shell", "/bin/bash", name], check=True)
+        return pwd.getpwnam(name)
+
+
+def remove_app_user(name: str = APP_USER) -> None:
+    subprocess.run(["pkill", "-KILL", "-u", name], check=False)
+    subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
+
+
+@dataclass
+class ReleaseHost:
+    """A temp ROOT laid out like provisioning, plus helpers to run the tool and talk to the app."""
+
+    user: str = APP_USER
+    port: int = field(default_factory=free_port)
+    extra_config: Mapping[str, str] = field(default_factory=dict)
+    root: Path = field(init=False)
+    pm2_home: Path = field(init=False)
+    settings: Settings = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="cgv_root_", dir="/tmp"))
+        os.chmod(self.root, 0o755)  # noqa: S103 - the app user must reach its releases
+        self.pm2_home = self.root / "pm2-home"
+        config = {
+            "release": "fixture-1",
+            "host": "127.0.0.1",
+            "root": str(self.root),
+            "appUser": self.user,
+            "port": str(self.port),
+            "waitReady": "true",
+            "listenTimeoutMs": "4000",
+            "killTimeoutMs": "3000",
+            "healthTimeout": "10",
+            "keepReleases": "3",
+            "dataBackupsKeep": "3",
+            "env": json.dumps({"FIXTURE_ECHO": "hello-from-env"}),
+            "secretEnv": json.dumps({"FIXTURE_SECRET": SECRET_VALUE}),
+            **self.extra_config,
+        }
+        self.settings = parse_settings(config.get)
+        self.layout()
+
+    # -- layout, like provisioning -------------------------------------------------------
+    def layout(self) -> None:
+        pw = pwd.getpwnam(self.user)
+        own = (pw.pw_uid, pw.pw_gid)
+        for sub in ("releases", "shared", "shared/data", "shared/logs", "cache", "backups", "config", ".deploy", "incoming"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for sub in ("releases", "shared", "shared/data", "shared/logs", "cache", "backups"):
+            os.chown(self.root / sub, *own)
+        self.pm2_home.mkdir(exist_ok=True)
+        os.chown(self.pm2_home, *own)
+        s = self.settings
+        (self.root / "config" / "ecosystem.config.cjs").write_text(render_ecosystem(s))
+        conf = render_release_conf(s) + f"PM2_HOME={self.pm2_home}\n"
+        (self.root / "config" / "cognivern.conf").write_text(conf)
+        env = self.root / "shared" / ".env"
+        env.write_text(render_env(s.stack_env, s.secret_env))
+        os.chown(env, *own)
+        env.chmod(0o600)
+        shutil.copy(RUN_SH, self.root / "shared" / "run.sh")
+        (self.root / "shared" / "run.sh").chmod(0o755)
+
+    # -- the tool ------------------------------------------------------------------------
+    def run(self, *args: str, timeout: float = 120, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(TOOL), "--root", str(self.root), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            ["bash", str(TOOL), "--root", str(self.root), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+
+    def ok(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        proc = self.run(*args, timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(f"cognivern-release {' '.join(args)} exited {proc.returncode}\n{proc.stderr}")
+        return proc
+
+    def upload(self, tarball: Path) -> Path:
+        """Copy a tarball into ROOT/incoming, as the deploy's upload step does."""
+        dest = self.root / "incoming" / tarball.name
+        shutil.copy(tarball, dest)
+        return dest
+
+    def install(self, release_id: str, tarball: Path, sha: str) -> subprocess.CompletedProcess[str]:
+        return self.ok("install", release_id, str(self.upload(tarball)), sha)
+
+    def list_json(self) -> dict[str, Any]:
+        listing: dict[str, Any] = json.loads(self.ok("list", "--json").stdout)
+        return listing
+
+    def current(self) -> str | None:
+        link = self.root / "current"
+        return os.readlink(link).rsplit("/", 1)[-1] if link.is_symlink() else None
+
+    # -- the app -------------------------------------------------------------------------
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get_json(self, path: str, timeout: float = 3) -> tuple[int, dict[str, object]]:
+        r = httpx.get(self.url(path), timeout=timeout)
+        return r.status_code, r.json()
+
+    def serving_release(self) -> str:
+        status, body = self.get_json("/release")
+        assert status == 200, body
+        return str(body["release"])
+
+    def pm2(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["runuser", "-u", self.user, "--", "env", f"HOME={pwd.getpwnam(self.user).pw_dir}", f"PM2_HOME={self.pm2_home}", "pm2", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def data_digest(self) -> dict[str, str]:
+        data = self.root / "shared" / "data"
+        return {str(p.relative_to(data)): sha256_file(p) for p in sorted(data.rglob("*")) if p.is_file()}
+
+    def log_lines(self) -> list[list[str]]:
+        log = self.root / ".deploy" / "releases.log"
+        return [line.split(" ") for line in log.read_text().splitlines()] if log.exists() else []
+
+    # -- teardown ------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Kill this host's PM2 daemon (and its apps); remove the temp root."""
+        if (self.pm2_home / "pm2.pid").exists() or (self.pm2_home / "rpc.sock").exists():
+            self.pm2("kill")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _port_open(self.port):
+            time.sleep(0.1)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0

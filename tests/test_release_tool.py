@@ -1,0 +1,359 @@
+"""cognivern-release against real Node, pnpm and PM2 on a temp ROOT (private PM2_HOME, app user cgv-rt).
+
+The tests of one module share a host and its installed releases (installs and PM2 start-up are the
+slow part), so they run in file order and each states what it changes. Run as root:
+    venv/bin/pytest tests/test_release_tool.py
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pwd
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.release_host import (
+    APP_USER,
+    SECRET_VALUE,
+    ReleaseHost,
+    build_evil_tarball,
+    build_release_tarball,
+    ensure_app_user,
+    remove_app_user,
+    sha256_file,
+)
+
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates a user and runs the tool as root")
+
+
+@pytest.fixture(scope="module")
+def app_user() -> Iterator[str]:
+    ensure_app_user(APP_USER)
+    yield APP_USER
+    remove_app_user(APP_USER)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    out = tmp_path_factory.mktemp("artifacts")
+    modes = {"r1": "ok", "r2": "ok", "r3": "ok", "r4": "ok", "crash": "crash", "sick": "unhealthy", "pm2crash": "crash-under-pm2"}
+    return {rid: build_release_tarball(out, rid, mode) for rid, mode in modes.items()}
+
+
+@pytest.fixture(scope="module")
+def host(app_user: str, artifacts: dict[str, tuple[Path, str]]) -> Iterator[ReleaseHost]:
+    h = ReleaseHost(user=app_user)
+    try:
+        for rid in ("r1", "r2"):
+            h.install(rid, *artifacts[rid])
+        yield h
+    finally:
+        h.stop()
+
+
+def hammer(h: ReleaseHost, stop: threading.Event, results: list[str]) -> None:
+    """GET /health on the app port on a fresh connection each time; records 'ok' or the failure."""
+    while not stop.is_set():
+        try:
+            r = httpx.get(h.url("/health"), timeout=5, headers={"connection": "close"})
+            results.append("ok" if r.status_code == 200 else f"http {r.status_code}")
+        except httpx.HTTPError as exc:
+            results.append(f"error {type(exc).__name__}")
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------ command line
+
+
+def test_help_and_id_validation(host: ReleaseHost) -> None:
+    proc = host.run("--help")
+    assert proc.returncode == 0
+    for text in ("install ID SOURCE SHA256", "activate [--force] ID", "prune [--keep N]", "restore BACKUP"):
+        assert text in proc.stdout
+    for bad in ("../etc", "-x", ".hidden", "a" * 65, "a b"):
+        proc = host.run("activate", "--", bad) if bad.startswith("-") else host.run("activate", bad)
+        assert proc.returncode == 2, (bad, proc.stderr)
+    assert host.run("install", "a/b", "-", "-").returncode == 2
+
+
+# ------------------------------------------------------------------------ install
+
+
+def test_install_lays_out_release_with_shared_store(host: ReleaseHost) -> None:
+    rel = host.root / "releases" / "r1"
+    uid = pwd.getpwnam(host.user).pw_uid
+    assert (rel / "dist" / "index.js").is_file()
+    assert not (rel / ".cognivern-unfinished").exists()
+    for link, target in ((".env", "shared/.env"), ("data", "shared/data"), ("logs", "shared/logs")):
+        assert os.readlink(rel / link) == f"../../{target}"
+        assert (rel / link).resolve() == (host.root / target).resolve(), link
+    assert rel.stat().st_uid == uid
+    dep = rel / "node_modules" / "ms" / "index.js"
+    assert dep.is_file()
+    # pnpm hard-links package files from ROOT/cache/pnpm-store: same inode in both releases
+    assert dep.resolve().stat().st_nlink > 1
+    assert dep.resolve().stat().st_ino == (host.root / "releases" / "r2" / "node_modules" / "ms" / "index.js").resolve().stat().st_ino
+    assert any((host.root / "cache" / "pnpm-store").rglob("*")), "store is empty"
+
+
+def test_reinstall_is_a_noop(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
+    stamp = (host.root / "releases" / "r1" / "dist" / "index.js").stat().st_mtime_ns
+    proc = host.install("r1", *artifacts["r1"])
+    assert "already installed" in proc.stderr
+    assert (host.root / "releases" / "r1" / "dist" / "index.js").stat().st_mtime_ns == stamp
+    assert host.log_lines()[-1][1:3] == ["install", "r1"] and host.log_lines()[-1][5] == "noop"
+    # the same id from a different artifact is refused, not silently ignored
+    proc = host.run("install", "r1", str(host.upload(artifacts["r2"][0])), artifacts["r2"][1])
+    assert proc.returncode == 1 and "different artifact" in proc.stderr
+
+
+def test_half_installed_release_is_redone(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
+    half = host.root / "releases" / "half"
+    half.mkdir()
+    (half / ".cognivern-unfinished").touch()
+    (half / "junk.txt").write_text("left by an interrupted install")
+    proc = host.install("half", *artifacts["r1"])
+    assert "half installed" in proc.stderr
+    assert not (half / "junk.txt").exists() and not (half / ".cognivern-unfinished").exists()
+    assert (half / "node_modules" / "ms").is_dir()
+
+
+def test_bad_checksum_and_corrupt_tarball_are_refused_before_unpacking(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
+    tarball = host.upload(artifacts["r3"][0])
+    proc = host.run("install", "badsum", str(tarball), "0" * 64)
+    assert proc.returncode == 1 and "checksum mismatch" in proc.stderr
+    assert not (host.root / "releases" / "badsum").exists()
+    corrupt = host.root / "incoming" / "corrupt.tar.gz"
+    corrupt.write_bytes(tarball.read_bytes()[:200])
+    proc = host.run("install", "corrupt", str(corrupt), sha256_file(corrupt))
+    assert proc.returncode == 1 and "not a readable gzip tar" in proc.stderr
+    assert not (host.root / "releases" / "corrupt").exists()
+    assert host.log_lines()[-2][5].startswith("bad-checksum")
+
+
+def test_tarball_with_dotdot_member_is_refused(host: ReleaseHost, tmp_path: Path) -> None:
+    evil, sha = build_evil_tarball(tmp_path, "evil")
+    proc = host.run("install", "evil", str(host.upload(evil)), sha)
+    assert proc.returncode == 1 and "'..'" in proc.stderr
+    assert not (host.root / "releases" / "evil").exists()
+    assert not (host.root / "escaped.txt").exists() and not (host.root / "releases" / "escaped.txt").exists()
+
+
+def test_ensure_installed_without_source(host: ReleaseHost) -> None:
+    assert host.run("install", "r1", "-", "-").returncode == 0
+    proc = host.run("install", "never-built", "-", "-")
+    assert proc.returncode == 1
+    assert "never-built is not installed" in proc.stderr
+    assert "r1" in proc.stderr and "r2" in proc.stderr
+    assert "scripts/build-artifact" in proc.stderr and "cognivern:release" in proc.stderr
+
+
+# ------------------------------------------------------------------------ activate
+
+
+def test_first_activation_serves_with_shared_env_and_data(host: ReleaseHost) -> None:
+    proc = host.ok("activate", "r1")
+    assert os.readlink(host.root / "current") == "releases/r1"
+    status, body = host.get_json("/release")
+    assert status == 200 and body["release"] == "r1"
+    assert body["env"] == {"FIXTURE_ECHO": "hello-from-env", "NODE_ENV": "production", "AGENTS_ENABLED": "false"}
+    assert host.get_json("/health")[1]["status"] == "ok"
+    r = httpx.post(host.url("/data"), content="first", timeout=3)
+    assert r.status_code == 201
+    assert "first" in (host.root / "shared" / "data" / "posts.jsonl").read_text()
+    assert SECRET_VALUE not in proc.stderr + proc.stdout
+    assert host.log_lines()[-1][1:3] == ["activate", "r1"] and host.log_lines()[-1][5] == "activated"
+
+
+def test_new_release_and_rollback_without_failed_requests_or_data_changes(host: ReleaseHost) -> None:
+    before = host.data_digest()
+    assert before, "the previous test wrote shared/data"
+    results: list[str] = []
+    stop = threading.Event()
+    load = threading.Thread(target=hammer, args=(host, stop, results))
+    load.start()
+    try:
+        host.ok("activate", "r2")
+        assert host.serving_release() == "r2"
+        assert host.data_digest() == before
+        host.ok("activate", "r1")  # rollback to the first release
+        assert host.serving_release() == "r1"
+    finally:
+        stop.set()
+        load.join()
+    assert host.data_digest() == before
+    failures = [r for r in results if r != "ok"]
+    assert len(results) > 50 and not failures, failures[:5]
+    listing = host.list_json()
+    assert listing["current"] == "r1" and listing["previous"] == "r2"
+
+
+def test_reactivating_current_and_reload_are_idempotent(host: ReleaseHost) -> None:
+    backups = sorted((host.root / "backups" / "data").iterdir())
+    proc = host.ok("activate", "r1")
+    assert "already current" in proc.stderr
+    assert host.current() == "r1" and host.serving_release() == "r1"
+    assert sorted((host.root / "backups" / "data").iterdir()) == backups, "no backup for a no-op"
+    assert host.list_json()["previous"] == "r2"
+    host.ok("reload")
+    assert host.serving_release() == "r1"
+
+
+@pytest.mark.parametrize(("rid", "output"), [("crash", "crashing at boot on purpose"), ("sick", "pre-flight of sick failed")])
+def test_broken_release_is_refused_by_preflight(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]], rid: str, output: str) -> None:
+    host.install(rid, *artifacts[rid])
+    pid_before = host.get_json("/release")[1]["pid"]
+    proc = host.run("activate", rid)
+    assert proc.returncode == 1
+    assert output in proc.stderr and "marked release" in proc.stderr
+    assert host.current() == "r1"
+    status, body = host.get_json("/release")
+    assert status == 200 and body["release"] == "r1" and body["pid"] == pid_before, "the live app was not touched"
+    assert (host.root / ".deploy" / "bad" / rid).exists()
+    again = host.run("activate", rid)
+    assert again.returncode == 1 and "marked bad" in again.stderr
+    assert host.log_lines()[-1][5].startswith("refused-bad")
+
+
+def test_release_failing_only_under_pm2_is_rolled_back(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
+    host.install("pm2crash", *artifacts["pm2crash"])
+    proc = host.run("activate", "pm2crash")
+    assert proc.returncode == 1, proc.stderr
+    assert "switching back to r1" in proc.stderr and "rolled back" in proc.stderr
+    assert "crashing at boot on purpose" in proc.stderr, "the tail of shared/logs/error.log is shown"
+    assert os.readlink(host.root / "current") == "releases/r1"
+    assert host.serving_release() == "r1"
+    listing = host.list_json()
+    assert listing["current"] == "r1" and listing["previous"] == "r2"
+    assert (host.root / ".deploy" / "bad" / "pm2crash").exists()
+
+
+def test_second_activation_fails_fast_naming_the_holder(host: ReleaseHost) -> None:
+    first = host.popen("activate", "r2")
+    lock = host.root / ".deploy" / "lock"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "action=activate id=r2" not in (lock.read_text() if lock.exists() else ""):
+        time.sleep(0.02)
+    started = time.monotonic()
+    second = host.run("activate", "r1")
+    elapsed = time.monotonic() - started
+    _out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert second.returncode == 3
+    assert elapsed < 2, elapsed
+    assert f"pid={first.pid}" in second.stderr and "action=activate id=r2" in second.stderr and "since=" in second.stderr
+    assert host.serving_release() == "r2"
+
+
+# ------------------------------------------------------------------------ data
+
+
+def test_backup_and_restore(host: ReleaseHost) -> None:
+    assert httpx.post(host.url("/data"), content="kept", timeout=3).status_code == 201
+    proc = host.ok("backup")
+    backup = Path(proc.stdout.strip())
+    assert backup.is_file() and backup.parent == host.root / "backups" / "data"
+    saved = host.data_digest()
+    assert httpx.post(host.url("/data"), content="after-backup", timeout=3).status_code == 201
+    assert host.data_digest() != saved
+    host.ok("restore", backup.name)
+    assert host.data_digest() == saved
+    posts = host.root / "shared" / "data" / "posts.jsonl"
+    assert posts.stat().st_uid == pwd.getpwnam(host.user).pw_uid
+    assert host.serving_release() == "r2"
+    # the app writes to the restored directory, through the release's data link
+    assert httpx.post(host.url("/data"), content="after-restore", timeout=3).status_code == 201
+    assert "after-restore" in posts.read_text()
+    assert any("before-restore" in p.name for p in backup.parent.iterdir())
+    assert len(list(backup.parent.glob("data-*.tar.gz"))) <= 3, "DATA_BACKUPS_KEEP=3"
+
+
+# ------------------------------------------------------------------------ list, status, prune, log
+
+
+def test_list_json_states_and_status(host: ReleaseHost) -> None:
+    (host.root / "releases" / "stale").mkdir()
+    (host.root / "releases" / "stale" / ".cognivern-unfinished").touch()
+    listing = host.list_json()
+    assert listing["current"] == "r2" and listing["previous"] == "r1"
+    states = {r["id"]: r["state"] for r in listing["releases"]}
+    assert states == {
+        "r1": "previous",
+        "r2": "current",
+        "half": "installed",
+        "crash": "bad",
+        "sick": "bad",
+        "pm2crash": "bad",
+        "stale": "unfinished",
+    }
+    releases = listing["releases"]
+    assert isinstance(releases, list)
+    times = [r["installed_at"] for r in releases]
+    assert all(ISO.match(t) for t in times) and times == sorted(times, reverse=True)
+    assert all(isinstance(r["size_bytes"], int) and r["size_bytes"] > 0 for r in releases)
+    text = host.ok("list").stdout + host.ok("status").stdout
+    assert "current:  r2" in text and '"status":"ok"' in text and "online" in text
+    assert SECRET_VALUE not in text + str(listing)
+
+
+def test_prune_keeps_current_previous_and_installs_in_progress(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
+    assert host.run("prune", "--keep", "1").returncode == 2
+    for rid in ("r3", "r4"):
+        host.install(rid, *artifacts[rid])
+    busy = host.root / "releases" / "busy"
+    busy.mkdir()
+    (busy / ".cognivern-unfinished").touch()
+    (host.root / ".deploy" / "locks").mkdir(exist_ok=True)
+    with open(host.root / ".deploy" / "locks" / "install-busy.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an install of "busy" is in progress
+        proc = host.ok("prune", "--keep", "2")
+    assert "being installed" in proc.stderr
+    left = sorted(p.name for p in (host.root / "releases").iterdir())
+    assert left == ["busy", "r1", "r2", "r3", "r4"]
+    assert host.serving_release() == "r2"
+    assert not (host.root / ".deploy" / "bad" / "crash").exists()
+
+
+def test_release_log_has_one_line_per_action(host: ReleaseHost) -> None:
+    lines = host.log_lines()
+    assert all(len(fields) == 6 for fields in lines), lines
+    assert all(ISO.match(fields[0]) for fields in lines)
+    assert {f[1] for f in lines} >= {"install", "activate", "prune", "backup", "restore", "reload"}
+    installs = [f for f in lines if f[1] == "install" and f[2] == "r2"]
+    assert re.match(r"^[0-9a-f]{64}$", installs[0][4]) and installs[0][5] == "installed"
+    assert installs[0][3] in ("root", os.environ.get("SUDO_USER", "root"))
+    results = {(f[1], f[2]): f[5] for f in lines}
+    assert results[("activate", "pm2crash")] == "rolled-back(exit=1)"
+    assert results[("activate", "crash")].startswith("refused-bad")
+    assert any(f[1] == "activate" and f[5] == "locked(exit=3)" for f in lines)
+    assert SECRET_VALUE not in (host.root / ".deploy" / "releases.log").read_text()
+
+
+# ------------------------------------------------------------------------ first deploy
+
+
+def test_failed_first_deploy_leaves_no_current(app_user: str, artifacts: dict[str, tuple[Path, str]]) -> None:
+    h = ReleaseHost(user=app_user)
+    try:
+        h.install("pm2crash", *artifacts["pm2crash"])
+        proc = h.run("activate", "pm2crash")
+        assert proc.returncode == 1
+        assert "first deploy" in proc.stderr
+        assert not os.path.lexists(h.root / "current")
+        assert "cognivern-agent" not in h.pm2("jlist").stdout, "the app's PM2 processes are gone"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(h.url("/health"), timeout=2)
+        listing = h.list_json()
+        assert listing["current"] is None and listing["previous"] is None
+        assert [(r["id"], r["state"]) for r in listing["releases"]] == [("pm2crash", "bad")]
+    finally:
+        h.stop()
