@@ -75,6 +75,7 @@ done
 [ -z "$sshd_pidfile" ] || valid_abs_path "$sshd_pidfile" || die "COGNIVERN_SSHD_PIDFILE must be an absolute path"
 [ -z "$nginx_prefix" ] || valid_abs_path "$nginx_prefix" || die "COGNIVERN_NGINX_PREFIX must be an absolute path"
 [ "$(id -u)" -eq 0 ] || die "must run as root (the program prefixes sudo -n for a non-root SSH user)"
+id -u "$ssh_user" >/dev/null 2>&1 || die "--ssh-user $ssh_user does not exist on this host"
 
 # Read the release tool now, before anything changes (and before apt could touch stdin).
 tmpdir=$(mktemp -d)
@@ -176,7 +177,6 @@ else
 fi
 app_home=$(getent passwd "$app_user" | cut -d: -f6)
 if [ -z "$app_home" ] || [ ! -d "$app_home" ]; then die "home directory of $app_user is missing"; fi
-id -u "$ssh_user" >/dev/null 2>&1 || die "--ssh-user $ssh_user does not exist on this host"
 
 # ---------------------------------------------------------------------------- layout
 layout_changes=()
