@@ -465,6 +465,16 @@ def test_put_file_reload_uses_release_tool_then_run_sh(host: TargetHost, first_r
         assert log.read_text() == f"tool --root {root} reload\n"
         unchanged = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: []};\n")
         assert "unchanged" in unchanged.stdout and log.read_text().count("\n") == 1, "no reload when unchanged"
+        # a failed reload is retried by the next run even though the content is unchanged
+        tool.write_text(f'#!/usr/bin/env bash\necho "failing $*" >>{log}\nexit 3\n')
+        failed = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: [0]};\n")
+        assert failed.returncode != 0 and "reload failed" in failed.stderr
+        assert (root / ".deploy/reload-pending").exists()
+        tool.write_text(f'#!/usr/bin/env bash\necho "tool $*" >>{log}\n')
+        retried = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: [0]};\n")
+        assert retried.returncode == 0 and "retrying the reload" in retried.stdout, retried.stdout + retried.stderr
+        assert log.read_text().splitlines()[-1] == f"tool --root {root} reload"
+        assert not (root / ".deploy/reload-pending").exists()
         # 2) no release tool: shared/run.sh runs as the owner of shared/ with its own HOME/PM2_HOME
         tool.unlink()
         run_sh = root / "shared/run.sh"

@@ -13,6 +13,8 @@
 #     (BIN_DIR: COGNIVERN_BIN_DIR, default /usr/local/bin);
 #   * else `bash ROOT/shared/run.sh` as the owner of ROOT/shared (the app user, never root), with
 #     a clean environment (HOME, PM2_HOME=$HOME/.pm2) so PM2 runs under that user's own home.
+#   A failed reload leaves ROOT/.deploy/reload-pending behind; the next run retries the reload even
+#   when the content is unchanged (otherwise a re-run would report success with the old settings live).
 set -euo pipefail
 
 prog=put-file
@@ -74,26 +76,36 @@ tmp=$(umask 077 && mktemp "$dir/.$(basename "$dest").XXXXXX")
 trap 'rm -f -- "$tmp"' EXIT
 cat >"$tmp"
 
+pending=""
+if [ -n "$reload_root" ] && [ -d "$reload_root/.deploy" ]; then pending="$reload_root/.deploy/reload-pending"; fi
+
 if [ -f "$dest" ] && [ ! -L "$dest" ] && cmp -s "$tmp" "$dest" &&
     [ "$(stat -c '%a %U %G' "$dest")" = "$mode $user $group" ]; then
-    say "$dest: unchanged"
-    exit 0
+    if [ -z "$pending" ] || [ ! -e "$pending" ]; then
+        say "$dest: unchanged"
+        exit 0
+    fi
+    say "$dest: unchanged; retrying the reload that failed before"
+else
+    state=created
+    if [ -e "$dest" ] || [ -L "$dest" ]; then state=updated; fi
+    chown "$user:$group" "$tmp"
+    chmod "$mode" "$tmp"
+    [ -z "$pending" ] || : >"$pending"
+    mv -f "$tmp" "$dest"
+    say "$dest: $state (mode $mode, owner $user:$group)"
 fi
-state=created
-if [ -e "$dest" ] || [ -L "$dest" ]; then state=updated; fi
-chown "$user:$group" "$tmp"
-chmod "$mode" "$tmp"
-mv -f "$tmp" "$dest"
-say "$dest: $state (mode $mode, owner $user:$group)"
 
 [ -n "$reload_root" ] || exit 0
 if [ ! -e "$reload_root/current" ]; then
+    [ -z "$pending" ] || rm -f -- "$pending"
     say "reload: skipped ($reload_root/current does not exist yet)"
     exit 0
 fi
 tool="$bin_dir/cognivern-release"
 if [ -x "$tool" ]; then
-    "$tool" --root "$reload_root" reload
+    "$tool" --root "$reload_root" reload || die "reload failed ($tool --root $reload_root reload); the next run retries it"
+    [ -z "$pending" ] || rm -f -- "$pending"
     say "reload: done with $tool"
     exit 0
 fi
@@ -107,5 +119,6 @@ if [ -z "$app_home" ] || [ ! -d "$app_home" ]; then die "home directory of $app_
     runuser -u "$app_user" -- env -i HOME="$app_home" USER="$app_user" LOGNAME="$app_user" \
         PM2_HOME="$app_home/.pm2" LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         bash "$reload_root/shared/run.sh"
-)
+) || die "reload failed ($reload_root/shared/run.sh as $app_user); the next run retries it"
+[ -z "$pending" ] || rm -f -- "$pending"
 say "reload: done with $reload_root/shared/run.sh as $app_user"
