@@ -655,8 +655,11 @@ class Engine:
 
     _global_lock = threading.Lock()  # pulumi mocks are process-global: one run at a time
 
-    def __init__(self, state_dir: Path, *, command_timeout: float = 900, accept_env: Sequence[str] = ()) -> None:
+    def __init__(
+        self, state_dir: Path, *, command_timeout: float = 900, accept_env: Sequence[str] = (), program: Path | None = None
+    ) -> None:
         self.state_dir = Path(state_dir)
+        self.program = program  # another Pulumi program instead of the repo's __main__.py (the engine's own tests)
         self.command_timeout = command_timeout
         self.accept_env = frozenset(accept_env)
 
@@ -686,7 +689,10 @@ class Engine:
             outputs: dict[str, Any] = {}
             error: BaseException | None = None
             try:
-                with mock.patch.object(program_module, "RecordingMonitor", run.monitor_class()):
+                with contextlib.ExitStack() as patches:
+                    patches.enter_context(mock.patch.object(program_module, "RecordingMonitor", run.monitor_class()))
+                    if self.program is not None:
+                        patches.enter_context(mock.patch.object(program_module, "MAIN", self.program))
                     result = run_program(config, secret_keys=tuple(secret_keys), stack=stack, preview=preview, mocks=run)
                 outputs = result.outputs
             except BaseException as err:  # the program's own error (RunError) or the first failed resource
