@@ -128,6 +128,7 @@ def test_runtime_files_are_rendered_from_settings() -> None:
     assert "PORT=4000\n" in conf.inputs["stdin"] and "KEEP_RELEASES=5\n" in conf.inputs["stdin"]
     run_sh = run.get("cognivern-prod-run-script")
     assert run_sh.inputs["stdin"] == Path("components/host/run.sh").read_text()
+    assert "--dest /opt/cognivern/shared/run.sh --mode 0755 --owner root:root --reload-root /opt/cognivern" in run_sh.inputs["create"]
 
 
 SECRET_VALUE = "0xSECRET-private-key-do-not-leak"

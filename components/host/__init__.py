@@ -87,7 +87,7 @@ class Host(pulumi.ComponentResource):
             RELEASE_TOOL.read_text(),
             [],
         )
-        run_script = put("run-script", f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), [provision])
+        run_script = put("run-script", f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), [provision], reload=True)
         release_conf = put("release-conf", f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s), [provision])
         ecosystem = put(
             "ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [run_script], reload=True
