@@ -79,10 +79,11 @@ def test_help_and_id_validation(host: ReleaseHost) -> None:
     assert proc.returncode == 0
     for text in ("install ID SOURCE SHA256", "activate [--force] ID", "prune [--keep N]", "restore BACKUP"):
         assert text in proc.stdout
-    for bad in ("../etc", "-x", ".hidden", "a" * 65, "a b"):
-        proc = host.run("activate", "--", bad) if bad.startswith("-") else host.run("activate", bad)
-        assert proc.returncode == 2, (bad, proc.stderr)
-    assert host.run("install", "a/b", "-", "-").returncode == 2
+    for bad in ("../etc", "-x", ".hidden", "a" * 65, "a b", "a/b"):
+        proc = host.run("install", bad, "-", "-")
+        assert proc.returncode == 2 and "invalid release id" in proc.stderr, (bad, proc.stderr)
+    assert host.run("activate", "../etc").returncode == 2
+    assert host.run("install", "r9", "http://example.invalid/x.tar.gz", "0" * 64).returncode == 2, "plain http is refused"
 
 
 # ------------------------------------------------------------------------ install
@@ -140,12 +141,17 @@ def test_bad_checksum_and_corrupt_tarball_are_refused_before_unpacking(host: Rel
     assert host.log_lines()[-2][5].startswith("bad-checksum")
 
 
-def test_tarball_with_dotdot_member_is_refused(host: ReleaseHost, tmp_path: Path) -> None:
+def test_tarball_with_dotdot_or_absolute_member_is_refused(host: ReleaseHost, tmp_path: Path) -> None:
     evil, sha = build_evil_tarball(tmp_path, "evil")
     proc = host.run("install", "evil", str(host.upload(evil)), sha)
     assert proc.returncode == 1 and "'..'" in proc.stderr
     assert not (host.root / "releases" / "evil").exists()
     assert not (host.root / "escaped.txt").exists() and not (host.root / "releases" / "escaped.txt").exists()
+    target = tmp_path / "absolute-target.txt"
+    evil, sha = build_evil_tarball(tmp_path, "evil-abs", member=str(target))
+    proc = host.run("install", "evil-abs", str(host.upload(evil)), sha)
+    assert proc.returncode == 1 and "absolute member paths" in proc.stderr
+    assert not (host.root / "releases" / "evil-abs").exists() and not target.exists()
 
 
 def test_ensure_installed_without_source(host: ReleaseHost) -> None:
@@ -321,6 +327,8 @@ def test_prune_keeps_current_previous_and_installs_in_progress(host: ReleaseHost
     assert left == ["busy", "r1", "r2", "r3", "r4"]
     assert host.serving_release() == "r2"
     assert not (host.root / ".deploy" / "bad" / "crash").exists()
+    assert not (host.root / "incoming" / "cognivern-crash.tar.gz").exists(), "pruned releases' uploads go too"
+    assert (host.root / "incoming" / "cognivern-r3.tar.gz").exists()
 
 
 def test_release_log_has_one_line_per_action(host: ReleaseHost) -> None:

@@ -595,7 +595,8 @@ cmd_prune() {
         if [ "$n" -le "$keep" ] || [ "$id" = "$cur" ] || [ "$id" = "$prev" ]; then continue; fi
         say "removing release $id"
         rm -rf -- "${RELEASES:?}/$id"
-        rm -f "$DEPLOY/meta/$id" "$DEPLOY/bad/$id" "$DEPLOY/preflight/$id.log" "$DEPLOY/locks/install-$id.lock"
+        rm -f "$DEPLOY/meta/$id" "$DEPLOY/bad/$id" "$DEPLOY/preflight/$id.log" "$DEPLOY/locks/install-$id.lock" \
+            "$ROOT/incoming/cognivern-$id.tar.gz"
         removed=$((removed + 1))
     done < <(complete_releases)
 

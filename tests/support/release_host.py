@@ -69,13 +69,13 @@ def build_release_tarball(out_dir: Path, release_id: str, mode: str = "ok", **fi
     return path, sha256_file(path)
 
 
-def build_evil_tarball(out_dir: Path, name: str) -> tuple[Path, str]:
-    """A tarball with a `../` member that would escape releases/ID if unpacked naively."""
+def build_evil_tarball(out_dir: Path, name: str, member: str = "../../escaped.txt") -> tuple[Path, str]:
+    """A tarball with a member (`../`, absolute) that would escape releases/ID if unpacked naively."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
         tar.add(FIXTURE_APP / "package.json", arcname="package.json")
-        _add_bytes(tar, "../../escaped.txt", b"escaped\n")
+        _add_bytes(tar, member, b"escaped\n")
     return path, sha256_file(path)
 
 
