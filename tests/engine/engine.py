@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -45,6 +46,17 @@ SETENV_WARNING = (
     "Alternatively, if a Bash-like shell runs the command on the remote host, you could prefix the command itself with the "
     "variables in the form 'VAR=value command'"
 )
+
+
+class _DropEngineFutureNoise(logging.Filter):
+    """The SDK leaves our raised errors in futures nobody awaits; asyncio logs each one when it is collected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith("Future exception was never retrieved") and isinstance(exc, EngineError))
+
+
+logging.getLogger("asyncio").addFilter(_DropEngineFutureNoise())
 
 
 class EngineError(Exception):
