@@ -715,6 +715,7 @@ cmd_restore() {
     case $backup in */*) ;; *) backup="$ROOT/backups/data/$backup" ;; esac
     [ -f "$backup" ] || die "backup $backup does not exist"
     ACTION_ID=${backup##*/}
+    ACTION_ID=${ACTION_ID//[^A-Za-z0-9._:-]/_}
     ensure_dirs
     take_deploy_lock restore "${backup##*/}" 0
     check_members "$backup" '^(\./)?data(/|$)'
