@@ -77,7 +77,10 @@ def render_ecosystem(s: Settings) -> str:
                 **common,
             }
         )
-    return render_template(HOST_DIR / "ecosystem.config.cjs", {"apps": json.dumps(apps, indent=2).replace("\n", "\n  ")})
+    return render_template(
+        HOST_DIR / "ecosystem.config.cjs",
+        {"apps": json.dumps(apps, indent=2), "env_file": json.dumps(f"{s.root}/shared/.env")},
+    )
 
 
 def render_nginx_site(s: Settings) -> str:
