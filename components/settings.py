@@ -170,8 +170,8 @@ def _env_map(key: str, raw: Any) -> dict[str, str]:
             value = str(value)
         elif not isinstance(value, str):
             raise _fail(key, f"{name} must be a string, number or boolean")
-        if any(c in value for c in "\n\r\0"):
-            raise _fail(key, f"{name} must be a single line (no newline or NUL characters)")
+        if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
+            raise _fail(key, f"{name} must be a single line of printable characters (no newline, NUL or other control characters)")
         out[name] = value
     return out
 

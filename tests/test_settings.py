@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from components.settings import ConfigError, Settings, parse_settings
@@ -37,6 +39,12 @@ def test_existing_host_needs_no_public_key() -> None:
     assert s.host == "10.0.0.5" and not s.creates_server
 
 
+def test_env_values_may_hold_any_printable_text() -> None:
+    """Secrets contain $, quotes and ; routinely: they travel on stdin and are shell-quoted in .env, never interpolated."""
+    value = "p@ss'w\"ord $(id) `id` ;|& \\ \t end"
+    assert parse(secretEnv=json.dumps({"K": value})).secret_env == {"K": value}
+
+
 def test_env_values_are_normalised_to_strings() -> None:
     s = parse(env='{"FLAG": true, "N": 3, "URL": "https://x/y?a=1&b=2"}', port="8080", agentsEnabled="true")
     assert s.stack_env == {"PORT": "8080", "AGENTS_ENABLED": "true", "FLAG": "true", "N": "3", "URL": "https://x/y?a=1&b=2"}
@@ -69,6 +77,8 @@ BAD = [
     ({"env": '{"PORT": "1"}'}, "cognivern:env: PORT is set by the program"),
     ({"env": '["A"]'}, "cognivern:env: must be an object"),
     ({"secretEnv": '{"K": "a\\rb"}'}, "cognivern:secretEnv: K must be a single line"),
+    ({"env": '{"K": "bell\\u0007"}'}, "cognivern:env: K must be a single line of printable characters"),
+    ({"env": '{"K": "esc\\u001b[31m"}'}, "cognivern:env: K must be a single line of printable characters"),
     ({"secretEnv": '{"K": "1"}', "env": '{"K": "2"}'}, "cognivern:secretEnv: K also set in cognivern:env"),
     ({"root": "opt/cognivern"}, "cognivern:root: 'opt/cognivern' must be an absolute, normalised path"),
     ({"root": "/opt/../etc"}, "cognivern:root"),
