@@ -23,10 +23,11 @@ test: $(VENV)/.installed lint
 	$(VENV)/bin/pytest
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . scripts/build-artifact
+	$(VENV)/bin/ruff format --check . scripts/build-artifact
 	$(VENV)/bin/mypy .
-	shellcheck -S style $$(git ls-files '*.sh') scripts/pulumi-local .ci/run
+	$(VENV)/bin/mypy scripts/build-artifact
+	shellcheck -S style $$(git ls-files '*.sh') scripts/pulumi-local scripts/ops .ci/run
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.release_bench --out reports/release-bench.json

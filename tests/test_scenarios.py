@@ -325,6 +325,7 @@ def test_10_the_stack_settles(stack: Stack) -> None:
 
 def ops(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     """scripts/ops against the test host (COGNIVERN_SSH stands in for the stack's sshCommand output)."""
+    assert stack.host.sshd is not None
     env = {**os.environ, "COGNIVERN_SSH": " ".join(stack.host.sshd.ssh_argv()), "COGNIVERN_ROOT": str(stack.host.root)}
     return subprocess.run([str(REPO / "scripts" / "ops"), "test", *args], capture_output=True, text=True, env=env, timeout=120, check=False)
 
