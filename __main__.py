@@ -1,19 +1,23 @@
-"""cognivern-infra: a Hetzner server (or an existing host) prepared for Cognivern, and its release.
+"""cognivern-infra: Hetzner servers (or existing hosts) prepared for Cognivern, and their release.
 
 Thin on purpose: read and validate the stack settings once, wire the components, export.
+One server keeps the names it always had; several are indexed (`-1`, `-2`, ...), sit behind a
+load balancer (created servers) and take a release one activation at a time.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pulumi
 from pulumi.runtime.config import is_config_secret
 from pulumi_command import remote
 
+from components.balancer import Balancer, BalancerArgs
 from components.envfile import drift_warnings, load_env_example
 from components.host import Host, HostArgs
-from components.release import ArtifactError, Release, ReleaseArgs, resolve_artifact
+from components.release import ArtifactError, Release, ReleaseArgs, resolve_artifact, rolling_activation
 from components.server import Server, ServerArgs
 from components.settings import NAMESPACE, ConfigError, parse_settings
 
@@ -28,7 +32,9 @@ for warning in [*settings.warnings, *drift_warnings(load_env_example(PROJECT_DIR
     pulumi.log.warn(warning)
 
 name = f"cognivern-{pulumi.get_stack()}"
-address: pulumi.Input[str]
+labels = {"app": "cognivern", "stack": pulumi.get_stack(), "managed-by": "pulumi"}
+addresses: list[pulumi.Input[str]]
+public_address: pulumi.Input[str]
 if settings.creates_server:
     assert settings.ssh_public_key is not None
     server = Server(
@@ -41,42 +47,95 @@ if settings.creates_server:
             image=settings.image,
             backups=settings.backups,
             protect=settings.protect,
-            labels={"app": "cognivern", "stack": pulumi.get_stack(), "managed-by": "pulumi"},
+            labels=labels,
+            count=settings.servers,
         ),
     )
-    address = server.ipv4_address
-    pulumi.export("ipv4Address", server.ipv4_address)
-    pulumi.export("ipv6Address", server.ipv6_address)
+    addresses = list(server.ipv4_addresses)
+    public_address = server.ipv4_address
+    if settings.servers > 1:
+        balancer = Balancer(
+            f"{name}-balancer",
+            BalancerArgs(
+                server_ids=server.server_ids,
+                location=settings.location,
+                network_zone=settings.network_zone,
+                load_balancer_type=settings.load_balancer_type,
+                health_path=settings.health_path,
+                labels=labels,
+                protect=settings.protect,
+                domain=settings.server_name if settings.server_name != "_" else None,
+            ),
+        )
+        public_address = balancer.ipv4_address
+        pulumi.export("loadBalancerIpv4Address", balancer.ipv4_address)
+        pulumi.export("loadBalancerIpv6Address", balancer.ipv6_address)
+    else:
+        pulumi.export("ipv4Address", server.ipv4_address)
+        pulumi.export("ipv6Address", server.ipv6_address)
+elif settings.hosts:
+    addresses = list(settings.hosts)
+    public_address = settings.hosts[0]
+    pulumi.export("hosts", list(settings.hosts))
 else:
     assert settings.host is not None
-    address = settings.host
+    addresses = [settings.host]
+    public_address = settings.host
     pulumi.export("host", settings.host)
 
-connection = remote.ConnectionArgs(
-    host=address,
-    port=settings.ssh_port,
-    user=settings.ssh_user,
-    private_key=pulumi.Output.secret(settings.ssh_private_key) if settings.ssh_private_key else None,
-    host_key=settings.host_key,
-    dial_error_limit=30,
-)
-host = Host(name, HostArgs(connection=connection, settings=settings))
-release = Release(
-    f"{name}-release",
-    ReleaseArgs(
-        connection=connection,
-        release=settings.release,
-        root=settings.root,
-        keep_releases=settings.keep_releases,
-        artifact=artifact,
-        sudo=settings.ssh_user != "root",
-        depends_on=host.ready,
-    ),
-)
 
-web_host = settings.server_name if settings.server_name != "_" else address
+def connection_to(address: pulumi.Input[str], host_key: str | None) -> remote.ConnectionArgs:
+    return remote.ConnectionArgs(
+        host=address,
+        port=settings.ssh_port,
+        user=settings.ssh_user,
+        private_key=pulumi.Output.secret(settings.ssh_private_key) if settings.ssh_private_key else None,
+        host_key=host_key,
+        dial_error_limit=30,
+    )
+
+
+# One Host and one Release per server. Server 1 of a one-server stack keeps today's names
+# (`{name}`, `{name}-release`); otherwise server i is `{name}-{i}` and `{name}-{i}-release`.
+nodes = [f"{name}-{index}" if settings.indexed else name for index in range(1, len(addresses) + 1)]
+releases: list[Release] = []
+for node, address in zip(nodes, addresses, strict=True):
+    host_key = settings.host_key_for(address) if isinstance(address, str) else settings.host_key
+    connection = connection_to(address, host_key)
+    host = Host(node, HostArgs(connection=connection, settings=settings))
+    releases.append(
+        Release(
+            f"{node}-release",
+            ReleaseArgs(
+                connection=connection,
+                release=settings.release,
+                root=settings.root,
+                keep_releases=settings.keep_releases,
+                artifact=artifact,
+                sudo=settings.ssh_user != "root",
+                depends_on=host.ready,
+            ),
+            defer_activation=True,
+        )
+    )
+# uploads and installs everywhere at once; activations one server at a time, in this order
+rolling_activation(releases)
+
+first = releases[0]
+web_host = settings.server_name if settings.server_name != "_" else public_address
 pulumi.export("url", pulumi.Output.concat("http://", web_host, "/"))
-pulumi.export("sshCommand", pulumi.Output.concat("ssh -p ", str(settings.ssh_port), " ", settings.ssh_user, "@", address))
-pulumi.export("activeRelease", release.active_release)
-pulumi.export("previousRelease", release.previous_release)
-pulumi.export("releases", release.releases)
+pulumi.export("sshCommand", pulumi.Output.concat("ssh -p ", str(settings.ssh_port), " ", settings.ssh_user, "@", addresses[0]))
+pulumi.export("activeRelease", first.active_release)
+pulumi.export("previousRelease", first.previous_release)
+pulumi.export("releases", first.releases)
+
+
+def server_entry(node: str, address: pulumi.Input[str], release: Release) -> pulumi.Output[dict[str, Any]]:
+    def entry(values: list[Any]) -> dict[str, Any]:
+        ssh = f"ssh -p {settings.ssh_port} {settings.ssh_user}@{values[0]}"
+        return {"name": node, "address": values[0], "activeRelease": values[1], "sshCommand": ssh}
+
+    return pulumi.Output.all(address, release.active_release).apply(entry)
+
+
+pulumi.export("servers", [server_entry(node, address, release) for node, address, release in zip(nodes, addresses, releases, strict=True)])

@@ -30,6 +30,17 @@ HOST_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) 
 PUBLIC_KEY_RE = HOST_KEY_RE
 
 LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
+# Hetzner network zones: a private network's subnet must be in the zone of the servers' location.
+NETWORK_ZONES = {
+    "fsn1": "eu-central",
+    "nbg1": "eu-central",
+    "hel1": "eu-central",
+    "ash": "us-east",
+    "hil": "us-west",
+    "sin": "ap-southeast",
+}
+LOAD_BALANCER_TYPE_RE = re.compile(r"^lb\d{2}$")
+MAX_SERVERS = 10
 DEPRECATED_SERVER_TYPES = frozenset(
     {"cx11", "cx21", "cx31", "cx41", "cx51", "cx22", "cx32", "cx42", "cx52"} | {"cpx11", "cpx21", "cpx31", "cpx41", "cpx51"}
 )
@@ -80,11 +91,38 @@ class Settings:
     artifact: str | None
     artifact_url: str | None
     artifact_sha256: str | None
+    hosts: tuple[str, ...] = ()
+    host_keys: Mapping[str, str] = field(default_factory=dict)
+    servers: int = 1
+    load_balancer_type: str = "lb11"
     warnings: tuple[str, ...] = ()
 
     @property
     def creates_server(self) -> bool:
-        return self.host is None
+        return self.host is None and not self.hosts
+
+    @property
+    def node_count(self) -> int:
+        """How many servers the stack deploys to: `servers` created ones, or the existing `host`/`hosts`."""
+        if self.hosts:
+            return len(self.hosts)
+        return self.servers if self.creates_server else 1
+
+    @property
+    def indexed(self) -> bool:
+        """Per-server names carry an index (`-1`, `-2`, ...): several servers, or a `hosts` list.
+
+        A one-server stack keeps the names (and URNs) it has always had.
+        """
+        return self.node_count > 1 or bool(self.hosts)
+
+    @property
+    def network_zone(self) -> str:
+        return NETWORK_ZONES[self.location]
+
+    def host_key_for(self, address: str) -> str | None:
+        """The pin for one host: its `hostKeys` entry, else `hostKey` (None: not checked)."""
+        return self.host_keys.get(address, self.host_key)
 
     @property
     def stack_env(self) -> dict[str, str]:
@@ -190,14 +228,49 @@ def _cidrs(raw: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _host(value: str | None) -> str | None:
+def _host(value: str | None, key: str = "host") -> str | None:
     if value is None:
         return None
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    return _pattern("host", value, HOSTNAME_RE, "an IPv4/IPv6 address or a DNS name (letters, digits, '-', '.')")
+    return _pattern(key, value, HOSTNAME_RE, "an IPv4/IPv6 address or a DNS name (letters, digits, '-', '.')")
+
+
+def _hosts(raw: Any) -> tuple[str, ...]:
+    """`hosts`: existing servers' addresses, each validated like `host`, no duplicates; [] is unset."""
+    if not raw:
+        return ()
+    if len(raw) > MAX_SERVERS:
+        raise _fail("hosts", f"lists {len(raw)} addresses; at most {MAX_SERVERS}")
+    out: list[str] = []
+    for item in raw:
+        if not isinstance(item, str) or not item or any(c in item for c in "\n\r\0"):
+            raise _fail("hosts", f"{item!r} is not an address (a string: IPv4/IPv6 address or DNS name)")
+        address = _host(item, "hosts")
+        assert address is not None
+        if address in out:
+            raise _fail("hosts", f"{address} is listed twice")
+        out.append(address)
+    return tuple(out)
+
+
+def _host_keys(raw: Any, hosts: tuple[str, ...]) -> dict[str, str]:
+    """`hostKeys`: a pin per address of `hosts` (address -> 'ssh-ed25519 AAAA...')."""
+    if not raw:
+        return {}
+    if not hosts:
+        raise _fail("hostKeys", "pins keys of cognivern:hosts; set cognivern:hosts, or use cognivern:hostKey for one host")
+    out: dict[str, str] = {}
+    for address, key in raw.items():
+        normalised = _host(str(address), "hostKeys")
+        if normalised not in hosts:
+            raise _fail("hostKeys", f"{address} is not one of cognivern:hosts ({', '.join(hosts)})")
+        if not isinstance(key, str):
+            raise _fail("hostKeys", f"{address}: must be a host key line 'ssh-ed25519 AAAA...'")
+        out[str(normalised)] = _pattern("hostKeys", key, HOST_KEY_RE, "the server's public host key line: 'ssh-ed25519 AAAA...'")
+    return out
 
 
 def _root(value: str) -> str:
@@ -224,16 +297,33 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
     _pattern("release", release, RELEASE_ID_RE, "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")
 
     host = _host(r.string("host"))
-    ssh_public_key = r.string("sshPublicKey")
-    if host is None and ssh_public_key is None:
+    hosts = _hosts(r.json_value("hosts", list, "a list of addresses such as ['203.0.113.7', '203.0.113.8']"))
+    if host is not None and hosts:
+        raise _fail("hosts", "set either cognivern:host (one existing server) or cognivern:hosts (several), not both")
+    servers = r.integer("servers", 1, 1, MAX_SERVERS)
+    if servers != 1 and (host is not None or hosts):
         raise _fail(
-            "sshPublicKey", "is required when the program creates the server (cognivern:host is not set): an OpenSSH public key line"
+            "servers",
+            "only counts servers the program creates; with cognivern:host/cognivern:hosts the listed addresses are the servers",
+        )
+    load_balancer_type = _pattern(
+        "loadBalancerType",
+        r.string("loadBalancerType", "lb11") or "lb11",
+        LOAD_BALANCER_TYPE_RE,
+        "a Hetzner load balancer type: lb11, lb21, lb31",
+    )
+    ssh_public_key = r.string("sshPublicKey")
+    if host is None and not hosts and ssh_public_key is None:
+        raise _fail(
+            "sshPublicKey",
+            "is required when the program creates the server (cognivern:host/hosts are not set): an OpenSSH public key line",
         )
     if ssh_public_key is not None:
         _pattern("sshPublicKey", ssh_public_key, PUBLIC_KEY_RE, "an OpenSSH public key line: 'ssh-ed25519 AAAA... comment'")
     host_key = r.string("hostKey")
     if host_key is not None:
         _pattern("hostKey", host_key, HOST_KEY_RE, "the server's public host key line: 'ssh-ed25519 AAAA...'")
+    host_keys = _host_keys(r.json_value("hostKeys", dict, "an object of address: 'ssh-ed25519 AAAA...'"), hosts)
 
     private_key = r.raw("sshPrivateKey")
     if private_key is not None and "PRIVATE KEY-----" not in private_key:
@@ -338,5 +428,9 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
         artifact=artifact,
         artifact_url=artifact_url,
         artifact_sha256=artifact_sha256,
+        hosts=hosts,
+        host_keys=host_keys,
+        servers=servers,
+        load_balancer_type=load_balancer_type,
         warnings=tuple(warnings),
     )

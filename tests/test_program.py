@@ -302,3 +302,230 @@ def test_outputs_come_from_the_activation_step() -> None:
     assert run.outputs["activeRelease"] == "v2"
     assert run.outputs["previousRelease"] == "v1"
     assert run.outputs["releases"] == state["releases"]
+
+
+# --- several servers (issue 6) -------------------------------------------------
+
+PLACEMENT = "hcloud:index/placementGroup:PlacementGroup"
+NETWORK = "hcloud:index/network:Network"
+SUBNET = "hcloud:index/networkSubnet:NetworkSubnet"
+SERVER_NETWORK = "hcloud:index/serverNetwork:ServerNetwork"
+LB = "hcloud:index/loadBalancer:LoadBalancer"
+LB_NETWORK = "hcloud:index/loadBalancerNetwork:LoadBalancerNetwork"
+LB_TARGET = "hcloud:index/loadBalancerTarget:LoadBalancerTarget"
+LB_SERVICE = "hcloud:index/loadBalancerService:LoadBalancerService"
+BALANCER_TYPES = {PLACEMENT, NETWORK, SUBNET, SERVER_NETWORK, LB, LB_NETWORK, LB_TARGET, LB_SERVICE}
+
+
+class HetznerMocks(DefaultMocks):
+    """hcloud ids are numbers (the program converts them with int()); each server its own address."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: dict[str, str] = {}
+
+    def new_resource(self, args: Any) -> tuple[str | None, dict[str, Any]]:
+        rid, outputs = super().new_resource(args)
+        if not args.typ.startswith("hcloud:"):
+            return rid, outputs
+        rid = self.ids.setdefault(args.name, str(1000 + len(self.ids)))
+        if args.typ == SERVER:
+            index = int(args.name.rsplit("-", 1)[-1]) if args.name[-1].isdigit() else 0
+            outputs.update(ipv4Address=f"203.0.113.{10 + index}", ipv6Address=f"2001:db8::{10 + index}")
+        elif args.typ == LB:
+            outputs.update(ipv4="198.51.100.80", ipv6="2001:db8:80::1")
+        return rid, outputs
+
+
+def run_servers(n: int, **extra: str) -> tuple[Any, HetznerMocks]:
+    mocks = HetznerMocks()
+    return run_program({**HETZNER, "servers": str(n), **extra}, mocks=mocks), mocks
+
+
+def test_one_server_explicitly_is_todays_stack() -> None:
+    default, explicit = run_program(HETZNER), run_program({**HETZNER, "servers": "1", "loadBalancerType": "lb21"})
+    assert sorted((r.type, r.urn) for r in explicit.registrations) == sorted((r.type, r.urn) for r in default.registrations)
+    assert not [r for r in explicit.registrations if r.type in BALANCER_TYPES]
+    assert explicit.outputs["servers"] == [
+        {"name": "cognivern-prod", "address": "203.0.113.10", "activeRelease": None, "sshCommand": "ssh -p 22 root@203.0.113.10"}
+    ]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_several_servers_sit_behind_a_load_balancer_on_a_private_network(n: int) -> None:
+    run, mocks = run_servers(n)
+    ids = mocks.ids
+    servers = sorted(run.by_type(SERVER), key=lambda r: r.name)
+    assert [s.name for s in servers] == [f"cognivern-prod-server-{i}" for i in range(1, n + 1)]
+    (group,) = run.by_type(PLACEMENT)
+    assert group.inputs["type"] == "spread"
+    firewall = run.get("cognivern-prod-firewall")
+    for server in servers:
+        assert server.inputs["placementGroupId"] == int(ids[group.name]) and group.urn in server.dependencies
+        assert server.inputs["firewallIds"] == [int(ids[firewall.name])]
+        assert server.protect and {"userData", "sshKeys"} <= set(server.ignore_changes)
+    # no public web ports: the balancer reaches the servers over the private network (not filtered)
+    rules = {(r["protocol"], r.get("port"), tuple(r["sourceIps"])) for r in firewall.inputs["rules"]}
+    assert rules == {("tcp", "22", ("198.51.100.0/24",)), ("icmp", None, ("0.0.0.0/0", "::/0"))}
+
+    (network,) = run.by_type(NETWORK)
+    (subnet,) = run.by_type(SUBNET)
+    assert network.inputs["ipRange"] == "10.0.0.0/16"
+    assert subnet.inputs == {**subnet.inputs, "networkId": int(ids[network.name]), "type": "cloud", "networkZone": "eu-central"}
+    assert subnet.inputs["ipRange"] == "10.0.1.0/24"
+    attachments = sorted(run.by_type(SERVER_NETWORK), key=lambda r: r.name)
+    assert [(a.inputs["serverId"], a.inputs["ip"]) for a in attachments] == [
+        (int(ids[f"cognivern-prod-server-{i}"]), f"10.0.1.{10 + i}") for i in range(1, n + 1)
+    ]
+    assert all(a.inputs["networkId"] == int(ids[network.name]) and subnet.urn in a.dependencies for a in attachments)
+
+    (lb,) = run.by_type(LB)
+    assert (lb.inputs["loadBalancerType"], lb.inputs["location"]) == ("lb11", "fsn1")
+    (lb_net,) = run.by_type(LB_NETWORK)
+    assert lb_net.inputs["loadBalancerId"] == int(ids[lb.name]) and lb_net.inputs["networkId"] == int(ids[network.name])
+    targets = sorted(run.by_type(LB_TARGET), key=lambda r: r.name)
+    assert len(targets) == n
+    for i, (target, attachment) in enumerate(zip(targets, attachments, strict=True), start=1):
+        assert target.inputs["type"] == "server" and target.inputs["usePrivateIp"] is True
+        assert target.inputs["serverId"] == int(ids[f"cognivern-prod-server-{i}"])
+        assert target.inputs["loadBalancerId"] == int(ids[lb.name])
+        assert {lb_net.urn, attachment.urn} <= set(target.dependencies)
+    (service,) = run.by_type(LB_SERVICE)
+    assert (service.inputs["protocol"], service.inputs["listenPort"], service.inputs["destinationPort"]) == ("http", 80, 80)
+    check = service.inputs["healthCheck"]
+    assert (check["protocol"], check["port"], check["http"]["path"]) == ("http", 80, "/health")
+    assert 1 <= check["retries"] <= 5 and 1 <= check["timeout"] < check["interval"] <= 60
+
+    # every server is prepared and released over its own public address
+    for i in range(1, n + 1):
+        for reg in run.registrations:
+            if reg.type in (COMMAND, COPY) and reg.name.startswith(f"cognivern-prod-{i}-"):
+                assert unsecret(reg.inputs["connection"])["host"] == f"203.0.113.{10 + i}", reg.name
+    assert len(run.by_type(COMMAND)) == n * (6 + 2)
+    assert run.outputs["url"] == "http://198.51.100.80/" and run.outputs["loadBalancerIpv4Address"] == "198.51.100.80"
+    assert "ipv4Address" not in run.outputs
+    assert [s["name"] for s in run.outputs["servers"]] == [f"cognivern-prod-{i}" for i in range(1, n + 1)]
+    assert [s["address"] for s in run.outputs["servers"]] == [f"203.0.113.{10 + i}" for i in range(1, n + 1)]
+
+
+@pytest.mark.parametrize(
+    ("location", "zone"), [("nbg1", "eu-central"), ("hel1", "eu-central"), ("ash", "us-east"), ("hil", "us-west"), ("sin", "ap-southeast")]
+)
+def test_the_subnet_is_in_the_locations_network_zone(location: str, zone: str) -> None:
+    run, _ = run_servers(2, location=location)
+    assert run.by_type(SUBNET)[0].inputs["networkZone"] == zone
+    assert run.by_type(LB)[0].inputs["location"] == location
+    assert {s.inputs["location"] for s in run.by_type(SERVER)} == {location}
+
+
+def test_balancer_follows_type_and_health_path_settings() -> None:
+    run, _ = run_servers(2, loadBalancerType="lb21", healthPath="/api/health", serverName="api.example.com")
+    assert run.by_type(LB)[0].inputs["loadBalancerType"] == "lb21"
+    http = run.by_type(LB_SERVICE)[0].inputs["healthCheck"]["http"]
+    assert http["path"] == "/api/health" and http["domain"] == "api.example.com"
+    assert run.outputs["url"] == "http://api.example.com/"
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_children_of_several_servers_are_named_after_their_component(n: int) -> None:
+    run, _ = run_servers(n)
+    components = {r.urn: r.name for r in run.registrations if not r.custom}
+    expected = {"cognivern-prod", "cognivern-prod-balancer"}
+    expected |= {f"cognivern-prod-{i}" for i in range(1, n + 1)} | {f"cognivern-prod-{i}-release" for i in range(1, n + 1)}
+    assert set(components.values()) == expected
+    for reg in run.registrations:
+        if reg.custom:
+            assert reg.parent in components, reg.name
+            assert reg.name.startswith(components[reg.parent] + "-"), reg.name
+
+
+def step_deps(run: Any, name: str) -> set[str]:
+    """A step's dependencies on other steps (a created server is also one: its address is in the connection)."""
+    hcloud = {r.name for r in run.registrations if r.type.startswith("hcloud:")}
+    return deps_names(run, run.get(name)) - hcloud
+
+
+def assert_rolling_order(run: Any, nodes: list[str]) -> None:
+    """Installs everywhere first (none waits for an activation); activations one server at a time, in order."""
+    installs = {f"{node}-release-install" for node in nodes}
+    activations = [f"{node}-release-activate" for node in nodes]
+    for node in nodes:
+        install_deps = step_deps(run, f"{node}-release-install")
+        assert not [d for d in install_deps if d.endswith("-activate")], (node, install_deps)
+        assert install_deps == {f"{node}-{c}" for c in ("provision", "run-script", "release-conf", "ecosystem", "env", "nginx-site")}
+    assert step_deps(run, activations[0]) == installs
+    for previous, activate, node in zip(activations, activations[1:], nodes[1:], strict=False):
+        assert step_deps(run, activate) == {f"{node}-release-install", previous}
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_activations_roll_one_server_at_a_time(n: int) -> None:
+    run, _ = run_servers(n)
+    assert_rolling_order(run, [f"cognivern-prod-{i}" for i in range(1, n + 1)])
+
+
+def test_one_server_activation_waits_for_its_install_only() -> None:
+    run = run_program(HETZNER)
+    assert step_deps(run, "cognivern-prod-release-activate") == {"cognivern-prod-release-install"}
+
+
+def test_rollback_by_config_rolls_every_server_back_in_the_same_order() -> None:
+    v2 = run_servers(3, release="v2")[0]
+    v1 = run_servers(3, release="v1")[0]
+    for i in range(1, 4):
+        for step in ("install", "activate"):
+            name = f"cognivern-prod-{i}-release-{step}"
+            assert v2.get(name).inputs["triggers"][0] == "v2" and v1.get(name).inputs["triggers"][0] == "v1"
+    assert_rolling_order(v1, [f"cognivern-prod-{i}" for i in range(1, 4)])
+
+
+def test_existing_hosts_are_each_prepared_and_released_without_hetzner() -> None:
+    other_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeHostKeyForTheSecondHost000000000000000"
+    config = {
+        "release": "v1",
+        "hosts": ["192.0.2.10", "192.0.2.11", "app3.example.com"],
+        "hostKey": KEY.rsplit(" ", 1)[0],
+        "hostKeys": {"192.0.2.11": other_key},
+    }
+    run = run_program(config)
+    assert not [r for r in run.registrations if r.type.startswith("hcloud:")]
+    nodes = [f"cognivern-prod-{i}" for i in (1, 2, 3)]
+    components = {r.name for r in run.registrations if not r.custom}
+    assert components == set(nodes) | {f"{n}-release" for n in nodes}
+    for node, address in zip(nodes, config["hosts"], strict=True):
+        for reg in run.registrations:
+            if reg.type == COMMAND and reg.name.startswith(f"{node}-"):
+                conn = unsecret(reg.inputs["connection"])
+                assert conn["host"] == address, reg.name
+                assert conn["hostKey"] == (other_key if address == "192.0.2.11" else KEY.rsplit(" ", 1)[0]), reg.name
+    assert_rolling_order(run, nodes)
+    assert run.outputs["hosts"] == config["hosts"] and "host" not in run.outputs
+    assert [s["address"] for s in run.outputs["servers"]] == config["hosts"]
+    assert run.outputs["sshCommand"] == "ssh -p 22 root@192.0.2.10"
+
+
+def test_a_single_entry_in_hosts_is_indexed() -> None:
+    run = run_program({"release": "v1", "hosts": ["192.0.2.10"]})
+    assert {r.name for r in run.registrations if not r.custom} == {"cognivern-prod-1", "cognivern-prod-1-release"}
+
+
+BAD_SEVERAL = [
+    ({**HETZNER, "servers": "0"}, "cognivern:servers: must be a whole number from 1 to 10, got 0"),
+    ({**HETZNER, "servers": "11"}, "cognivern:servers: must be a whole number from 1 to 10, got 11"),
+    ({**HETZNER, "servers": "two"}, "cognivern:servers"),
+    ({**HETZNER, "servers": "2", "loadBalancerType": "lb11;id"}, "cognivern:loadBalancerType"),
+    ({**EXISTING, "hosts": ["192.0.2.11"]}, "cognivern:hosts: set either cognivern:host"),
+    ({"release": "v1", "hosts": ["192.0.2.10", "1.2.3.4 && id"]}, "cognivern:hosts: '1.2.3.4 && id' is not allowed"),
+    ({"release": "v1", "hosts": ["192.0.2.10", "192.0.2.10"]}, "cognivern:hosts: 192.0.2.10 is listed twice"),
+    ({"release": "v1", "hosts": "192.0.2.10"}, "cognivern:hosts: must be a list"),
+    ({"release": "v1", "hosts": ["192.0.2.10"], "servers": "2"}, "cognivern:servers: only counts servers the program creates"),
+    ({"release": "v1", "hosts": ["192.0.2.10"], "hostKeys": {"192.0.2.99": KEY}}, "cognivern:hostKeys: 192.0.2.99 is not one of"),
+]
+
+
+@pytest.mark.parametrize(("config", "message"), BAD_SEVERAL)
+def test_bad_several_server_settings_fail_before_anything_registers(config: dict[str, Any], message: str) -> None:
+    recorded: list[Registration] = []
+    with pytest.raises(RunError, match=message.replace("(", r"\(").replace("|", r"\|").replace("&", "&")):
+        run_program(config, recorded=recorded)
+    assert recorded == []

@@ -106,6 +106,18 @@ BAD = [
     ({"artifactSha256": "XYZ"}, "cognivern:artifactSha256"),
     ({"artifact": "a.tgz", "artifactUrl": "https://e.com/a.tgz", "artifactSha256": "0" * 64}, "cognivern:artifact: set either"),
     ({"sshPrivateKey": "hunter2"}, "cognivern:sshPrivateKey: must be a PEM/OpenSSH private key"),
+    ({"servers": "0"}, "cognivern:servers: must be a whole number from 1 to 10, got 0"),
+    ({"servers": "11"}, "cognivern:servers: must be a whole number from 1 to 10, got 11"),
+    ({"servers": "2", "host": "192.0.2.1"}, "cognivern:servers: only counts servers the program creates"),
+    ({"loadBalancerType": "LB11"}, "cognivern:loadBalancerType: 'LB11' is not allowed"),
+    ({"hosts": '["192.0.2.1"]', "host": "192.0.2.2"}, "cognivern:hosts: set either cognivern:host"),
+    ({"hosts": '["192.0.2.1", "$(id)"]'}, "cognivern:hosts: '$(id)' is not allowed"),
+    ({"hosts": '["192.0.2.1", 7]'}, "cognivern:hosts: 7 is not an address"),
+    ({"hosts": '["2001:db8::1", "2001:DB8::1"]'}, "cognivern:hosts: 2001:db8::1 is listed twice"),
+    ({"hosts": json.dumps([f"192.0.2.{i}" for i in range(11)])}, "cognivern:hosts: lists 11 addresses; at most 10"),
+    ({"hosts": '{"a": "192.0.2.1"}'}, "cognivern:hosts: must be a list"),
+    ({"hostKeys": json.dumps({"192.0.2.1": KEY})}, "cognivern:hostKeys: pins keys of cognivern:hosts"),
+    ({"hosts": '["192.0.2.1"]', "hostKeys": '{"192.0.2.1": "AAAA"}'}, "cognivern:hostKeys: 'AAAA' is not allowed"),
 ]
 
 
@@ -134,3 +146,41 @@ def test_good_release_ids(release: str) -> None:
 @pytest.mark.parametrize("host", ["203.0.113.7", "2001:db8::7", "app.example.com"])
 def test_good_hosts(host: str) -> None:
     assert parse(host=host).host == host
+
+
+def test_one_server_by_default() -> None:
+    s = parse()
+    assert (s.servers, s.load_balancer_type, s.hosts, s.node_count, s.indexed) == (1, "lb11", (), 1, False)
+    assert parse_settings({"release": "v1", "host": "192.0.2.1"}.get).node_count == 1
+
+
+@pytest.mark.parametrize(
+    ("location", "zone"),
+    [
+        ("fsn1", "eu-central"),
+        ("nbg1", "eu-central"),
+        ("hel1", "eu-central"),
+        ("ash", "us-east"),
+        ("hil", "us-west"),
+        ("sin", "ap-southeast"),
+    ],
+)
+def test_several_created_servers_and_their_network_zone(location: str, zone: str) -> None:
+    s = parse(servers="3", location=location, loadBalancerType="lb21")
+    assert (s.creates_server, s.node_count, s.indexed, s.network_zone, s.load_balancer_type) == (True, 3, True, zone, "lb21")
+
+
+def test_existing_hosts_are_normalised_and_pinned_per_host() -> None:
+    other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeHostKeyForTheSecondHost000000000000000"
+    s = parse_settings(
+        {
+            "release": "v1",
+            "hosts": '["192.0.2.1", "2001:DB8::1", "app.example.com"]',
+            "hostKey": KEY,
+            "hostKeys": json.dumps({"2001:db8:0::1": other}),
+        }.get
+    )
+    assert s.hosts == ("192.0.2.1", "2001:db8::1", "app.example.com") and not s.creates_server
+    assert (s.node_count, s.indexed) == (3, True)
+    assert s.host_key_for("2001:db8::1") == other and s.host_key_for("192.0.2.1") == KEY
+    assert parse_settings({"release": "v1", "hosts": "[]", "sshPublicKey": KEY}.get).hosts == ()

@@ -1,5 +1,11 @@
 """A release: upload (when there is an artifact), install, then health-gated activation.
 
+Several servers roll: every server's upload and install run at once (they do not touch the
+running app), then the activations run one server at a time (`rolling_activation`): server 1's
+activate waits for every install, server i's for server i-1's activate. A failed health gate
+stops the rollout at that server (its tool has already switched it back); later servers keep the
+old release, earlier ones the new one.
+
 The release id and the artifact digest are the `triggers` of install and activate, so changing
 `cognivern:release` replaces them: the new release's commands run, the old resources are dropped
 (create-before-delete). No command has a `delete`: destroying or replacing a release resource never
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,18 +106,25 @@ def parse_state(stdout: str) -> dict[str, Any]:
 
 
 class Release(pulumi.ComponentResource):
+    """Upload and install on construction; `activate(after=...)` adds the activation.
+
+    Built with `defer_activation=True` the activation waits for `activate()`, so a rollout can
+    make it depend on other servers' steps; otherwise it is added at once (one server).
+    """
+
+    install: remote.Command
+    activation: remote.Command
     active_release: pulumi.Output[Any]
     previous_release: pulumi.Output[Any]
     releases: pulumi.Output[Any]
 
-    def __init__(self, name: str, args: ReleaseArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, name: str, args: ReleaseArgs, opts: pulumi.ResourceOptions | None = None, *, defer_activation: bool = False) -> None:
         super().__init__("cognivern:index:Release", name, {}, opts)
+        self._name = name
+        self._args = args
         a = args.artifact
-        root = ["--root", args.root]
         triggers = [args.release, a.digest]
-
-        def tool(*argv: str) -> str:
-            return tool_command(TOOL, [*root, *argv], sudo=args.sudo)
+        tool = self._tool
 
         deps = list(args.depends_on)
         if a.kind == "file":
@@ -132,7 +146,7 @@ class Release(pulumi.ComponentResource):
         else:
             install_cmd = tool("install", args.release, "-", "-")
 
-        install = remote.Command(
+        self.install = remote.Command(
             f"{name}-install",
             connection=args.connection,
             create=install_cmd,
@@ -140,16 +154,43 @@ class Release(pulumi.ComponentResource):
             add_previous_output_in_env=False,
             opts=pulumi.ResourceOptions(parent=self, depends_on=deps),
         )
+        if not defer_activation:
+            self.activate()
+
+    def _tool(self, *argv: str) -> str:
+        return tool_command(TOOL, ["--root", self._args.root, *argv], sudo=self._args.sudo)
+
+    def activate(self, after: Sequence[pulumi.Resource] = ()) -> remote.Command:
+        """The health-gated switch (then prune, then the state as JSON), after this install and `after`."""
+        args, tool = self._args, self._tool
+        if hasattr(self, "activation"):
+            raise RuntimeError(f"{self._name}: activate() called twice")
         activate = remote.Command(
-            f"{name}-activate",
+            f"{self._name}-activate",
             connection=args.connection,
             create=" && ".join([tool("activate", args.release), tool("prune", "--keep", str(args.keep_releases)), tool("list", "--json")]),
-            triggers=triggers,
+            triggers=[args.release, args.artifact.digest],
             add_previous_output_in_env=False,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[install]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.install, *[r for r in after if r is not self.install]]),
         )
+        self.activation = activate
         state = activate.stdout.apply(parse_state)
         self.active_release = state.apply(lambda st: st.get("current"))
         self.previous_release = state.apply(lambda st: st.get("previous"))
         self.releases = state.apply(lambda st: st.get("releases", []))
         self.register_outputs({"activeRelease": self.active_release, "previousRelease": self.previous_release, "releases": self.releases})
+        return activate
+
+
+def rolling_activation(releases: Sequence[Release]) -> list[remote.Command]:
+    """Activate deferred releases one server at a time, in list order.
+
+    Server 1 waits for every server's install (no server switches before all have the release);
+    server i waits for server i-1's activation, so a failed health gate stops the rollout there.
+    """
+    installs = [r.install for r in releases]
+    activations: list[remote.Command] = []
+    for index, release in enumerate(releases):
+        after: list[pulumi.Resource] = list(installs) if index == 0 else [activations[-1]]
+        activations.append(release.activate(after=after))
+    return activations
