@@ -31,3 +31,4 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.release_bench --out reports/release-bench.json
+	$(VENV)/bin/python -m bench.engine_bench --out reports/engine-bench.json

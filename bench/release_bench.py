@@ -30,11 +30,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
 from components.render import render_nginx_site
+from components.settings import Settings
 from tests.support.nginx import PrivateNginx
 from tests.support.release_host import ReleaseHost, build_release_tarball, ensure_app_user, remove_app_user
 
@@ -52,13 +53,19 @@ DOC_RETRIES, DOC_SLEEP = 5, 1  # the document's loop: 5 tries, sleep 5 s (shorte
 
 @dataclass
 class Load:
-    """CLIENTS threads doing GET /release through nginx; every non-2xx or error is a failure."""
+    """CLIENTS threads doing GET /release through nginx; every non-2xx or error is a failure.
+
+    first_seen: release -> time.monotonic() of its first good response; last_failure: when the last
+    failed request was sent (None if none). bench/engine_bench.py derives time-to-healthy from them.
+    """
 
     url: str
     ok: int = 0
     failed: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     served: dict[str, int] = field(default_factory=dict)
+    first_seen: dict[str, float] = field(default_factory=dict)
+    last_failure: float | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -66,18 +73,22 @@ class Load:
     def _client(self) -> None:
         with httpx.Client(timeout=5) as client:
             while not self._stop.is_set():
+                sent = time.monotonic()
                 try:
                     r = client.get(self.url)
                     good, what = 200 <= r.status_code < 300, f"http {r.status_code}"
                     release = r.json().get("release", "?") if good else None
                 except (httpx.HTTPError, ValueError) as exc:
                     good, what, release = False, type(exc).__name__, None
+                now = time.monotonic()
                 with self._lock:
                     if good:
                         self.ok += 1
                         self.served[str(release)] = self.served.get(str(release), 0) + 1
+                        self.first_seen.setdefault(str(release), now)
                     else:
                         self.failed += 1
+                        self.last_failure = sent
                         self.errors[what] = self.errors.get(what, 0) + 1
                 time.sleep(0.01)
 
@@ -111,10 +122,23 @@ def measure(load_url: str, action: Callable[[str], bool], release_id: str, settl
     }
 
 
+class DocHost(Protocol):
+    """What DocProcedure needs of a host: ReleaseHost here, a TargetHost view in bench/engine_bench.py."""
+
+    @property
+    def root(self) -> Path: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def settings(self) -> Settings: ...
+
+
 class DocProcedure:
     """The document's deploy on the same ROOT: ln -sfn, pm2 startOrRestart, curl loop with sleeps."""
 
-    def __init__(self, host: ReleaseHost) -> None:
+    def __init__(self, host: DocHost) -> None:
         self.host = host
         self.home = pwd.getpwnam(host.user).pw_dir
         self.pm2_home = host.root / "pm2-doc"

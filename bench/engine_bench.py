@@ -1,0 +1,370 @@
+"""Failed requests and time-to-healthy of `pulumi up` on the engine path vs the ops document's procedure.
+
+    venv/bin/python -m bench.engine_bench [--repeat 3] [--out reports/engine-bench.json]
+
+Runs as root on loopback only. The real `__main__.py` is driven by the test-only engine stand-in
+(tests/engine, `Engine.up`) over real OpenSSH against a disposable TargetHost (private sshd, private
+nginx, temp ROOT, unique app user), with the stack config and fixture artifacts built exactly as
+tests/test_scenarios.py builds them (its `Stack` is imported). The host is prepared and the base
+release deployed once ("first deploy": timed, no load); then, with 8 concurrent HTTP clients on
+GET /release through the host's nginx:
+  a  `pulumi up` of a new release (config change: release + artifact)
+  b  rollback to the base release by config alone (no artifact)
+  c  a release crashing at boot: the run fails, the base release keeps serving
+  c2 a release that fails only under PM2 (pre-flight cannot see it): the run fails after the revert
+Per run: failed requests, wall time of the engine run (start to return), and time to healthy as
+the clients see it: a/b the first response from the requested release (the fixture's /release
+names it), c/c2 when the last failed request was sent (0: never down). Install step time with a warm store comes
+from (a); the same `pulumi up` after emptying the store gives the empty-store figure (no load).
+
+The baseline, in the same run on the same host and load, is the document's procedure over the same
+SSH connection (root, same sshd and key): upload the tarball (`cat >` over ssh), unpack into
+releases/<id>, `pnpm install --prod` (as the app user, its default store), then bench/release_bench's
+DocProcedure: `ln -sfn`, `pm2 startOrRestart` of the document's ecosystem (its own PM2_HOME) and
+the curl health loop (5 tries; sleep shortened from 5 s to 1 s). Rollback (b) is the switch alone
+(the release is on the server); a broken release (c/c2) is followed at once by the document's
+manual rollback. The program's PM2 is stopped before the baseline starts. Everything started is
+stopped and the test user removed at the end (TargetHost cleanup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.release_bench import CLIENTS, DOC_RETRIES, DOC_SLEEP, DocProcedure, Load
+from components.settings import Settings
+from tests.engine import RunReport
+from tests.support.target_host import SYSTEM_PATH, TargetHost
+from tests.test_scenarios import Stack
+
+SCENARIOS = ("a", "b", "c", "c2")
+TITLES = {
+    "a": "a  new release (release+artifact)",
+    "b": "b  rollback by config alone",
+    "c": "c  broken: crashes at boot",
+    "c2": "c2 broken: fails only under PM2",
+}
+BASE = "eb-base"
+SETTLE = 1.0  # seconds of load before and after each measured command
+STEP_NAMES = ("release-upload", "release-install", "release-activate")
+
+
+@dataclass(frozen=True)
+class _DocView:
+    """The TargetHost as bench.release_bench.DocHost sees a host."""
+
+    root: Path
+    user: str
+    port: int
+    settings: Settings
+
+
+class SshDocProcedure(DocProcedure):
+    """The document's procedure, every step run over the TargetHost's SSH (root, same sshd and key).
+
+    Steps 4-6 (ln -sfn, pm2 startOrRestart, curl loop) are release_bench's DocProcedure script,
+    written into ROOT as a deploy script on the server would be; steps 1-3 (upload, unpack,
+    pnpm install --prod) are added here.
+    """
+
+    def __init__(self, target: TargetHost, settings: Settings) -> None:
+        super().__init__(_DocView(target.root, target.app_user, target.app_port, settings))
+        self.target = target
+        self.stage_script = target.root / "doc-stage.sh"
+        root, user = target.root, target.app_user
+        self.stage_script.write_text(
+            f"""#!/bin/bash
+# The document's steps 2-3 after the upload: unpack into releases/<id>, pnpm install --prod.
+# Unpacked as root (the SSH user) and handed to the app user, which runs pnpm with its own HOME.
+set -e
+mkdir "{root}/releases/$1"
+tar -xzf "{root}/incoming/doc-$1.tar.gz" --no-same-owner -C "{root}/releases/$1"
+chown -R {user}:{user} "{root}/releases/$1"
+cd "{root}/releases/$1" && runuser -u {user} -- env HOME="{self.home}" pnpm install --prod >/dev/null 2>&1
+"""
+        )
+
+    def upload(self, release_id: str, tarball: Path) -> bool:
+        dest = f"{self.target.root}/incoming/doc-{release_id}.tar.gz"
+        return self.target.run(f"cat > {dest}", tarball.read_bytes(), timeout=120).returncode == 0
+
+    def stage(self, release_id: str) -> bool:
+        return self.target.run(f"bash {self.stage_script} {release_id}", timeout=300).returncode == 0
+
+    def deploy(self, release_id: str) -> bool:
+        """Steps 4-6 only: what the document does for a release already on the server (rollback)."""
+        return self.target.run(f"bash {self.script} {release_id}", timeout=120).returncode == 0
+
+    def full(self, release_id: str, tarball: Path) -> bool:
+        """Steps 1-6: upload, unpack, install, switch, restart, health loop."""
+        return self.upload(release_id, tarball) and self.stage(release_id) and self.deploy(release_id)
+
+    def kill(self) -> None:
+        env = f"env -i HOME={self.home} PM2_HOME={self.pm2_home} PATH={SYSTEM_PATH}"
+        proc = self.target.run(f"runuser -u {self.host.user} -- {env} pm2 kill", timeout=60)
+        if proc.returncode != 0:
+            super().kill()  # sshd already gone: the same command locally
+
+
+def measure(load_url: str, action: Callable[[], dict[str, Any]], target: str, broken: bool) -> dict[str, Any]:
+    """Run `action()` under load. `target`: the release the clients should end up on."""
+    with Load(load_url) as load:
+        time.sleep(SETTLE)
+        start = time.monotonic()
+        result = action()
+        seconds = time.monotonic() - start
+        time.sleep(SETTLE)
+    last = load.last_failure
+    if broken:
+        healthy: float | None = max(0.0, last - start) if last is not None else 0.0
+    else:
+        first = load.first_seen.get(target)
+        healthy = max(0.0, first - start) if first is not None else None
+    return {
+        "seconds": round(seconds, 2),
+        "healthy_seconds": None if healthy is None else round(healthy, 2),
+        "failed": load.failed,
+        "last_failed_sent_seconds": None if last is None else round(last - start, 2),
+        "requests": load.ok + load.failed,
+        "errors": load.errors,
+        "served": load.served,
+        **result,
+    }
+
+
+def step_durations(report: RunReport) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s in report.steps:
+        short = next((n for n in STEP_NAMES if s.name.endswith(n)), None)
+        if short is not None and s.op not in ("same", "delete", "skipped"):
+            out[short.removeprefix("release-")] = round(s.duration, 2)
+    return out
+
+
+def median(values: list[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    healthy = [r["healthy_seconds"] for r in runs if r["healthy_seconds"] is not None]
+    return {
+        "median_failed": median([r["failed"] for r in runs]),
+        "median_requests": median([r["requests"] for r in runs]),
+        "median_seconds": median([r["seconds"] for r in runs]),
+        "median_healthy_seconds": median(healthy) if len(healthy) == len(runs) else None,
+        "all_commands_as_expected": all(r["command_ok"] for r in runs),
+    }
+
+
+def cell(s: dict[str, Any]) -> str:
+    healthy = "never" if s["median_healthy_seconds"] is None else f"{s['median_healthy_seconds']:.1f} s"
+    ok = "" if s["all_commands_as_expected"] else " (!)"
+    return f"{s['median_failed']:.0f} / {s['median_requests']:.0f}, {s['median_seconds']:.1f} s, {healthy}{ok}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario (medians are quoted)")
+    parser.add_argument("--out", type=Path, default=Path("reports/engine-bench.json"))
+    parser.add_argument("--max-seconds", type=int, default=1200, help="give up (and clean up) after this long")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+
+    began = time.monotonic()
+
+    def say(msg: str) -> None:
+        print(f"[engine-bench {time.monotonic() - began:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def check_budget() -> None:
+        if time.monotonic() - began > args.max_seconds:
+            raise TimeoutError(f"benchmark exceeded --max-seconds {args.max_seconds}")
+
+    results: dict[str, Any] = {
+        "engine": {s: [] for s in SCENARIOS},
+        "doc": {s: [] for s in SCENARIOS},
+        "install": {"warm": [], "fresh": []},
+    }
+    extra: dict[str, Any] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="cgv-engine-bench-"))
+    host = TargetHost()
+    doc: SshDocProcedure | None = None
+    try:
+        host.start()
+        stack = Stack(host, tmp)
+        load_url = host.nginx.url("/release")
+
+        def serving() -> str | None:
+            try:
+                return str(stack.serving()["release"])
+            except (AssertionError, httpx.HTTPError, ValueError, KeyError):
+                return None
+
+        # -- first deploy: fresh host prepared, base release live (timed once, no load)
+        artifact = stack.artifact(BASE)
+        start = time.monotonic()
+        first = stack.up(release=BASE, artifact=artifact)
+        extra["first_deploy_seconds"] = round(time.monotonic() - start, 2)
+        extra["first_deploy_steps"] = {s.name.removeprefix("cognivern-test-"): round(s.duration, 2) for s in first.steps}
+        if serving() != BASE:
+            raise RuntimeError("the base release is not serving after the first deploy")
+        start = time.monotonic()
+        noop = stack.up()
+        extra["no_change_up_seconds"] = round(time.monotonic() - start, 2)
+        if noop.commands:
+            raise RuntimeError(f"a run without changes executed commands: {noop.commands}")
+        say(f"first deploy {extra['first_deploy_seconds']} s, no-change up {extra['no_change_up_seconds']} s; nginx :{host.nginx.port}")
+
+        def engine_new(rid: str, path: str) -> Callable[[], dict[str, Any]]:
+            def action() -> dict[str, Any]:
+                report = stack.up(release=rid, artifact=path, check=False)
+                return {"command_ok": report.ok and stack.current() == rid, "steps": step_durations(report), "error": None}
+
+            return action
+
+        def engine_rollback() -> dict[str, Any]:
+            report = stack.up(release=BASE, artifact=None, check=False)
+            return {"command_ok": report.ok and stack.current() == BASE, "steps": step_durations(report), "error": None}
+
+        def engine_broken(rid: str, path: str) -> Callable[[], dict[str, Any]]:
+            def action() -> dict[str, Any]:
+                report = stack.up(release=rid, artifact=path, check=False)
+                handled = report.error is not None and stack.current() == BASE and serving() == BASE
+                err = str(report.error).splitlines()[0][:200] if report.error is not None else None
+                return {"command_ok": handled, "steps": step_durations(report), "error": err}
+
+            return action
+
+        for i in range(args.repeat):
+            check_budget()
+            rid = f"eb-new{i}"
+            r = measure(load_url, engine_new(rid, stack.artifact(rid)), rid, broken=False)
+            results["engine"]["a"].append(r)
+            if "install" in r["steps"]:
+                results["install"]["warm"].append(r["steps"]["install"])
+            say(f"engine a #{i}: {r}")
+            r = measure(load_url, engine_rollback, BASE, broken=False)
+            results["engine"]["b"].append(r)
+            say(f"engine b #{i}: {r}")
+            for key, mode in (("c", "crash"), ("c2", "crash-under-pm2")):
+                bad = f"eb-{key}-{i}"
+                r = measure(load_url, engine_broken(bad, stack.artifact(bad, mode)), BASE, broken=True)
+                results["engine"][key].append(r)
+                say(f"engine {key} #{i}: {r}")
+
+        # -- the same `pulumi up` with an empty pnpm store (no load; only the install step is quoted)
+        for i in range(args.repeat):
+            check_budget()
+            shutil.rmtree(host.root / "cache" / "pnpm-store", ignore_errors=True)
+            shutil.rmtree(host.app_home / ".cache" / "pnpm", ignore_errors=True)
+            rid = f"eb-fresh{i}"
+            report = stack.up(release=rid, artifact=stack.artifact(rid), check=False)
+            if not report.ok:
+                raise RuntimeError(f"empty-store deploy failed: {report.summary()}")
+            results["install"]["fresh"].append(step_durations(report)["install"])
+            say(f"engine install, empty store #{i}: {results['install']['fresh'][-1]} s")
+
+        # -- the document's procedure on the same host, over the same SSH, same nginx and load
+        host.kill_pm2()
+        time.sleep(0.5)
+        doc = SshDocProcedure(host, host.settings(release=BASE))
+        doc_base = "doc-base"
+        if not doc.full(doc_base, Path(stack.artifact(doc_base))):
+            raise RuntimeError("the document's procedure could not start its base release")
+        say("document procedure: base release live under its own PM2")
+
+        def doc_new(rid: str, path: Path) -> Callable[[], dict[str, Any]]:
+            def action() -> dict[str, Any]:
+                assert doc is not None
+                return {"command_ok": doc.full(rid, path)}
+
+            return action
+
+        def doc_rollback() -> dict[str, Any]:
+            assert doc is not None
+            return {"command_ok": doc.deploy(doc_base)}
+
+        def doc_broken(rid: str, path: Path) -> Callable[[], dict[str, Any]]:
+            def action() -> dict[str, Any]:
+                assert doc is not None
+                failed = not doc.full(rid, path)
+                return {"command_ok": failed and doc.deploy(doc_base)}
+
+            return action
+
+        for i in range(args.repeat):
+            check_budget()
+            rid = f"doc-new{i}"
+            r = measure(load_url, doc_new(rid, Path(stack.artifact(rid))), rid, broken=False)
+            results["doc"]["a"].append(r)
+            say(f"doc a #{i}: {r}")
+            r = measure(load_url, doc_rollback, doc_base, broken=False)
+            results["doc"]["b"].append(r)
+            say(f"doc b #{i}: {r}")
+            for key, mode in (("c", "crash"), ("c2", "crash-under-pm2")):
+                bad = f"doc-{key}-{i}"
+                r = measure(load_url, doc_broken(bad, Path(stack.artifact(bad, mode))), doc_base, broken=True)
+                results["doc"][key].append(r)
+                say(f"doc {key} #{i}: {r}")
+    finally:
+        if doc is not None:
+            doc.kill()
+        host.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = {side: {s: summarise(runs) for s, runs in results[side].items()} for side in ("engine", "doc")}
+    installs = {k: median(v) for k, v in results["install"].items()}
+    step_medians = {
+        n: median([r["steps"][n] for r in results["engine"]["a"] if n in r["steps"]]) for n in ("upload", "install", "activate")
+    }
+    out = {
+        "clients": CLIENTS,
+        "repeat": args.repeat,
+        "path": "engine stand-in (tests/engine) running __main__.py over OpenSSH against a TargetHost",
+        "doc_health_loop": {"retries": DOC_RETRIES, "sleep_seconds": DOC_SLEEP, "document_sleep_seconds": 5},
+        "healthy_seconds": "a/b: first response from the requested release after the command started; "
+        "c/c2: when the last failed request was sent, after the start (0: never down)",
+        **extra,
+        "summary": summary,
+        "engine_step_median_seconds_a": step_medians,
+        "install_median_seconds": installs,
+        "runs": results,
+        "wall_seconds": round(time.monotonic() - began, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+
+    print(
+        f"\nEngine-path benchmark: {CLIENTS} clients through the host's nginx, medians of {args.repeat} runs"
+        "\n(failed / requests, run wall time, time to healthy: a/b first response from the new release,"
+        " c/c2 last failed request sent)"
+    )
+    print(f"{'scenario':<36}| {'pulumi up (engine stand-in, SSH)':<34}| {'document procedure over SSH (sleep 1 s)':<40}")
+    print("-" * 36 + "+" + "-" * 35 + "+" + "-" * 41)
+    for s in SCENARIOS:
+        print(f"{TITLES[s]:<36}| {cell(summary['engine'][s]):<34}| {cell(summary['doc'][s]):<40}")
+    print(f"{'first deploy (prepare host + base)':<36}| {extra['first_deploy_seconds']:.1f} s (once, no load)")
+    print(f"{'up with no change':<36}| {extra['no_change_up_seconds']:.1f} s (nothing executed)")
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in step_medians.items() if v is not None)
+    print(f"{'engine steps in (a)':<36}| {steps}")
+    warm, fresh = installs["warm"], installs["fresh"]
+    print(f"{'install step, warm store':<36}| {'-' if warm is None else f'{warm:.1f} s'}")
+    print(f"{'install step, empty store (no load)':<36}| {'-' if fresh is None else f'{fresh:.1f} s'}")
+    print(f"\nJSON: {args.out}  (wall time {out['wall_seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
