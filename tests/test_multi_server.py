@@ -1,0 +1,271 @@
+"""Several servers, for real: a rolling release across two hosts behind a balancer, with no failed request.
+
+Two NetnsHosts (own network and mount namespaces, own sshd, nginx, ROOT, PM2) form one
+existing-hosts stack (`cognivern:hosts`), driven by the engine stand-in with the real program. In
+front of them a private nginx in the root namespace plays the load balancer the way Hetzner's
+does with its /health check: an upstream of both hosts' nginx with passive health (max_fails,
+fail_timeout) that retries another server on a connection error, a timeout or a 502/503/504.
+Eight clients poll /release through it during every rollout.
+
+In file order, like a stack's history: both hosts go live on v1; v2 rolls out (server 1, then
+server 2) with zero failed requests; a v3 that dies under PM2 fails server 1's health gate, which
+reverts itself, and the rollout stops there (server 2's activate never runs) while the balancer
+keeps serving v2 with zero failures; config alone rolls both back to v1, in the same order.
+The rolling release's figures (failed requests, seconds per server) are printed and written to
+reports/multi-server.json.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.engine import CommandError, Engine, RunReport, Step
+from tests.support.netns_host import SITE_PORT, NetnsHosts
+from tests.support.nginx import PrivateNginx
+from tests.support.program import REPO
+from tests.support.release_host import FIXTURE_APP, build_release_tarball
+
+SECRET_KEYS = ("sshPrivateKey", "secretEnv")
+V1, V2, V3 = "ms-v1", "ms-v2", "ms-v3"
+NODES = ("cognivern-test-1", "cognivern-test-2")
+CLIENTS = 8
+FIGURES: dict[str, Any] = {}
+
+
+def balancer_site(addresses: list[str], port: int) -> str:
+    servers = "\n".join(f"    server {a}:{SITE_PORT} max_fails=1 fail_timeout=3s;" for a in addresses)
+    return f"""upstream cognivern_pool {{
+{servers}
+    keepalive 16;
+}}
+server {{
+    listen 127.0.0.1:{port};
+    location / {{
+        proxy_pass http://cognivern_pool;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_connect_timeout 2s;
+        proxy_read_timeout 10s;
+        proxy_next_upstream error timeout http_502 http_503 http_504;
+        proxy_next_upstream_tries {len(addresses)};
+    }}
+}}
+"""
+
+
+class Stack:
+    def __init__(self, pool: NetnsHosts, balancer: PrivateNginx, tmp: Path) -> None:
+        self.pool = pool
+        self.balancer = balancer
+        self.tmp = tmp
+        self.engine = Engine(tmp / "state")
+        self.settings: dict[str, Any] = {
+            "waitReady": True,
+            "healthTimeout": 10,
+            "listenTimeoutMs": 4000,
+            "killTimeoutMs": 3000,
+            "secretEnv": {"FIXTURE_ECHO": "multi"},
+        }
+
+    def artifact(self, release: str, mode: str = "ok") -> str:
+        path, sha = build_release_tarball(self.tmp / "artifacts", release, mode)
+        path.with_name(path.name + ".sha256").write_text(f"{sha}  {path.name}\n")
+        return str(path)
+
+    def config(self, **changes: Any) -> dict[str, str]:
+        self.settings.update(changes)
+        return self.pool.config(**{k: v for k, v in self.settings.items() if v is not None})
+
+    def up(self, *, check: bool = True, **changes: Any) -> RunReport:
+        report = self.engine.up(self.config(**changes), secret_keys=SECRET_KEYS, check=check)
+        assert report.dependency_violations == []
+        return report
+
+    def through_balancer(self) -> str:
+        response = httpx.get(self.balancer.url("/release"), timeout=5)
+        assert response.status_code == 200, response.text
+        return str(response.json()["release"])
+
+    def currents(self) -> list[str | None]:
+        return [h.current() for h in self.pool.hosts]
+
+
+class Load:
+    """CLIENTS threads polling /release through the balancer (bounded: a 20 ms pause per request)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.results: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(CLIENTS)]
+
+    def _client(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self._stop.is_set():
+                try:
+                    r = client.get(self.url)
+                    got = r.json()["release"] if r.status_code == 200 else f"HTTP {r.status_code}"
+                except (httpx.HTTPError, ValueError, KeyError) as err:
+                    got = f"error {type(err).__name__}"
+                with self._lock:
+                    self.results.append((time.monotonic(), got))
+                time.sleep(0.02)
+
+    @property
+    def failures(self) -> list[str]:
+        return [got for _, got in self.results if got.startswith(("HTTP", "error"))]
+
+    def served(self) -> Counter[str]:
+        return Counter(got for _, got in self.results)
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.3)
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with NetnsHosts(2) as pool, PrivateNginx(autostart=False) as balancer:
+        (balancer.sites_enabled / "balancer.conf").write_text(balancer_site([h.address for h in pool.hosts], balancer.port))
+        balancer.start()
+        pool.seed_pnpm_store(FIXTURE_APP)  # the hosts have no route off the machine
+        yield Stack(pool, balancer, tmp_path_factory.mktemp("multi"))
+
+
+def step(report: RunReport, name: str) -> Step:
+    """The resource's operation in this run (not the deletion of a replaced resource's old copy)."""
+    found = [s for s in report.steps if s.name == name and s.op != "delete"]
+    assert len(found) == 1, report.summary()
+    return found[0]
+
+
+def index_of(report: RunReport, name: str) -> int:
+    return step(report, name).index
+
+
+def assert_rolled_in_order(report: RunReport) -> None:
+    """Every install before the first activation; server 1's activation before server 2's."""
+    installs = [index_of(report, f"{n}-release-install") for n in NODES]
+    activations = [index_of(report, f"{n}-release-activate") for n in NODES]
+    assert max(installs) < activations[0] < activations[1], report.summary()
+
+
+def test_01_both_hosts_go_live_on_v1(stack: Stack) -> None:
+    report = stack.up(release=V1, artifact=stack.artifact(V1))
+    assert set(report.ops().values()) == {"create"}, report.summary()
+    assert_rolled_in_order(report)
+    assert stack.currents() == [V1, V1]
+    assert [s["activeRelease"] for s in report.outputs["servers"]] == [V1, V1]
+    assert [s["address"] for s in report.outputs["servers"]] == [h.address for h in stack.pool.hosts]
+    # each host serves on its own (the binds give each its own ROOT and PM2)
+    for host in stack.pool.hosts:
+        assert httpx.get(host.url("/health"), timeout=5).json()["status"] == "ok"
+        assert (host.home / ".pm2" / "pm2.pid").exists()
+    assert stack.through_balancer() == V1
+
+
+def test_02_a_rolling_release_fails_no_request(stack: Stack) -> None:
+    artifact = stack.artifact(V2)
+    with Load(stack.balancer.url("/release")) as load:
+        started = time.monotonic()
+        report = stack.up(release=V2, artifact=artifact)
+        elapsed = time.monotonic() - started
+    assert_rolled_in_order(report)
+    assert stack.currents() == [V2, V2]
+    assert [s["activeRelease"] for s in report.outputs["servers"]] == [V2, V2]
+    assert report.outputs["activeRelease"] == V2 and report.outputs["previousRelease"] == V1
+    served = load.served()
+    figures = {
+        "clients": CLIENTS,
+        "requests": len(load.results),
+        "failed": len(load.failures),
+        "served": dict(served),
+        "run_seconds": round(elapsed, 2),
+        "per_server": {
+            n: {
+                "upload_install_seconds": round(
+                    step(report, f"{n}-release-upload").duration + step(report, f"{n}-release-install").duration, 2
+                ),
+                "activate_seconds": round(step(report, f"{n}-release-activate").duration, 2),
+            }
+            for n in NODES
+        },
+    }
+    FIGURES["rolling_release"] = figures
+    print("\nrolling release:", json.dumps(figures))
+    assert load.failures == [], figures
+    assert served[V1] > 0 and served[V2] > 0 and set(served) == {V1, V2}, figures
+    # once server 2 switched, nothing old is served any more
+    assert stack.through_balancer() == V2
+
+
+def test_03_a_broken_release_stops_at_the_first_server(stack: Stack) -> None:
+    artifact = stack.artifact(V3, mode="crash-under-pm2")  # boots in pre-flight, dies under PM2: the health gate fails
+    log_before = stack.balancer.error_log.read_text() if stack.balancer.error_log.exists() else ""
+    with Load(stack.balancer.url("/release")) as load:
+        report = stack.up(release=V3, artifact=artifact, check=False)
+    assert isinstance(report.error, CommandError), report.summary()
+    ops = report.ops()
+    assert [ops[f"{n}-release-install"] for n in NODES] == ["replace", "replace"]  # installed everywhere first
+    assert ops[f"{NODES[0]}-release-activate"] == "failed"
+    assert ops.get(f"{NODES[1]}-release-activate") in (None, "skipped"), report.summary()  # never ran
+    assert not [c for c in report.commands if "activate" in c and str(stack.pool.hosts[1].address) in c]
+    # server 1 reverted itself; server 2 never switched: both serve v2
+    assert stack.currents() == [V2, V2]
+    first, second = (h.releases() for h in stack.pool.hosts)
+    assert first[V3] == "bad" and second[V3] == "installed"
+    log = stack.balancer.error_log.read_text()[len(log_before) :]
+    retried = sum(1 for line in log.splitlines() if stack.pool.hosts[0].address in line)
+    FIGURES["broken_release"] = {
+        "requests": len(load.results),
+        "failed": len(load.failures),
+        "served": dict(load.served()),
+        "balancer_log_lines_about_server_1": retried,  # 502s from server 1 the balancer retried on server 2
+    }
+    print("\nbroken release:", json.dumps(FIGURES["broken_release"]))
+    assert load.failures == [] and set(load.served()) == {V2}, FIGURES["broken_release"]
+    # the state keeps server 2's old activation: the next run activates both again, in order
+    state = {r["name"]: r for r in stack.engine.state()["resources"].values()}
+    assert state[f"{NODES[1]}-release-activate"]["inputs"]["triggers"][0] == V2
+
+
+def test_04_config_alone_rolls_every_server_back_in_order(stack: Stack) -> None:
+    with Load(stack.balancer.url("/release")) as load:
+        report = stack.up(release=V1, artifact=None)
+    assert_rolled_in_order(report)
+    assert stack.currents() == [V1, V1]
+    assert [s["activeRelease"] for s in report.outputs["servers"]] == [V1, V1]
+    FIGURES["rollback"] = {
+        "requests": len(load.results),
+        "failed": len(load.failures),
+        "activate_seconds": {n: round(step(report, f"{n}-release-activate").duration, 2) for n in NODES},
+    }
+    print("\nrollback:", json.dumps(FIGURES["rollback"]))
+    assert load.failures == [], FIGURES["rollback"]
+    assert stack.through_balancer() == V1
+
+
+def test_05_figures_are_kept() -> None:
+    assert "rolling_release" in FIGURES, "run the whole file: the figures come from test_02"
+    out = REPO / "reports" / "multi-server.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(FIGURES, indent=1) + "\n")
