@@ -1,7 +1,9 @@
 """Render the files the host receives from the templates beside each component.
 
 Templates use `{{ name }}` placeholders (nginx's own `$vars` stay untouched); every placeholder
-must be supplied and every supplied value used, so a typo fails loudly at render time.
+must be supplied and every supplied value used, so a typo fails loudly at render time. A line that
+holds nothing but one placeholder disappears (newline included) when that value is empty, so an
+optional section leaves no trace in the output.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from components.settings import Settings
@@ -20,6 +22,7 @@ SERVER_DIR = HERE / "server"
 RELEASE_DIR = HERE / "release"
 
 _PLACEHOLDER = re.compile(r"\{\{ ([a-z_]+) \}\}")
+_PLACEHOLDER_LINE = re.compile(r"^[ \t]*\{\{ ([a-z_]+) \}\}[ \t]*\n", re.MULTILINE)
 AGENT_NAME = "forecasting-agent"
 AGENT_SCRIPT = "./dist/services/AutomatedForecastingService.js"
 
@@ -30,6 +33,7 @@ def render_template(path: Path, values: Mapping[str, str]) -> str:
     missing, unused = wanted - set(values), set(values) - wanted
     if missing or unused:
         raise ValueError(f"{path.name}: missing {sorted(missing)}, unused {sorted(unused)}")
+    text = _PLACEHOLDER_LINE.sub(lambda m: "" if values[m.group(1)] == "" else m.group(0), text)
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
 
 
@@ -83,13 +87,76 @@ def render_ecosystem(s: Settings) -> str:
     )
 
 
-def render_nginx_site(s: Settings) -> str:
+# Single-server TLS (tls.sh): where certbot keeps certificates and answers http-01 challenges on the
+# server, and where the HTTPS site listens. Tests render with their own (temporary) paths.
+LETSENCRYPT_DIR = "/etc/letsencrypt"
+ACME_WEBROOT = "/var/www/letsencrypt"
+HTTPS_LISTEN = ("443", "[::]:443")
+HSTS_MAX_AGE = 31536000  # one year (at least six months is expected of HSTS)
+
+_ACME_CHALLENGE = """
+    # ACME http-01 challenges (certbot --webroot, run by tls.sh): always answered here over plain HTTP.
+    # Everything else redirects to HTTPS once tls.sh has installed the certificate and the HTTPS site:
+    # it then creates snippets/{name}.https-redirect.conf (`return 301 https://$host$request_uri;`);
+    # until then the include below matches nothing (the [.] glob) and the site keeps proxying.
+    location ^~ /.well-known/acme-challenge/ {{
+        root {webroot};
+        default_type text/plain;
+        try_files $uri =404;
+    }}"""
+
+
+def site_file_name(app_name: str) -> str:
+    """The nginx site file name (nginx-site.sh / tls.sh `--name`): same rule as components.host.site_name."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", app_name)
+
+
+def https_redirect_snippet(name: str) -> str:
+    """The include (relative to nginx.conf's directory) that tls.sh fills once HTTPS serves."""
+    return f"snippets/{name}.https-redirect.conf"
+
+
+def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: str = ACME_WEBROOT) -> str:
+    """The HTTP site. Without a domain: exactly as before TLS existed. With one (TLS mode): plus the
+    ACME challenge location and, in every other location, the include that tls.sh turns into a 301."""
     site = re.sub(r"[^A-Za-z0-9_]", "_", s.app_name)
     default = " default_server" if s.server_name == "_" else ""
     listen = "\n".join(f"    listen {item}{default};" for item in s.nginx_listen)
+    acme, redirect = "", ""
+    if domain is not None:
+        name = site_file_name(s.app_name)
+        acme = _ACME_CHALLENGE.format(name=name, webroot=acme_webroot)
+        redirect = f"        include {https_redirect_snippet(name).removesuffix('.conf')}[.]conf;"
     return render_template(
         HOST_DIR / "nginx-site.conf",
-        {"site_name": site, "port": str(s.port), "server_name": s.server_name, "listen": listen},
+        {
+            "site_name": site,
+            "port": str(s.port),
+            "server_name": s.server_name,
+            "listen": listen,
+            "acme_challenge": acme,
+            "https_redirect": redirect,
+        },
+    )
+
+
+def render_nginx_tls_site(
+    s: Settings,
+    domain: str,
+    *,
+    https_listen: Sequence[str] = HTTPS_LISTEN,
+    letsencrypt_dir: str = LETSENCRYPT_DIR,
+    http2: bool = True,
+    hsts_include_subdomains: bool = False,
+) -> str:
+    """The HTTPS server block tls.sh installs (stdin) once `letsencrypt_dir/live/<domain>/` exists."""
+    site = re.sub(r"[^A-Za-z0-9_]", "_", s.app_name)
+    params = " ssl http2" if http2 else " ssl"
+    listen = "\n".join(f"    listen {item}{params};" for item in https_listen)
+    hsts = f"max-age={HSTS_MAX_AGE}" + ("; includeSubDomains" if hsts_include_subdomains else "")
+    return render_template(
+        HOST_DIR / "nginx-tls.conf",
+        {"site_name": site, "domain": domain, "listen": listen, "cert_dir": f"{letsencrypt_dir}/live/{domain}", "hsts": hsts},
     )
 
 

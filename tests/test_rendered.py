@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from components.render import AGENT_NAME, HOST_DIR, render_ecosystem, render_nginx_site
+from components.render import (
+    AGENT_NAME,
+    HOST_DIR,
+    https_redirect_snippet,
+    render_ecosystem,
+    render_nginx_site,
+    render_nginx_tls_site,
+    site_file_name,
+)
 from components.settings import Settings, parse_settings
 from tests.support.nginx import PrivateNginx
 
@@ -58,6 +66,78 @@ def test_nginx_site_passes_nginx_t(nginx: PrivateNginx, values: dict[str, object
 def test_nginx_t_catches_a_broken_site(nginx: PrivateNginx) -> None:
     (nginx.sites_enabled / "site.conf").write_text(render_nginx_site(settings()).replace("keepalive 32;", "keepalive;"))
     assert nginx.test_config().returncode != 0
+
+
+@pytest.fixture
+def letsencrypt(tmp_path: Path) -> Path:
+    """A certbot-like config dir with a self-signed certificate for every domain the TLS tests use."""
+    for domain in ("api.example.com", "app.example.org"):
+        live = tmp_path / "letsencrypt" / "live" / domain
+        live.mkdir(parents=True)
+        subprocess.run(
+            [
+                *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"),
+                *("-subj", f"/CN={domain}", "-addext", f"subjectAltName=DNS:{domain}"),
+                *("-keyout", str(live / "privkey.pem"), "-out", str(live / "fullchain.pem")),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return tmp_path / "letsencrypt"
+
+
+@pytest.mark.parametrize(
+    ("values", "domain", "tls_options"),
+    [
+        ({}, "api.example.com", {}),
+        ({"serverName": "api.example.com", "nginxListen": ["127.0.0.1:8080", "[::1]:8080"]}, "api.example.com", {"http2": False}),
+        ({"appName": "cognivern.agent-2", "port": "4000"}, "app.example.org", {"hsts_include_subdomains": True}),
+    ],
+    ids=["defaults", "named-server-no-http2", "dotted-app-name-subdomains"],
+)
+@pytest.mark.parametrize("https_live", [False, True], ids=["before-certificate", "https-live"])
+def test_tls_sites_pass_nginx_t(
+    nginx: PrivateNginx, letsencrypt: Path, values: dict[str, object], domain: str, tls_options: dict[str, bool], https_live: bool
+) -> None:
+    """The TLS-mode HTTP site alone (before the certificate), then with the HTTPS block and redirect snippet tls.sh adds."""
+    s = settings(**values)
+    name = site_file_name(s.app_name)
+    http = render_nginx_site(s, domain=domain, acme_webroot="/var/www/letsencrypt")
+    (nginx.sites_enabled / f"{name}.conf").write_text(http)
+    assert "location ^~ /.well-known/acme-challenge/ {" in http and "root /var/www/letsencrypt;" in http
+    assert http.count(f"include {https_redirect_snippet(name).removesuffix('.conf')}[.]conf;") == 2
+    if https_live:
+        https = render_nginx_tls_site(
+            s,
+            domain,
+            letsencrypt_dir=str(letsencrypt),
+            http2=tls_options.get("http2", True),
+            hsts_include_subdomains=tls_options.get("hsts_include_subdomains", False),
+        )
+        (nginx.sites_enabled / f"{name}.tls.conf").write_text(https)
+        snippet = nginx.prefix / https_redirect_snippet(name)
+        snippet.parent.mkdir()
+        snippet.write_text("return 301 https://$host$request_uri;\n")
+        assert ("http2;" in https) == tls_options.get("http2", True)
+        assert "ssl_protocols TLSv1.2 TLSv1.3;" in https and "preload" not in https
+        assert ("includeSubDomains" in https) == tls_options.get("hsts_include_subdomains", False)
+    result = nginx.test_config()
+    assert result.returncode == 0, result.stderr
+
+
+def test_http_site_without_domain_has_no_tls_parts() -> None:
+    text = render_nginx_site(settings())
+    assert text == render_nginx_site(settings(), domain=None)
+    assert "acme-challenge" not in text and "include" not in text and "\n\n\n" not in text
+
+
+def test_tls_site_without_certificate_fails_nginx_t(nginx: PrivateNginx, tmp_path: Path) -> None:
+    """Why tls.sh installs the HTTPS block only after certbot succeeded."""
+    s = settings()
+    (nginx.sites_enabled / "site.conf").write_text(render_nginx_site(s, domain="api.example.com"))
+    (nginx.sites_enabled / "site.tls.conf").write_text(render_nginx_tls_site(s, "api.example.com", letsencrypt_dir=str(tmp_path)))
+    result = nginx.test_config()
+    assert result.returncode != 0 and "fullchain.pem" in result.stderr
 
 
 def node_apps(tmp_path: Path, text: str) -> list[dict[str, object]]:
