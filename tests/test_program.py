@@ -529,3 +529,22 @@ def test_bad_several_server_settings_fail_before_anything_registers(config: dict
     with pytest.raises(RunError, match=message.replace("(", r"\(").replace("|", r"\|").replace("&", "&")):
         run_program(config, recorded=recorded)
     assert recorded == []
+
+
+def test_growing_a_one_server_stack_keeps_its_server() -> None:
+    """Server 1 of several carries an alias to the one-server name, so it is not replaced (URN moves, resource stays)."""
+    from unittest import mock
+
+    from tests.support import program as program_module
+
+    aliases: dict[str, list[str]] = {}
+
+    class AliasMonitor(program_module.RecordingMonitor):
+        def RegisterResource(self, request: Any) -> Any:  # noqa: N802 (gRPC name)
+            aliases[request.name] = [str(a) for a in request.aliases]
+            return super().RegisterResource(request)
+
+    with mock.patch.object(program_module, "RecordingMonitor", AliasMonitor):
+        run_program({**HETZNER, "servers": "2"}, mocks=HetznerMocks())
+    assert any("cognivern-prod-server" in a and "server-1" not in a for a in aliases["cognivern-prod-server-1"]), aliases
+    assert not aliases["cognivern-prod-server-2"]
