@@ -65,6 +65,7 @@ if settings.creates_server:
                 labels=labels,
                 protect=settings.protect,
                 domain=settings.server_name if settings.server_name != "_" else None,
+                tls_domain=settings.domain,
             ),
         )
         public_address = balancer.ipv4_address
@@ -122,8 +123,11 @@ for node, address in zip(nodes, addresses, strict=True):
 rolling_activation(releases)
 
 first = releases[0]
-web_host = settings.server_name if settings.server_name != "_" else public_address
-pulumi.export("url", pulumi.Output.concat("http://", web_host, "/"))
+if settings.domain is not None:
+    pulumi.export("url", f"https://{settings.domain}/")
+else:
+    web_host = settings.server_name if settings.server_name != "_" else public_address
+    pulumi.export("url", pulumi.Output.concat("http://", web_host, "/"))
 pulumi.export("sshCommand", pulumi.Output.concat("ssh -p ", str(settings.ssh_port), " ", settings.ssh_user, "@", addresses[0]))
 pulumi.export("activeRelease", first.active_release)
 pulumi.export("previousRelease", first.previous_release)

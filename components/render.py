@@ -116,9 +116,10 @@ def https_redirect_snippet(name: str) -> str:
     return f"snippets/{name}.https-redirect.conf"
 
 
-def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: str = ACME_WEBROOT) -> str:
+def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: str = ACME_WEBROOT, hsts: bool = False) -> str:
     """The HTTP site. Without a domain: exactly as before TLS existed. With one (TLS mode): plus the
-    ACME challenge location and, in every other location, the include that tls.sh turns into a 301."""
+    ACME challenge location and, in every other location, the include that tls.sh turns into a 301.
+    `hsts`: behind a balancer that terminates TLS (and redirects HTTP), the app's answers carry HSTS."""
     site = re.sub(r"[^A-Za-z0-9_]", "_", s.app_name)
     default = " default_server" if s.server_name == "_" else ""
     listen = "\n".join(f"    listen {item}{default};" for item in s.nginx_listen)
@@ -136,6 +137,8 @@ def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: s
             "listen": listen,
             "acme_challenge": acme,
             "https_redirect": redirect,
+            "health_path": s.health_path,
+            "hsts": f'        add_header Strict-Transport-Security "max-age={HSTS_MAX_AGE}" always;' if hsts else "",
         },
     )
 
@@ -156,7 +159,14 @@ def render_nginx_tls_site(
     hsts = f"max-age={HSTS_MAX_AGE}" + ("; includeSubDomains" if hsts_include_subdomains else "")
     return render_template(
         HOST_DIR / "nginx-tls.conf",
-        {"site_name": site, "domain": domain, "listen": listen, "cert_dir": f"{letsencrypt_dir}/live/{domain}", "hsts": hsts},
+        {
+            "site_name": site,
+            "domain": domain,
+            "listen": listen,
+            "cert_dir": f"{letsencrypt_dir}/live/{domain}",
+            "hsts": hsts,
+            "health_path": s.health_path,
+        },
     )
 
 

@@ -26,6 +26,11 @@ LISTEN_RE = re.compile(r"^((\d{1,3}(\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):)?\d{1,5}$
 SERVER_TYPE_RE = re.compile(r"^[a-z]{2,4}\d{1,3}$")
 IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)+{_LABEL}$")
+EMAIL_RE = re.compile(rf"^(?=.{{1,254}}$)[A-Za-z0-9._%+-]+@({_LABEL}\.)+{_LABEL}$")
+ACME_SERVER_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/%+-]*)?$")
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 HOST_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( [^\n]*)?$")
 PUBLIC_KEY_RE = HOST_KEY_RE
 
@@ -95,6 +100,9 @@ class Settings:
     host_keys: Mapping[str, str] = field(default_factory=dict)
     servers: int = 1
     load_balancer_type: str = "lb11"
+    domain: str | None = None
+    acme_email: str | None = None
+    acme_server: str = LETS_ENCRYPT
     warnings: tuple[str, ...] = ()
 
     @property
@@ -115,6 +123,15 @@ class Settings:
         A one-server stack keeps the names (and URNs) it has always had.
         """
         return self.node_count > 1 or bool(self.hosts)
+
+    @property
+    def certbot_tls(self) -> bool:
+        """One server with a domain: certbot on the server terminates TLS (several: the balancer does)."""
+        return self.domain is not None and self.node_count == 1
+
+    @property
+    def balancer_tls(self) -> bool:
+        return self.domain is not None and self.creates_server and self.servers > 1
 
     @property
     def network_zone(self) -> str:
@@ -376,6 +393,26 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
     if artifact is not None and artifact_url is not None:
         raise _fail("artifact", "set either cognivern:artifact (a local file) or cognivern:artifactUrl, not both")
 
+    domain = r.string("domain")
+    acme_email = r.string("acmeEmail")
+    acme_server = r.string("acmeServer", LETS_ENCRYPT) or LETS_ENCRYPT
+    _pattern(
+        "acmeServer",
+        acme_server,
+        ACME_SERVER_RE,
+        "an https:// ACME directory URL (Let's Encrypt staging: https://acme-staging-v02.api.letsencrypt.org/directory)",
+    )
+    if domain is not None:
+        _pattern("domain", domain, DOMAIN_RE, "a lowercase DNS name such as api.example.com (no wildcard, IP address or trailing dot)")
+        if hosts:
+            raise _fail("domain", "with cognivern:hosts (several existing servers) terminate TLS on your own balancer; leave domain unset")
+        if servers == 1 and acme_email is None:
+            raise _fail("acmeEmail", "is required with cognivern:domain on one server (Let's Encrypt account e-mail)")
+    elif acme_email is not None or acme_server != LETS_ENCRYPT:
+        warnings.append(f"{NAMESPACE}:acmeEmail/acmeServer have no effect without {NAMESPACE}:domain")
+    if acme_email is not None:
+        _pattern("acmeEmail", acme_email, EMAIL_RE, "an e-mail address such as ops@example.com")
+
     app_user = _pattern(
         "appUser",
         r.string("appUser", "cognivern") or "cognivern",
@@ -432,5 +469,8 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
         host_keys=host_keys,
         servers=servers,
         load_balancer_type=load_balancer_type,
+        domain=domain,
+        acme_email=acme_email,
+        acme_server=acme_server,
         warnings=tuple(warnings),
     )

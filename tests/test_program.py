@@ -548,3 +548,76 @@ def test_growing_a_one_server_stack_keeps_its_server() -> None:
         run_program({**HETZNER, "servers": "2"}, mocks=HetznerMocks())
     assert any("cognivern-prod-server" in a and "server-1" not in a for a in aliases["cognivern-prod-server-1"]), aliases
     assert not aliases["cognivern-prod-server-2"]
+
+
+# --- HTTPS ----------------------------------------------------------------------
+
+TLS = {"domain": "api.example.com", "acmeEmail": "ops@example.com"}
+
+
+def test_one_server_with_a_domain_gets_a_certbot_step_after_the_http_site() -> None:
+    run = run_program({**EXISTING, **TLS, "acmeServer": "https://acme.test:14000/dir"})
+    tls = run.get("cognivern-prod-tls")
+    assert tls.inputs["create"].startswith("bash -c '#!/usr/bin/env bash")
+    assert tls.inputs["create"].endswith(
+        " tls --name cognivern-agent --domain api.example.com --email ops@example.com --server https://acme.test:14000/dir"
+    )
+    assert deps_names(run, tls) == {"cognivern-prod-nginx-site"}
+    assert "ssl_certificate /etc/letsencrypt/live/api.example.com/fullchain.pem;" in tls.inputs["stdin"]
+    assert "Strict-Transport-Security" in tls.inputs["stdin"]
+    assert "/.well-known/acme-challenge/" in run.get("cognivern-prod-nginx-site").inputs["stdin"]
+    # a Let's Encrypt outage must not hold back releases: the release does not wait for the certificate
+    assert "cognivern-prod-tls" not in deps_names(run, run.get("cognivern-prod-release-install"))
+    assert run.outputs["url"] == "https://api.example.com/"
+
+
+def test_without_a_domain_there_is_no_tls_step_and_the_site_is_unchanged() -> None:
+    run = run_program(EXISTING)
+    assert "cognivern-prod-tls" not in run.names
+    site = run.get("cognivern-prod-nginx-site").inputs["stdin"]
+    assert "acme-challenge" not in site and "Strict-Transport-Security" not in site and "location = /health {" in site
+
+
+def test_several_servers_terminate_tls_on_the_balancer_with_a_managed_certificate() -> None:
+    run, _ = run_servers(2, domain="api.example.com")
+    assert not [n for n in run.names if n.endswith("-tls")]
+    cert = run.get("cognivern-prod-balancer-certificate")
+    assert cert.type == "hcloud:index/managedCertificate:ManagedCertificate" and cert.inputs["domainNames"] == ["api.example.com"]
+    services = run.by_type("hcloud:index/loadBalancerService:LoadBalancerService")
+    assert [s.name for s in services] == ["cognivern-prod-balancer-https"]
+    https = services[0].inputs
+    assert (https["protocol"], https["listenPort"], https["destinationPort"]) == ("https", 443, 80)
+    assert https["http"]["redirectHttp"] is True and len(https["http"]["certificates"]) == 1
+    assert https["healthCheck"]["http"]["path"] == "/health"
+    for index in (1, 2):
+        assert "Strict-Transport-Security" in run.get(f"cognivern-prod-{index}-nginx-site").inputs["stdin"]
+    assert run.outputs["url"] == "https://api.example.com/"
+
+
+def test_custom_health_path_is_proxied_as_the_health_location() -> None:
+    run = run_program({**EXISTING, "healthPath": "/api/healthz"})
+    assert "location = /api/healthz {" in run.get("cognivern-prod-nginx-site").inputs["stdin"]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({**EXISTING, "domain": "api.example.com"}, "cognivern:acmeEmail: is required"),
+        ({**EXISTING, **TLS, "domain": "API.example.com"}, "cognivern:domain"),
+        ({**EXISTING, **TLS, "domain": "*.example.com"}, "cognivern:domain"),
+        ({**EXISTING, **TLS, "acmeEmail": "ops@;id"}, "cognivern:acmeEmail"),
+        ({**EXISTING, **TLS, "acmeServer": "http://acme.example.com/dir"}, "cognivern:acmeServer"),
+        ({"release": "v1", "hosts": ["192.0.2.10", "192.0.2.11"], **TLS}, "cognivern:domain: with cognivern:hosts"),
+    ],
+    ids=["no-email", "uppercase", "wildcard", "bad-email", "plain-http-acme", "hosts"],
+)
+def test_bad_tls_settings_fail_before_anything_registers(config: dict[str, Any], message: str) -> None:
+    recorded: list[Registration] = []
+    with pytest.raises(RunError, match=message):
+        run_program(config, recorded=recorded)
+    assert recorded == []
+
+
+def test_acme_settings_without_a_domain_warn() -> None:
+    run = run_program({**EXISTING, "acmeEmail": "ops@example.com"})
+    assert any("have no effect without cognivern:domain" in w for w in run.warnings)

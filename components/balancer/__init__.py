@@ -44,6 +44,7 @@ class BalancerArgs:
     labels: dict[str, str]
     protect: bool
     domain: str | None = None  # Host header of the health check (nginx server_name), None: the target's address
+    tls_domain: str | None = None  # HTTPS on the balancer with a Hetzner managed certificate; HTTP redirects to it
 
 
 class Balancer(pulumi.ComponentResource):
@@ -109,22 +110,38 @@ class Balancer(pulumi.ComponentResource):
                 # over the private network: both ends must be attached first
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[lb_network, attachment]),
             )
-        hcloud.LoadBalancerService(
-            f"{name}-http",
-            load_balancer_id=balancer.id,
+        health_check = hcloud.LoadBalancerServiceHealthCheckArgs(
             protocol="http",
-            listen_port=80,
-            destination_port=80,
-            health_check=hcloud.LoadBalancerServiceHealthCheckArgs(
-                protocol="http",
-                port=80,
-                interval=HEALTH_INTERVAL,
-                timeout=HEALTH_TIMEOUT,
-                retries=HEALTH_RETRIES,
-                http=hcloud.LoadBalancerServiceHealthCheckHttpArgs(path=args.health_path, domain=args.domain, status_codes=["2??"]),
-            ),
-            opts=child,
+            port=80,
+            interval=HEALTH_INTERVAL,
+            timeout=HEALTH_TIMEOUT,
+            retries=HEALTH_RETRIES,
+            http=hcloud.LoadBalancerServiceHealthCheckHttpArgs(path=args.health_path, domain=args.domain, status_codes=["2??"]),
         )
+        if args.tls_domain is None:
+            hcloud.LoadBalancerService(
+                f"{name}-http",
+                load_balancer_id=balancer.id,
+                protocol="http",
+                listen_port=80,
+                destination_port=80,
+                health_check=health_check,
+                opts=child,
+            )
+        else:
+            # Hetzner issues and renews the certificate (Let's Encrypt) once DNS points at the balancer;
+            # redirect_http answers port 80 with a redirect, so there is no plain-HTTP service.
+            certificate = hcloud.ManagedCertificate(f"{name}-certificate", domain_names=[args.tls_domain], labels=args.labels, opts=child)
+            hcloud.LoadBalancerService(
+                f"{name}-https",
+                load_balancer_id=balancer.id,
+                protocol="https",
+                listen_port=443,
+                destination_port=80,
+                http=hcloud.LoadBalancerServiceHttpArgs(certificates=[certificate.id.apply(int)], redirect_http=True),
+                health_check=health_check,
+                opts=child,
+            )
         self.ipv4_address = balancer.ipv4
         self.ipv6_address = balancer.ipv6
         self.register_outputs({"ipv4Address": self.ipv4_address, "ipv6Address": self.ipv6_address, "privateIps": self.private_ips})

@@ -15,13 +15,21 @@ import pulumi
 from pulumi_command import remote
 
 from components.remote import script_command
-from components.render import RELEASE_DIR, render_ecosystem, render_env, render_nginx_site, render_release_conf
+from components.render import (
+    RELEASE_DIR,
+    render_ecosystem,
+    render_env,
+    render_nginx_site,
+    render_nginx_tls_site,
+    render_release_conf,
+)
 from components.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 PROVISION = HERE / "provision.sh"
 PUT_FILE = HERE / "put-file.sh"
 NGINX_SITE = HERE / "nginx-site.sh"
+TLS = HERE / "tls.sh"
 RUN_SH = HERE / "run.sh"
 RELEASE_TOOL = RELEASE_DIR / "cognivern-release.sh"
 
@@ -103,9 +111,20 @@ class Host(pulumi.ComponentResource):
             reload=True,
             secret=True,
         )
+        site = site_name(s.app_name)
+        tls_domain = s.domain if s.certbot_tls else None
         nginx = command(
-            "nginx-site", script_command(NGINX_SITE, ["--name", site_name(s.app_name)], sudo=sudo), render_nginx_site(s), [provision]
+            "nginx-site",
+            script_command(NGINX_SITE, ["--name", site], sudo=sudo),
+            render_nginx_site(s, domain=tls_domain, hsts=s.balancer_tls),
+            [provision],
         )
+        if tls_domain is not None:
+            # After the HTTP site (its ACME challenge location must be live). Not part of `ready`: the
+            # health gate uses 127.0.0.1, so a Let's Encrypt outage never holds back a release.
+            assert s.acme_email is not None
+            argv = ["--name", site, "--domain", tls_domain, "--email", s.acme_email, "--server", s.acme_server]
+            command("tls", script_command(TLS, argv, sudo=sudo), render_nginx_tls_site(s, tls_domain), [nginx])
 
         self.ready = [provision, run_script, release_conf, ecosystem, env, nginx]
         self.register_outputs({})
