@@ -219,6 +219,28 @@ def test_reactivating_current_and_reload_are_idempotent(host: ReleaseHost) -> No
     assert host.serving_release() == "r1"
 
 
+def daemon_environ(host: ReleaseHost) -> tuple[int, list[bytes]]:
+    pid = int((host.pm2_home / "pm2.pid").read_text())
+    return pid, Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+def test_pm2_daemon_lets_workers_accept_connections_themselves(host: ReleaseHost) -> None:
+    """Round-robin in PM2's daemon (the cluster primary) stalls requests handed to exiting workers."""
+    _, environ = daemon_environ(host)
+    assert b"NODE_CLUSTER_SCHED_POLICY=none" in environ
+    # a daemon started without it (before this fix, or by hand) is replaced once by run.sh
+    host.pm2("kill")
+    host.pm2("ping")
+    old_pid, environ = daemon_environ(host)
+    assert b"NODE_CLUSTER_SCHED_POLICY=none" not in environ
+    reload = host.ok("reload")
+    assert "restarting the PM2 daemon once" in reload.stderr
+    new_pid, environ = daemon_environ(host)
+    assert new_pid != old_pid and b"NODE_CLUSTER_SCHED_POLICY=none" in environ
+    assert host.get_json("/health")[0] == 200
+    assert "restarting the PM2 daemon" not in host.ok("reload").stderr  # once only
+
+
 @pytest.mark.parametrize(("rid", "output"), [("crash", "crashing at boot on purpose"), ("sick", "pre-flight of sick failed")])
 def test_broken_release_is_refused_by_preflight(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]], rid: str, output: str) -> None:
     host.install(rid, *artifacts[rid])

@@ -244,6 +244,17 @@ if systemd_running; then
             { cat "$tmpdir/pm2.log" >&2; die "pm2 startup systemd failed"; }
         say "pm2 startup: enabled pm2-$app_user.service"
     fi
+    # The daemon started at boot must schedule cluster connections like the one run.sh starts.
+    dropin="/etc/systemd/system/pm2-$app_user.service.d/cognivern.conf"
+    want=$'[Service]\nEnvironment=NODE_CLUSTER_SCHED_POLICY=none'
+    if [ "$(cat "$dropin" 2>/dev/null || true)" = "$want" ]; then
+        say "pm2 startup environment: ok (already)"
+    else
+        mkdir -p "$(dirname "$dropin")"
+        printf '%s\n' "$want" >"$dropin"
+        systemctl daemon-reload
+        say "pm2 startup environment: wrote $dropin"
+    fi
 else
     say "pm2 startup: skipped (systemd is not running on this host)"
 fi

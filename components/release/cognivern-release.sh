@@ -118,11 +118,13 @@ load_settings() {
 
 # Run a command as APP_USER with HOME and PM2_HOME set; lock descriptors are closed so that
 # no child (PM2's daemon above all) keeps a deploy lock alive after we exit.
+# NODE_CLUSTER_SCHED_POLICY=none: whichever pm2 call starts PM2's daemon (the cluster primary)
+# must give it this, or Node's round-robin hands connections to exiting workers (see run.sh).
 as_app() {
     if [ "$(id -u)" = "$APP_UID" ]; then
-        env HOME="$APP_HOME" PM2_HOME="$PM2_HOME" PATH="$PATH" "$@" 8>&- 9>&-
+        env HOME="$APP_HOME" PM2_HOME="$PM2_HOME" PATH="$PATH" NODE_CLUSTER_SCHED_POLICY=none "$@" 8>&- 9>&-
     else
-        runuser -u "$APP_USER" -- env HOME="$APP_HOME" PM2_HOME="$PM2_HOME" PATH="$PATH" "$@" 8>&- 9>&-
+        runuser -u "$APP_USER" -- env HOME="$APP_HOME" PM2_HOME="$PM2_HOME" PATH="$PATH" NODE_CLUSTER_SCHED_POLICY=none "$@" 8>&- 9>&-
     fi
 }
 
