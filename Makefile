@@ -32,3 +32,4 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.release_bench --out reports/release-bench.json
 	$(VENV)/bin/python -m bench.engine_bench --out reports/engine-bench.json
+	$(VENV)/bin/python -m bench.cluster_policy --out reports/cluster-policy.json
