@@ -28,13 +28,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.engine import CommandError, Engine, RunReport, Step
+from tests.engine import CommandError, RunReport, Step
 from tests.support.netns_host import SITE_PORT, NetnsHosts
 from tests.support.nginx import PrivateNginx
 from tests.support.program import REPO
-from tests.support.release_host import FIXTURE_APP, build_release_tarball
+from tests.support.release_host import FIXTURE_APP
+from tests.support.stack import DeployStack
 
-SECRET_KEYS = ("sshPrivateKey", "secretEnv")
 V1, V2, V3 = "ms-v1", "ms-v2", "ms-v3"
 NODES = ("cognivern-test-1", "cognivern-test-2")
 CLIENTS = 8
@@ -63,33 +63,11 @@ server {{
 """
 
 
-class Stack:
+class Stack(DeployStack):
     def __init__(self, pool: NetnsHosts, balancer: PrivateNginx, tmp: Path) -> None:
+        super().__init__(pool.config, tmp, secretEnv={"FIXTURE_ECHO": "multi"})
         self.pool = pool
         self.balancer = balancer
-        self.tmp = tmp
-        self.engine = Engine(tmp / "state")
-        self.settings: dict[str, Any] = {
-            "waitReady": True,
-            "healthTimeout": 10,
-            "listenTimeoutMs": 4000,
-            "killTimeoutMs": 3000,
-            "secretEnv": {"FIXTURE_ECHO": "multi"},
-        }
-
-    def artifact(self, release: str, mode: str = "ok") -> str:
-        path, sha = build_release_tarball(self.tmp / "artifacts", release, mode)
-        path.with_name(path.name + ".sha256").write_text(f"{sha}  {path.name}\n")
-        return str(path)
-
-    def config(self, **changes: Any) -> dict[str, str]:
-        self.settings.update(changes)
-        return self.pool.config(**{k: v for k, v in self.settings.items() if v is not None})
-
-    def up(self, *, check: bool = True, **changes: Any) -> RunReport:
-        report = self.engine.up(self.config(**changes), secret_keys=SECRET_KEYS, check=check)
-        assert report.dependency_violations == []
-        return report
 
     def through_balancer(self) -> str:
         response = httpx.get(self.balancer.url("/release"), timeout=5)

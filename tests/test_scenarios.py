@@ -24,46 +24,22 @@ import httpx
 import pytest
 from pulumi import RunError
 
-from tests.engine import CommandError, Engine, RunReport
+from components.settings import SECRET_KEYS
+from tests.engine import CommandError
 from tests.support.program import REPO
-from tests.support.release_host import build_release_tarball
+from tests.support.stack import DeployStack
 from tests.support.target_host import SYSTEM_PATH, TargetHost
 
-SECRET_KEYS = ("sshPrivateKey", "secretEnv")
 V1, V2, V3, V4, V5 = (f"scn-v{i}" for i in range(1, 6))
 HOST_COMMANDS = ("provision", "run-script", "release-conf", "ecosystem", "env", "nginx-site")
 
 
-class Stack:
+class Stack(DeployStack):
     """The stack under test: its config, the engine that deploys it and views of the host."""
 
     def __init__(self, host: TargetHost, tmp: Path) -> None:
+        super().__init__(host.config, tmp, secretEnv={"FIXTURE_ECHO": "secret-one"})
         self.host = host
-        self.tmp = tmp
-        self.engine = Engine(tmp / "state")
-        self.settings: dict[str, Any] = {
-            "waitReady": True,
-            "healthTimeout": 10,
-            "listenTimeoutMs": 4000,
-            "killTimeoutMs": 3000,
-            "secretEnv": {"FIXTURE_ECHO": "secret-one"},
-        }
-
-    # -- deploying
-    def artifact(self, release: str, mode: str = "ok") -> str:
-        path, sha = build_release_tarball(self.tmp / "artifacts", release, mode)
-        path.with_name(path.name + ".sha256").write_text(f"{sha}  {path.name}\n")
-        return str(path)
-
-    def config(self, **changes: Any) -> dict[str, str]:
-        """The stack config after `changes` (kept for later runs, like `pulumi config set`; None removes)."""
-        self.settings.update(changes)
-        return self.host.config(**{k: v for k, v in self.settings.items() if v is not None})
-
-    def up(self, *, check: bool = True, **changes: Any) -> RunReport:
-        report = self.engine.up(self.config(**changes), secret_keys=SECRET_KEYS, check=check)
-        assert report.dependency_violations == []
-        return report
 
     # -- the host
     def get(self, path: str) -> httpx.Response:
@@ -183,7 +159,7 @@ def test_01_a_fresh_host_is_prepared_and_v1_goes_live(stack: Stack) -> None:
 
 def test_02_a_second_run_with_no_change_executes_nothing(stack: Stack) -> None:
     before = stack.snapshot()
-    preview = stack.engine.preview(stack.config(), secret_keys=SECRET_KEYS)
+    preview = stack.preview()
     assert set(preview.ops().values()) == {"same"} and preview.commands == []
     report = stack.up()
     assert set(report.ops().values()) == {"same"}
