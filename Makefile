@@ -33,3 +33,4 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.release_bench --out reports/release-bench.json
 	$(VENV)/bin/python -m bench.engine_bench --out reports/engine-bench.json
 	$(VENV)/bin/python -m bench.cluster_policy --out reports/cluster-policy.json
+	$(VENV)/bin/python -m bench.provision_rerun --out reports/provision-rerun.json
