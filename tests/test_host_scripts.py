@@ -216,16 +216,13 @@ def test_provision_second_run_changes_nothing(host: TargetHost, first_run: subpr
     watched = (host.root, host.bin_dir, host.logrotate_dir, host.sshd.dropin_dir, host.nginx.sites_enabled, host.app_home)
     before = manifest(*watched)
     sshd_config = host.sshd.config_path.stat().st_mtime_ns
-    started = time.monotonic()
     again = host.run(provision_cmd(host.settings()), stdin=FAKE_TOOL)
-    elapsed = time.monotonic() - started
     assert again.returncode == 0, again.stderr
     assert manifest(*watched) == before
     assert host.sshd.config_path.stat().st_mtime_ns == sshd_config
     steps = [line for line in again.stdout.splitlines() if line != "provision: done"]
     changed = [line for line in steps if "ok (" not in line and "skipped" not in line]
-    assert not changed, again.stdout
-    assert elapsed < 15, f"re-run took {elapsed:.1f}s"
+    assert not changed, again.stdout  # how long it takes is measured by bench/provision_rerun.py
 
 
 def test_provision_keeps_shared_content(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
