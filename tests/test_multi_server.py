@@ -197,7 +197,8 @@ def test_02_a_rolling_release_fails_no_request(stack: Stack) -> None:
 
 
 def test_03_a_broken_release_stops_at_the_first_server(stack: Stack) -> None:
-    artifact = stack.artifact(V3, mode="crash-under-pm2")  # boots in pre-flight, dies under PM2: the health gate fails
+    # passes pre-flight, dies once switched (crash-after-preflight): the health gate fails, server 1 reverts
+    artifact = stack.artifact(V3, mode="crash-after-preflight")
     log_before = stack.balancer.error_log.read_text() if stack.balancer.error_log.exists() else ""
     with Load(stack.balancer.url("/release")) as load:
         report = stack.up(release=V3, artifact=artifact, check=False)

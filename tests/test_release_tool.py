@@ -8,6 +8,7 @@ slow part), so they run in file order and each states what it changes. Run as ro
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pwd
 import re
@@ -50,8 +51,19 @@ def app_user() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
     out = tmp_path_factory.mktemp("artifacts")
-    modes = {"r1": "ok", "r2": "ok", "r3": "ok", "r4": "ok", "crash": "crash", "sick": "unhealthy", "pm2crash": "crash-under-pm2"}
-    return {rid: build_release_tarball(out, rid, mode) for rid, mode in modes.items()}
+    modes = {
+        "r1": "ok",
+        "r2": "ok",
+        "r3": "ok",
+        "r4": "ok",
+        "crash": "crash",
+        "sick": "unhealthy",
+        "pm2crash": "crash-under-pm2",
+        "late": "crash-after-preflight",
+    }
+    built = {rid: build_release_tarball(out, rid, mode) for rid, mode in modes.items()}
+    built["sleepy"] = build_release_tarball(out, "sleepy", "slow", delayMs=8000)
+    return built
 
 
 @pytest.fixture(scope="module")
@@ -257,17 +269,79 @@ def test_broken_release_is_refused_by_preflight(host: ReleaseHost, artifacts: di
     assert host.log_lines()[-1][5].startswith("refused-bad")
 
 
-def test_release_failing_only_under_pm2_is_rolled_back(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
+def pm2_names(host: ReleaseHost) -> list[str]:
+    return [str(p["name"]) for p in json.loads(host.pm2("jlist").stdout or "[]")]
+
+
+def test_release_failing_only_under_pm2_is_refused_by_preflight_under_load(
+    host: ReleaseHost, artifacts: dict[str, tuple[Path, str]]
+) -> None:
+    """The pre-flight runs under PM2 (as <APP_NAME>-preflight), so it sees what plain node cannot."""
     host.install("pm2crash", *artifacts["pm2crash"])
-    proc = host.run("activate", "pm2crash")
+    pid_before = host.get_json("/release")[1]["pid"]
+    results: list[str] = []
+    stop = threading.Event()
+    load = threading.Thread(target=hammer, args=(host, stop, results))
+    load.start()
+    try:
+        started = time.monotonic()
+        proc = host.run("activate", "pm2crash")
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        load.join()
     assert proc.returncode == 1, proc.stderr
+    assert "under PM2 as cognivern-agent-preflight" in proc.stderr
+    assert "pre-flight of pm2crash failed" in proc.stderr and "crashing at boot on purpose" in proc.stderr
+    assert "switching current" not in proc.stderr
+    assert elapsed < 8, f"a crash loop is given up on early, not after HEALTH_TIMEOUT: {elapsed:.1f}s"
+    assert host.current() == "r1"
+    status, body = host.get_json("/release")
+    assert status == 200 and body["release"] == "r1" and body["pid"] == pid_before, "the live app was not touched"
+    failures = [r for r in results if r != "ok"]
+    assert len(results) > 20 and not failures, failures[:5]
+    assert "crashing at boot on purpose" in (host.root / ".deploy" / "preflight" / "pm2crash.log").read_text()
+    assert pm2_names(host) == ["cognivern-agent"], "the pre-flight app is deleted"
+    assert (host.root / ".deploy" / "bad" / "pm2crash").exists()
+
+
+def test_preflight_app_is_deleted_when_the_tool_is_killed(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
+    host.install("sleepy", *artifacts["sleepy"])  # listens only after 8 s: still in pre-flight when killed
+    proc = host.popen("activate", "sleepy")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "cognivern-agent-preflight" not in pm2_names(host):
+        time.sleep(0.2)
+    pre = next(p for p in json.loads(host.pm2("jlist").stdout) if p["name"] == "cognivern-agent-preflight")
+    env = pre["pm2_env"]
+    # started the way the app is: cluster, one instance, the ecosystem's wait_ready and timeouts
+    assert (env["exec_mode"], env["instances"], env["wait_ready"]) == ("cluster_mode", 1, True), env
+    assert (env["listen_timeout"], env["kill_timeout"]) == (4000, 3000)
+    assert env["pm_cwd"] == str(host.root / "releases" / "sleepy")
+    assert env["pm_out_log_path"] == env["pm_err_log_path"] == str(host.root / ".deploy" / "preflight" / "sleepy.log")
+    assert env["env"]["COGNIVERN_PREFLIGHT"] == "1" and env["env"]["FIXTURE_ECHO"] == "hello-from-env"
+    assert env["env"]["PORT"] != str(host.port) and env["env"]["NODE_ENV"] == "production"
+    proc.terminate()
+    proc.communicate(timeout=60)
+    assert pm2_names(host) == ["cognivern-agent"], "the EXIT trap deletes the pre-flight app"
+    assert host.current() == "r1" and host.serving_release() == "r1"
+    host.ok("reload")
+    dump = json.loads((host.pm2_home / "dump.pm2").read_text())
+    assert [p["name"] for p in dump] == ["cognivern-agent"], "never saved into PM2's dump"
+
+
+def test_release_failing_only_after_the_switch_is_rolled_back(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
+    host.install("late", *artifacts["late"])
+    proc = host.run("activate", "late")
+    assert proc.returncode == 1, proc.stderr
+    assert "pre-flight: late answered healthy" in proc.stderr
     assert "switching back to r1" in proc.stderr and "rolled back" in proc.stderr
     assert "crashing at boot on purpose" in proc.stderr, "the tail of shared/logs/error.log is shown"
     assert os.readlink(host.root / "current") == "releases/r1"
     assert host.serving_release() == "r1"
     listing = host.list_json()
     assert listing["current"] == "r1" and listing["previous"] == "r2"
-    assert (host.root / ".deploy" / "bad" / "pm2crash").exists()
+    assert (host.root / ".deploy" / "bad" / "late").exists()
+    assert pm2_names(host) == ["cognivern-agent"]
 
 
 def test_second_activation_fails_fast_naming_the_holder(host: ReleaseHost) -> None:
@@ -326,6 +400,8 @@ def test_list_json_states_and_status(host: ReleaseHost) -> None:
         "crash": "bad",
         "sick": "bad",
         "pm2crash": "bad",
+        "late": "bad",
+        "sleepy": "installed",
         "stale": "unfinished",
     }
     releases = listing["releases"]
@@ -367,7 +443,8 @@ def test_release_log_has_one_line_per_action(host: ReleaseHost) -> None:
     assert re.match(r"^[0-9a-f]{64}$", installs[0][4]) and installs[0][5] == "installed"
     assert installs[0][3] in ("root", os.environ.get("SUDO_USER", "root"))
     results = {(f[1], f[2]): f[5] for f in lines}
-    assert results[("activate", "pm2crash")] == "rolled-back(exit=1)"
+    assert results[("activate", "pm2crash")] == "preflight-failed(exit=1)"
+    assert results[("activate", "late")] == "rolled-back(exit=1)"
     assert results[("activate", "crash")].startswith("refused-bad")
     assert any(f[1] == "activate" and f[5] == "locked(exit=3)" for f in lines)
     assert SECRET_VALUE not in (host.root / ".deploy" / "releases.log").read_text()
@@ -379,8 +456,8 @@ def test_release_log_has_one_line_per_action(host: ReleaseHost) -> None:
 def test_failed_first_deploy_leaves_no_current(app_user: str, artifacts: dict[str, tuple[Path, str]]) -> None:
     h = ReleaseHost(user=app_user)
     try:
-        h.install("pm2crash", *artifacts["pm2crash"])
-        proc = h.run("activate", "pm2crash")
+        h.install("late", *artifacts["late"])
+        proc = h.run("activate", "late")
         assert proc.returncode == 1
         assert "first deploy" in proc.stderr
         assert not os.path.lexists(h.root / "current")
@@ -389,6 +466,6 @@ def test_failed_first_deploy_leaves_no_current(app_user: str, artifacts: dict[st
             httpx.get(h.url("/health"), timeout=2)
         listing = h.list_json()
         assert listing["current"] is None and listing["previous"] is None
-        assert [(r["id"], r["state"]) for r in listing["releases"]] == [("pm2crash", "bad")]
+        assert [(r["id"], r["state"]) for r in listing["releases"]] == [("late", "bad")]
     finally:
         h.stop()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Managed by cognivern-infra. Starts or reloads the app through PM2 with shared/.env exported
 # (plain `source` would not export KEY=value lines to PM2) and drops PM2 apps that the
-# ecosystem file no longer lists (e.g. the agent after agentsEnabled=false).
+# ecosystem file no longer lists (e.g. the agent after agentsEnabled=false, or a pre-flight app
+# <APP_NAME>-preflight left behind by a cognivern-release that was killed) before `pm2 save`.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)

@@ -2,6 +2,9 @@
 # cognivern-release: install, activate, roll back and prune releases of the Cognivern backend.
 # Managed by cognivern-infra; installed as /usr/local/bin/cognivern-release. Run as root.
 # `cognivern-release --help` explains the commands; the layout is described in usage() below.
+# activate boots the new release under PM2 first (preflight(): same daemon, same options as the app,
+# a spare loopback port), so a release that cannot start under PM2 never reaches `current`; the
+# health gate after the switch, with its automatic switch-back, covers what only the live app shows.
 set -euo pipefail
 shopt -s inherit_errexit
 umask 022
@@ -27,10 +30,14 @@ Commands:
                              (shared store ROOT/cache/pnpm-store) and link .env, data, logs.
                              Installing a complete release again does nothing.
   install ID - -             Only check that ID is installed (fails with the list of releases).
-  activate [--force] ID      Pre-flight ID on a spare loopback port, back up shared/data, switch
-                             ROOT/current atomically, reload PM2 (shared/run.sh) and wait until
-                             the app is healthy on the new release; on failure switch back and
-                             mark ID bad. --force activates a release marked bad.
+  activate [--force] ID      Back up shared/data, pre-flight ID on a spare loopback port under
+                             PM2 (a throwaway app APP_NAME-preflight in the app's daemon, with
+                             shared/.env and COGNIVERN_PREFLIGHT=1; always deleted afterwards),
+                             switch ROOT/current atomically, reload PM2 (shared/run.sh) and wait
+                             until the app is healthy on the new release; a release failing its
+                             pre-flight is refused with current untouched, one failing after the
+                             switch is switched back. Either way ID is marked bad.
+                             --force activates a release marked bad.
   prune [--keep N]           Remove old releases, keeping the newest N (default KEEP_RELEASES,
                              N >= 2) plus current and previous; removes abandoned unfinished ones.
   list [--json]              Releases newest first: id, install time, size, state
@@ -77,7 +84,7 @@ log_action() {
 on_exit() {
     local rc=$?
     trap - EXIT
-    [ -z "${PREFLIGHT_PID:-}" ] || stop_pid "$PREFLIGHT_PID" 2
+    preflight_delete
     [ -z "${TMP_CLEANUP:-}" ] || rm -rf -- "$TMP_CLEANUP"
     log_action "$rc"
     exit "$rc"
@@ -237,16 +244,16 @@ served_by() {  # true when every online worker of APP_NAME runs from releases/$1
     [ "$n" -gt 0 ]
 }
 
-app_restarts() {  # "<sum of restarts> <processes errored or stopped>" for APP_NAME
+app_restarts() {  # "<sum of restarts> <processes errored or stopped> <processes>" for $1 (default APP_NAME)
     # shellcheck disable=SC2016
     as_app pm2 jlist 2>/dev/null | node -e '
         let s = ""; process.stdin.on("data", d => s += d).on("end", () => {
-            let list = []; try { list = JSON.parse(s); } catch (e) { console.log("0 0"); return; }
-            let restarts = 0, down = 0;
-            for (const p of list) { if (p.name !== process.argv[1]) continue; const e = p.pm2_env || {};
+            let list = []; try { list = JSON.parse(s); } catch (e) { console.log("0 0 0"); return; }
+            let restarts = 0, down = 0, n = 0;
+            for (const p of list) { if (p.name !== process.argv[1]) continue; const e = p.pm2_env || {}; n++;
                 restarts += e.restart_time || 0; if (e.status === "errored" || e.status === "stopped") down++; }
-            console.log(`${restarts} ${down}`);
-        });' "$APP_NAME" || echo "0 0"
+            console.log(`${restarts} ${down} ${n}`);
+        });' "${1:-$APP_NAME}" || echo "0 0 0"
 }
 
 # $1 = release id expected to serve, $2 = restart count before the switch (optional).
@@ -259,7 +266,7 @@ wait_healthy() {
         fi
         n=$((n + 1))
         if [ -n "${2:-}" ] && [ $((n % 4)) -eq 0 ]; then
-            read -r restarts down < <(app_restarts)
+            read -r restarts down _ < <(app_restarts)
             if [ "$down" -gt 0 ] || [ "$restarts" -ge $(($2 + 3)) ]; then
                 say "PM2 reports the app crash-looping (restarts $2 -> $restarts, errored/stopped: $down)"
                 return 1
@@ -438,43 +445,72 @@ free_port() {
     node -e 'const s = require("net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });'
 }
 
-stop_pid() {  # SIGINT, then SIGKILL after $2 seconds
-    local pid=$1 i
-    kill -INT "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < $2 * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
+# wait_ready, listen_timeout and kill_timeout of APP_NAME in the ecosystem file as `pm2 start`
+# options (one per line), so that the pre-flight app is started the way the app itself is.
+app_pm2_timing_options() {
+    # shellcheck disable=SC2016
+    as_app node -e '
+        let apps = [];
+        try { apps = require(process.argv[1]).apps || []; } catch (e) { process.exit(0); }
+        const a = apps.find((x) => x.name === process.argv[2]) || {};
+        if (a.wait_ready) console.log("--wait-ready");
+        if (Number.isInteger(a.listen_timeout)) console.log(`--listen-timeout\n${a.listen_timeout}`);
+        if (Number.isInteger(a.kill_timeout)) console.log(`--kill-timeout\n${a.kill_timeout}`);' \
+        "$ROOT/config/ecosystem.config.cjs" "$APP_NAME" 2>/dev/null || true
 }
 
-preflight() {  # start releases/$1 with node on a spare loopback port and wait for a healthy answer
-    local id=$1 dir="$RELEASES/$1" port log runner deadline
+# The pre-flight PM2 app (APP_NAME-preflight) while it may exist; on_exit deletes it, so that it
+# never outlives the tool and never reaches `pm2 save`'s dump.
+PREFLIGHT_APP=""
+
+preflight_delete() {
+    [ -n "${PREFLIGHT_APP:-}" ] || return 0
+    as_app pm2 delete "$PREFLIGHT_APP" >/dev/null 2>&1 || true
+    PREFLIGHT_APP=""
+}
+
+# Start releases/$1 under PM2 (the app's daemon, as APP_USER) as a throwaway cluster app on a spare
+# loopback port and wait for a healthy answer; a release that only fails under PM2 is caught here,
+# before current is switched. The deploy lock guarantees one pre-flight at a time (fixed name).
+preflight() {
+    local id=$1 dir="$RELEASES/$1" name="$APP_NAME-preflight" port log deadline out why="" n=0 ok=1
+    local restarts down count opts
     port=$(free_port)
     log="$DEPLOY/preflight/$id.log"
-    say "pre-flight: starting $id on 127.0.0.1:$port"
     : >"$log"
-    # The inner shell prints its pid and then execs node, so that pid is the app's.
-    # shellcheck disable=SC2016
-    (cd "$dir" && as_app bash -c 'echo "preflight-pid=$$"; set -a; [ ! -r "$1" ] || . "$1"; set +a;
-        export PORT="$2" NODE_ENV="${NODE_ENV:-production}"; exec node dist/index.js' preflight "$ROOT/shared/.env" "$port") \
-        >>"$log" 2>&1 &
-    runner=$!
+    [ "$(id -u)" != 0 ] || chown "$APP_USER:$APP_GROUP" "$log"  # PM2's daemon writes it
+    mapfile -t opts < <(app_pm2_timing_options)
+    say "pre-flight: starting $id under PM2 as $name on 127.0.0.1:$port"
+    # Make sure the daemon runs before the start below: a daemon spawned by that start would keep
+    # the release's .env, PORT and COGNIVERN_PREFLIGHT in its environment for every later app.
+    as_app pm2 ping >/dev/null 2>&1 || true
+    PREFLIGHT_APP=$name
+    as_app pm2 delete "$name" >/dev/null 2>&1 || true  # left over by a run that was killed
     deadline=$((SECONDS + HEALTH_TIMEOUT))
-    local ok=1
-    while [ "$SECONDS" -lt "$deadline" ]; do
-        [ -n "${PREFLIGHT_PID:-}" ] || PREFLIGHT_PID=$(sed -n 's/^preflight-pid=//p' "$log" | head -n1)
+    # shared/.env exported (as run.sh does), then PORT, NODE_ENV and COGNIVERN_PREFLIGHT on top.
+    # shellcheck disable=SC2016
+    if ! out=$(cd "$dir" && as_app bash -c 'set -a; [ ! -r "$1" ] || . "$1"; set +a
+        export PORT="$2" NODE_ENV="${NODE_ENV:-production}" COGNIVERN_PREFLIGHT=1
+        shift 2; exec pm2 start dist/index.js "$@"' preflight "$ROOT/shared/.env" "$port" \
+        --name "$name" --cwd "$dir" --instances 1 --merge-logs --output "$log" --error "$log" "${opts[@]}" 2>&1); then
+        why="pm2 start failed: $(tail -n 5 <<<"$out")"
+    fi
+    while [ -z "$why" ] && [ "$SECONDS" -lt "$deadline" ]; do
         if health_ok "http://127.0.0.1:$port$HEALTH_PATH"; then ok=0; break; fi
-        kill -0 "$runner" 2>/dev/null || break
+        n=$((n + 1))
+        if [ $((n % 4)) -eq 0 ]; then
+            read -r restarts down count < <(app_restarts "$name")
+            if [ "$count" -eq 0 ] || [ "$down" -gt 0 ] || [ "$restarts" -ge 2 ]; then
+                why="PM2 reports it crash-looping (restarts: $restarts, errored/stopped: $down, processes: $count)"
+                break
+            fi
+        fi
         sleep 0.25
     done
-    [ -n "${PREFLIGHT_PID:-}" ] || PREFLIGHT_PID=$(sed -n 's/^preflight-pid=//p' "$log" | head -n1)
-    if [ -n "${PREFLIGHT_PID:-}" ]; then stop_pid "$PREFLIGHT_PID" 5; fi
-    PREFLIGHT_PID=""
-    wait "$runner" 2>/dev/null || true
+    preflight_delete
     if [ "$ok" -ne 0 ]; then
-        say "pre-flight of $id failed: no healthy answer from $HEALTH_PATH within ${HEALTH_TIMEOUT}s; its output:"
-        grep -v '^preflight-pid=' "$log" | tail -n 30 >&2 || true
+        say "pre-flight of $id failed: ${why:-no healthy answer from $HEALTH_PATH within ${HEALTH_TIMEOUT}s}; its output:"
+        tail -n 30 "$log" >&2 || true
         return 1
     fi
     say "pre-flight: $id answered healthy"
