@@ -301,6 +301,7 @@ def test_release_failing_only_under_pm2_is_refused_by_preflight_under_load(
     failures = [r for r in results if r != "ok"]
     assert len(results) > 20 and not failures, failures[:5]
     assert "crashing at boot on purpose" in (host.root / ".deploy" / "preflight" / "pm2crash.log").read_text()
+    assert not (host.root / "shared" / "logs" / "preflight" / "pm2crash.log").exists(), "PM2's copy is removed"
     assert pm2_names(host) == ["cognivern-agent"], "the pre-flight app is deleted"
     assert (host.root / ".deploy" / "bad" / "pm2crash").exists()
 
@@ -308,20 +309,24 @@ def test_release_failing_only_under_pm2_is_refused_by_preflight_under_load(
 def test_preflight_app_is_deleted_when_the_tool_is_killed(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
     host.install("sleepy", *artifacts["sleepy"])  # listens only after 8 s: still in pre-flight when killed
     proc = host.popen("activate", "sleepy")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and "cognivern-agent-preflight" not in pm2_names(host):
-        time.sleep(0.2)
-    pre = next(p for p in json.loads(host.pm2("jlist").stdout) if p["name"] == "cognivern-agent-preflight")
-    env = pre["pm2_env"]
-    # started the way the app is: cluster, one instance, the ecosystem's wait_ready and timeouts
-    assert (env["exec_mode"], env["instances"], env["wait_ready"]) == ("cluster_mode", 1, True), env
-    assert (env["listen_timeout"], env["kill_timeout"]) == (4000, 3000)
-    assert env["pm_cwd"] == str(host.root / "releases" / "sleepy")
-    assert env["pm_out_log_path"] == env["pm_err_log_path"] == str(host.root / ".deploy" / "preflight" / "sleepy.log")
-    assert env["env"]["COGNIVERN_PREFLIGHT"] == "1" and env["env"]["FIXTURE_ECHO"] == "hello-from-env"
-    assert env["env"]["PORT"] != str(host.port) and env["env"]["NODE_ENV"] == "production"
-    proc.terminate()
-    proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "cognivern-agent-preflight" not in pm2_names(host):
+            time.sleep(0.2)
+        pre = next(p for p in json.loads(host.pm2("jlist").stdout) if p["name"] == "cognivern-agent-preflight")
+        env = pre["pm2_env"]
+        # started the way the app is: cluster, one instance, the ecosystem's wait_ready and timeouts
+        assert (env["exec_mode"], env["instances"], env["wait_ready"]) == ("cluster_mode", 1, True), env
+        assert (env["listen_timeout"], env["kill_timeout"]) == (4000, 3000)
+        assert env["pm_cwd"] == str(host.root / "releases" / "sleepy")
+        assert env["pm_out_log_path"] == env["pm_err_log_path"] == str(host.root / "shared" / "logs" / "preflight" / "sleepy.log")
+        assert env["env"]["COGNIVERN_PREFLIGHT"] == "1" and env["env"]["FIXTURE_ECHO"] == "hello-from-env"
+        assert env["env"]["PORT"] != str(host.port) and env["env"]["NODE_ENV"] == "production"
+        _, environ = daemon_environ(host)
+        assert b"COGNIVERN_PREFLIGHT=1" not in environ and f"PORT={env['env']['PORT']}".encode() not in environ, "only the app's env"
+    finally:
+        proc.terminate()  # SIGTERM: the EXIT trap runs
+        proc.communicate(timeout=60)
     assert pm2_names(host) == ["cognivern-agent"], "the EXIT trap deletes the pre-flight app"
     assert host.current() == "r1" and host.serving_release() == "r1"
     host.ok("reload")

@@ -50,7 +50,8 @@ Commands:
 
 Emergency rollback by hand:   cognivern-release list; cognivern-release activate <older-id>
 State lives in ROOT/.deploy: lock (+ who holds it), releases.log (one line per action),
-previous, meta/<id>, bad/<id> (why a release was refused), preflight/<id>.log.
+previous, meta/<id>, bad/<id> (why a release was refused), preflight/<id>.log (its pre-flight's
+output; PM2 writes it to shared/logs/preflight/ while the pre-flight runs).
 Progress goes to stderr; `list --json` and `backup` print their result on stdout.
 Exit status: 0 success, 1 failure, 2 usage error, 3 another deploy holds the lock.
 EOF
@@ -445,20 +446,6 @@ free_port() {
     node -e 'const s = require("net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });'
 }
 
-# wait_ready, listen_timeout and kill_timeout of APP_NAME in the ecosystem file as `pm2 start`
-# options (one per line), so that the pre-flight app is started the way the app itself is.
-app_pm2_timing_options() {
-    # shellcheck disable=SC2016
-    as_app node -e '
-        let apps = [];
-        try { apps = require(process.argv[1]).apps || []; } catch (e) { process.exit(0); }
-        const a = apps.find((x) => x.name === process.argv[2]) || {};
-        if (a.wait_ready) console.log("--wait-ready");
-        if (Number.isInteger(a.listen_timeout)) console.log(`--listen-timeout\n${a.listen_timeout}`);
-        if (Number.isInteger(a.kill_timeout)) console.log(`--kill-timeout\n${a.kill_timeout}`);' \
-        "$ROOT/config/ecosystem.config.cjs" "$APP_NAME" 2>/dev/null || true
-}
-
 # The pre-flight PM2 app (APP_NAME-preflight) while it may exist; on_exit deletes it, so that it
 # never outlives the tool and never reaches `pm2 save`'s dump.
 PREFLIGHT_APP=""
@@ -473,26 +460,40 @@ preflight_delete() {
 # loopback port and wait for a healthy answer; a release that only fails under PM2 is caught here,
 # before current is switched. The deploy lock guarantees one pre-flight at a time (fixed name).
 preflight() {
-    local id=$1 dir="$RELEASES/$1" name="$APP_NAME-preflight" port log deadline out why="" n=0 ok=1
-    local restarts down count opts
+    local id=$1 dir="$RELEASES/$1" name="$APP_NAME-preflight" port log work deadline out why="" n=0 ok=1
+    local restarts down count
     port=$(free_port)
     log="$DEPLOY/preflight/$id.log"
     : >"$log"
-    [ "$(id -u)" != 0 ] || chown "$APP_USER:$APP_GROUP" "$log"  # PM2's daemon writes it
-    mapfile -t opts < <(app_pm2_timing_options)
+    # PM2 runs as APP_USER, which cannot reach ROOT/.deploy (0700 root): its app file and log go into
+    # shared/logs/preflight/ (the app user's; outside logrotate's shared/logs/*.log) and the output is
+    # copied into $log afterwards. Touched only as APP_USER: root never follows a link planted there.
+    work="$ROOT/shared/logs/preflight"
     say "pre-flight: starting $id under PM2 as $name on 127.0.0.1:$port"
-    # Make sure the daemon runs before the start below: a daemon spawned by that start would keep
-    # the release's .env, PORT and COGNIVERN_PREFLIGHT in its environment for every later app.
+    # A daemon spawned by `pm2 start` inherits that command's environment; start it plainly first.
     as_app pm2 ping >/dev/null 2>&1 || true
     PREFLIGHT_APP=$name
     as_app pm2 delete "$name" >/dev/null 2>&1 || true  # left over by a run that was killed
     deadline=$((SECONDS + HEALTH_TIMEOUT))
-    # shared/.env exported (as run.sh does), then PORT, NODE_ENV and COGNIVERN_PREFLIGHT on top.
+    # shared/.env is exported, as run.sh does. The app file's `env` adds PORT, NODE_ENV (default
+    # production) and COGNIVERN_PREFLIGHT=1 for this app only, never for the CLI or daemon; it takes
+    # wait_ready, listen_timeout and kill_timeout from APP_NAME's entry in the ecosystem file.
     # shellcheck disable=SC2016
-    if ! out=$(cd "$dir" && as_app bash -c 'set -a; [ ! -r "$1" ] || . "$1"; set +a
-        export PORT="$2" NODE_ENV="${NODE_ENV:-production}" COGNIVERN_PREFLIGHT=1
-        shift 2; exec pm2 start dist/index.js "$@"' preflight "$ROOT/shared/.env" "$port" \
-        --name "$name" --cwd "$dir" --instances 1 --merge-logs --output "$log" --error "$log" "${opts[@]}" 2>&1); then
+    if ! out=$(cd "$dir" && as_app bash -c 'set -e; set -a; [ ! -r "$1" ] || . "$1"; set +a
+        mkdir -p -m 0750 "$2"; : >"$2/$6.log"
+        node -e '"'"'
+            const [eco, appName, name, id, dir, port, work] = process.argv.slice(1);
+            let apps = [];
+            try { apps = require(eco).apps || []; } catch (e) { console.error(`pre-flight: cannot read ${eco}: ${e.message}`); }
+            const a = apps.find((x) => x.name === appName) || {};
+            const app = { name, script: `${dir}/dist/index.js`, cwd: dir, exec_mode: "cluster", instances: 1,
+                merge_logs: true, out_file: `${work}/${id}.log`, error_file: `${work}/${id}.log`,
+                env: { PORT: port, NODE_ENV: process.env.NODE_ENV || "production", COGNIVERN_PREFLIGHT: "1" } };
+            for (const k of ["wait_ready", "listen_timeout", "kill_timeout"]) if (a[k] !== undefined) app[k] = a[k];
+            require("fs").writeFileSync(`${work}/${id}.json`, JSON.stringify({ apps: [app] }, null, 2) + "\n");
+        '"'"' "$3" "$4" "$5" "$6" "$7" "$8" "$2"
+        exec pm2 start "$2/$6.json"' preflight "$ROOT/shared/.env" "$work" "$ROOT/config/ecosystem.config.cjs" \
+        "$APP_NAME" "$name" "$id" "$dir" "$port" 2>&1); then
         why="pm2 start failed: $(tail -n 5 <<<"$out")"
     fi
     while [ -z "$why" ] && [ "$SECONDS" -lt "$deadline" ]; do
@@ -508,6 +509,8 @@ preflight() {
         sleep 0.25
     done
     preflight_delete
+    as_app cat "$work/$id.log" >>"$log" 2>/dev/null || true
+    as_app rm -f "$work/$id.log" "$work/$id.json" || true
     if [ "$ok" -ne 0 ]; then
         say "pre-flight of $id failed: ${why:-no healthy answer from $HEALTH_PATH within ${HEALTH_TIMEOUT}s}; its output:"
         tail -n 30 "$log" >&2 || true

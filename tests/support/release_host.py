@@ -134,6 +134,7 @@ class ReleaseHost:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         for sub in ("releases", "shared", "shared/data", "shared/logs", "cache", "backups"):
             os.chown(self.root / sub, *own)
+        (self.root / ".deploy").chmod(0o700)  # root's only, as provisioning makes it
         self.pm2_home.mkdir(exist_ok=True)
         os.chown(self.pm2_home, *own)
         s = self.settings
