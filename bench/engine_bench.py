@@ -11,10 +11,11 @@ GET /release through the host's nginx:
   a  `pulumi up` of a new release (config change: release + artifact)
   b  rollback to the base release by config alone (no artifact)
   c  a release crashing at boot: the run fails, the base release keeps serving
-  c2 a release that fails only under PM2 (pre-flight cannot see it): the run fails after the revert
+  c2 a release that fails only under PM2: the pre-flight (under PM2 too) refuses it, the run fails
+  c3 a release that fails only after the switch (passes pre-flight): the run fails after the revert
 Per run: failed requests, wall time of the engine run (start to return), and time to healthy as
 the clients see it: a/b the first response from the requested release (the fixture's /release
-names it), c/c2 when the last failed request was sent (0: never down). Install step time with a warm store comes
+names it), c/c2/c3 when the last failed request was sent (0: never down). Install step time with a warm store comes
 from (a); the same `pulumi up` after emptying the store gives the empty-store figure (no load).
 
 The baseline, in the same run on the same host and load, is the document's procedure over the same
@@ -22,7 +23,7 @@ SSH connection (root, same sshd and key): upload the tarball (`cat >` over ssh),
 releases/<id>, `pnpm install --prod` (as the app user, its default store), then bench/release_bench's
 DocProcedure: `ln -sfn`, `pm2 startOrRestart` of the document's ecosystem (its own PM2_HOME) and
 the curl health loop (5 tries; sleep shortened from 5 s to 1 s). Rollback (b) is the switch alone
-(the release is on the server); a broken release (c/c2) is followed at once by the document's
+(the release is on the server); a broken release (c/c2/c3) is followed at once by the document's
 manual rollback. The program's PM2 is stopped before the baseline starts. Everything started is
 stopped and the test user removed at the end (TargetHost cleanup).
 """
@@ -49,13 +50,15 @@ from tests.engine import RunReport
 from tests.support.target_host import SYSTEM_PATH, TargetHost
 from tests.test_scenarios import Stack
 
-SCENARIOS = ("a", "b", "c", "c2")
+SCENARIOS = ("a", "b", "c", "c2", "c3")
 TITLES = {
     "a": "a  new release (release+artifact)",
     "b": "b  rollback by config alone",
     "c": "c  broken: crashes at boot",
     "c2": "c2 broken: fails only under PM2",
+    "c3": "c3 broken: fails after the switch",
 }
+BROKEN = (("c", "crash"), ("c2", "crash-under-pm2"), ("c3", "crash-after-preflight"))  # scenario, fixture mode
 BASE = "eb-base"
 SETTLE = 1.0  # seconds of load before and after each measured command
 STEP_NAMES = ("release-upload", "release-install", "release-activate")
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(load_url, engine_rollback, BASE, broken=False)
             results["engine"]["b"].append(r)
             say(f"engine b #{i}: {r}")
-            for key, mode in (("c", "crash"), ("c2", "crash-under-pm2")):
+            for key, mode in BROKEN:
                 bad = f"eb-{key}-{i}"
                 r = measure(load_url, engine_broken(bad, stack.artifact(bad, mode)), BASE, broken=True)
                 results["engine"][key].append(r)
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(load_url, doc_rollback, doc_base, broken=False)
             results["doc"]["b"].append(r)
             say(f"doc b #{i}: {r}")
-            for key, mode in (("c", "crash"), ("c2", "crash-under-pm2")):
+            for key, mode in BROKEN:
                 bad = f"doc-{key}-{i}"
                 r = measure(load_url, doc_broken(bad, Path(stack.artifact(bad, mode))), doc_base, broken=True)
                 results["doc"][key].append(r)
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "path": "engine stand-in (tests/engine) running __main__.py over OpenSSH against a TargetHost",
         "doc_health_loop": {"retries": DOC_RETRIES, "sleep_seconds": DOC_SLEEP, "document_sleep_seconds": 5},
         "healthy_seconds": "a/b: first response from the requested release after the command started; "
-        "c/c2: when the last failed request was sent, after the start (0: never down)",
+        "c/c2/c3: when the last failed request was sent, after the start (0: never down)",
         **extra,
         "summary": summary,
         "engine_step_median_seconds_a": step_medians,
@@ -349,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nEngine-path benchmark: {CLIENTS} clients through the host's nginx, medians of {args.repeat} runs"
         "\n(failed / requests, run wall time, time to healthy: a/b first response from the new release,"
-        " c/c2 last failed request sent)"
+        " c/c2/c3 last failed request sent)"
     )
     print(f"{'scenario':<36}| {'pulumi up (engine stand-in, SSH)':<34}| {'document procedure over SSH (sleep 1 s)':<40}")
     print("-" * 36 + "+" + "-" * 35 + "+" + "-" * 41)

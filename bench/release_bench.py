@@ -6,11 +6,13 @@ Runs as root on loopback only: a private nginx (tests/support/nginx.py) in front
 (tests/fixtures/app) on a temp ROOT laid out like provisioning, 8 concurrent HTTP clients through
 nginx while a scenario runs:
   a  a new release              b  rollback to the previous release
-  c  a release crashing at boot c2 a release that fails only under PM2 (pre-flight cannot see it)
+  c  a release crashing at boot
+  c2 a release that fails only under PM2 (the pre-flight runs under PM2 too and refuses it)
+  c3 a release that fails only after the switch (passes pre-flight; reverted automatically)
 The baseline is the document's procedure on the same app, nginx and load: `ln -sfn` the current
 link, `pm2 startOrRestart` of a document-style ecosystem (cluster, 1 instance, no wait_ready, PM2's
 default listen/kill timeouts), then its curl health loop (5 tries; the sleep is shortened from 5 s
-to 1 s). The document has no automatic handling of a broken release, so for c/c2 the baseline is
+to 1 s). The document has no automatic handling of a broken release, so for c/c2/c3 the baseline is
 followed at once by its manual rollback (the same procedure with the previous release).
 Also: `cognivern-release install` with a warm store (lockfile unchanged) vs an empty store.
 Everything it starts (nginx, PM2 daemons, the app user it created) is stopped/removed at the end.
@@ -41,12 +43,13 @@ from tests.support.release_host import ReleaseHost, build_release_tarball, ensur
 
 BENCH_USER = "cgv-bench"
 CLIENTS = 8
-SCENARIOS = ("a", "b", "c", "c2")
+SCENARIOS = ("a", "b", "c", "c2", "c3")
 TITLES = {
     "a": "a  new release",
     "b": "b  rollback",
     "c": "c  broken: crashes at boot",
     "c2": "c2 broken: fails only under PM2",
+    "c3": "c3 broken: fails after the switch",
 }
 DOC_RETRIES, DOC_SLEEP = 5, 1  # the document's loop: 5 tries, sleep 5 s (shortened to 1 s here)
 
@@ -270,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(load_url, tool_refuses, pm2crash)
             results["tool"]["c2"].append(r)
             say(f"tool c2 #{i}: {r}")
+            late = release(f"late{i}", "crash-after-preflight")
+            r = measure(load_url, tool_refuses, late)
+            results["tool"]["c3"].append(r)
+            say(f"tool c3 #{i}: {r}")
 
         for i in range(args.repeat):
             check_budget()
@@ -293,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(load_url, doc.deploy, previous)
             results["doc"]["b"].append(r)
             say(f"doc b #{i}: {r}")
-            for key, bad in (("c", f"crash{i}"), ("c2", f"pm2crash{i}")):
+            for key, bad in (("c", f"crash{i}"), ("c2", f"pm2crash{i}"), ("c3", f"late{i}")):
                 r = measure(load_url, doc_fails_then_rolls_back, bad)
                 results["doc"][key].append(r)
                 say(f"doc {key} #{i}: {r}")
