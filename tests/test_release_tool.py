@@ -205,10 +205,12 @@ def test_new_release_and_rollback_without_failed_requests_or_data_changes(host: 
     load = threading.Thread(target=hammer, args=(host, stop, results))
     load.start()
     try:
-        host.ok("activate", "r2")
+        new = host.ok("activate", "r2")
+        assert "pre-flight: starting r2 under PM2" in new.stderr
         assert host.serving_release() == "r2"
         assert host.data_digest() == before
-        host.ok("activate", "r1")  # rollback to the first release
+        back = host.ok("activate", "r1")  # rollback to the first release, which served healthy before
+        assert "pre-flight: skipped (r1 served healthy here before" in back.stderr
         assert host.serving_release() == "r1"
     finally:
         stop.set()

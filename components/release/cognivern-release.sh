@@ -30,7 +30,8 @@ Commands:
                              (shared store ROOT/cache/pnpm-store) and link .env, data, logs.
                              Installing a complete release again does nothing.
   install ID - -             Only check that ID is installed (fails with the list of releases).
-  activate [--force] ID      Back up shared/data, pre-flight ID on a spare loopback port under
+  activate [--force] ID      Back up shared/data, pre-flight ID (unless it served healthy here
+                             before, e.g. a rollback) on a spare loopback port under
                              PM2 (a throwaway app APP_NAME-preflight in the app's daemon, with
                              shared/.env and COGNIVERN_PREFLIGHT=1; always deleted afterwards),
                              switch ROOT/current atomically, reload PM2 (shared/run.sh) and wait
@@ -187,6 +188,13 @@ switch_current() {  # atomic: a new link renamed over the old one
     local tmp="$ROOT/.current.$$"
     ln -sfn "releases/$1" "$tmp"
     mv -T "$tmp" "$ROOT/current"
+}
+
+mark_served() {  # remembered in meta/<id>: a later rollback to it needs no pre-flight
+    local meta="$DEPLOY/meta/$1"
+    [ -f "$meta" ] || return 0
+    sed -i '/^served_healthy=/d' "$meta"
+    printf 'served_healthy=%s\n' "$(iso_now)" >>"$meta"
 }
 
 mark_bad() {
@@ -563,7 +571,13 @@ cmd_activate() {
         say "backed up shared/data to $backup"
     fi
 
-    if ! preflight "$id"; then
+    # A release that has served healthy here before (a rollback) skips the pre-flight: it costs a
+    # PM2 start (~0.6 s) and proves nothing new; the health gate after the switch still guards it.
+    local served_before=""
+    [ ! -f "$DEPLOY/meta/$id" ] || served_before=$(sed -n 's/^served_healthy=//p' "$DEPLOY/meta/$id" | tail -n 1)
+    if [ -n "$served_before" ] && [ "$force" -ne 1 ]; then
+        say "pre-flight: skipped ($id served healthy here before, last at $served_before)"
+    elif ! preflight "$id"; then
         mark_bad "$id" "pre-flight failed"
         RESULT=preflight-failed
         exit 1
@@ -576,6 +590,7 @@ cmd_activate() {
     switch_current "$id"
     if run_app && wait_healthy "$id" "$base_restarts"; then
         [ "$force" -ne 1 ] || rm -f "$DEPLOY/bad/$id"
+        mark_served "$id"
         RESULT=activated
         say "release $id is live and healthy after $((SECONDS - started))s (previous: ${cur:-none})"
         return 0
