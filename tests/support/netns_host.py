@@ -35,7 +35,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -48,7 +47,7 @@ from typing import Any
 from components.settings import parse_settings
 from tests.support.nginx import PrivateNginx
 from tests.support.sshd import SSHD, LocalSshd, wait_for_port
-from tests.support.target_host import SYSTEM_PATH, _config_string, node_major
+from tests.support.target_host import SYSTEM_PATH, _config_string, end_user_processes, node_major, user_pids
 
 SUBNET_PREFIX = "10.213.0."  # a /30 per host out of 10.213.0.0/24, on our own veth pairs only
 SSH_PORT = 22  # inside each namespace: one sshPort for the whole stack
@@ -295,20 +294,10 @@ class NetnsHosts:
         shutil.rmtree(self.base, ignore_errors=True)
 
     def user_pids(self) -> list[int]:
-        out = subprocess.run(["ps", "-o", "pid=", "-u", self.app_user], capture_output=True, text=True).stdout
-        return [int(x) for x in out.split()]
+        return user_pids(self.app_user)
 
     def _end_user_processes(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self.user_pids()
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 5
-            while self.user_pids() and time.monotonic() < deadline:
-                time.sleep(0.1)
+        end_user_processes(self.app_user)
 
     def seed_pnpm_store(self, app_dir: Path) -> None:
         """Fill every host's pnpm store (ROOT/cache/pnpm-store) with `app_dir`'s production dependencies.

@@ -38,6 +38,26 @@ from tests.support.sshd import LocalSshd, free_port
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+def user_pids(user: str) -> list[int]:
+    """Processes running as `user` (a test-only account)."""
+    out = subprocess.run(["ps", "-o", "pid=", "-u", user], capture_output=True, text=True, check=False).stdout
+    return [int(x) for x in out.split()]
+
+
+def end_user_processes(user: str) -> None:
+    """SIGTERM, then SIGKILL, every process of the test-only `user`, waiting up to 5 s after each."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = user_pids(user)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 5
+        while user_pids(user) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 class TargetHost:
     """Attributes:
     base       temp dir holding root/, bin/, logrotate.d/
@@ -149,20 +169,10 @@ class TargetHost:
 
     def user_pids(self) -> list[int]:
         """Processes running as the (test-only) app user."""
-        out = subprocess.run(["ps", "-o", "pid=", "-u", self.app_user], capture_output=True, text=True).stdout
-        return [int(x) for x in out.split()]
+        return user_pids(self.app_user)
 
     def _end_user_processes(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self.user_pids()
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 5
-            while self.user_pids() and time.monotonic() < deadline:
-                time.sleep(0.1)
+        end_user_processes(self.app_user)
 
     # ------------------------------------------------------------------ program view
     def run(self, command: str, stdin: bytes | str | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
