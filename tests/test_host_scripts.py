@@ -28,6 +28,7 @@ from components.host import NGINX_SITE, PROVISION, PUT_FILE, site_name
 from components.remote import script_command
 from components.render import render_nginx_site
 from components.settings import Settings
+from tests.support.fs import manifest
 from tests.support.target_host import TargetHost
 
 FAKE_TOOL = '#!/usr/bin/env bash\n# stand-in for cognivern-release\necho "cognivern-release $*" >>"${COGNIVERN_TOOL_LOG:-/dev/null}"\n'
@@ -47,21 +48,6 @@ def put_cmd(dest: str, mode: str, owner: str, reload_root: str | None = None) ->
 
 def site_cmd(name: str) -> str:
     return script_command(NGINX_SITE, ["--name", name])
-
-
-def manifest(*tops: Path) -> dict[str, tuple[object, ...]]:
-    """Every path under `tops` with type, mode, owner, size, mtime and link target."""
-    out: dict[str, tuple[object, ...]] = {}
-    for top in tops:
-        if not top.exists():
-            continue
-        for dirpath, dirnames, filenames in os.walk(top):
-            for name in [".", *dirnames, *filenames]:
-                p = Path(dirpath) if name == "." else Path(dirpath) / name
-                st = p.lstat()
-                link = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
-                out[str(p)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, link)
-    return out
 
 
 def owner_mode(p: Path) -> tuple[str, str, str]:

@@ -11,10 +11,8 @@ below follows the life of a server: ACME unreachable first, then issuance, re-ru
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
-import stat
 import subprocess
 import tempfile
 import threading
@@ -36,6 +34,7 @@ from components.render import (
 )
 from components.settings import Settings
 from tests.support.acme import Pebble
+from tests.support.fs import manifest
 from tests.support.sshd import LocalSshd, free_port
 from tests.support.target_host import TargetHost
 
@@ -145,20 +144,6 @@ def swap_sshd_env(host: TargetHost, extra: dict[str, str]) -> None:
     host.sshd = LocalSshd(set_env=env)
     host.env = dict(host.sshd.set_env)
     old.stop()
-
-
-def manifest(*tops: Path) -> dict[str, tuple[object, ...]]:
-    out: dict[str, tuple[object, ...]] = {}
-    for top in tops:
-        if not top.exists():
-            continue
-        for dirpath, dirnames, filenames in os.walk(top):
-            for entry in [".", *dirnames, *filenames]:
-                p = Path(dirpath) if entry == "." else Path(dirpath) / entry
-                st = p.lstat()
-                link = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
-                out[str(p)] = (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, link)
-    return out
 
 
 def wait_until(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
@@ -419,7 +404,7 @@ def test_https_site_rejected_by_nginx_restores_previous(tls: Tls, issued: subpro
     assert "bogus_directive" in result.stderr and "nginx -t rejected the HTTPS site" in result.stderr
     assert tls.site.read_text() == tls.https_site()
     after = manifest(nginx.sites_available, nginx.sites_enabled, nginx.prefix / "snippets")
-    assert {k: v[:3] + v[4:] for k, v in after.items()} == {k: v[:3] + v[4:] for k, v in before.items()}, "same files (mtimes aside)"
+    assert {k: v[:4] + v[5:] for k, v in after.items()} == {k: v[:4] + v[5:] for k, v in before.items()}, "same files (mtimes aside)"
     assert nginx.master_pid == master and nginx.worker_pids() == workers
     assert tls.https_get("/health")[0] == 200
 
