@@ -26,7 +26,7 @@ def fake_pulumi(tmp_path: Path) -> dict[str, str]:
     script.write_text(
         "#!/usr/bin/env bash\n"
         'case "$*" in\n'
-        '  version) echo v3.274.1 ;;\n'
+        "  version) echo v3.274.1 ;;\n"
         '  "stack select prod") exit 0 ;;\n'
         "  *\"stack output servers --json\"*) cat <<'JSON'\n" + json.dumps(SERVERS) + "\nJSON\n;;\n"
         '  *"stack output sshCommand"*) echo "echo via-default root@192.0.2.1" ;;\n'

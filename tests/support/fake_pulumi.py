@@ -27,7 +27,7 @@ VERSION = os.environ.get("FAKE_PULUMI_VERSION", "3.274.1")
 PROJECT = "cognivern"
 
 
-class Fail(Exception):
+class CliError(Exception):
     pass
 
 
@@ -39,7 +39,7 @@ def passphrase() -> str | None:
         try:
             return Path(path).read_text()
         except OSError as err:
-            raise Fail(f"unable to read PULUMI_CONFIG_PASSPHRASE_FILE: {err}") from None
+            raise CliError(f"unable to read PULUMI_CONFIG_PASSPHRASE_FILE: {err}") from None
     return None
 
 
@@ -51,12 +51,14 @@ def passphrase_id() -> str | None:
 def stacks_dir() -> Path:
     url = os.environ.get("PULUMI_BACKEND_URL", "")
     if not url:
-        raise Fail("no backend: PULUMI_BACKEND_URL is unset and nobody ran `pulumi login` (the real CLI would ask you to log in to Pulumi Cloud)")
+        raise CliError(
+            "no backend: PULUMI_BACKEND_URL is unset and nobody ran `pulumi login` (the real CLI would ask you to log in to Pulumi Cloud)"
+        )
     if not url.startswith("file://"):
-        raise Fail(f"stand-in pulumi only knows file:// backends, got {url}")
+        raise CliError(f"stand-in pulumi only knows file:// backends, got {url}")
     root = Path(url.removeprefix("file://"))
     if not root.is_dir():
-        raise Fail(f"unable to open bucket {url}: stat {root}: no such file or directory")
+        raise CliError(f"unable to open bucket {url}: stat {root}: no such file or directory")
     return root / ".pulumi" / "stacks" / PROJECT
 
 
@@ -76,22 +78,22 @@ def save_stack_config(stack: str, data: dict[str, Any]) -> None:
 
 def require_stack(stack: str | None) -> str:
     if not stack:
-        raise Fail("no stack selected; please use `pulumi stack select`")
+        raise CliError("no stack selected; please use `pulumi stack select`")
     if not (stacks_dir() / f"{stack}.json").exists():
-        raise Fail(f"no stack named '{stack}' found")
+        raise CliError(f"no stack named '{stack}' found")
     return stack
 
 
 def salt() -> str:
     pid = passphrase_id()
     if pid is None:
-        raise Fail("passphrase must be set with PULUMI_CONFIG_PASSPHRASE or PULUMI_CONFIG_PASSPHRASE_FILE environment variables")
+        raise CliError("passphrase must be set with PULUMI_CONFIG_PASSPHRASE or PULUMI_CONFIG_PASSPHRASE_FILE environment variables")
     return f"fake:{pid}"
 
 
 def check_passphrase(stack: str, data: dict[str, Any]) -> None:
     if data.get("encryptionsalt") != salt():
-        raise Fail(f"incorrect passphrase for stack {stack}")
+        raise CliError(f"incorrect passphrase for stack {stack}")
 
 
 def parse(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -109,7 +111,7 @@ def parse(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
         elif arg in ("--plaintext", "--non-interactive", "--yes", "-y", "--diff", "--skip-preview"):
             pass
         elif arg.startswith("-"):
-            raise Fail(f"unknown flag {arg}")
+            raise CliError(f"unknown flag {arg}")
         else:
             words.append(arg)
     return words, flags
@@ -155,7 +157,7 @@ def run(argv: list[str]) -> tuple[int, str | None]:
         name = words[2] if len(words) > 2 else stack
         folder = stacks_dir()
         if (folder / f"{name}.json").exists():
-            raise Fail(f"stack '{name}' already exists")
+            raise CliError(f"stack '{name}' already exists")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}.json").write_text("{}\n")
         data = load_stack_config(name)
@@ -170,11 +172,11 @@ def run(argv: list[str]) -> tuple[int, str | None]:
         data = load_stack_config(name)
         action, key = words[1], words[2] if len(words) > 2 else None
         if key is None:
-            raise Fail(f"config {action}: a key is required")
+            raise CliError(f"config {action}: a key is required")
         if action == "get":
             value = get_path(data, key, flags["path"])
             if value is None:
-                raise Fail(f"configuration key '{key}' not found for stack '{name}'")
+                raise CliError(f"configuration key '{key}' not found for stack '{name}'")
             if isinstance(value, dict) and "secure" in value:
                 check_passphrase(name, data)
             print(reveal(value))
@@ -192,7 +194,7 @@ def run(argv: list[str]) -> tuple[int, str | None]:
             data.get("config", {}).pop(key, None)
             save_stack_config(name, data)
             return 0, name
-        raise Fail(f"stand-in pulumi: config {action} is not implemented")
+        raise CliError(f"stand-in pulumi: config {action} is not implemented")
     # preview, up, destroy, stack output, ...: recorded, nothing else
     name = require_stack(stack)
     print(f"stand-in pulumi: {' '.join(argv)}")
@@ -211,7 +213,7 @@ def main() -> int:
     try:
         entry["passphrase"] = passphrase_id()
         code, entry["stack"] = run(argv)
-    except Fail as err:
+    except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         code = 255
     entry["exit"] = code
