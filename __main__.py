@@ -35,6 +35,7 @@ name = f"cognivern-{pulumi.get_stack()}"
 labels = {"app": "cognivern", "stack": pulumi.get_stack(), "managed-by": "pulumi"}
 addresses: list[pulumi.Input[str]]
 public_address: pulumi.Input[str]
+server_ids: list[pulumi.Output[Any] | None]
 if settings.creates_server:
     assert settings.ssh_public_key is not None
     server = Server(
@@ -52,6 +53,7 @@ if settings.creates_server:
         ),
     )
     addresses = list(server.ipv4_addresses)
+    server_ids = list(server.server_ids)
     public_address = server.ipv4_address
     if settings.servers > 1:
         balancer = Balancer(
@@ -76,11 +78,13 @@ if settings.creates_server:
         pulumi.export("ipv6Address", server.ipv6_address)
 elif settings.hosts:
     addresses = list(settings.hosts)
+    server_ids = [None] * len(addresses)
     public_address = settings.hosts[0]
     pulumi.export("hosts", list(settings.hosts))
 else:
     assert settings.host is not None
     addresses = [settings.host]
+    server_ids = [None]
     public_address = settings.host
     pulumi.export("host", settings.host)
 
@@ -100,7 +104,7 @@ def connection_to(address: pulumi.Input[str], host_key: str | None) -> remote.Co
 # (`{name}`, `{name}-release`); otherwise server i is `{name}-{i}` and `{name}-{i}-release`.
 nodes = [f"{name}-{index}" if settings.indexed else name for index in range(1, len(addresses) + 1)]
 releases: list[Release] = []
-for node, address in zip(nodes, addresses, strict=True):
+for node, address, server_id in zip(nodes, addresses, server_ids, strict=True):
     host_key = settings.host_key_for(address) if isinstance(address, str) else settings.host_key
     connection = connection_to(address, host_key)
     host = Host(node, HostArgs(connection=connection, settings=settings))
@@ -115,6 +119,7 @@ for node, address in zip(nodes, addresses, strict=True):
                 artifact=artifact,
                 sudo=settings.ssh_user != "root",
                 depends_on=host.ready,
+                server_id=server_id,
             ),
             defer_activation=True,
         )
