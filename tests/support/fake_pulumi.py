@@ -108,8 +108,10 @@ def parse(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
             flags["stack"] = arg.split("=", 1)[1]
         elif arg in ("--secret", "--path", "--json"):
             flags[arg[2:]] = True
-        elif arg in ("--plaintext", "--non-interactive", "--yes", "-y", "--diff", "--skip-preview"):
+        elif arg in ("--plaintext", "--non-interactive", "--yes", "-y", "--diff", "--skip-preview", "--show-secrets"):
             pass
+        elif arg == "--file":
+            flags["file"] = next(it)
         elif arg.startswith("-"):
             raise CliError(f"unknown flag {arg}")
         else:
