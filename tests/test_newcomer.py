@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pexpect
 import pytest
@@ -63,7 +63,7 @@ class Clone:
             list(argv), cwd=self.root, input=stdin, capture_output=True, text=True, env=env or self.env, timeout=120, check=False
         )
 
-    def calls(self) -> list[dict[str, object]]:
+    def calls(self) -> list[dict[str, Any]]:
         if not self.log.exists():
             return []
         return [json.loads(line) for line in self.log.read_text().splitlines()]
@@ -323,7 +323,7 @@ def test_preview_after_init_changes_no_tracked_file(clone: Clone) -> None:
 # --- 4. make init ---
 
 
-def pty_init(clone: Clone, env: dict[str, str]) -> pexpect.spawn:
+def pty_init(clone: Clone, env: dict[str, str]) -> pexpect.spawn[str]:
     return pexpect.spawn("make", ["init"], cwd=str(clone.root), env=env, encoding="utf-8", timeout=60)
 
 
@@ -361,6 +361,7 @@ def test_init_under_a_terminal_then_again_asks_nothing(clone: Clone, app_checkou
     child.expect(r"Path of the Cognivern app checkout to build it from \(Enter to skip\): ")
     child.sendline(str(app_checkout))
     child.expect("cognivern:release: set to (\\S+)")
+    assert isinstance(child.match, re.Match)
     release = child.match.group(1)
     child.expect(pexpect.EOF)
     child.close()
