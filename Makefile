@@ -5,7 +5,7 @@ VENV := venv
 STACK ?= prod
 
 .DEFAULT_GOAL := help
-.PHONY: help init deploy preview test lint bench cli-check
+.PHONY: help init deploy preview test lint bench cli-check stack-check
 
 ## list the targets
 help:
@@ -26,16 +26,20 @@ $(VENV)/.installed: $(VENV)/.runtime requirements-dev.txt
 cli-check:
 	@scripts/ensure-pulumi >/dev/null
 
+# the stack must be set up (make init) before the venv is worth building
+stack-check: cli-check
+	@scripts/pulumi-local $(STACK) stack-check
+
 ## set up STACK (default prod) for its first deploy: stack, Hetzner token, SSH key, secrets, first artifact (asks only for what is missing)
 init: cli-check
 	scripts/init --stack $(STACK) $(INIT_ARGS)
 
 ## pulumi up for STACK on a local file:// backend with passphrase secrets (scripts/pulumi-local)
-deploy: cli-check $(VENV)/.runtime
+deploy: cli-check stack-check $(VENV)/.runtime
 	scripts/pulumi-local $(STACK) up
 
 ## pulumi preview --diff for STACK: shows what deploy would change, changes nothing
-preview: cli-check $(VENV)/.runtime
+preview: cli-check stack-check $(VENV)/.runtime
 	scripts/pulumi-local $(STACK) preview --diff
 
 ## the whole test suite: lint, types, unit, mock-monitor and real-host tests

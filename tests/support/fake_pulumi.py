@@ -184,7 +184,8 @@ def run(argv: list[str]) -> tuple[int, str | None]:
             print(reveal(value))
             return 0, name
         if action == "set":
-            value = words[3] if len(words) > 3 else sys.stdin.read().rstrip("\n")
+            # like the CLI (pkg/cmd/pulumi/config): piped stdin is read whole, one trailing newline dropped
+            value = words[3] if len(words) > 3 else sys.stdin.read().removesuffix("\n")
             if flags["secret"]:
                 check_passphrase(name, data)
                 set_path(data, key, {"secure": "v1:" + base64.b64encode(value.encode()).decode()}, flags["path"])
