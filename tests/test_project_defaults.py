@@ -19,7 +19,7 @@ from pulumi import RunError
 
 from components.settings import NAMESPACE, SECRET_KEYS, ConfigError, parse_settings
 from tests.engine.engine import Engine
-from tests.engine.project_config import merge_project_defaults, project_defaults
+from tests.engine.project_config import ConfigValidationError, check_secret_declarations, merge_project_defaults, project_defaults
 from tests.support.program import run_program
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +77,31 @@ def test_stand_in_applies_defaults_and_only_marks_keys_the_stack_sets(tmp_path: 
     """The stand-in is given secret_keys=('secretEnv', ...) by every scenario; an unset key is still a plain default."""
     report = Engine(tmp_path / "state").preview(HOST, secret_keys=SECRET_KEYS)
     assert report.error is None and report.ops()
+
+
+def with_declaration(tmp_path: Path, key: str, **changes: Any) -> Path:
+    project = yaml.safe_load((REPO / "Pulumi.yaml").read_text())
+    project["config"][key].update(changes)
+    path = tmp_path / "Pulumi.yaml"
+    path.write_text(yaml.safe_dump(project, sort_keys=False))
+    return path
+
+
+def test_secret_true_with_a_default_fails_every_stack_that_leaves_the_key_unset(tmp_path: Path) -> None:
+    """As the real CLI 3.274.1 does: the default is merged plain, then `secret: true` refuses it."""
+    project_file = with_declaration(tmp_path, "secretEnv", secret=True)
+    merged = merge_project_defaults(HOST, project_file)
+    with pytest.raises(ConfigValidationError, match="configuration key 'secretEnv' must be encrypted as it's secret"):
+        check_secret_declarations("test", merged, set(), project_file)
+    check_secret_declarations("test", {**merged, "cognivern:secretEnv": '{"K": "v"}'}, {"cognivern:secretEnv"}, project_file)
+
+
+def test_no_declared_key_combines_secret_true_with_a_default() -> None:
+    """`secret: true` plus `default` breaks every stack that does not set the key (see the test above)."""
+    declared = yaml.safe_load((REPO / "Pulumi.yaml").read_text())["config"]
+    both = [key for key, decl in declared.items() if decl.get("secret") and "default" in decl]
+    assert both == [], f"{both}: the CLI merges the default as a plain value, then refuses it as not encrypted"
+
+
+def test_repo_project_passes_the_clis_secret_declaration_check_for_a_stack_without_secrets() -> None:
+    check_secret_declarations("test", merge_project_defaults(HOST), set())

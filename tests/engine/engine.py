@@ -31,7 +31,7 @@ from unittest import mock
 import pulumi
 from pulumi.runtime import mocks as pulumi_mocks
 
-from tests.engine.project_config import merge_project_defaults
+from tests.engine.project_config import check_secret_declarations, merge_project_defaults
 from tests.support import program as program_module
 from tests.support.program import PROJECT, SECRET_SIG, run_program
 
@@ -719,6 +719,7 @@ class Engine:
                         patches.enter_context(mock.patch.object(program_module, "MAIN", self.program))
                     if self.program is None:  # the repo's program: its Pulumi.yaml defaults, merged as the CLI does
                         config, secret_keys = _with_project_defaults(config, secret_keys)
+                        check_secret_declarations(stack, config, {k if ":" in k else f"{PROJECT}:{k}" for k in secret_keys})
                     result = run_program(config, secret_keys=tuple(secret_keys), stack=stack, preview=preview, mocks=run)
                 outputs = result.outputs
             except BaseException as err:  # the program's own error (RunError) or the first failed resource

@@ -59,3 +59,27 @@ def merge_project_defaults(config: Mapping[str, Any], project_file: Path = PROJE
     for key, value in project_defaults(project_file).items():
         merged.setdefault(key, value)
     return merged
+
+
+class ConfigValidationError(Exception):
+    """The CLI refuses the stack config before the program runs ("validating stack config: ...")."""
+
+
+def check_secret_declarations(stack: str, merged: Mapping[str, Any], secret_keys: set[str], project_file: Path = PROJECT_FILE) -> None:
+    """validateStackConfigValue: a key declared `secret: true` must hold an encrypted value.
+
+    It runs after the merge, so a `secret: true` key with a `default` fails every stack that leaves
+    it unset (the default is plain); without a default an unset key is "missing" (checked with the
+    real CLI 3.274.1, tests/test_real_cli.py).
+    """
+    project = yaml.safe_load(project_file.read_text())
+    for key, decl in (project.get("config") or {}).items():
+        if not isinstance(decl, dict) or not decl.get("secret"):
+            continue
+        full = key if ":" in key else f"{project['name']}:{key}"
+        if full not in merged:
+            raise ConfigValidationError(f"validating stack config: Stack '{stack}' is missing configuration value '{key}'")
+        if full not in secret_keys:
+            raise ConfigValidationError(
+                f"validating stack config: Stack '{stack}' with configuration key '{key}' must be encrypted as it's secret"
+            )
