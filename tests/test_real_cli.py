@@ -24,6 +24,8 @@ RELEASE = PROD["cognivern:release"]
 HOST = {"cognivern:release": RELEASE, "cognivern:host": "192.0.2.10"}
 SECRET_VALUE = "s3cr3t-'quote' $(id) value-7f1c"
 SECOND_SECRET = "another-secret-a9e2"
+KEY_BODY = "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ-test-only-4c7d"
+PRIVATE_KEY = f"-----BEGIN OPENSSH PRIVATE KEY-----\n{KEY_BODY}\n-----END OPENSSH PRIVATE KEY-----\n"
 
 
 def result(done: Any) -> dict[str, Any]:
@@ -71,18 +73,22 @@ def test_stack_without_secret_env_runs_under_the_real_cli(project: PulumiProject
     assert out["outputs"]["release"]["value"] == RELEASE
 
 
-def test_secret_env_set_with_secret_path_reaches_the_program_and_stays_encrypted(project: PulumiProject) -> None:
+def test_secrets_set_as_the_readme_says_reach_the_program_and_stay_encrypted(project: PulumiProject) -> None:
     project.init(HOST)
     project.set("cognivern:secretEnv.SAPIENCE_PRIVATE_KEY", SECRET_VALUE, secret=True)
     project.set("cognivern:secretEnv.RECALL_API_KEY", SECOND_SECRET, secret=True)
+    project.set("cognivern:sshPrivateKey", PRIVATE_KEY, secret=True)  # from stdin, as `< ~/.ssh/key`
     out = result(project.inline("settings"))
     assert out["ok"], out["error"]
+    assert out["outputs"]["hasPrivateKey"]["value"] is True
     assert out["outputs"]["secretEnvNames"]["value"] == ["RECALL_API_KEY", "SAPIENCE_PRIVATE_KEY"]
     assert out["outputs"]["secretEnv"] == {"value": {"SAPIENCE_PRIVATE_KEY": SECRET_VALUE, "RECALL_API_KEY": SECOND_SECRET}, "secret": True}
     exported = project.run("stack", "export").stdout
     shown = project.run("stack", "export", "--show-secrets").stdout
-    for secret in (SECRET_VALUE, SECOND_SECRET):
-        assert secret in shown  # the value is in the state, encrypted
+    assert KEY_BODY in project.run("config", "get", "cognivern:sshPrivateKey").stdout
+    for secret in (SECRET_VALUE, SECOND_SECRET, KEY_BODY):
+        if secret != KEY_BODY:  # the key is only in the stack file (encrypted); secretEnv is also exported
+            assert secret in shown  # the value is in the state, encrypted
         assert secret not in exported
         assert secret not in project.raw_state()
         assert secret not in project.stack_file()

@@ -26,7 +26,7 @@ if ! command -v go >/dev/null 2>&1; then
     exit 1
 fi
 
-key="$(cat "$here/go.mod" "$here/go.sum" | sha256sum | cut -c1-16)"
+key="$(cat "$here/go.mod" "$here/go.sum" "$here/build.sh" | sha256sum | cut -c1-16)"  # a changed build recipe rebuilds
 cached="$cache_root/$version/$key/pulumi"
 if [ -x "$cached" ]; then
     echo "pulumi-cli: cached build $cached"
@@ -42,7 +42,7 @@ else
     trap 'rm -rf "$work"' EXIT
     started=$SECONDS
     echo "pulumi-cli: compiling (go build -v; a progress line every 30 s)"
-    nice -n 10 go build -v -trimpath \
+    nice -n 10 go build -v -trimpath -buildvcs=false \
         -ldflags "-s -w -X github.com/pulumi/pulumi/sdk/v3/go/common/version.Version=v$version" \
         -o "$work/pulumi" github.com/pulumi/pulumi/pkg/v3/cmd/pulumi 2>"$work/build.log" &
     build=$!
