@@ -21,6 +21,9 @@ if ! grep -qxF "require github.com/pulumi/pulumi/pkg/v3 v$version" "$here/go.mod
     echo "pulumi-cli: error: tools/pulumi/go.mod does not require github.com/pulumi/pulumi/pkg/v3 v$version (VERSION says $version): cd tools/pulumi && go get github.com/pulumi/pulumi/pkg/v3@v$version && go mod tidy" >&2
     exit 1
 fi
+if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
+    PATH="/usr/local/go/bin:$PATH"  # the official tarball's place; a non-interactive shell may not have it on PATH
+fi
 if ! command -v go >/dev/null 2>&1; then
     echo "pulumi-cli: error: Go is not installed (need go >= $(sed -n 's/^go //p' "$here/go.mod")); install it, then run make pulumi-cli again" >&2
     exit 1
