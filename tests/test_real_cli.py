@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,6 @@ def project(tmp_path: Path) -> PulumiProject:
 
 
 def test_the_cli_is_the_pinned_build() -> None:
-    import subprocess
-
     version = subprocess.run([str(pulumi_binary()), "version"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     assert version == f"v{VERSION}"
 
