@@ -5,7 +5,7 @@ VENV := venv
 STACK ?= prod
 
 .DEFAULT_GOAL := help
-.PHONY: help init deploy preview test lint bench cli-check stack-check
+.PHONY: help init deploy preview test lint bench cli-check stack-check pulumi-cli
 
 ## list the targets
 help:
@@ -61,3 +61,7 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.engine_bench --out reports/engine-bench.json
 	$(VENV)/bin/python -m bench.cluster_policy --out reports/cluster-policy.json
 	$(VENV)/bin/python -m bench.provision_rerun --out reports/provision-rerun.json
+
+## the Pulumi CLI at tools/pulumi/VERSION, built from Go modules into .tools/bin (cached per version)
+pulumi-cli:
+	tools/pulumi/build.sh
