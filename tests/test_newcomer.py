@@ -24,6 +24,8 @@ from typing import Any
 import pexpect
 import pytest
 
+from tests.support.pulumi_cli import pulumi_binary
+
 REPO = Path(__file__).resolve().parents[1]
 FAKE = REPO / "tests" / "support" / "fake_pulumi.py"
 FIXTURE_APP = REPO / "tests" / "fixtures" / "app"
@@ -452,3 +454,43 @@ def test_fresh_machine_from_clone_to_deploy(clone: Clone, app_checkout: Path) ->
     assert deploy.returncode == 0, deploy.stderr
     (up,) = [c for c in clone.calls() if c["argv"][:1] == ["up"]]
     assert (up["backend"], up["stack"], up["passphrase"]) == (f"file://{clone.root}/.pulumi-state", "prod", clone.passphrase_id())
+
+
+# --- the same set-up against the real CLI (built by `make pulumi-cli`) ---
+
+
+def test_init_against_the_real_cli(clone: Clone) -> None:
+    """Real `stack init`, `config set --secret [--path]` from stdin, `config get` with Pulumi.yaml's defaults."""
+    env = {
+        **clone.env,
+        "PATH": f"{pulumi_binary().parent}:{clone.env['PATH']}",
+        "PULUMI_HOME": str(clone.root.parent / "pulumi-home"),
+        "PULUMI_SKIP_UPDATE_CHECK": "true",
+        "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
+        "PULUMI_DIY_BACKEND_NO_LEGACY_WARNING": "true",
+        "HCLOUD_TOKEN": TOKEN,
+        **{name: f"value-of-{name}" for name in SECRETS},
+    }
+    first = clone.run("scripts/init", "--non-interactive", env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    key = clone.home / ".ssh" / "cognivern-prod_ed25519"
+    assert "generated a dedicated SSH key" in first.stdout and key.exists()  # Pulumi.yaml's default "" is not a key
+
+    def get(*args: str) -> str:
+        result = clone.run("scripts/pulumi-local", "prod", "config", "get", *args, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.removesuffix("\n")
+
+    assert get("hcloud:token") == TOKEN
+    assert get("--path", "cognivern:secretEnv.GROQ_API_KEY") == "value-of-GROQ_API_KEY"
+    assert get("cognivern:sshPrivateKey") == key.read_text().removesuffix("\n")  # multi-line, through stdin
+    assert get("cognivern:sshPublicKey") == (key.parent / (key.name + ".pub")).read_text().strip()
+    stack_file = (clone.root / "Pulumi.prod.yaml").read_text()
+    assert "encryptionsalt:" in stack_file
+    for secret in (TOKEN, *(f"value-of-{n}" for n in SECRETS), "PRIVATE KEY"):
+        assert secret not in stack_file
+
+    second = clone.run("scripts/init", "--non-interactive", env=env)
+    assert second.returncode == 0, second.stderr
+    assert ": set" not in second.stdout and "generated" not in second.stdout
+    assert second.stdout.count("ok (already") == 3 + len(SECRETS)  # stack, token, key, each secret

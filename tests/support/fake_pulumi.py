@@ -5,7 +5,7 @@ backend (PULUMI_BACKEND_URL) and the passphrase's identity (a hash of PULUMI_CON
 of the PULUMI_CONFIG_PASSPHRASE_FILE contents). Like the real CLI it keeps stacks on the backend
 (`<dir>/.pulumi/stacks/cognivern/<stack>.json` for file:// URLs), writes config into
 `Pulumi.<stack>.yaml` in the project folder (secrets as ciphertext, `encryptionsalt` on stack
-creation), refuses a secret under another passphrase, and reads a missing `config set` value from
+creation), answers `config get` with Pulumi.yaml's declared defaults for keys the stack lacks, refuses a secret under another passphrase, and reads a missing `config set` value from
 stdin. So a command that would change a tracked file does change it here.
 
 Usage: `python fake_pulumi.py ARGS...`; tests put a `pulumi` wrapper that runs it on PATH.
@@ -119,8 +119,15 @@ def parse(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     return words, flags
 
 
+def project_defaults() -> dict[str, Any]:
+    """Declared defaults of Pulumi.yaml, merged under the stack's values like the CLI does (pkg/workspace mergeConfig)."""
+    path = Path.cwd() / "Pulumi.yaml"
+    declared = (yaml.safe_load(path.read_text()) or {}).get("config", {}) if path.exists() else {}
+    return {f"{PROJECT}:{k}": v["default"] for k, v in declared.items() if isinstance(v, dict) and "default" in v}
+
+
 def get_path(data: dict[str, Any], key: str, path: bool) -> Any:
-    config = data.get("config", {})
+    config = {**project_defaults(), **data.get("config", {})}
     if not path:
         return config.get(key)
     namespace_key, _, rest = key.partition(".")
@@ -146,6 +153,8 @@ def set_path(data: dict[str, Any], key: str, value: Any, path: bool) -> None:
 def reveal(value: Any) -> str:
     if isinstance(value, dict) and "secure" in value:
         return base64.b64decode(value["secure"].removeprefix("v1:")).decode()
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return value if isinstance(value, str) else json.dumps(value)
 
 
