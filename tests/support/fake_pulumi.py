@@ -5,8 +5,8 @@ backend (PULUMI_BACKEND_URL) and the passphrase's identity (a hash of PULUMI_CON
 of the PULUMI_CONFIG_PASSPHRASE_FILE contents). Like the real CLI it keeps stacks on the backend
 (`<dir>/.pulumi/stacks/cognivern/<stack>.json` for file:// URLs), writes config into
 `Pulumi.<stack>.yaml` in the project folder (secrets as ciphertext, `encryptionsalt` on stack
-creation), answers `config get` with Pulumi.yaml's declared defaults for keys the stack lacks, refuses a secret under another passphrase, and reads a missing `config set` value from
-stdin. So a command that would change a tracked file does change it here.
+creation), answers `config get` with Pulumi.yaml's declared defaults for keys the stack lacks,
+refuses a secret under another passphrase, and reads a missing `config set` value from stdin. So a command that would change a tracked file does change it here.
 
 Usage: `python fake_pulumi.py ARGS...`; tests put a `pulumi` wrapper that runs it on PATH.
 """
