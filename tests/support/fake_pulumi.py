@@ -6,7 +6,8 @@ of the PULUMI_CONFIG_PASSPHRASE_FILE contents). Like the real CLI it keeps stack
 (`<dir>/.pulumi/stacks/cognivern/<stack>.json` for file:// URLs), writes config into
 `Pulumi.<stack>.yaml` in the project folder (secrets as ciphertext, `encryptionsalt` on stack
 creation), answers `config get` with Pulumi.yaml's declared defaults for keys the stack lacks,
-refuses a secret under another passphrase, and reads a missing `config set` value from stdin. So a command that would change a tracked file does change it here.
+refuses a secret under another passphrase, and reads a missing `config set` value from stdin.
+So a command that would change a tracked file does change it here.
 
 Usage: `python fake_pulumi.py ARGS...`; tests put a `pulumi` wrapper that runs it on PATH.
 """
