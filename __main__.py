@@ -18,6 +18,7 @@ from components.balancer import Balancer, BalancerArgs
 from components.envfile import drift_warnings, load_env_example
 from components.host import Host, HostArgs
 from components.release import ArtifactError, Release, ReleaseArgs, resolve_artifact, rolling_activation
+from components.security import security_warnings
 from components.server import Server, ServerArgs
 from components.settings import NAMESPACE, ConfigError, parse_settings
 
@@ -28,12 +29,19 @@ try:
     artifact = resolve_artifact(settings.release, PROJECT_DIR, settings.artifact, settings.artifact_url, settings.artifact_sha256)
 except (ConfigError, ArtifactError) as err:
     raise pulumi.RunError(str(err)) from None
-for warning in [*settings.warnings, *drift_warnings(load_env_example(PROJECT_DIR / ".env.example"), settings)]:
+stack_file = PROJECT_DIR / f"Pulumi.{pulumi.get_stack()}.yaml"
+for warning in [
+    *settings.warnings,
+    *drift_warnings(load_env_example(PROJECT_DIR / ".env.example"), settings),
+    *security_warnings(settings, stack_file),
+]:
     pulumi.log.warn(warning)
 
 name = f"cognivern-{pulumi.get_stack()}"
 labels = {"app": "cognivern", "stack": pulumi.get_stack(), "managed-by": "pulumi"}
 addresses: list[pulumi.Input[str]]
+# The pin of each server's host key, in server order (None: not checked; warned above).
+pins: list[pulumi.Input[str] | None]
 public_address: pulumi.Input[str]
 if settings.creates_server:
     assert settings.ssh_public_key is not None
@@ -52,6 +60,9 @@ if settings.creates_server:
         ),
     )
     addresses = list(server.ipv4_addresses)
+    # A server created before the program generated host keys ignores the new user data: its
+    # operator pins its real key with cognivern:hostKey (README, "Host keys").
+    pins = [settings.host_key] if settings.host_key and settings.servers == 1 else list(server.host_keys)
     public_address = server.ipv4_address
     if settings.servers > 1:
         balancer = Balancer(
@@ -76,16 +87,18 @@ if settings.creates_server:
         pulumi.export("ipv6Address", server.ipv6_address)
 elif settings.hosts:
     addresses = list(settings.hosts)
+    pins = [settings.host_key_for(address) for address in settings.hosts]
     public_address = settings.hosts[0]
     pulumi.export("hosts", list(settings.hosts))
 else:
     assert settings.host is not None
     addresses = [settings.host]
+    pins = [settings.host_key]
     public_address = settings.host
     pulumi.export("host", settings.host)
 
 
-def connection_to(address: pulumi.Input[str], host_key: str | None) -> remote.ConnectionArgs:
+def connection_to(address: pulumi.Input[str], host_key: pulumi.Input[str] | None) -> remote.ConnectionArgs:
     return remote.ConnectionArgs(
         host=address,
         port=settings.ssh_port,
@@ -100,9 +113,8 @@ def connection_to(address: pulumi.Input[str], host_key: str | None) -> remote.Co
 # (`{name}`, `{name}-release`); otherwise server i is `{name}-{i}` and `{name}-{i}-release`.
 nodes = [f"{name}-{index}" if settings.indexed else name for index in range(1, len(addresses) + 1)]
 releases: list[Release] = []
-for node, address in zip(nodes, addresses, strict=True):
-    host_key = settings.host_key_for(address) if isinstance(address, str) else settings.host_key
-    connection = connection_to(address, host_key)
+for node, address, pin in zip(nodes, addresses, pins, strict=True):
+    connection = connection_to(address, pin)
     host = Host(node, HostArgs(connection=connection, settings=settings))
     releases.append(
         Release(

@@ -31,7 +31,7 @@ def test_defaults_follow_the_document() -> None:
     assert (s.keep_releases, s.protect, s.backups, s.agents_enabled) == (5, True, False, False)
     assert s.ssh_allowed_cidrs == ("0.0.0.0/0", "::/0")
     assert s.creates_server and s.warnings == ()
-    assert s.stack_env == {"PORT": "3000", "AGENTS_ENABLED": "false"}
+    assert s.stack_env == {"PORT": "3000", "HOST": "127.0.0.1", "AGENTS_ENABLED": "false"}
 
 
 def test_existing_host_needs_no_public_key() -> None:
@@ -47,7 +47,14 @@ def test_env_values_may_hold_any_printable_text() -> None:
 
 def test_env_values_are_normalised_to_strings() -> None:
     s = parse(env='{"FLAG": true, "N": 3, "URL": "https://x/y?a=1&b=2"}', port="8080", agentsEnabled="true")
-    assert s.stack_env == {"PORT": "8080", "AGENTS_ENABLED": "true", "FLAG": "true", "N": "3", "URL": "https://x/y?a=1&b=2"}
+    assert s.stack_env == {
+        "PORT": "8080",
+        "HOST": "127.0.0.1",
+        "AGENTS_ENABLED": "true",
+        "FLAG": "true",
+        "N": "3",
+        "URL": "https://x/y?a=1&b=2",
+    }
 
 
 def test_deprecated_server_type_warns() -> None:

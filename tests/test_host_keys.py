@@ -1,0 +1,176 @@
+"""SSH host keys: created servers are pinned to a key the program generated, from the first connection.
+
+Mock graph: each created server's user data carries its own generated key (`ssh_keys`), and every
+connection to that server pins that key's public half. cloud-init's own schema accepts the user
+data. Real SSH through the engine stand-in: a connection pinned to another key fails before any
+command runs, while the generated key served by a real sshd is accepted.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from pulumi import RunError
+
+from components.server.host_key import HostKeyProvider, generate_ed25519, user_data_with_host_key
+from tests.engine import Engine, RunFailedError
+from tests.support.program import Registration, is_secret, run_program, unsecret
+from tests.support.sshd import LocalSshd
+from tests.test_program import HETZNER, HetznerMocks
+
+CLOUD_INIT = Path(__file__).resolve().parents[1] / "components" / "server" / "cloud-init.yaml"
+HOST_KEY_TYPE = "pulumi-python:dynamic/cognivern:HostKey"
+SERVER = "hcloud:index/server:Server"
+REMOTE = ("command:remote:Command", "command:remote:CopyToRemote")
+
+
+def public_of(private_pem: str) -> str:
+    key = load_ssh_private_key(private_pem.encode(), password=None)
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def injected_key(server: Registration) -> tuple[str, str]:
+    """(private, public) from the server's user data, checked to be one key pair."""
+    assert is_secret(server.inputs["userData"]), "the user data holds a private key: it must be secret"
+    keys = yaml.safe_load(unsecret(server.inputs["userData"]))["ssh_keys"]
+    assert set(keys) == {"ed25519_private", "ed25519_public"}
+    assert public_of(keys["ed25519_private"]) == keys["ed25519_public"]
+    return keys["ed25519_private"], keys["ed25519_public"]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_every_connection_to_a_created_server_carries_that_servers_generated_key(n: int) -> None:
+    run = run_program({**HETZNER, "servers": str(n)}, mocks=HetznerMocks())
+    servers = run.by_type(SERVER)
+    assert len(servers) == n and len(run.by_type(HOST_KEY_TYPE)) == n
+    components = {r.urn: r.name for r in run.registrations if not r.custom}
+    for key in run.by_type(HOST_KEY_TYPE):
+        assert components[key.parent] == "cognivern-prod" and key.additional_secret_outputs == ["private_key"]
+    pins = {}
+    for index, server in enumerate(servers, start=1):
+        address = f"203.0.113.{10 + index}" if n > 1 else "203.0.113.10"
+        pins[address] = injected_key(server)[1]
+        key_name = f"cognivern-prod-host-key-{index}" if n > 1 else "cognivern-prod-host-key"
+        assert run.get(key_name).urn in server.dependencies
+    assert len(set(pins.values())) == n, "each server gets its own key"
+    remote = [r for r in run.registrations if r.type in REMOTE]
+    assert len(remote) >= 8 * n
+    for reg in remote:
+        conn = unsecret(reg.inputs["connection"])
+        assert conn["hostKey"] == pins[conn["host"]], reg.name
+    assert not [w for w in run.warnings if "host key is not checked" in w]
+
+
+def test_an_existing_servers_pin_set_by_the_operator_wins_over_the_generated_key() -> None:
+    """A server created before the program generated keys ignores the new user data (ignore_changes)."""
+    own = generate_ed25519()[1]
+    run = run_program({**HETZNER, "hostKey": own})
+    for reg in [r for r in run.registrations if r.type in REMOTE]:
+        assert unsecret(reg.inputs["connection"])["hostKey"] == own, reg.name
+
+
+def test_the_key_is_created_once_and_never_changes() -> None:
+    provider = HostKeyProvider()
+    first, second = provider.create({}), provider.create({})
+    assert first.outs is not None and second.outs is not None
+    assert first.outs["public_key"] != second.outs["public_key"]
+    assert public_of(first.outs["private_key"]) == first.outs["public_key"]
+    assert provider.diff("id", first.outs, {"private_key": None, "public_key": None}).changes is False
+
+
+def test_cloud_init_schema_accepts_the_user_data_with_ssh_keys(tmp_path: Path) -> None:
+    private, public = generate_ed25519()
+    text = user_data_with_host_key(CLOUD_INIT.read_text(), private, public)
+    assert text.startswith("#cloud-config\n")
+    assert yaml.safe_load(text)["ssh_keys"] == {"ed25519_private": private, "ed25519_public": public}
+    good = tmp_path / "user-data.yaml"
+    good.write_text(text)
+    result = _schema(good)
+    assert result.returncode == 0, result.stdout + result.stderr
+    bad = tmp_path / "bad.yaml"  # control: a key name cloud-init does not know is refused
+    bad.write_text(text.replace("ed25519_private", "ed25519_secret"))
+    assert _schema(bad).returncode != 0
+
+
+def _schema(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["cloud-init", "schema", "--config-file", str(path)], capture_output=True, text=True, check=False)
+
+
+def test_an_unpinned_existing_host_warns_with_the_commands_and_require_host_key_refuses_it() -> None:
+    run = run_program({"release": "v1", "host": "192.0.2.10", "sshPort": "2222"})
+    (warning,) = [w for w in run.warnings if "host key is not checked" in w]
+    assert "ssh-keyscan -p 2222 -t ed25519 192.0.2.10" in warning
+    assert "pulumi config set cognivern:hostKey" in warning and "requireHostKey" in warning
+    pinned = run_program({"release": "v1", "host": "192.0.2.10", "hostKey": generate_ed25519()[1]})
+    assert not [w for w in pinned.warnings if "host key is not checked" in w]
+
+    hosts = run_program({"release": "v1", "hosts": ["192.0.2.10", "192.0.2.11"], "hostKeys": {"192.0.2.10": generate_ed25519()[1]}})
+    (warning,) = [w for w in hosts.warnings if "host key is not checked" in w]
+    assert warning.startswith("192.0.2.11:") and """'cognivern:hostKeys["192.0.2.11"]' --path""" in warning
+
+    with pytest.raises(RunError, match=r"cognivern:requireHostKey: is true but no host key is pinned for 192.0.2.10"):
+        run_program({"release": "v1", "host": "192.0.2.10", "requireHostKey": "true"})
+    created = run_program({**HETZNER, "requireHostKey": "true"})  # created servers are always pinned
+    assert created.by_type(SERVER)
+
+
+# ---------------------------------------------------------------- real SSH through the engine stand-in
+
+PROGRAM = """
+import pulumi
+from pulumi_command import remote
+
+cfg = pulumi.Config("cognivern")
+conn = remote.ConnectionArgs(
+    host="127.0.0.1", port=int(cfg.require("port")), user="root", private_key=cfg.require_secret("key"), host_key=cfg.require("hostKey")
+)
+remote.Command("touch", connection=conn, create="touch " + cfg.require("marker") + " && echo ran")
+"""
+
+
+@pytest.fixture
+def sshd_with_generated_key() -> Iterator[LocalSshd]:
+    """A real sshd whose host key is one the program's provider generated, written as cloud-init writes it (0600)."""
+    daemon = LocalSshd()
+    private, public = generate_ed25519()
+    key_path = daemon.dir / "ssh_host_ed25519_key"
+    key_path.write_text(private)
+    key_path.chmod(0o600)
+    key_path.with_suffix(".pub").write_text(public + "\n")
+    daemon.host_key = public
+    with daemon:
+        yield daemon
+
+
+def _up(sshd: LocalSshd, tmp: Path, host_key: str) -> tuple[Engine, Path, Any]:
+    program = tmp / "program.py"
+    program.write_text(PROGRAM)
+    marker = tmp / "ran"
+    engine = Engine(tmp / "state", program=program)
+    config = {"port": str(sshd.port), "key": sshd.private_key, "hostKey": host_key, "marker": str(marker)}
+    try:
+        return engine, marker, engine.up(config, secret_keys=["key"])
+    except RunFailedError as failed:
+        return engine, marker, failed.report
+
+
+def test_real_ssh_a_pin_to_another_key_fails_before_any_command_runs(sshd_with_generated_key: LocalSshd, tmp_path: Path) -> None:
+    engine, marker, report = _up(sshd_with_generated_key, tmp_path, generate_ed25519()[1])
+    assert not report.ok and not marker.exists()
+    assert "Host key verification failed" in str(report.error)
+    assert engine.state()["resources"] == {}
+    assert "Accepted publickey" not in sshd_with_generated_key.log_path.read_text()
+
+
+def test_real_ssh_the_generated_key_served_by_sshd_is_accepted(sshd_with_generated_key: LocalSshd, tmp_path: Path) -> None:
+    """Control: the same setup pinned to the key the server really has runs the command."""
+    _, marker, report = _up(sshd_with_generated_key, tmp_path, sshd_with_generated_key.host_key)
+    assert report.ok, report.error
+    assert marker.exists()
