@@ -211,6 +211,8 @@ def render_release_conf(s: Settings) -> str:
         "HEALTH_TIMEOUT": str(s.health_timeout),
         "KEEP_RELEASES": str(s.keep_releases),
         "DATA_BACKUPS_KEEP": str(s.data_backups_keep),
+        # names only: the tool masks these variables' values (from shared/.env) in what it prints
+        "SECRET_KEYS": " ".join(sorted(s.secret_env)),
     }
     lines = ["# Managed by cognivern-infra (pulumi up): settings for cognivern-release."]
     lines += [f"{k}={shlex.quote(v)}" for k, v in values.items()]
