@@ -9,6 +9,9 @@ command runs, while the generated key served by a real sshd is accepted.
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,8 @@ def test_every_connection_to_a_created_server_carries_that_servers_generated_key
     for key in run.by_type(HOST_KEY_TYPE):
         assert components[key.parent] == "cognivern-prod" and key.additional_secret_outputs == ["private_key"]
     pins = {}
-    for index, server in enumerate(servers, start=1):
+    for index in range(1, n + 1):  # by name: servers register as their keys resolve, in any order
+        server = run.get(f"cognivern-prod-server-{index}" if n > 1 else "cognivern-prod-server")
         address = f"203.0.113.{10 + index}" if n > 1 else "203.0.113.10"
         pins[address] = injected_key(server)[1]
         key_name = f"cognivern-prod-host-key-{index}" if n > 1 else "cognivern-prod-host-key"
@@ -174,3 +178,51 @@ def test_real_ssh_the_generated_key_served_by_sshd_is_accepted(sshd_with_generat
     _, marker, report = _up(sshd_with_generated_key, tmp_path, sshd_with_generated_key.host_key)
     assert report.ok, report.error
     assert marker.exists()
+
+
+# ---------------------------------------------------------------- the metadata service
+
+
+@pytest.fixture
+def metadata_netns(tmp_path: Path) -> Iterator[str]:
+    """A private network namespace with an HTTP server on 169.254.169.254, standing in for Hetzner's metadata service."""
+    ns = f"cgvmeta{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", "169.254.169.254/32", "dev", "lo"], check=True)
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", "--bind", "169.254.169.254", "80"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=tmp_path,
+        )
+        deadline = time.monotonic() + 20
+        while _fetch(ns, as_user=None) != "200":
+            assert time.monotonic() < deadline and server.poll() is None, "metadata stand-in did not start"
+            time.sleep(0.1)
+        yield ns
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+def _fetch(ns: str, as_user: str | None) -> str:
+    curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "http://169.254.169.254/"]
+    user = ["runuser", "-u", as_user, "--"] if as_user else []
+    return subprocess.run(["ip", "netns", "exec", ns, *user, *curl], capture_output=True, text=True, check=False).stdout
+
+
+def test_only_root_can_read_the_metadata_service_after_boot(metadata_netns: str) -> None:
+    """The cloud-config's bootcmd, run as cloud-init runs it (every boot: twice here), blocks every other user."""
+    (bootcmd,) = yaml.safe_load(CLOUD_INIT.read_text())["bootcmd"]
+    assert _fetch(metadata_netns, as_user="nobody") == "200"  # control: readable by anyone before
+    for _boot in range(2):
+        subprocess.run(["ip", "netns", "exec", metadata_netns, *bootcmd], check=True, capture_output=True)
+    assert _fetch(metadata_netns, as_user=None) == "200", "root (cloud-init) still reads it"
+    assert _fetch(metadata_netns, as_user="nobody") == "000", "any other user is refused"
+    rules = subprocess.run(["ip", "netns", "exec", metadata_netns, "nft", "list", "ruleset"], capture_output=True, text=True, check=True)
+    assert rules.stdout.count("169.254.169.254") == 1, "a second boot does not stack rules"
