@@ -226,3 +226,30 @@ def test_only_root_can_read_the_metadata_service_after_boot(metadata_netns: str)
     assert _fetch(metadata_netns, as_user="nobody") == "000", "any other user is refused"
     rules = subprocess.run(["ip", "netns", "exec", metadata_netns, "nft", "list", "ruleset"], capture_output=True, text=True, check=True)
     assert rules.stdout.count("169.254.169.254") == 1, "a second boot does not stack rules"
+
+
+# ---------------------------------------------------------------- the engine stand-in runs dynamic resources
+
+KEY_PROGRAM = """
+import pulumi
+from components.server.host_key import HostKey
+
+key = HostKey("server-host-key")
+pulumi.export("publicKey", key.public_key)
+"""
+
+
+def test_the_engine_stand_in_creates_the_key_once_and_keeps_it(tmp_path: Path) -> None:
+    """As the engine does with a dynamic provider: create, then its `diff` (no changes) keeps it as it is."""
+    program = tmp_path / "program.py"
+    program.write_text(KEY_PROGRAM)
+    engine = Engine(tmp_path / "state", program=program)
+    first = engine.up({})
+    assert first.ops() == {"server-host-key": "create"}
+    public = first.outputs["publicKey"]
+    assert public.startswith("ssh-ed25519 ")
+    (stored,) = engine.state()["resources"].values()
+    assert public_of(stored["outputs"]["private_key"]) == public and stored["additionalSecretOutputs"] == ["private_key"]
+    assert engine.preview({}).ops() == {"server-host-key": "same"}
+    again = engine.up({})
+    assert again.ops() == {"server-host-key": "same"} and again.outputs["publicKey"] == public
