@@ -61,8 +61,11 @@ if settings.creates_server:
     )
     addresses = list(server.ipv4_addresses)
     # A server created before the program generated host keys ignores the new user data: its
-    # operator pins its real key with cognivern:hostKey (README, "Host keys").
-    pins = [settings.host_key] if settings.host_key and settings.servers == 1 else list(server.host_keys)
+    # operator pins its real key with cognivern:hostKey/hostKeys (README, "Host keys").
+    pins = [
+        pulumi.Output.all(address, generated).apply(lambda v: settings.created_server_pin(v[0]) or v[1])
+        for address, generated in zip(server.ipv4_addresses, server.host_keys, strict=True)
+    ]
     public_address = server.ipv4_address
     if settings.servers > 1:
         balancer = Balancer(

@@ -152,6 +152,12 @@ class Settings:
         """The non-secret part of shared/.env: program-owned keys first, then `env`."""
         return {"PORT": str(self.port), "HOST": APP_HOST, "AGENTS_ENABLED": "true" if self.agents_enabled else "false", **self.env}
 
+    def created_server_pin(self, address: str) -> str | None:
+        """The operator's pin for a created server (one created before the program generated host
+        keys ignores the new user data): its `hostKeys` entry, else `hostKey` on a one-server
+        stack. None: the key the program generated for it."""
+        return self.host_keys.get(address, self.host_key if self.servers == 1 else None)
+
     @property
     def unpinned_hosts(self) -> tuple[str, ...]:
         """Existing servers whose host key is not pinned (created servers are pinned to a generated key)."""
@@ -286,16 +292,17 @@ def _hosts(raw: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _host_keys(raw: Any, hosts: tuple[str, ...]) -> dict[str, str]:
-    """`hostKeys`: a pin per address of `hosts` (address -> 'ssh-ed25519 AAAA...')."""
+def _host_keys(raw: Any, hosts: tuple[str, ...], host: str | None = None) -> dict[str, str]:
+    """`hostKeys`: a pin per address of `hosts`, or of created servers that predate the generated
+    host keys (their addresses are only known once they exist) (address -> 'ssh-ed25519 AAAA...')."""
     if not raw:
         return {}
-    if not hosts:
-        raise _fail("hostKeys", "pins keys of cognivern:hosts; set cognivern:hosts, or use cognivern:hostKey for one host")
+    if host is not None:
+        raise _fail("hostKeys", "pins keys of cognivern:hosts or of created servers; with cognivern:host use cognivern:hostKey")
     out: dict[str, str] = {}
     for address, key in raw.items():
         normalised = _host(str(address), "hostKeys")
-        if normalised not in hosts:
+        if hosts and normalised not in hosts:
             raise _fail("hostKeys", f"{address} is not one of cognivern:hosts ({', '.join(hosts)})")
         if not isinstance(key, str):
             raise _fail("hostKeys", f"{address}: must be a host key line 'ssh-ed25519 AAAA...'")
@@ -353,7 +360,7 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
     host_key = r.string("hostKey")
     if host_key is not None:
         _pattern("hostKey", host_key, HOST_KEY_RE, "the server's public host key line: 'ssh-ed25519 AAAA...'")
-    host_keys = _host_keys(r.json_value("hostKeys", dict, "an object of address: 'ssh-ed25519 AAAA...'"), hosts)
+    host_keys = _host_keys(r.json_value("hostKeys", dict, "an object of address: 'ssh-ed25519 AAAA...'"), hosts, host)
 
     private_key = r.raw("sshPrivateKey")
     if private_key is not None and "PRIVATE KEY-----" not in private_key:

@@ -79,6 +79,13 @@ def test_an_existing_servers_pin_set_by_the_operator_wins_over_the_generated_key
     for reg in [r for r in run.registrations if r.type in REMOTE]:
         assert unsecret(reg.inputs["connection"])["hostKey"] == own, reg.name
 
+    # several servers: hostKeys by address pins the old ones; the others keep their generated key
+    run = run_program({**HETZNER, "servers": "2", "hostKeys": {"203.0.113.12": own}}, mocks=HetznerMocks())
+    generated = injected_key(run.get("cognivern-prod-server-1"))[1]
+    for reg in [r for r in run.registrations if r.type in REMOTE]:
+        conn = unsecret(reg.inputs["connection"])
+        assert conn["hostKey"] == {"203.0.113.11": generated, "203.0.113.12": own}[conn["host"]], reg.name
+
 
 def test_the_key_is_created_once_and_never_changes() -> None:
     provider = HostKeyProvider()

@@ -123,7 +123,7 @@ BAD = [
     ({"hosts": '["2001:db8::1", "2001:DB8::1"]'}, "cognivern:hosts: 2001:db8::1 is listed twice"),
     ({"hosts": json.dumps([f"192.0.2.{i}" for i in range(11)])}, "cognivern:hosts: lists 11 addresses; at most 10"),
     ({"hosts": '{"a": "192.0.2.1"}'}, "cognivern:hosts: must be a list"),
-    ({"hostKeys": json.dumps({"192.0.2.1": KEY})}, "cognivern:hostKeys: pins keys of cognivern:hosts"),
+    ({"host": "192.0.2.1", "hostKeys": json.dumps({"192.0.2.1": KEY})}, "cognivern:hostKeys: pins keys of cognivern:hosts"),
     ({"hosts": '["192.0.2.1"]', "hostKeys": '{"192.0.2.1": "AAAA"}'}, "cognivern:hostKeys: 'AAAA' is not allowed"),
 ]
 
