@@ -112,6 +112,13 @@ def connection_to(address: pulumi.Input[str], host_key: pulumi.Input[str] | None
     )
 
 
+def known_hosts(values: list[Any]) -> str:
+    """known_hosts lines for the pinned servers (`pulumi stack output knownHosts >> ~/.ssh/known_hosts`)."""
+    count = len(values) // 2
+    target = "{}" if settings.ssh_port == 22 else f"[{{}}]:{settings.ssh_port}"
+    return "".join(f"{target.format(a)} {k}\n" for a, k in zip(values[:count], values[count:], strict=True) if k)
+
+
 # One Host and one Release per server. Server 1 of a one-server stack keeps today's names
 # (`{name}`, `{name}-release`); otherwise server i is `{name}-{i}` and `{name}-{i}-release`.
 nodes = [f"{name}-{index}" if settings.indexed else name for index in range(1, len(addresses) + 1)]
@@ -144,6 +151,7 @@ else:
     web_host = settings.server_name if settings.server_name != "_" else public_address
     pulumi.export("url", pulumi.Output.concat("http://", web_host, "/"))
 pulumi.export("sshCommand", pulumi.Output.concat("ssh -p ", str(settings.ssh_port), " ", settings.ssh_user, "@", addresses[0]))
+pulumi.export("knownHosts", pulumi.Output.all(*addresses, *pins).apply(known_hosts))
 pulumi.export("activeRelease", first.active_release)
 pulumi.export("previousRelease", first.previous_release)
 pulumi.export("releases", first.releases)

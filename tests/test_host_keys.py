@@ -64,6 +64,7 @@ def test_every_connection_to_a_created_server_carries_that_servers_generated_key
         key_name = f"cognivern-prod-host-key-{index}" if n > 1 else "cognivern-prod-host-key"
         assert run.get(key_name).urn in server.dependencies
     assert len(set(pins.values())) == n, "each server gets its own key"
+    assert run.outputs["knownHosts"] == "".join(f"{address} {key}\n" for address, key in sorted(pins.items()))
     remote = [r for r in run.registrations if r.type in REMOTE]
     assert len(remote) >= 8 * n
     for reg in remote:
@@ -119,8 +120,11 @@ def test_an_unpinned_existing_host_warns_with_the_commands_and_require_host_key_
     (warning,) = [w for w in run.warnings if "host key is not checked" in w]
     assert "ssh-keyscan -p 2222 -t ed25519 192.0.2.10" in warning
     assert "pulumi config set cognivern:hostKey" in warning and "requireHostKey" in warning
-    pinned = run_program({"release": "v1", "host": "192.0.2.10", "hostKey": generate_ed25519()[1]})
+    assert run.outputs["knownHosts"] == ""
+    pin = generate_ed25519()[1]
+    pinned = run_program({"release": "v1", "host": "192.0.2.10", "hostKey": pin, "sshPort": "2222"})
     assert not [w for w in pinned.warnings if "host key is not checked" in w]
+    assert pinned.outputs["knownHosts"] == f"[192.0.2.10]:2222 {pin}\n"
 
     hosts = run_program({"release": "v1", "hosts": ["192.0.2.10", "192.0.2.11"], "hostKeys": {"192.0.2.10": generate_ed25519()[1]}})
     (warning,) = [w for w in hosts.warnings if "host key is not checked" in w]
