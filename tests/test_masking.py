@@ -42,7 +42,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReleaseHost]:
     try:
         h.install("good", *build_release_tarball(out, "good", "ok"))
         h.ok("activate", "good")
-        for rid, mode in (("boot-crash", "crash"), ("late-crash", "crash-after-preflight")):
+        for rid, mode in (("boot-crash", "crash"), ("late-crash", "crash-after-preflight"), ("closed-crash", "crash")):
             h.install(rid, *build_release_tarball(out, rid, mode, logConfigAtBoot=True))
         yield h
     finally:
@@ -81,6 +81,22 @@ def test_a_release_that_fails_the_health_gate_prints_the_error_log_masked(host: 
     assert_masked(proc.stdout + proc.stderr)
     assert SECRET_VALUE in (host.root / "shared" / "logs" / "error.log").read_text()  # control, as above
     assert host.current() == "good"
+
+
+def test_when_the_values_cannot_be_read_the_log_is_withheld_not_printed(host: ReleaseHost) -> None:
+    """Fail closed: shared/.env unreadable for the app user, so the tool cannot know what to mask."""
+    env = host.root / "shared" / ".env"
+    stat = env.stat()
+    os.chown(env, 0, 0)
+    try:
+        proc = host.run("activate", "closed-crash")
+    finally:
+        os.chown(env, stat.st_uid, stat.st_gid)
+    assert proc.returncode == 1 and "pre-flight of closed-crash failed" in proc.stderr, proc.stderr
+    assert "(withheld: the secret values to mask it with could not be read" in proc.stderr
+    assert "crashing at boot on purpose" not in proc.stderr
+    # control: there was output to print (the pre-flight log the tool withheld)
+    assert "crashing at boot on purpose" in (host.root / ".deploy" / "preflight" / "closed-crash.log").read_text()
 
 
 def test_through_the_engine_the_secret_is_not_in_the_captured_output_or_state(tmp_path: Path) -> None:

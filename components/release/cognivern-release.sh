@@ -299,8 +299,9 @@ stop_app() {  # stop (not delete) the apps the ecosystem lists
 # logs: `pulumi up` shows it, and CI logs can be public. SECRET_KEYS (names only) comes from
 # cognivern.conf; the values are read from shared/.env by the app user (the file is the app's:
 # root never follows a link planted there) and reach this process on a pipe, never in argv.
-SECRET_VALUES_LOADED=0
+SECRET_VALUES_LOADED=0  # 1: loaded, 2: could not be read
 SECRET_VALUES=()
+readonly SECRET_VALUES_END=cognivern-secret-values-end
 load_secret_values() {
     [ "$SECRET_VALUES_LOADED" = 0 ] || return 0
     SECRET_VALUES_LOADED=1
@@ -310,8 +311,15 @@ load_secret_values() {
     done
     [ -n "${SECRET_KEYS:-}" ] || return 0
     # shellcheck disable=SC2016
-    mapfile -d '' -t SECRET_VALUES < <(as_app bash -c 'set -a; [ ! -r "$1" ] || . "$1" >/dev/null 2>&1; set +a
-        for k in $2; do [ -z "${!k:-}" ] || printf "%s\0" "${!k}"; done' mask "$ROOT/shared/.env" "$SECRET_KEYS" 2>/dev/null) || true
+    mapfile -d '' -t SECRET_VALUES < <(as_app bash -c '[ -r "$1" ] || exit 1; set -a; . "$1" >/dev/null 2>&1; set +a
+        for k in $2; do [ -z "${!k:-}" ] || printf "%s\0" "${!k}"; done; printf "%s\0" "$3"' \
+        mask "$ROOT/shared/.env" "$SECRET_KEYS" "$SECRET_VALUES_END" 2>/dev/null) || true
+    # fail closed: without the end marker the values are unknown, and nothing is printed unmasked
+    if [ "${#SECRET_VALUES[@]}" -eq 0 ] || [ "${SECRET_VALUES[-1]}" != "$SECRET_VALUES_END" ]; then
+        SECRET_VALUES_LOADED=2
+        return 0
+    fi
+    unset 'SECRET_VALUES[-1]'
     # longest first, so a secret that contains another is masked whole
     mapfile -d '' -t SECRET_VALUES < <(for k in "${SECRET_VALUES[@]}"; do printf '%s\t%s\0' "${#k}" "$k"; done |
         sort -z -rn | cut -z -f2-) || true
@@ -320,6 +328,11 @@ load_secret_values() {
 mask_secrets() {  # stdin -> stdout, every secretEnv value replaced by ***
     load_secret_values
     local line v
+    if [ "$SECRET_VALUES_LOADED" = 2 ]; then
+        cat >/dev/null
+        echo "(withheld: the secret values to mask it with could not be read from $ROOT/shared/.env)"
+        return 0
+    fi
     while IFS= read -r line || [ -n "$line" ]; do
         for v in "${SECRET_VALUES[@]}"; do line=${line//"$v"/***}; done
         printf '%s\n' "$line"
