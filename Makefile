@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := venv
 STACK ?= prod
 
-.PHONY: deploy preview test lint bench
+.PHONY: deploy preview test lint bench pulumi-cli
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,7 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.engine_bench --out reports/engine-bench.json
 	$(VENV)/bin/python -m bench.cluster_policy --out reports/cluster-policy.json
 	$(VENV)/bin/python -m bench.provision_rerun --out reports/provision-rerun.json
+
+## the Pulumi CLI at tools/pulumi/VERSION, built from Go modules into .tools/bin (cached per version)
+pulumi-cli:
+	tools/pulumi/build.sh

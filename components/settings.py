@@ -318,6 +318,22 @@ def _root(value: str) -> str:
     return value
 
 
+def _holds_secret(raw: str | None) -> bool:
+    """Whether a secret key's raw value carries anything to protect.
+
+    The CLI merges Pulumi.yaml defaults into the stack config as plain values before the program
+    runs (pulumi/pulumi pkg/workspace/config.go, mergeConfig): a stack that never sets secretEnv
+    hands the program the plain string `{}` (its `default: {}`). An empty object holds no secret,
+    so it is not refused; any non-empty plain value still is.
+    """
+    if raw is None:
+        return False
+    try:
+        return bool(json.loads(raw) != {})
+    except json.JSONDecodeError:
+        return True
+
+
 def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], bool] = lambda _k: True) -> Settings:
     """Build `Settings` from raw config strings (`get("release")` -> value or None).
 
@@ -325,7 +341,7 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
     """
     r = _Reader(get)
     for key in SECRET_KEYS:
-        if r.raw(key) is not None and not is_secret(key):
+        if _holds_secret(r.raw(key)) and not is_secret(key):
             raise _fail(key, f"must be stored encrypted: pulumi config set --secret {NAMESPACE}:{key} ...")
 
     release = r.string("release")

@@ -31,9 +31,10 @@ from unittest import mock
 import pulumi
 from pulumi.runtime import mocks as pulumi_mocks
 
+from tests.engine.project_config import check_secret_declarations, merge_project_defaults
 from tests.support import dynamic
 from tests.support import program as program_module
-from tests.support.program import SECRET_SIG, run_program
+from tests.support.program import PROJECT, SECRET_SIG, run_program
 
 SECRET_KEY = "4dabf18193072939515e22adb298388d"
 COMMAND = "command:remote:Command"
@@ -685,6 +686,17 @@ def _dependents_first(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- the engine
 
 
+def _with_project_defaults(config: Mapping[str, Any], secret_keys: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The CLI's mergeConfig: unset declared keys get their Pulumi.yaml default as a PLAIN value.
+
+    Only keys the stack itself sets can be secret (a default never is), so `secret_keys` naming a
+    key the stack leaves unset does not hide what the real CLI hands the program.
+    """
+    qualified = {key if ":" in key else f"{PROJECT}:{key}" for key in config}
+    kept = [key for key in secret_keys if (key if ":" in key else f"{PROJECT}:{key}") in qualified]
+    return merge_project_defaults(config), kept
+
+
 class Engine:
     """Runs the program against real hosts and keeps per-stack state in `state_dir/<stack>.json`.
 
@@ -732,6 +744,9 @@ class Engine:
                     patches.enter_context(mock.patch.object(program_module, "RecordingMonitor", run.monitor_class()))
                     if self.program is not None:
                         patches.enter_context(mock.patch.object(program_module, "MAIN", self.program))
+                    if self.program is None:  # the repo's program: its Pulumi.yaml defaults, merged as the CLI does
+                        config, secret_keys = _with_project_defaults(config, secret_keys)
+                        check_secret_declarations(stack, config, {k if ":" in k else f"{PROJECT}:{k}" for k in secret_keys})
                     result = run_program(config, secret_keys=tuple(secret_keys), stack=stack, preview=preview, mocks=run)
                 outputs = result.outputs
             except BaseException as err:  # the program's own error (RunError) or the first failed resource
