@@ -8,6 +8,7 @@ command runs, while the generated key served by a real sshd is accepted.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from pulumi import RunError
 from components.server.host_key import HostKeyProvider, generate_ed25519, user_data_with_host_key
 from tests.engine import Engine, RunFailedError
 from tests.support.program import Registration, is_secret, run_program, unsecret
+from tests.support.pulumi_cli import PulumiProject
 from tests.support.sshd import LocalSshd
 from tests.test_program import HETZNER, HetznerMocks
 
@@ -264,3 +266,38 @@ def test_the_engine_stand_in_creates_the_key_once_and_keeps_it(tmp_path: Path) -
     assert engine.preview({}).ops() == {"server-host-key": "same"}
     again = engine.up({})
     assert again.ops() == {"server-host-key": "same"} and again.outputs["publicKey"] == public
+
+
+# ---------------------------------------------------------------- the real engine (make pulumi-cli)
+
+
+def test_the_real_engine_creates_the_key_once_keeps_it_and_encrypts_its_private_half(tmp_path: Path) -> None:
+    """The real CLI runs the dynamic provider through its plugin host (`pulumi-resource-pulumi-python`,
+    which runs `python -m pulumi.dynamic`; the Go-built CLI does not ship that script, so the test
+    provides the same one-liner on PATH)."""
+    project = PulumiProject(tmp_path)
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    plugin = plugin_dir / "pulumi-resource-pulumi-python"
+    plugin.write_text(f'#!/bin/sh\nexec {sys.executable} -u -m pulumi.dynamic "$@"\n')
+    plugin.chmod(0o755)
+    project.env["PATH"] = f"{plugin_dir}:{project.env['PATH']}"
+    project.init({"cognivern:release": "v1", "cognivern:host": "192.0.2.10"})  # Pulumi.yaml requires release
+    first = _inline(project, "up")
+    assert first["ok"], first["error"]
+    public = first["outputs"]["publicKey"]["value"]
+    assert public.startswith("ssh-ed25519 ") and first["outputs"]["publicKey"]["secret"] is False
+    assert first["outputs"]["privateKey"]["secret"] is True
+    assert public_of(first["outputs"]["privateKey"]["value"]) == public
+    again = _inline(project, "up")
+    assert again["ok"] and again["outputs"]["publicKey"]["value"] == public, "never regenerated"
+    assert "PRIVATE KEY" not in project.raw_state(), "the private half is encrypted in state"
+    assert public in project.raw_state()
+
+
+def _inline(project: PulumiProject, op: str) -> dict[str, Any]:
+    done = project.inline("hostkey", op)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no result line:\n{done.stdout}\n{done.stderr}"
+    out: dict[str, Any] = json.loads(lines[-1])
+    return out
