@@ -7,6 +7,7 @@ committed stack files are checked here, and the program reads its own stack file
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 from components.security import plain_secret_leaves, stack_file_warnings
 from components.settings import SECRET_KEYS
 from tests.support.program import REPO, run_program
+from tests.support.pulumi_cli import PulumiProject
 from tests.test_program import EXISTING, HETZNER
 
 LEAKY = {
@@ -92,3 +94,18 @@ def test_ssh_open_to_the_world_warns_with_the_command_on_every_preview() -> None
         assert "pulumi config set --path 'cognivern:sshAllowedCidrs[0]' YOUR.IP.ADDRESS/32" in warning
     assert not [w for w in run_program(HETZNER).warnings if "SSH (port 22)" in w]
     assert not [w for w in run_program(EXISTING).warnings if "SSH (port 22)" in w]  # no firewall of ours there
+
+
+def test_the_check_finds_exactly_the_leaf_the_real_cli_writes_in_clear_text(tmp_path: Path) -> None:
+    """`pulumi config set --path` (make pulumi-cli) of a plain leaf beside an encrypted one: the CLI
+    accepts it and Pulumi counts the object as secret, but the stack file shows it and so do we."""
+    project = PulumiProject(tmp_path)
+    project.init({"cognivern:release": "v1", "cognivern:host": "192.0.2.10"})
+    project.set("cognivern:secretEnv.GOOD", "an-encrypted-value", secret=True)
+    project.set("cognivern:secretEnv.NEW", "typed-without-secret", plaintext=True)
+    listed = json.loads(project.run("config", "--json").stdout)
+    assert listed["cognivern:secretEnv"]["secret"] is True, "Pulumi's view: the whole object is secret"
+    config = yaml.safe_load(project.stack_file())["config"]
+    assert plain_secret_leaves(config) == ["cognivern:secretEnv.NEW"]
+    (warning,) = stack_file_warnings(project.dir / f"Pulumi.{project.stack}.yaml")
+    assert "cognivern:secretEnv.NEW in clear text" in warning and "an-encrypted-value" not in project.stack_file()
