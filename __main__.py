@@ -18,6 +18,7 @@ from components.balancer import Balancer, BalancerArgs
 from components.envfile import drift_warnings, load_env_example
 from components.host import Host, HostArgs
 from components.release import ArtifactError, Release, ReleaseArgs, resolve_artifact, rolling_activation
+from components.security import security_warnings
 from components.server import Server, ServerArgs
 from components.settings import NAMESPACE, ConfigError, parse_settings
 
@@ -28,12 +29,19 @@ try:
     artifact = resolve_artifact(settings.release, PROJECT_DIR, settings.artifact, settings.artifact_url, settings.artifact_sha256)
 except (ConfigError, ArtifactError) as err:
     raise pulumi.RunError(str(err)) from None
-for warning in [*settings.warnings, *drift_warnings(load_env_example(PROJECT_DIR / ".env.example"), settings)]:
+stack_file = PROJECT_DIR / f"Pulumi.{pulumi.get_stack()}.yaml"
+for warning in [
+    *settings.warnings,
+    *drift_warnings(load_env_example(PROJECT_DIR / ".env.example"), settings),
+    *security_warnings(settings, stack_file),
+]:
     pulumi.log.warn(warning)
 
 name = f"cognivern-{pulumi.get_stack()}"
 labels = {"app": "cognivern", "stack": pulumi.get_stack(), "managed-by": "pulumi"}
 addresses: list[pulumi.Input[str]]
+# The pin of each server's host key, in server order (None: not checked; warned above).
+pins: list[pulumi.Input[str] | None]
 public_address: pulumi.Input[str]
 server_ids: list[pulumi.Output[Any] | None]
 if settings.creates_server:
@@ -54,6 +62,12 @@ if settings.creates_server:
     )
     addresses = list(server.ipv4_addresses)
     server_ids = list(server.server_ids)
+    # A server created before the program generated host keys ignores the new user data: its
+    # operator pins its real key with cognivern:hostKey/hostKeys (README, "Host keys").
+    pins = [
+        pulumi.Output.all(address, generated).apply(lambda v: settings.created_server_pin(v[0]) or v[1])
+        for address, generated in zip(server.ipv4_addresses, server.host_keys, strict=True)
+    ]
     public_address = server.ipv4_address
     if settings.servers > 1:
         balancer = Balancer(
@@ -79,17 +93,19 @@ if settings.creates_server:
 elif settings.hosts:
     addresses = list(settings.hosts)
     server_ids = [None] * len(addresses)
+    pins = [settings.host_key_for(address) for address in settings.hosts]
     public_address = settings.hosts[0]
     pulumi.export("hosts", list(settings.hosts))
 else:
     assert settings.host is not None
     addresses = [settings.host]
     server_ids = [None]
+    pins = [settings.host_key]
     public_address = settings.host
     pulumi.export("host", settings.host)
 
 
-def connection_to(address: pulumi.Input[str], host_key: str | None) -> remote.ConnectionArgs:
+def connection_to(address: pulumi.Input[str], host_key: pulumi.Input[str] | None) -> remote.ConnectionArgs:
     return remote.ConnectionArgs(
         host=address,
         port=settings.ssh_port,
@@ -100,13 +116,19 @@ def connection_to(address: pulumi.Input[str], host_key: str | None) -> remote.Co
     )
 
 
+def known_hosts(values: list[Any]) -> str:
+    """known_hosts lines for the pinned servers (`pulumi stack output knownHosts >> ~/.ssh/known_hosts`)."""
+    count = len(values) // 2
+    target = "{}" if settings.ssh_port == 22 else f"[{{}}]:{settings.ssh_port}"
+    return "".join(f"{target.format(a)} {k}\n" for a, k in zip(values[:count], values[count:], strict=True) if k)
+
+
 # One Host and one Release per server. Server 1 of a one-server stack keeps today's names
 # (`{name}`, `{name}-release`); otherwise server i is `{name}-{i}` and `{name}-{i}-release`.
 nodes = [f"{name}-{index}" if settings.indexed else name for index in range(1, len(addresses) + 1)]
 releases: list[Release] = []
-for node, address, server_id in zip(nodes, addresses, server_ids, strict=True):
-    host_key = settings.host_key_for(address) if isinstance(address, str) else settings.host_key
-    connection = connection_to(address, host_key)
+for node, address, pin, server_id in zip(nodes, addresses, pins, server_ids, strict=True):
+    connection = connection_to(address, pin)
     host = Host(node, HostArgs(connection=connection, settings=settings))
     releases.append(
         Release(
@@ -134,6 +156,7 @@ else:
     web_host = settings.server_name if settings.server_name != "_" else public_address
     pulumi.export("url", pulumi.Output.concat("http://", web_host, "/"))
 pulumi.export("sshCommand", pulumi.Output.concat("ssh -p ", str(settings.ssh_port), " ", settings.ssh_user, "@", addresses[0]))
+pulumi.export("knownHosts", pulumi.Output.all(*addresses, *pins).apply(known_hosts))
 pulumi.export("activeRelease", first.active_release)
 pulumi.export("previousRelease", first.previous_release)
 pulumi.export("releases", first.releases)

@@ -116,6 +116,33 @@ def https_redirect_snippet(name: str) -> str:
     return f"snippets/{name}.https-redirect.conf"
 
 
+# cognivern:framePolicy -> (X-Frame-Options, CSP frame-ancestors); "any" sends neither.
+FRAME_HEADERS = {"same-origin": ("SAMEORIGIN", "'self'"), "deny": ("DENY", "'none'")}
+REFERRER_POLICY = "strict-origin-when-cross-origin"
+
+
+def security_headers(s: Settings, indent: str) -> str:
+    """Headers on every proxied answer: no MIME sniffing, no full URLs leaked as referrers, and the
+    frame policy. nginx drops inherited add_header lines in a block that has its own, so the caller
+    puts these in the same block as any other add_header."""
+    headers = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", REFERRER_POLICY)]
+    if s.frame_policy in FRAME_HEADERS:
+        frame_options, ancestors = FRAME_HEADERS[s.frame_policy]
+        headers += [("X-Frame-Options", frame_options), ("Content-Security-Policy", f"frame-ancestors {ancestors}")]
+    return "\n".join(f'{indent}add_header {name} "{value}" always;' for name, value in headers)
+
+
+def behind_balancer(s: Settings) -> bool:
+    """Several servers (ours behind the Hetzner balancer, or `hosts` behind the operator's)."""
+    return s.node_count > 1 or bool(s.hosts)
+
+
+def forwarded_for(s: Settings) -> str:
+    """Facing the world, X-Forwarded-For is the peer's address alone: appending would pass on
+    whatever the client claimed. Behind a balancer, keep its header and append the balancer."""
+    return "$proxy_add_x_forwarded_for" if behind_balancer(s) else "$remote_addr"
+
+
 def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: str = ACME_WEBROOT, hsts: bool = False) -> str:
     """The HTTP site. Without a domain: exactly as before TLS existed. With one (TLS mode): plus the
     ACME challenge location and, in every other location, the include that tls.sh turns into a 301.
@@ -139,6 +166,8 @@ def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: s
             "https_redirect": redirect,
             "health_path": s.health_path,
             "hsts": f'        add_header Strict-Transport-Security "max-age={HSTS_MAX_AGE}" always;' if hsts else "",
+            "security_headers": security_headers(s, " " * 8),
+            "forwarded_for": forwarded_for(s),
         },
     )
 
@@ -166,6 +195,8 @@ def render_nginx_tls_site(
             "cert_dir": f"{letsencrypt_dir}/live/{domain}",
             "hsts": hsts,
             "health_path": s.health_path,
+            "security_headers": security_headers(s, " " * 4),
+            "forwarded_for": forwarded_for(s),
         },
     )
 
@@ -180,6 +211,8 @@ def render_release_conf(s: Settings) -> str:
         "HEALTH_TIMEOUT": str(s.health_timeout),
         "KEEP_RELEASES": str(s.keep_releases),
         "DATA_BACKUPS_KEEP": str(s.data_backups_keep),
+        # names only: the tool masks these variables' values (from shared/.env) in what it prints
+        "SECRET_KEYS": " ".join(sorted(s.secret_env)),
     }
     lines = ["# Managed by cognivern-infra (pulumi up): settings for cognivern-release."]
     lines += [f"{k}={shlex.quote(v)}" for k, v in values.items()]

@@ -50,7 +50,11 @@ DEPRECATED_SERVER_TYPES = frozenset(
     {"cx11", "cx21", "cx31", "cx41", "cx51", "cx22", "cx32", "cx42", "cx52"} | {"cpx11", "cpx21", "cpx31", "cpx41", "cpx51"}
 )
 # Keys the program writes into shared/.env itself; `env`/`secretEnv` may not override them.
-RESERVED_ENV_KEYS = frozenset({"PORT", "AGENTS_ENABLED"})
+RESERVED_ENV_KEYS = frozenset({"PORT", "HOST", "AGENTS_ENABLED"})
+# The app binds to loopback (nginx is its only client), when it honours HOST.
+APP_HOST = "127.0.0.1"
+# cognivern:framePolicy -> who may frame the app's pages (nginx X-Frame-Options + CSP frame-ancestors).
+FRAME_POLICIES = ("same-origin", "deny", "any")
 SECRET_KEYS = ("sshPrivateKey", "secretEnv")
 
 
@@ -103,6 +107,8 @@ class Settings:
     domain: str | None = None
     acme_email: str | None = None
     acme_server: str = LETS_ENCRYPT
+    require_host_key: bool = False
+    frame_policy: str = "same-origin"
     warnings: tuple[str, ...] = ()
 
     @property
@@ -144,7 +150,20 @@ class Settings:
     @property
     def stack_env(self) -> dict[str, str]:
         """The non-secret part of shared/.env: program-owned keys first, then `env`."""
-        return {"PORT": str(self.port), "AGENTS_ENABLED": "true" if self.agents_enabled else "false", **self.env}
+        return {"PORT": str(self.port), "HOST": APP_HOST, "AGENTS_ENABLED": "true" if self.agents_enabled else "false", **self.env}
+
+    def created_server_pin(self, address: str) -> str | None:
+        """The operator's pin for a created server (one created before the program generated host
+        keys ignores the new user data): its `hostKeys` entry, else `hostKey` on a one-server
+        stack. None: the key the program generated for it."""
+        return self.host_keys.get(address, self.host_key if self.servers == 1 else None)
+
+    @property
+    def unpinned_hosts(self) -> tuple[str, ...]:
+        """Existing servers whose host key is not pinned (created servers are pinned to a generated key)."""
+        if self.hosts:
+            return tuple(h for h in self.hosts if self.host_key_for(h) is None)
+        return (self.host,) if self.host is not None and self.host_key is None else ()
 
 
 def _fail(key: str, message: str) -> ConfigError:
@@ -273,16 +292,17 @@ def _hosts(raw: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _host_keys(raw: Any, hosts: tuple[str, ...]) -> dict[str, str]:
-    """`hostKeys`: a pin per address of `hosts` (address -> 'ssh-ed25519 AAAA...')."""
+def _host_keys(raw: Any, hosts: tuple[str, ...], host: str | None = None) -> dict[str, str]:
+    """`hostKeys`: a pin per address of `hosts`, or of created servers that predate the generated
+    host keys (their addresses are only known once they exist) (address -> 'ssh-ed25519 AAAA...')."""
     if not raw:
         return {}
-    if not hosts:
-        raise _fail("hostKeys", "pins keys of cognivern:hosts; set cognivern:hosts, or use cognivern:hostKey for one host")
+    if host is not None:
+        raise _fail("hostKeys", "pins keys of cognivern:hosts or of created servers; with cognivern:host use cognivern:hostKey")
     out: dict[str, str] = {}
     for address, key in raw.items():
         normalised = _host(str(address), "hostKeys")
-        if normalised not in hosts:
+        if hosts and normalised not in hosts:
             raise _fail("hostKeys", f"{address} is not one of cognivern:hosts ({', '.join(hosts)})")
         if not isinstance(key, str):
             raise _fail("hostKeys", f"{address}: must be a host key line 'ssh-ed25519 AAAA...'")
@@ -356,7 +376,7 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
     host_key = r.string("hostKey")
     if host_key is not None:
         _pattern("hostKey", host_key, HOST_KEY_RE, "the server's public host key line: 'ssh-ed25519 AAAA...'")
-    host_keys = _host_keys(r.json_value("hostKeys", dict, "an object of address: 'ssh-ed25519 AAAA...'"), hosts)
+    host_keys = _host_keys(r.json_value("hostKeys", dict, "an object of address: 'ssh-ed25519 AAAA...'"), hosts, host)
 
     private_key = r.raw("sshPrivateKey")
     if private_key is not None and "PRIVATE KEY-----" not in private_key:
@@ -429,6 +449,11 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
     if acme_email is not None:
         _pattern("acmeEmail", acme_email, EMAIL_RE, "an e-mail address such as ops@example.com")
 
+    require_host_key = r.boolean("requireHostKey", False)
+    frame_policy = r.string("framePolicy", "same-origin") or "same-origin"
+    if frame_policy not in FRAME_POLICIES:
+        raise _fail("framePolicy", f"{frame_policy!r} is not allowed: {', '.join(FRAME_POLICIES)}")
+
     app_user = _pattern(
         "appUser",
         r.string("appUser", "cognivern") or "cognivern",
@@ -438,7 +463,7 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
     if app_user == "root":
         raise _fail("appUser", "must not be root: PM2 and the app run as an unprivileged user")
 
-    return Settings(
+    settings = Settings(
         release=release,
         host=host,
         ssh_user=_pattern(
@@ -488,5 +513,15 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
         domain=domain,
         acme_email=acme_email,
         acme_server=acme_server,
+        require_host_key=require_host_key,
+        frame_policy=frame_policy,
         warnings=tuple(warnings),
     )
+    if settings.require_host_key and settings.unpinned_hosts:
+        raise _fail(
+            "requireHostKey",
+            f"is true but no host key is pinned for {', '.join(settings.unpinned_hosts)}: set "
+            + ("cognivern:hostKeys" if hosts else "cognivern:hostKey")
+            + " (ssh-keyscan -t ed25519 ADDRESS, then check its fingerprint on the server's console)",
+        )
+    return settings

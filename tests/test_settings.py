@@ -31,7 +31,7 @@ def test_defaults_follow_the_document() -> None:
     assert (s.keep_releases, s.protect, s.backups, s.agents_enabled) == (5, True, False, False)
     assert s.ssh_allowed_cidrs == ("0.0.0.0/0", "::/0")
     assert s.creates_server and s.warnings == ()
-    assert s.stack_env == {"PORT": "3000", "AGENTS_ENABLED": "false"}
+    assert s.stack_env == {"PORT": "3000", "HOST": "127.0.0.1", "AGENTS_ENABLED": "false"}
 
 
 def test_existing_host_needs_no_public_key() -> None:
@@ -47,7 +47,14 @@ def test_env_values_may_hold_any_printable_text() -> None:
 
 def test_env_values_are_normalised_to_strings() -> None:
     s = parse(env='{"FLAG": true, "N": 3, "URL": "https://x/y?a=1&b=2"}', port="8080", agentsEnabled="true")
-    assert s.stack_env == {"PORT": "8080", "AGENTS_ENABLED": "true", "FLAG": "true", "N": "3", "URL": "https://x/y?a=1&b=2"}
+    assert s.stack_env == {
+        "PORT": "8080",
+        "HOST": "127.0.0.1",
+        "AGENTS_ENABLED": "true",
+        "FLAG": "true",
+        "N": "3",
+        "URL": "https://x/y?a=1&b=2",
+    }
 
 
 def test_deprecated_server_type_warns() -> None:
@@ -116,7 +123,7 @@ BAD = [
     ({"hosts": '["2001:db8::1", "2001:DB8::1"]'}, "cognivern:hosts: 2001:db8::1 is listed twice"),
     ({"hosts": json.dumps([f"192.0.2.{i}" for i in range(11)])}, "cognivern:hosts: lists 11 addresses; at most 10"),
     ({"hosts": '{"a": "192.0.2.1"}'}, "cognivern:hosts: must be a list"),
-    ({"hostKeys": json.dumps({"192.0.2.1": KEY})}, "cognivern:hostKeys: pins keys of cognivern:hosts"),
+    ({"host": "192.0.2.1", "hostKeys": json.dumps({"192.0.2.1": KEY})}, "cognivern:hostKeys: pins keys of cognivern:hosts"),
     ({"hosts": '["192.0.2.1"]', "hostKeys": '{"192.0.2.1": "AAAA"}'}, "cognivern:hostKeys: 'AAAA' is not allowed"),
 ]
 

@@ -100,7 +100,7 @@ valid_id() {
 
 load_settings() {
     local conf="$ROOT/config/cognivern.conf"
-    unset APP_USER APP_NAME PORT HEALTH_PATH HEALTH_TIMEOUT KEEP_RELEASES DATA_BACKUPS_KEEP PM2_HOME
+    unset APP_USER APP_NAME PORT HEALTH_PATH HEALTH_TIMEOUT KEEP_RELEASES DATA_BACKUPS_KEEP PM2_HOME SECRET_KEYS
     if [ -f "$conf" ]; then
         # shellcheck disable=SC1090
         . "$conf"
@@ -295,11 +295,55 @@ stop_app() {  # stop (not delete) the apps the ecosystem lists
     as_app pm2 stop "$ROOT/config/ecosystem.config.cjs" >&2 || true
 }
 
+# Secret values (cognivern:secretEnv) replaced by *** in anything the tool prints from the app's
+# logs: `pulumi up` shows it, and CI logs can be public. SECRET_KEYS (names only) comes from
+# cognivern.conf; the values are read from shared/.env by the app user (the file is the app's:
+# root never follows a link planted there) and reach this process on a pipe, never in argv.
+SECRET_VALUES_LOADED=0  # 1: loaded, 2: could not be read
+SECRET_VALUES=()
+readonly SECRET_VALUES_END=cognivern-secret-values-end
+load_secret_values() {
+    [ "$SECRET_VALUES_LOADED" = 0 ] || return 0
+    SECRET_VALUES_LOADED=1
+    local k
+    for k in ${SECRET_KEYS:-}; do
+        [[ $k =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "cognivern.conf: SECRET_KEYS holds an invalid name"
+    done
+    [ -n "${SECRET_KEYS:-}" ] || return 0
+    # shellcheck disable=SC2016
+    mapfile -d '' -t SECRET_VALUES < <(as_app bash -c '[ -r "$1" ] || exit 1; set -a; . "$1" >/dev/null 2>&1; set +a
+        for k in $2; do [ -z "${!k:-}" ] || printf "%s\0" "${!k}"; done; printf "%s\0" "$3"' \
+        mask "$ROOT/shared/.env" "$SECRET_KEYS" "$SECRET_VALUES_END" 2>/dev/null) || true
+    # fail closed: without the end marker the values are unknown, and nothing is printed unmasked
+    if [ "${#SECRET_VALUES[@]}" -eq 0 ] || [ "${SECRET_VALUES[-1]}" != "$SECRET_VALUES_END" ]; then
+        SECRET_VALUES_LOADED=2
+        return 0
+    fi
+    unset 'SECRET_VALUES[-1]'
+    # longest first, so a secret that contains another is masked whole
+    mapfile -d '' -t SECRET_VALUES < <(for k in "${SECRET_VALUES[@]}"; do printf '%s\t%s\0' "${#k}" "$k"; done |
+        sort -z -rn | cut -z -f2-) || true
+}
+
+mask_secrets() {  # stdin -> stdout, every secretEnv value replaced by ***
+    load_secret_values
+    local line v
+    if [ "$SECRET_VALUES_LOADED" = 2 ]; then
+        cat >/dev/null
+        echo "(withheld: the secret values to mask it with could not be read from $ROOT/shared/.env)"
+        return 0
+    fi
+    while IFS= read -r line || [ -n "$line" ]; do
+        for v in "${SECRET_VALUES[@]}"; do line=${line//"$v"/***}; done
+        printf '%s\n' "$line"
+    done
+}
+
 show_error_log() {
     local f="$ROOT/shared/logs/error.log"
     if [ -f "$f" ]; then
         say "last lines of $f:"
-        tail -n 30 "$f" >&2 || true
+        tail -n 30 "$f" | mask_secrets >&2 || true
     fi
 }
 
@@ -502,7 +546,7 @@ preflight() {
         '"'"' "$3" "$4" "$5" "$6" "$7" "$8" "$2"
         exec pm2 start "$2/$6.json"' preflight "$ROOT/shared/.env" "$work" "$ROOT/config/ecosystem.config.cjs" \
         "$APP_NAME" "$name" "$id" "$dir" "$port" 2>&1); then
-        why="pm2 start failed: $(tail -n 5 <<<"$out")"
+        why="pm2 start failed: $(tail -n 5 <<<"$out" | mask_secrets)"
     fi
     while [ -z "$why" ] && [ "$SECONDS" -lt "$deadline" ]; do
         if health_ok "http://127.0.0.1:$port$HEALTH_PATH"; then ok=0; break; fi
@@ -521,7 +565,7 @@ preflight() {
     as_app rm -f "$work/$id.log" "$work/$id.json" || true
     if [ "$ok" -ne 0 ]; then
         say "pre-flight of $id failed: ${why:-no healthy answer from $HEALTH_PATH within ${HEALTH_TIMEOUT}s}; its output:"
-        tail -n 30 "$log" >&2 || true
+        tail -n 30 "$log" | mask_secrets >&2 || true
         return 1
     fi
     say "pre-flight: $id answered healthy"

@@ -16,6 +16,8 @@ from pathlib import Path
 import pulumi
 import pulumi_hcloud as hcloud
 
+from components.server.host_key import HostKey, user_data_with_host_key
+
 CLOUD_INIT = Path(__file__).with_name("cloud-init.yaml")
 
 
@@ -50,6 +52,7 @@ class Server(pulumi.ComponentResource):
     """Long-lived servers: user data and SSH keys are ignored after creation so edits never replace them.
 
     `ipv4_address`/`ipv6_address`/`server_id` are the first server's; the lists hold every server's.
+    `host_keys` are the public host keys the program generated, one per server, in server order.
     """
 
     ipv4_address: pulumi.Output[str]
@@ -57,6 +60,7 @@ class Server(pulumi.ComponentResource):
     server_id: pulumi.Output[str]
     ipv4_addresses: list[pulumi.Output[str]]
     server_ids: list[pulumi.Output[str]]
+    host_keys: list[pulumi.Output[str]]
 
     def __init__(self, name: str, args: ServerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("cognivern:index:Server", name, {}, opts)
@@ -74,8 +78,15 @@ class Server(pulumi.ComponentResource):
             placement_group_id = group.id.apply(int)
 
         servers: list[hcloud.Server] = []
+        self.host_keys = []
         for index in range(1, args.count + 1):
             resource_name = f"{name}-server-{index}" if several else f"{name}-server"
+            host_key = HostKey(f"{name}-host-key-{index}" if several else f"{name}-host-key", pulumi.ResourceOptions(parent=self))
+            self.host_keys.append(host_key.public_key)
+            rendered: pulumi.Output[str] = pulumi.Output.all(host_key.private_key, host_key.public_key).apply(
+                lambda keys: user_data_with_host_key(CLOUD_INIT.read_text(), keys[0], keys[1])
+            )
+            user_data: pulumi.Output[str] = pulumi.Output.secret(rendered)
             aliases = [pulumi.Alias(name=f"{name}-server")] if several and index == 1 else None
             servers.append(
                 hcloud.Server(
@@ -86,7 +97,7 @@ class Server(pulumi.ComponentResource):
                     ssh_keys=[key.id],
                     firewall_ids=[firewall.id.apply(int)],
                     placement_group_id=placement_group_id,
-                    user_data=CLOUD_INIT.read_text(),
+                    user_data=user_data,
                     backups=args.backups,
                     delete_protection=args.protect,
                     rebuild_protection=args.protect,
@@ -105,4 +116,5 @@ class Server(pulumi.ComponentResource):
         outputs: dict[str, object] = {"ipv4Address": self.ipv4_address, "ipv6Address": self.ipv6_address, "serverId": self.server_id}
         if several:
             outputs.update(ipv4Addresses=self.ipv4_addresses, serverIds=self.server_ids)
+        outputs["hostKeys"] = self.host_keys
         self.register_outputs(outputs)

@@ -32,6 +32,7 @@ import pulumi
 from pulumi.runtime import mocks as pulumi_mocks
 
 from tests.engine.project_config import check_secret_declarations, merge_project_defaults
+from tests.support import dynamic
 from tests.support import program as program_module
 from tests.support.program import PROJECT, SECRET_SIG, run_program
 
@@ -411,7 +412,7 @@ class _Run(pulumi_mocks.Mocks):
     def _register(
         self, args: pulumi_mocks.MockResourceArgs, request: Any, urn: str, index: int, deps: list[str]
     ) -> tuple[str, dict[str, Any]]:
-        if args.typ not in SUPPORTED:
+        if args.typ not in SUPPORTED and not dynamic.is_dynamic(args.typ):
             self.steps.append(Step(urn, args.typ, args.name, "failed", index, dependencies=deps, error="unsupported type"))
             raise UnsupportedError(
                 f"{args.name}: {args.typ} is not supported by the engine stand-in; it drives existing-host stacks only "
@@ -424,6 +425,8 @@ class _Run(pulumi_mocks.Mocks):
             op, changed = "create", []
         elif old["type"] != args.typ:
             op, changed = "replace", ["type"]
+        elif dynamic.is_dynamic(args.typ):
+            op, changed = self._dynamic_diff(old, args.inputs)
         else:
             op, changed = diff(old["inputs"], inputs, list(request.replaceOnChanges))
         dbr = bool(request.deleteBeforeReplace)
@@ -452,6 +455,8 @@ class _Run(pulumi_mocks.Mocks):
             if op == "same":
                 assert old is not None
                 record["outputs"] = old["outputs"]
+            elif dynamic.is_dynamic(args.typ):
+                record["outputs"] = self._dynamic_apply(step, op, old, args.inputs, str(record["id"]))
             elif op == "create":
                 record["outputs"] = self._create(step, args.typ, inputs)
             elif op == "update":
@@ -483,8 +488,30 @@ class _Run(pulumi_mocks.Mocks):
         self._checkpoint()
         return record["id"], self._mock_outputs(args, record["outputs"])
 
+    # -- Python dynamic resources (pulumi/dynamic/__main__.py: the host unpickles `__provider` and calls it)
+    def _dynamic_diff(self, old: Mapping[str, Any], inputs: Mapping[str, Any]) -> tuple[str, list[str]]:
+        """The provider's own `diff` decides: no changes -> same; `replaces` -> replace; else update."""
+        result = dynamic.load_provider(inputs).diff(old["id"], old["outputs"], dynamic.props(inputs))
+        if result.changes is False:
+            return "same", []
+        return ("replace" if result.replaces else "update"), list(result.replaces or [])
+
+    def _dynamic_apply(self, step: Step, op: str, old: Mapping[str, Any] | None, inputs: Mapping[str, Any], rid: str) -> dict[str, Any]:
+        provider, news = dynamic.load_provider(inputs), dynamic.props(inputs)
+        if op == "update":
+            assert old is not None
+            result = provider.update(rid, old["outputs"], news)
+            return {**old["outputs"], **(result.outs or {})}
+        if op == "replace":
+            step.detail = "dynamic resource replaced (the old one's delete is not run by the stand-in)"
+        created = provider.create(news)
+        return {**news, **(created.outs or {})}
+
     def _mock_outputs(self, args: pulumi_mocks.MockResourceArgs, outputs: Mapping[str, Any]) -> dict[str, Any]:
-        """The provider's state: its inputs plus stdout/stderr (Command) as the SDK should see them."""
+        """The provider's state: its inputs plus stdout/stderr (Command) as the SDK should see them;
+        a dynamic resource's outputs are whatever its provider returned."""
+        if dynamic.is_dynamic(args.typ):
+            return {**dict(args.inputs), **outputs}
         out = dict(args.inputs)
         for key in ("stdout", "stderr"):
             if key in outputs:

@@ -18,6 +18,8 @@ import pulumi
 from google.protobuf import json_format
 from pulumi.runtime import mocks as pulumi_mocks
 
+from tests.support import dynamic
+
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "__main__.py"
 PROJECT = "cognivern"  # the project name is the config namespace (typed project config must be project-namespaced)
@@ -85,6 +87,8 @@ class DefaultMocks(pulumi_mocks.Mocks):
 
     def new_resource(self, args: pulumi_mocks.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
         outputs = dict(args.inputs)
+        if dynamic.is_dynamic(args.typ):
+            return dynamic.create(args)
         if args.typ == "hcloud:index/server:Server":
             outputs.update(ipv4Address="203.0.113.10", ipv6Address="2001:db8::1", status="running")
         elif args.typ in ("hcloud:index/firewall:Firewall", "hcloud:index/sshKey:SshKey"):

@@ -1,0 +1,115 @@
+"""What the release tool prints from the app's logs shows every secretEnv value as ***.
+
+The fixture app logs its configuration at boot, secrets included (`logConfigAtBoot`): a release
+that then fails prints the end of its pre-flight log or of error.log, which `pulumi up` shows and
+CI keeps. Run as root against a temp ROOT with its own app user, like tests/test_release_tool.py,
+and once through the engine stand-in with the real program (its captured output and state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from components.render import render_release_conf
+from tests.engine import RunFailedError
+from tests.support.release_host import SECRET_VALUE, ReleaseHost, build_release_tarball, ensure_app_user, remove_app_user
+from tests.support.stack import DeployStack
+from tests.support.target_host import TargetHost
+
+APP_USER = "cgv-mask"  # this module's own user: other modules' hosts may run at the same time
+# literal matching: characters that are special to bash patterns, sed, regexes or replacement strings
+ODD_SECRET = "t*k[e]n&$x\\1'?y|z"
+SECRETS = {"FIXTURE_SECRET": SECRET_VALUE, "FIXTURE_TOKEN": ODD_SECRET, "FIXTURE_PART": SECRET_VALUE[:15]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("tests/test_masking.py needs root (it creates a user and runs the tool as root): sudo make test")
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReleaseHost]:
+    ensure_app_user(APP_USER)
+    h = ReleaseHost(user=APP_USER, extra_config={"secretEnv": json.dumps(SECRETS)})
+    out = tmp_path_factory.mktemp("artifacts")
+    try:
+        h.install("good", *build_release_tarball(out, "good", "ok"))
+        h.ok("activate", "good")
+        for rid, mode in (("boot-crash", "crash"), ("late-crash", "crash-after-preflight"), ("closed-crash", "crash")):
+            h.install(rid, *build_release_tarball(out, rid, mode, logConfigAtBoot=True))
+        yield h
+    finally:
+        h.stop()
+        remove_app_user(APP_USER)
+
+
+def assert_masked(text: str) -> None:
+    for value in SECRETS.values():
+        assert value not in text
+    # whole values, longest first: FIXTURE_PART (a prefix of FIXTURE_SECRET) must not leave a tail
+    assert re.search(r"fixture config: FIXTURE_SECRET=\*\*\*$", text, re.MULTILINE), "the secret's line was printed, masked"
+    assert re.search(r"fixture config: FIXTURE_TOKEN=\*\*\*$", text, re.MULTILINE)
+    assert "fixture config: FIXTURE_ECHO=hello-from-env" in text, "plain env values are left alone"
+
+
+def test_the_secret_names_reach_the_tool_but_never_the_values(host: ReleaseHost) -> None:
+    conf = render_release_conf(host.settings)
+    assert "SECRET_KEYS='FIXTURE_PART FIXTURE_SECRET FIXTURE_TOKEN'" in conf
+    for value in SECRETS.values():
+        assert value not in conf
+
+
+def test_a_release_that_fails_its_preflight_prints_its_log_masked(host: ReleaseHost) -> None:
+    proc = host.run("activate", "boot-crash")
+    assert proc.returncode == 1 and "pre-flight of boot-crash failed" in proc.stderr, proc.stderr
+    assert_masked(proc.stdout + proc.stderr)
+    # control: the log the tool read holds the secret in clear text (it is root's, 0700 .deploy)
+    assert SECRET_VALUE in (host.root / ".deploy" / "preflight" / "boot-crash.log").read_text()
+
+
+def test_a_release_that_fails_the_health_gate_prints_the_error_log_masked(host: ReleaseHost) -> None:
+    proc = host.run("activate", "late-crash")
+    assert proc.returncode == 1, proc.stderr
+    assert "last lines of" in proc.stderr and "error.log" in proc.stderr
+    assert_masked(proc.stdout + proc.stderr)
+    assert SECRET_VALUE in (host.root / "shared" / "logs" / "error.log").read_text()  # control, as above
+    assert host.current() == "good"
+
+
+def test_when_the_values_cannot_be_read_the_log_is_withheld_not_printed(host: ReleaseHost) -> None:
+    """Fail closed: shared/.env unreadable for the app user, so the tool cannot know what to mask."""
+    env = host.root / "shared" / ".env"
+    stat = env.stat()
+    os.chown(env, 0, 0)
+    try:
+        proc = host.run("activate", "closed-crash")
+    finally:
+        os.chown(env, stat.st_uid, stat.st_gid)
+    assert proc.returncode == 1 and "pre-flight of closed-crash failed" in proc.stderr, proc.stderr
+    assert "(withheld: the secret values to mask it with could not be read" in proc.stderr
+    assert "crashing at boot on purpose" not in proc.stderr
+    # control: there was output to print (the pre-flight log the tool withheld)
+    assert "crashing at boot on purpose" in (host.root / ".deploy" / "preflight" / "closed-crash.log").read_text()
+
+
+def test_through_the_engine_the_secret_is_not_in_the_captured_output_or_state(tmp_path: Path) -> None:
+    """The real program over SSH: `pulumi up`'s failure message and the stored outputs are masked."""
+    with TargetHost() as target:
+        stack = DeployStack(target.config, tmp_path, secretEnv=SECRETS)
+        stack.up(release="m-good", artifact=stack.artifact("m-good"))
+        path, sha = build_release_tarball(tmp_path / "artifacts", "m-late", "crash-after-preflight", logConfigAtBoot=True)
+        path.with_name(path.name + ".sha256").write_text(f"{sha}  {path.name}\n")
+        with pytest.raises(RunFailedError) as failed:
+            stack.up(release="m-late", artifact=str(path))
+        text = str(failed.value.report.error) + "\n".join(failed.value.report.warnings)
+        assert re.search(r"fixture config: FIXTURE_SECRET=\*\*\*$", text, re.MULTILINE), text
+        for value in SECRETS.values():
+            assert value not in text
+            assert value not in json.dumps([s.__dict__ for s in failed.value.report.steps], default=str)
