@@ -1,34 +1,61 @@
-# The README's two commands: `make deploy` and `make test`.
+# The README's two commands: `make deploy` and `make test`. Bare `make` lists the targets.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := venv
 STACK ?= prod
 
-.PHONY: deploy preview test lint bench pulumi-cli
+.DEFAULT_GOAL := help
+.PHONY: help init deploy preview test lint bench cli-check stack-check pulumi-cli
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+## list the targets
+help:
+	@awk '/^## /{doc=substr($$0,4); next} /^[a-z][a-z-]*:/{if(doc!=""){split($$0,t,":"); printf "  make %-10s %s\n", t[1], doc}; doc=""}' $(MAKEFILE_LIST)
+	@echo "  (STACK=$(STACK); see README.md for the first deploy: make init, then make deploy)"
+
+# The deploy needs only the program's runtime (requirements.txt); the dev tools are for `make test`.
+$(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime requirements-dev.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-## pulumi up for $(STACK) on a local file:// backend with passphrase secrets (scripts/pulumi-local)
-deploy: $(VENV)/.installed
+## the Pulumi CLI: installs the pinned one (tools/pulumi/VERSION) into .tools/bin when missing or too old
+cli-check:
+	@scripts/ensure-pulumi >/dev/null
+
+# the stack must be set up (make init) before the venv is worth building
+stack-check: cli-check
+	@scripts/pulumi-local $(STACK) stack-check
+
+## set up STACK (default prod) for its first deploy: stack, Hetzner token, SSH key, secrets, first artifact (asks only for what is missing)
+init: cli-check
+	scripts/init --stack $(STACK) $(INIT_ARGS)
+
+## pulumi up for STACK on a local file:// backend with passphrase secrets (scripts/pulumi-local)
+deploy: cli-check stack-check $(VENV)/.runtime
 	scripts/pulumi-local $(STACK) up
 
-preview: $(VENV)/.installed
+## pulumi preview --diff for STACK: shows what deploy would change, changes nothing
+preview: cli-check stack-check $(VENV)/.runtime
 	scripts/pulumi-local $(STACK) preview --diff
 
 ## the whole test suite: lint, types, unit, mock-monitor and real-host tests
 test: $(VENV)/.installed lint
 	$(VENV)/bin/pytest
 
+## ruff, mypy and shellcheck
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check . scripts/build-artifact
-	$(VENV)/bin/ruff format --check . scripts/build-artifact
+	$(VENV)/bin/ruff check . scripts/build-artifact scripts/init
+	$(VENV)/bin/ruff format --check . scripts/build-artifact scripts/init
 	$(VENV)/bin/mypy .
 	$(VENV)/bin/mypy scripts/build-artifact
-	shellcheck -S style $$(git ls-files '*.sh') scripts/pulumi-local scripts/ops .ci/run
+	$(VENV)/bin/mypy scripts/init
+	shellcheck -S style $$(git ls-files '*.sh') scripts/pulumi-local scripts/ops scripts/ensure-pulumi .ci/run
 
+## release and program benchmarks (reports/*.json)
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.release_bench --out reports/release-bench.json
 	$(VENV)/bin/python -m bench.engine_bench --out reports/engine-bench.json

@@ -43,6 +43,7 @@ addresses: list[pulumi.Input[str]]
 # The pin of each server's host key, in server order (None: not checked; warned above).
 pins: list[pulumi.Input[str] | None]
 public_address: pulumi.Input[str]
+server_ids: list[pulumi.Output[Any] | None]
 if settings.creates_server:
     assert settings.ssh_public_key is not None
     server = Server(
@@ -60,6 +61,7 @@ if settings.creates_server:
         ),
     )
     addresses = list(server.ipv4_addresses)
+    server_ids = list(server.server_ids)
     # A server created before the program generated host keys ignores the new user data: its
     # operator pins its real key with cognivern:hostKey/hostKeys (README, "Host keys").
     pins = [
@@ -90,12 +92,14 @@ if settings.creates_server:
         pulumi.export("ipv6Address", server.ipv6_address)
 elif settings.hosts:
     addresses = list(settings.hosts)
+    server_ids = [None] * len(addresses)
     pins = [settings.host_key_for(address) for address in settings.hosts]
     public_address = settings.hosts[0]
     pulumi.export("hosts", list(settings.hosts))
 else:
     assert settings.host is not None
     addresses = [settings.host]
+    server_ids = [None]
     pins = [settings.host_key]
     public_address = settings.host
     pulumi.export("host", settings.host)
@@ -123,7 +127,7 @@ def known_hosts(values: list[Any]) -> str:
 # (`{name}`, `{name}-release`); otherwise server i is `{name}-{i}` and `{name}-{i}-release`.
 nodes = [f"{name}-{index}" if settings.indexed else name for index in range(1, len(addresses) + 1)]
 releases: list[Release] = []
-for node, address, pin in zip(nodes, addresses, pins, strict=True):
+for node, address, pin, server_id in zip(nodes, addresses, pins, server_ids, strict=True):
     connection = connection_to(address, pin)
     host = Host(node, HostArgs(connection=connection, settings=settings))
     releases.append(
@@ -137,6 +141,7 @@ for node, address, pin in zip(nodes, addresses, pins, strict=True):
                 artifact=artifact,
                 sudo=settings.ssh_user != "root",
                 depends_on=host.ready,
+                server_id=server_id,
             ),
             defer_activation=True,
         )

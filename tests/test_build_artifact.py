@@ -80,10 +80,15 @@ def test_default_release_id_and_printed_commands(app: Path, tmp_path: Path) -> N
         ["git", "-C", str(app), "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
     lines = result.stdout.strip().splitlines()
-    match = re.fullmatch(rf"pulumi config set cognivern:release (\d{{14}}-{sha})", lines[-1])
+    match = re.fullmatch(rf"scripts/pulumi-local prod config set cognivern:release (\d{{14}}-{sha})", lines[1])
     assert match, result.stdout
     release = match.group(1)
-    assert lines[0] == f"pulumi config set cognivern:artifact {tmp_path / f'cognivern-{release}.tar.gz'}"
+    # the artifact path is given relative to the project (it ends up in the shared stack file)
+    relative = os.path.relpath(tmp_path / f"cognivern-{release}.tar.gz", REPO)
+    assert lines[0] == f"scripts/pulumi-local prod config set cognivern:artifact {relative}"
+    assert not relative.startswith("/")
+    assert lines[2] == "make deploy"
+    assert resolve_artifact(release, REPO, relative, None, None).kind == "file"
     assert "packing" in result.stderr  # progress is shown
     # the program accepts what the builder wrote
     art = resolve_artifact(release, REPO, str(tmp_path / f"cognivern-{release}.tar.gz"), None, None)
@@ -94,6 +99,7 @@ def test_default_release_id_and_printed_commands(app: Path, tmp_path: Path) -> N
     ("setup", "message"),
     [
         (lambda app: shutil.rmtree(app / "dist"), "dist is missing"),
+        (lambda app: (app / "dist" / "index.js").unlink(), "dist/index.js is missing: PM2 starts it"),
         (lambda app: (app / "config" / ".env").write_text("SECRET=1\n"), ".env files hold secrets"),
         (lambda app: (app / "config" / ".env.production").write_text("SECRET=1\n"), ".env files hold secrets"),
         (lambda app: (app / "dist" / "deploy.pem").write_text("x\n"), "looks like a private key"),
@@ -101,7 +107,7 @@ def test_default_release_id_and_printed_commands(app: Path, tmp_path: Path) -> N
         (lambda app: (app / "dist" / "node_modules").mkdir(), "node_modules never ships"),
         (lambda app: (app / "dist" / "link.js").symlink_to("/etc/passwd"), "is a symlink"),
     ],
-    ids=["no-dist", "env", "env-production", "pem", "key-content", "node_modules", "symlink"],
+    ids=["no-dist", "no-entry", "env", "env-production", "pem", "key-content", "node_modules", "symlink"],
 )
 def test_refuses_what_must_not_ship(app: Path, tmp_path: Path, setup, message: str) -> None:
     setup(app)
@@ -144,3 +150,62 @@ def test_full_build_runs_pnpm_install_and_build(app: Path, tmp_path: Path) -> No
         built = tar.extractfile("dist/built.txt")
         assert built is not None and built.read() == b"1m"
         assert not [n for n in tar.getnames() if "node_modules" in n]
+
+
+def test_default_output_prints_release_and_deploy_only(app: Path) -> None:
+    """Into this repo's .artifacts/: no cognivern:artifact line, and the release line names the entry point and the stack."""
+    result = subprocess.run(
+        [str(BUILDER), str(app), "--skip-build", "--release", "r-default", "--stack", "staging"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [
+            "scripts/pulumi-local staging config set cognivern:release r-default",
+            "make deploy STACK=staging",
+        ]
+    finally:
+        for path in (REPO / ".artifacts").glob("cognivern-r-default.tar.gz*"):
+            path.unlink()
+
+
+def test_not_a_node_app_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pnpm").write_text(f"#!/bin/sh\ntouch {tmp_path / 'pnpm-ran'}\n")
+    (bin_dir / "pnpm").chmod(0o755)
+    empty = tmp_path / "not-an-app"
+    empty.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        [str(BUILDER), str(empty), "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 1
+    assert "no package.json: not a Node app" in result.stderr
+    assert not (tmp_path / "pnpm-ran").exists()
+
+
+def test_missing_agent_entry_warns(app: Path, tmp_path: Path) -> None:
+    (app / "dist" / "services" / "AutomatedForecastingService.js").unlink()
+    result = build(app, tmp_path, "--skip-build", "--release", "r-agent", "--force")
+    assert result.returncode == 0, result.stderr
+    assert "warning: dist/services/AutomatedForecastingService.js is missing" in result.stderr
+    git(app, "checkout", "--", "dist")
+    clean = build(app, tmp_path / "c", "--skip-build", "--release", "r-agent3")
+    assert clean.returncode == 0 and "AutomatedForecastingService" not in clean.stderr
+
+
+def test_forced_dirty_build_gets_its_own_id(app: Path, tmp_path: Path) -> None:
+    clean = build(app, tmp_path / "clean", "--skip-build")
+    assert clean.returncode == 0, clean.stderr
+    clean_id = clean.stdout.splitlines()[1].rsplit(" ", 1)[1]
+    (app / "dist" / "index.js").write_text((app / "dist" / "index.js").read_text() + "\n// local edit\n")
+    dirty = build(app, tmp_path / "dirty", "--skip-build", "--force")
+    assert dirty.returncode == 0, dirty.stderr
+    dirty_id = dirty.stdout.splitlines()[1].rsplit(" ", 1)[1]
+    tarball = tmp_path / "dirty" / f"cognivern-{dirty_id}.tar.gz"
+    assert dirty_id == f"{clean_id}-dirty-{digest(tarball)[:7]}"
+    assert not (tmp_path / "dirty" / f"cognivern-{clean_id}.tar.gz").exists()
+    assert not list((tmp_path / "dirty").glob(".*part"))

@@ -624,3 +624,34 @@ def test_bad_tls_settings_fail_before_anything_registers(config: dict[str, Any],
 def test_acme_settings_without_a_domain_warn() -> None:
     run = run_program({**EXISTING, "acmeEmail": "ops@example.com"})
     assert any("have no effect without cognivern:domain" in w for w in run.warnings)
+
+
+class PreviewCreatesServerMocks(HetznerMocks):
+    """A preview of a stack with no state: the engine does not know a server's id before creating it."""
+
+    def new_resource(self, args: Any) -> tuple[str | None, dict[str, Any]]:
+        rid, outputs = super().new_resource(args)
+        return ("" if args.typ == SERVER else rid), outputs
+
+
+def test_preview_that_creates_the_server_needs_an_artifact() -> None:
+    with pytest.raises(RunError, match=r"this deploy creates the server.*no artifact.*scripts/build-artifact"):
+        run_program({**HETZNER, "release": "20261128120000-0000000"}, mocks=PreviewCreatesServerMocks(), preview=True)
+
+
+def test_preview_with_an_artifact_creates_the_server(tmp_path: Path) -> None:
+    art, digest = make_artifact(tmp_path, "v1")
+    run = run_program({**HETZNER, "artifact": str(art)}, mocks=PreviewCreatesServerMocks(), preview=True)
+    assert (
+        run.get("cognivern-prod-release-install")
+        .inputs["create"]
+        .endswith(f"install v1 /opt/cognivern/incoming/cognivern-v1.tar.gz {digest}")
+    )
+
+
+def test_existing_server_without_artifact_keeps_the_server_side_check() -> None:
+    """The server is in state (its id is known in the preview): the tool's install looks for the release there."""
+    run = run_program({**HETZNER, "release": "v0"}, mocks=HetznerMocks(), preview=True)
+    assert run.get("cognivern-prod-release-install").inputs["create"].endswith("install v0 - -")
+    hosts = run_program({**EXISTING, "release": "v0"}, preview=True)
+    assert hosts.get("cognivern-prod-release-install").inputs["create"].endswith("install v0 - -")

@@ -333,7 +333,7 @@ def test_11_operator_commands_from_the_runbook(stack: Stack) -> None:
 def test_12_emergency_rollback_without_pulumi_then_the_stack_follows(stack: Stack) -> None:
     rolled = ops(stack, "activate", V4)
     assert rolled.returncode == 0, rolled.stderr
-    assert f"pulumi config set cognivern:release {V4}" in rolled.stderr
+    assert f"scripts/pulumi-local test config set cognivern:release {V4}" in rolled.stderr
     assert stack.serving()["release"] == V4 and stack.current() == V4
     # bringing the stack in line: the same id in config; the run only confirms it (no switch, no downtime)
     report = stack.up(release=V4, artifact=None)

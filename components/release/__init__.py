@@ -14,6 +14,7 @@ removes a release directory or undoes the newer activation.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Sequence
@@ -94,6 +95,41 @@ class ReleaseArgs:
     artifact: Artifact
     sudo: bool
     depends_on: list[pulumi.Resource]
+    # id of the server the program creates for this release (None for an existing host): while a
+    # preview does not know it, this run creates the server, so the release cannot be on it yet
+    server_id: pulumi.Output[Any] | None = None
+
+
+NO_ARTIFACT_FOR_NEW_SERVER = (
+    "cognivern:release {release}: this deploy creates the server, so the release cannot be on it yet, and there is no "
+    "artifact for it (.artifacts/cognivern-{release}.tar.gz, cognivern:artifact or cognivern:artifactUrl). Build one: "
+    "scripts/build-artifact ../cognivern, then scripts/pulumi-local STACK config set cognivern:release <the id it prints>"
+)
+
+
+def on_existing_server(server_id: pulumi.Output[Any], release: str, value: str) -> pulumi.Output[str]:
+    """`value` unchanged, but a preview in which the server has no id yet (it is being created) fails.
+
+    `apply` cannot do this: a preview skips it for unknown values. The check is not a dependency
+    (resources are empty) and leaves the command text as it was, so existing stacks see no diff.
+    """
+
+    async def known() -> bool:
+        if not await server_id.is_known():
+            raise pulumi.RunError(NO_ARTIFACT_FOR_NEW_SERVER.format(release=release))
+        return True
+
+    async def result() -> str:
+        await checked
+        return value
+
+    checked = asyncio.ensure_future(known())
+    computed = asyncio.ensure_future(result())
+    plain: asyncio.Future[bool] = asyncio.get_event_loop().create_future()
+    plain.set_result(False)
+    for future in (checked, computed):  # the error reaches the registration that awaits it; no "never retrieved" noise
+        future.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+    return pulumi.Output(set(), computed, checked, plain)
 
 
 def parse_state(stdout: str) -> dict[str, Any]:
@@ -127,6 +163,7 @@ class Release(pulumi.ComponentResource):
         tool = self._tool
 
         deps = list(args.depends_on)
+        install_cmd: pulumi.Input[str]
         if a.kind == "file":
             assert a.location is not None
             remote_path = f"{args.root}/incoming/cognivern-{args.release}.tar.gz"
@@ -145,6 +182,8 @@ class Release(pulumi.ComponentResource):
             install_cmd = tool("install", args.release, a.location, a.sha256)
         else:
             install_cmd = tool("install", args.release, "-", "-")
+            if args.server_id is not None:
+                install_cmd = on_existing_server(args.server_id, args.release, install_cmd)
 
         self.install = remote.Command(
             f"{name}-install",
