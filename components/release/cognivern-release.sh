@@ -5,6 +5,9 @@
 # activate boots the new release under PM2 first (preflight(): same daemon, same options as the app,
 # a spare loopback port), so a release that cannot start under PM2 never reaches `current`; the
 # health gate after the switch, with its automatic switch-back, covers what only the live app shows.
+# The app is treated as hostile: the directories root works in are root's (ensure_layout), releases
+# are root's and read-only to the app once installed (seal_release), and whatever root must read or
+# write inside the app's own directories (shared/data, shared/logs) is done as the app (as_app).
 set -euo pipefail
 shopt -s inherit_errexit
 umask 022
@@ -39,15 +42,21 @@ Commands:
                              pre-flight is refused with current untouched, one failing after the
                              switch is switched back. Either way ID is marked bad.
                              --force activates a release marked bad.
+                             The release files belong to root (read-only to the app).
   prune [--keep N]           Remove old releases, keeping the newest N (default KEEP_RELEASES,
                              N >= 2) plus current and previous; removes abandoned unfinished ones.
   list [--json]              Releases newest first: id, install time, size, state
                              (current, previous, bad, unfinished, installed).
   status                     Current and previous release, PM2 processes, health answer.
-  backup                     Archive shared/data into ROOT/backups/data; prints the path.
-  restore BACKUP             Stop the app, replace shared/data from BACKUP (a path or a file
-                             name in ROOT/backups/data), start it again and check health.
+  backup                     Archive shared/data into ROOT/backups/data (read by the app user, so
+                             while the app writes; a file changed while read is kept as read,
+                             with a warning); prints the path.
+  restore BACKUP             Stop the app, back up shared/data, replace it from BACKUP (a path
+                             or a file name in ROOT/backups/data; links must stay inside data/),
+                             start the app again (also when the restore fails) and check health.
   reload                     Run shared/run.sh (after .env or ecosystem changes) and check health.
+  logs [-f] [--err] [-n N]   The app's PM2 logs (shared/logs/out.log, error.log), read as the
+                             app user.
 
 Emergency rollback by hand:   cognivern-release list; cognivern-release activate <older-id>
 State lives in ROOT/.deploy: lock (+ who holds it), releases.log (one line per action),
@@ -88,6 +97,11 @@ on_exit() {
     trap - EXIT
     preflight_delete
     [ -z "${TMP_CLEANUP:-}" ] || rm -rf -- "$TMP_CLEANUP"
+    [ -z "${PARTIAL:-}" ] || rm -f -- "$PARTIAL"
+    if [ "$rc" -ne 0 ] && [ -n "${RESTART_APP_ON_FAILURE:-}" ]; then
+        say "starting the app again"
+        run_app || say "warning: the app did not start again; check: $PROG status"
+    fi
     log_action "$rc"
     exit "$rc"
 }
@@ -137,13 +151,48 @@ as_app() {
     fi
 }
 
-ensure_dirs() {
-    mkdir -p "$RELEASES" "$ROOT/shared/data" "$ROOT/shared/logs" "$DEPLOY/meta" "$DEPLOY/bad" \
-        "$DEPLOY/locks" "$DEPLOY/preflight" "$DEPLOY/tmp" "$ROOT/cache/pnpm-store" "$ROOT/incoming"
-    chmod 0750 "$DEPLOY/tmp"
-    if [ "$(id -u)" = 0 ]; then
-        chown "$APP_USER:$APP_GROUP" "$RELEASES" "$ROOT/shared/data" "$ROOT/shared/logs" "$ROOT/cache" "$ROOT/cache/pnpm-store"
+# A directory root works in: root's, not writable by others. Never followed when it is a link (the
+# app may have planted one on a host laid out by older provisioning, where these were the app's);
+# its parent is root's by then, so nobody can swap it between the check and the chown.
+root_dir() {  # path mode
+    local path=$1 mode=$2
+    [ ! -L "$path" ] || die "$path is a symbolic link where a directory belongs; refusing to work through it"
+    if [ ! -d "$path" ]; then
+        [ ! -e "$path" ] || die "$path exists but is not a directory"
+        mkdir -m "$mode" "$path"
+    elif [ "$(id -u)" = 0 ] && [ "$(stat -c '%u %a' "$path")" != "0 ${mode#0}" ]; then
+        chown -h root:root "$path"
+        chmod "$mode" "$path"
     fi
+}
+
+# A directory the app writes (shared/data, shared/logs, the pnpm store): created as the app's when
+# missing, otherwise left alone; a link there is refused, never chowned or followed.
+app_dir() {  # path
+    local path=$1
+    [ ! -L "$path" ] || die "$path is a symbolic link where the app's directory belongs; refusing to work through it"
+    [ ! -e "$path" ] || [ -d "$path" ] || die "$path exists but is not a directory"
+    [ -d "$path" ] && return 0
+    if [ "$(id -u)" = 0 ]; then
+        install -d -o "$APP_USER" -g "$APP_GROUP" -m 0750 "$path"
+    else
+        mkdir -m 0750 "$path"
+    fi
+}
+
+ensure_layout() {  # the layout provisioning makes (parents before children)
+    local d
+    if [ -L "$ROOT" ] || [ ! -d "$ROOT" ]; then die "$ROOT is not a directory"; fi
+    root_dir "$RELEASES" 0755
+    root_dir "$ROOT/shared" 0755
+    root_dir "$ROOT/cache" 0755
+    root_dir "$ROOT/backups" 0700
+    root_dir "$DEPLOY" 0700
+    for d in meta bad locks preflight tmp; do root_dir "$DEPLOY/$d" 0700; done
+    app_dir "$ROOT/shared/data"
+    app_dir "$ROOT/shared/logs"
+    app_dir "$ROOT/cache/pnpm-store"
+    [ -e "$ROOT/incoming" ] || mkdir -m 0700 "$ROOT/incoming"
 }
 
 release_complete() { [ -d "$RELEASES/$1" ] && [ ! -e "$RELEASES/$1/$UNFINISHED" ]; }
@@ -288,6 +337,11 @@ wait_healthy() {
 
 run_app() {  # shared/run.sh as APP_USER (PM2 startOrReload --update-env)
     [ -f "$ROOT/shared/run.sh" ] || die "$ROOT/shared/run.sh is missing (provisioning installs it)"
+    # PM2 opens its log files by name: a link planted at one would make every worker fail to start.
+    # The app user removes such links itself (root never touches them).
+    local links
+    links=$(cd / && as_app find "$ROOT/shared/logs" -maxdepth 1 -type l -name '*.log' -print -delete 2>/dev/null) || true
+    [ -z "$links" ] || say "warning: removed links planted at the app's log files: $(paste -sd' ' - <<<"$links")"
     as_app bash "$ROOT/shared/run.sh" >&2
 }
 
@@ -295,43 +349,68 @@ stop_app() {  # stop (not delete) the apps the ecosystem lists
     as_app pm2 stop "$ROOT/config/ecosystem.config.cjs" >&2 || true
 }
 
-show_error_log() {
+show_error_log() {  # read as the app: a link planted there never makes root print a file
     local f="$ROOT/shared/logs/error.log"
     if [ -f "$f" ]; then
         say "last lines of $f:"
-        tail -n 30 "$f" >&2 || true
+        (cd / && as_app tail -n 30 -- "$f" >&2) || true
     fi
 }
 
 # ---------------------------------------------------------------- data backups
 
-data_backup() {  # $1 = label; prints the archive path
-    local dir="$ROOT/backups/data" name tmp
-    mkdir -p "$dir"
-    chmod 0750 "$dir"
+# shared/data is the app's and changes while it is read (the agent appends to data/*.jsonl all the
+# time). tar runs as the app user, so a link there is archived as a link and root never reads a file
+# through it; root only writes the archive into backups/data (root's, 0700). GNU tar exits 1 when a
+# file changed (or vanished) while it was read: the archive is complete and holds that file as it was
+# read, so 1 is a warning here; anything worse fails the backup. Callers hold the deploy lock, so a
+# .partial left by a killed run is removed first.
+BACKUP_PATH=""
+data_backup() {  # $1 = label; sets BACKUP_PATH to the archive
+    local dir="$ROOT/backups/data" name tmp errors st started bytes
+    started=$(date +%s%3N)
+    root_dir "$dir" 0700
+    find "$dir" -maxdepth 1 -type f -name '.data-*.partial' -delete
     name="data-$(date -u +%Y%m%dT%H%M%S.%NZ)-$1.tar.gz"
     tmp="$dir/.$name.partial"
-    tar -czf "$tmp" -C "$ROOT/shared" data
-    chmod 0600 "$tmp"
+    errors="$DEPLOY/tmp/backup-errors.$$"
+    PARTIAL=$tmp
+    st=(0 0)
+    as_app tar -cf - -C "$ROOT/shared" data 2>"$errors" </dev/null | (umask 077 && gzip -c >"$tmp") || st=("${PIPESTATUS[@]}")
+    if [ "${st[0]}" -gt 1 ] || [ "${st[1]:-0}" -ne 0 ]; then
+        sed 's/^/  /' "$errors" >&2 || true
+        rm -f -- "$errors" "$tmp"
+        PARTIAL=""
+        die "backup of shared/data failed (tar exit ${st[0]}, gzip exit ${st[1]:-0}); nothing was kept"
+    fi
+    if [ "${st[0]}" -eq 1 ]; then
+        say "warning: files in shared/data changed while being archived; the backup holds them as they were read:"
+        sed 's/^/  /' "$errors" | head -n 5 >&2 || true
+    fi
+    rm -f -- "$errors"
     mv -T "$tmp" "$dir/$name"
+    PARTIAL=""
+    bytes=$(stat -c %s "$dir/$name")
+    say "backup $name: $bytes bytes in $(($(date +%s%3N) - started)) ms"
     if [ "$DATA_BACKUPS_KEEP" -gt 0 ]; then
         find "$dir" -maxdepth 1 -type f -name 'data-*.tar.gz' -printf '%f\n' | sort -r |
             tail -n +"$((DATA_BACKUPS_KEEP + 1))" | while IFS= read -r old; do rm -f -- "${dir:?}/$old"; done
     fi
-    printf '%s\n' "$dir/$name"
+    BACKUP_PATH="$dir/$name"
 }
 
 # ---------------------------------------------------------------- tarball checks
 
-check_members() {  # $1 = tarball, $2 = allowed top-level prefix regex ('' = any); refuses unsafe members
-    local tarball=$1 prefix=$2 names types bad
+check_members() {  # $1 = tarball, $2 = allowed top-level prefix regex ('' = any), $3 = also allowed types; refuses unsafe members
+    local tarball=$1 prefix=$2 allowed="d${3:-}-" names types bad
     names=$(tar -tzf "$tarball" 2>/dev/null) || die "$tarball is not a readable gzip tar archive"
     types=$(tar -tvzf "$tarball" 2>/dev/null | cut -c1 | sort -u | tr -d '\n') || die "$tarball is not readable"
     [ -n "$names" ] || die "$tarball is empty"
     if grep -Eq '^/' <<<"$names"; then die "$tarball has absolute member paths; refused"; fi
     if grep -Eq '(^|/)\.\.(/|$)' <<<"$names"; then die "$tarball has members with '..' in their path; refused"; fi
-    if [[ $types =~ [^-d] ]]; then
-        die "$tarball has links, devices or other special members (types: $types); only files and directories are allowed"
+    types=${types//[$allowed]/}
+    if [ -n "$types" ]; then
+        die "$tarball has links, devices or other special members (types: $types); allowed member types: $allowed"
     fi
     if [ -n "$prefix" ]; then
         bad=$(grep -Ev "$prefix" <<<"$names" | head -n 3 || true)
@@ -340,6 +419,22 @@ check_members() {  # $1 = tarball, $2 = allowed top-level prefix regex ('' = any
 }
 
 # ---------------------------------------------------------------- install
+
+# A release belongs to root and is read-only to the app, so a compromised app cannot persist into
+# code that a later rollback would run. chown -R does not follow links (-P, its default with -R)
+# and chmod -R skips the links it meets. Also takes over releases installed by older versions.
+seal_release() {  # $1 = id
+    local dir="$RELEASES/$1"
+    [ "$(id -u)" = 0 ] || return 0
+    if [ -L "$dir" ] || [ ! -d "$dir" ]; then die "$dir is not a directory"; fi
+    chown -R -P root:root "$dir"
+    chmod -R u+rwX,go+rX,go-w "$dir"
+}
+
+release_sealed() {  # true when nothing in releases/$1 belongs to anyone but root or is writable by others
+    [ "$(id -u)" = 0 ] || return 0
+    [ -z "$(find "$RELEASES/$1" \( ! -user root -o -perm /022 \) ! -type l -print -quit)" ]
+}
 
 cmd_install() {
     [ $# -eq 3 ] || usage_error "usage: install ID SOURCE SHA256 (or: install ID - -)"
@@ -366,7 +461,7 @@ or set cognivern:release to one of the releases listed above."
     sha=${sha,,}
     [[ $sha =~ $SHA_RE ]] || usage_error "SHA256 must be 64 hex characters, got '$sha'"
     ACTION_SHA=$sha
-    ensure_dirs
+    ensure_layout
     take_install_lock "$id"
 
     if release_complete "$id"; then
@@ -426,18 +521,22 @@ or set cognivern:release to one of the releases listed above."
     [ -f "$dir/package.json" ] || die "release $id has no package.json"
     [ -f "$dir/pnpm-lock.yaml" ] || die "release $id has no pnpm-lock.yaml (needed for --frozen-lockfile)"
     [ -f "$dir/dist/index.js" ] || die "release $id has no dist/index.js"
-    [ "$(id -u)" != 0 ] || chown -R "$APP_USER:$APP_GROUP" "$dir"
 
+    # The release is root's from the start; only node_modules is the app's while pnpm (run as the
+    # app, never as root: packages run install scripts) fills it, with copies rather than links
+    # into the app-writable store. seal_release then makes all of it root's and read-only.
     say "installing production dependencies (pnpm, store $ROOT/cache/pnpm-store)"
+    rm -rf -- "$dir/node_modules"
+    if [ "$(id -u)" = 0 ]; then install -d -o "$APP_USER" -g "$APP_GROUP" -m 0755 "$dir/node_modules"; fi
     if ! (cd "$dir" && as_app env CI=true pnpm install --prod --frozen-lockfile --prefer-offline \
-        --store-dir "$ROOT/cache/pnpm-store" --reporter=append-only >&2); then
+        --package-import-method=copy --store-dir "$ROOT/cache/pnpm-store" --reporter=append-only >&2); then
         die "pnpm install failed for release $id (left unfinished; install it again to retry)"
     fi
 
     ln -sfn ../../shared/.env "$dir/.env"
     ln -sfn ../../shared/data "$dir/data"
     ln -sfn ../../shared/logs "$dir/logs"
-    [ "$(id -u)" != 0 ] || chown -h "$APP_USER:$APP_GROUP" "$dir/.env" "$dir/data" "$dir/logs"
+    seal_release "$id"
     [ -e "$dir/.env" ] || say "warning: $ROOT/shared/.env does not exist yet; the app will start without it"
 
     printf 'installed_at=%s\ninstalled_epoch=%s\nsha256=%s\nsource=%s\n' "$(iso_now)" "$(date +%s)" "$sha" "$source" \
@@ -484,10 +583,14 @@ preflight() {
     as_app pm2 delete "$name" >/dev/null 2>&1 || true  # left over by a run that was killed
     deadline=$((SECONDS + HEALTH_TIMEOUT))
     # shared/.env is exported, as run.sh does. The app file's `env` adds PORT, NODE_ENV (default
-    # production) and COGNIVERN_PREFLIGHT=1 for this app only, never for the CLI or daemon; it takes
+    # production), COGNIVERN_PREFLIGHT=1 and AGENTS_ENABLED=false (the contract: a pre-flight boot
+    # runs no migrations, jobs or agents; it shares the live shared/data with the serving release)
+    # for this app only, never for the CLI or daemon; a link the app left at its work directory is
+    # removed by the app user itself. It takes
     # wait_ready, listen_timeout and kill_timeout from APP_NAME's entry in the ecosystem file.
     # shellcheck disable=SC2016
     if ! out=$(cd "$dir" && as_app bash -c 'set -e; set -a; [ ! -r "$1" ] || . "$1"; set +a
+        [ ! -L "$2" ] || rm -f -- "$2"
         mkdir -p -m 0750 "$2"; : >"$2/$6.log"
         node -e '"'"'
             const [eco, appName, name, id, dir, port, work] = process.argv.slice(1);
@@ -496,7 +599,7 @@ preflight() {
             const a = apps.find((x) => x.name === appName) || {};
             const app = { name, script: `${dir}/dist/index.js`, cwd: dir, exec_mode: "cluster", instances: 1,
                 merge_logs: true, out_file: `${work}/${id}.log`, error_file: `${work}/${id}.log`,
-                env: { PORT: port, NODE_ENV: process.env.NODE_ENV || "production", COGNIVERN_PREFLIGHT: "1" } };
+                env: { PORT: port, NODE_ENV: process.env.NODE_ENV || "production", COGNIVERN_PREFLIGHT: "1", AGENTS_ENABLED: "false" } };
             for (const k of ["wait_ready", "listen_timeout", "kill_timeout"]) if (a[k] !== undefined) app[k] = a[k];
             require("fs").writeFileSync(`${work}/${id}.json`, JSON.stringify({ apps: [app] }, null, 2) + "\n");
         '"'"' "$3" "$4" "$5" "$6" "$7" "$8" "$2"
@@ -540,7 +643,7 @@ cmd_activate() {
     valid_id "$id"
     ACTION_ID=$id
     [ ! -f "$DEPLOY/meta/$id" ] || ACTION_SHA=$(sed -n 's/^sha256=//p' "$DEPLOY/meta/$id")
-    ensure_dirs
+    ensure_layout
     take_deploy_lock activate "$id" 0
 
     [ -d "$RELEASES/$id" ] || { RESULT=missing; die "release $id is not installed; installed releases: $(complete_list_text)"; }
@@ -548,6 +651,11 @@ cmd_activate() {
     if is_bad "$id" && [ "$force" -ne 1 ]; then
         RESULT=refused-bad
         die "release $id is marked bad ($(sed -n 's/^reason=//p' "$DEPLOY/bad/$id")); deploy a fixed build under a new id, or use activate --force $id"
+    fi
+
+    if ! release_sealed "$id"; then
+        say "release $id has files the app could change (installed by an older version); making it root's"
+        seal_release "$id"
     fi
 
     local cur prev
@@ -566,9 +674,8 @@ cmd_activate() {
     fi
 
     if [ "$DATA_BACKUPS_KEEP" -gt 0 ]; then
-        local backup
-        backup=$(data_backup "before-$id")
-        say "backed up shared/data to $backup"
+        data_backup "before-$id"
+        say "backed up shared/data to $BACKUP_PATH"
     fi
 
     # A release that has served healthy here before (a rollback) skips the pre-flight: it costs a
@@ -639,7 +746,7 @@ cmd_prune() {
         esac
     done
     if ! [[ $keep =~ ^[0-9]+$ ]] || [ "$keep" -lt 2 ]; then usage_error "prune: --keep must be a whole number >= 2, got '$keep'"; fi
-    ensure_dirs
+    ensure_layout
     take_deploy_lock prune - 0
 
     local cur prev id n=0 removed=0 d
@@ -757,12 +864,12 @@ cmd_status() {
 
 cmd_backup() {
     [ $# -eq 0 ] || usage_error "usage: backup"
-    ensure_dirs
-    local path
-    path=$(data_backup manual)
-    RESULT="ok:${path##*/}"
+    ensure_layout
+    take_deploy_lock backup - "$((HEALTH_TIMEOUT * 4))"
+    data_backup manual
+    RESULT="ok:${BACKUP_PATH##*/}"
     say "backed up shared/data"
-    printf '%s\n' "$path"
+    printf '%s\n' "$BACKUP_PATH"
 }
 
 cmd_restore() {
@@ -772,27 +879,34 @@ cmd_restore() {
     [ -f "$backup" ] || die "backup $backup does not exist"
     ACTION_ID=${backup##*/}
     ACTION_ID=${ACTION_ID//[^A-Za-z0-9._:-]/_}
-    ensure_dirs
+    ensure_layout
     take_deploy_lock restore "${backup##*/}" 0
-    check_members "$backup" '^(\./)?data(/|$)'
+    check_members "$backup" '^(\./)?data(/|$)' lh
 
-    safety=$(data_backup before-restore)
-    say "current shared/data saved to $safety"
+    # The app stops first, so the safety backup is the data as it was left, not a moving target;
+    # from here on a failure starts it again (on_exit).
     cur=$(current_id)
     if [ -n "$cur" ]; then
         say "stopping the app"
         stop_app
+        RESTART_APP_ON_FAILURE=1
     fi
+    data_backup before-restore
+    safety=$BACKUP_PATH
+    say "current shared/data saved to $safety"
+    # Unpacked by the app user (root only opens the archive) into a stage in root's shared/.
     stage=$(mktemp -d "$ROOT/shared/.restore.XXXXXX")
     TMP_CLEANUP=$stage
-    tar -xzf "$backup" -C "$stage" --no-same-owner --no-same-permissions
-    [ -d "$stage/data" ] || die "backup $backup holds no data/ directory"
-    [ "$(id -u)" != 0 ] || chown -R "$APP_USER:$APP_GROUP" "$stage/data"
+    chmod 0755 "$stage"
+    app_dir "$stage/data"
+    as_app tar -xzf - -C "$stage" --no-same-owner --no-same-permissions <"$backup" ||
+        die "could not unpack $backup; shared/data is unchanged"
+    check_restored_links "$stage/data"
     mv -T "$ROOT/shared/data" "$stage/old-data"
     mv -T "$stage/data" "$ROOT/shared/data"
     say "restored shared/data from $backup"
     if [ -n "$cur" ]; then
-        run_app || true
+        if run_app; then RESTART_APP_ON_FAILURE=""; fi
         if ! wait_healthy "$cur"; then
             show_error_log
             die "the app is not healthy after the restore; the data from before is in $safety"
@@ -802,9 +916,25 @@ cmd_restore() {
     RESULT=restored
 }
 
+# Links in a restored data/ must stay inside data/ (as the app's own links do); one pointing
+# elsewhere is refused before the data goes live. Only names are compared: nothing is followed.
+check_restored_links() {  # $1 = the unpacked data directory
+    local data=$1 link target resolved bad=""
+    while IFS= read -r -d '' link; do
+        target=$(readlink -- "$link")
+        case $target in
+            "$ROOT/shared/data" | "$ROOT/shared/data/"*) resolved="$data${target#"$ROOT/shared/data"}" ;;
+            /*) resolved=/ ;;
+            *) resolved=$(realpath -m -s -- "$(dirname -- "$link")/$target") ;;
+        esac
+        case $resolved in "$data" | "$data/"*) ;; *) bad+=" ${link#"$data/"} -> $target;" ;; esac
+    done < <(find "$data" -type l -print0)
+    [ -z "$bad" ] || die "the backup holds links that leave data/ (refused, shared/data is unchanged):${bad%;}"
+}
+
 cmd_reload() {
     [ $# -eq 0 ] || usage_error "usage: reload"
-    ensure_dirs
+    ensure_layout
     take_deploy_lock reload - "$((HEALTH_TIMEOUT * 4))"
     local cur
     cur=$(current_id)
@@ -818,6 +948,25 @@ cmd_reload() {
     wait_healthy "$cur" || { show_error_log; die "the app is not healthy after the reload"; }
     RESULT=reloaded
     say "reloaded; $cur is healthy"
+}
+
+cmd_logs() {  # read as the app user: a link the app planted in shared/logs never makes root read a file
+    local follow=() n=100 files=("$ROOT/shared/logs/out.log" "$ROOT/shared/logs/error.log")
+    while [ $# -gt 0 ]; do
+        case $1 in
+            -f | --follow) follow=(-F) ;;
+            --err) files=("$ROOT/shared/logs/error.log") ;;
+            -n)
+                if [ $# -lt 2 ] || ! [[ $2 =~ ^[0-9]{1,6}$ ]]; then usage_error "logs: -n needs a number of lines"; fi
+                n=$2
+                shift
+                ;;
+            *) usage_error "usage: logs [-f] [--err] [-n N]" ;;
+        esac
+        shift
+    done
+    app_dir "$ROOT/shared/logs"
+    cd / && as_app tail -n "$n" "${follow[@]}" -- "${files[@]}"
 }
 
 # ---------------------------------------------------------------- main
@@ -847,7 +996,7 @@ main() {
     shift
     case $cmd in
         install | activate | prune | backup | restore | reload) ;;
-        list | status) ;;
+        list | status | logs) ;;
         *) usage_error "unknown command '$cmd'" ;;
     esac
     for a in "$@"; do
@@ -867,6 +1016,7 @@ main() {
         backup) cmd_backup "$@" ;;
         restore) cmd_restore "$@" ;;
         reload) cmd_reload "$@" ;;
+        logs) cmd_logs "$@" ;;
     esac
 }
 
