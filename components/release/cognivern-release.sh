@@ -17,6 +17,8 @@ readonly ID_RE='^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$'
 readonly SHA_RE='^[0-9a-f]{64}$'
 readonly LOCK_FD=9     # the deploy lock (activate, restore, prune, reload)
 readonly INSTALL_FD=8  # the per-release install lock
+SELF=$(realpath -- "${BASH_SOURCE[0]}")
+readonly SELF
 
 usage() {
     cat <<'EOF'
@@ -43,6 +45,11 @@ Commands:
                              switch is switched back. Either way ID is marked bad.
                              --force activates a release marked bad.
                              The release files belong to root (read-only to the app).
+                             The work runs detached from the caller (activate-worker, in a
+                             session of its own, output in .deploy/runs/); activate streams it and
+                             returns its status, and an SSH drop does not stop it. A worker that
+                             is killed leaves .deploy/journal: the next command that takes the
+                             deploy lock finishes (healthy) or reverts that activation first.
   prune [--keep N]           Remove old releases, keeping the newest N (default KEEP_RELEASES,
                              N >= 2) plus current and previous; removes abandoned unfinished ones.
   list [--json]              Releases newest first: id, install time, size, state
@@ -98,6 +105,8 @@ on_exit() {
     preflight_delete
     [ -z "${TMP_CLEANUP:-}" ] || rm -rf -- "$TMP_CLEANUP"
     [ -z "${PARTIAL:-}" ] || rm -f -- "$PARTIAL"
+    # Stopped before the switch (an error, or SIGTERM): nothing to finish or revert.
+    case ${J_PHASE:-} in backup | preflight) rm -f "$DEPLOY/journal" ;; esac
     if [ "$rc" -ne 0 ] && [ -n "${RESTART_APP_ON_FAILURE:-}" ]; then
         say "starting the app again"
         run_app || say "warning: the app did not start again; check: $PROG status"
@@ -267,6 +276,7 @@ take_deploy_lock() {  # $1 = action, $2 = id, $3 = seconds to wait (0: fail at o
         exit 3
     fi
     printf 'pid=%s user=%s action=%s id=%s since=%s\n' "$$" "$(invoking_user)" "$1" "$2" "$(iso_now)" >"$lockfile"
+    recover_activation
 }
 
 take_install_lock() {
@@ -630,17 +640,123 @@ preflight() {
     say "pre-flight: $id answered healthy"
 }
 
-cmd_activate() {
-    local force=0 id="" arg
+# ---------------------------------------------------------------- activate: detached and journaled
+#
+# An activation must end with the new release confirmed healthy or `current` back on the previous
+# one, even when the SSH session that asked for it drops (the next write to its stderr would kill
+# the tool under set -e) or the tool itself is killed. So `activate` only starts the work, as
+# `activate-worker` in a session of its own (setsid: no SIGHUP, no dead pipe), with its output in
+# ROOT/.deploy/runs/<time>-<id>.log, and streams that log until the worker ends, returning its exit
+# status. The worker writes where it is to ROOT/.deploy/journal; whatever takes the deploy lock next
+# finds a journal left by a killed worker and finishes or reverts that activation
+# (recover_activation) before doing its own work.
+
+parse_activate_args() {  # sets ACT_ID and ACT_FORCE
+    local arg
+    ACT_ID="" ACT_FORCE=0
     for arg in "$@"; do
         case $arg in
-            --force) force=1 ;;
+            --force) ACT_FORCE=1 ;;
             -*) usage_error "activate: unknown option $arg" ;;
-            *) [ -z "$id" ] || usage_error "usage: activate [--force] ID"; id=$arg ;;
+            *) [ -z "$ACT_ID" ] || usage_error "usage: activate [--force] ID"; ACT_ID=$arg ;;
         esac
     done
-    [ -n "$id" ] || usage_error "usage: activate [--force] ID"
-    valid_id "$id"
+    [ -n "$ACT_ID" ] || usage_error "usage: activate [--force] ID"
+    valid_id "$ACT_ID"
+}
+
+cmd_activate() {  # start the worker detached, stream its output, exit with its status
+    parse_activate_args "$@"
+    ensure_layout
+    root_dir "$DEPLOY/runs" 0700
+    local log worker tailer rc=0
+    log="$DEPLOY/runs/$(date -u +%Y%m%dT%H%M%S.%NZ)-$ACT_ID.log"
+    : >"$log"
+    # Not a process group leader (a background job of a non-interactive shell), so setsid makes
+    # this very process a session leader instead of forking: $! is the worker.
+    setsid "$BASH" "$SELF" --root "$ROOT" activate-worker "$@" </dev/null >>"$log" 2>&1 &
+    worker=$!
+    tail -n +1 -F -s 0.1 --pid="$worker" -- "$log" >&2 2>/dev/null &
+    tailer=$!
+    wait "$worker" || rc=$?
+    wait "$tailer" || true
+    find "$DEPLOY/runs" -maxdepth 1 -type f -name '*.log' -printf '%f\n' | sort -r | tail -n +51 |
+        while IFS= read -r old; do rm -f -- "$DEPLOY/runs/$old"; done
+    [ "$rc" -lt 128 ] || say "error: the activation worker (pid $worker) was killed; the next deploy or reload finishes or reverts it"
+    exit "$rc"
+}
+
+journal_write() {  # key=value lines, replaced atomically
+    printf '%s\n' "$@" >"$DEPLOY/journal.tmp"
+    mv -f "$DEPLOY/journal.tmp" "$DEPLOY/journal"
+}
+
+J_PHASE=""
+journal_phase() {  # $1 = phase; the other fields stay
+    J_PHASE=$1
+    journal_write "id=$J_ID" "from=$J_FROM" "prev=$J_PREV" "pid=$$" "phase=$1"
+}
+
+journal_get() {  # $1 = key
+    sed -n "s/^$1=//p" "$DEPLOY/journal" | head -n 1
+}
+
+# Called with the deploy lock held. A journal means a worker died mid-activation (the lock is
+# free only once it is gone): delete its pre-flight app; if it had switched, keep the new release
+# when it is (or becomes) healthy, else go back to the release it came from.
+recover_activation() {
+    [ -f "$DEPLOY/journal" ] || return 0
+    local id from prev phase cur
+    id=$(journal_get id) from=$(journal_get from) prev=$(journal_get prev) phase=$(journal_get phase)
+    [[ $id =~ $ID_RE ]] || { say "warning: unreadable activation journal removed"; rm -f "$DEPLOY/journal"; return 0; }
+    [ -z "$from" ] || [[ $from =~ $ID_RE ]] || from=""
+    [ -z "$prev" ] || [[ $prev =~ $ID_RE ]] || prev=""
+    say "recovering the activation of $id that was interrupted ($phase, pid $(journal_get pid))"
+    as_app pm2 delete "$APP_NAME-preflight" >/dev/null 2>&1 || true
+    cur=$(current_id)
+    if [ "$phase" = switching ] && [ "$cur" = "$id" ]; then
+        run_app || true
+        if wait_healthy "$id"; then
+            mark_served "$id"
+            say "recovered: $id is live and healthy"
+        elif [ -n "$from" ] && [ -d "$RELEASES/$from" ]; then
+            switch_back "$from" "$prev"
+        else
+            stop_first_deploy
+        fi
+    elif [ "$phase" = reverting ] && [ -n "$from" ] && [ -d "$RELEASES/$from" ]; then
+        switch_back "$from" "$prev"
+    else
+        say "recovered: current (${cur:-none}) was not switched"
+    fi
+    rm -f "$DEPLOY/journal"
+    printf '%s recover %s %s - %s\n' "$(iso_now)" "$id" "$(invoking_user)" "$phase" >>"$DEPLOY/releases.log"
+}
+
+switch_back() {  # $1 = release to go back to, $2 = the previous release to record; true when healthy
+    say "switching back to $1"
+    switch_current "$1"
+    if [ -n "$2" ]; then printf '%s\n' "$2" >"$DEPLOY/previous"; else rm -f "$DEPLOY/previous"; fi
+    run_app || true
+    if wait_healthy "$1"; then
+        say "rolled back: $1 is serving and healthy again"
+        return 0
+    fi
+    say "error: rolled back to $1 but it is NOT healthy either; check: $PROG status"
+    return 1
+}
+
+stop_first_deploy() {  # nothing to go back to: stop the app's PM2 processes, remove current
+    say "this was the first deploy: stopping the app's PM2 processes and removing current"
+    as_app pm2 delete "$ROOT/config/ecosystem.config.cjs" >&2 || true
+    as_app pm2 save --force >/dev/null 2>&1 || true
+    rm -f "$ROOT/current"
+    say "no release is running now; current does not exist"
+}
+
+cmd_activate_worker() {
+    parse_activate_args "$@"
+    local id=$ACT_ID force=$ACT_FORCE
     ACTION_ID=$id
     [ ! -f "$DEPLOY/meta/$id" ] || ACTION_SHA=$(sed -n 's/^sha256=//p' "$DEPLOY/meta/$id")
     ensure_layout
@@ -661,6 +777,7 @@ cmd_activate() {
     local cur prev
     cur=$(current_id)
     prev=$(previous_id)
+    J_ID=$id J_FROM=$cur J_PREV=$prev
     if [ "$cur" = "$id" ]; then
         say "release $id is already current; making sure it runs"
         run_app || true
@@ -673,10 +790,12 @@ cmd_activate() {
         die "release $id is current but not healthy at $HEALTH_URL"
     fi
 
+    journal_phase backup
     if [ "$DATA_BACKUPS_KEEP" -gt 0 ]; then
         data_backup "before-$id"
         say "backed up shared/data to $BACKUP_PATH"
     fi
+    journal_phase preflight
 
     # A release that has served healthy here before (a rollback) skips the pre-flight: it costs a
     # PM2 start (~0.6 s) and proves nothing new; the health gate after the switch still guards it.
@@ -687,9 +806,11 @@ cmd_activate() {
     elif ! preflight "$id"; then
         mark_bad "$id" "pre-flight failed"
         RESULT=preflight-failed
+        rm -f "$DEPLOY/journal"
         exit 1
     fi
 
+    journal_phase switching
     if [ -n "$cur" ]; then printf '%s\n' "$cur" >"$DEPLOY/previous"; fi
     say "switching current: ${cur:-none} -> $id"
     local started=$SECONDS base_restarts
@@ -698,6 +819,7 @@ cmd_activate() {
     if run_app && wait_healthy "$id" "$base_restarts"; then
         [ "$force" -ne 1 ] || rm -f "$DEPLOY/bad/$id"
         mark_served "$id"
+        rm -f "$DEPLOY/journal"
         RESULT=activated
         say "release $id is live and healthy after $((SECONDS - started))s (previous: ${cur:-none})"
         return 0
@@ -705,28 +827,16 @@ cmd_activate() {
 
     say "release $id did not become healthy at $HEALTH_URL within ${HEALTH_TIMEOUT}s"
     show_error_log
+    journal_phase reverting
     if [ -n "$cur" ] && [ -d "$RELEASES/$cur" ]; then
-        say "switching back to $cur"
-        switch_current "$cur"
-        if [ -n "$prev" ]; then printf '%s\n' "$prev" >"$DEPLOY/previous"; else rm -f "$DEPLOY/previous"; fi
-        run_app || true
         mark_bad "$id" "not healthy after switch"
-        if wait_healthy "$cur"; then
-            RESULT=rolled-back
-            say "rolled back: $cur is serving and healthy again"
-        else
-            RESULT=rollback-unhealthy
-            say "error: rolled back to $cur but it is NOT healthy either; check: $PROG status"
-        fi
+        if switch_back "$cur" "$prev"; then RESULT=rolled-back; else RESULT=rollback-unhealthy; fi
     else
-        say "this was the first deploy: stopping the app's PM2 processes and removing current"
-        as_app pm2 delete "$ROOT/config/ecosystem.config.cjs" >&2 || true
-        as_app pm2 save --force >/dev/null 2>&1 || true
-        rm -f "$ROOT/current"
         mark_bad "$id" "not healthy after switch (first deploy)"
+        stop_first_deploy
         RESULT="first-deploy-failed"
-        say "no release is running now; current does not exist"
     fi
+    rm -f "$DEPLOY/journal"
     exit 1
 }
 
@@ -995,7 +1105,7 @@ main() {
     local cmd=$1
     shift
     case $cmd in
-        install | activate | prune | backup | restore | reload) ;;
+        install | activate | activate-worker | prune | backup | restore | reload) ;;
         list | status | logs) ;;
         *) usage_error "unknown command '$cmd'" ;;
     esac
@@ -1005,11 +1115,13 @@ main() {
     load_settings
     trap on_exit EXIT
     case $cmd in
-        install | activate | prune | backup | restore | reload) ACTION=$cmd ;;
+        install | prune | backup | restore | reload) ACTION=$cmd ;;
+        activate-worker) ACTION=activate ;;  # `activate` itself only waits for its worker
     esac
     case $cmd in
         install) cmd_install "$@" ;;
         activate) cmd_activate "$@" ;;
+        activate-worker) cmd_activate_worker "$@" ;;
         prune) cmd_prune "$@" ;;
         list) cmd_list "$@" ;;
         status) cmd_status "$@" ;;
