@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,18 @@ def _pids_with_cwd(release_dir: Path) -> list[int]:
     return found
 
 
+def _processes_in(release_dir: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.readlink(proc / "cwd") == str(release_dir):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
 def test_the_preflight_boot_sees_the_contract(host: HardenedHost) -> None:
     log = (host.root / ".deploy" / "preflight" / "r1.log").read_text()
     assert "fixture r1: pre-flight boot, AGENTS_ENABLED=false" in log, log
@@ -97,6 +110,12 @@ def test_a_refused_release_never_starts_the_agent_and_leaves_the_running_one_alo
         watcher.join()
     assert result.returncode == 1 and "pre-flight of pm2-only-crash failed" in result.stderr, result.stderr
     assert seen == []
+    # PM2 can restart a crashing app while `pm2 delete` runs: nothing of the pre-flight may outlive the tool.
+    left = []
+    for _ in range(20):
+        left += _processes_in(release_dir)
+        time.sleep(0.05)
+    assert left == []
     assert _agent(host) == before
     assert "forecasting-agent" not in (host.root / ".deploy" / "preflight" / "pm2-only-crash.log").read_text()
 

@@ -566,11 +566,36 @@ free_port() {
 # The pre-flight PM2 app (APP_NAME-preflight) while it may exist; on_exit deletes it, so that it
 # never outlives the tool and never reaches `pm2 save`'s dump.
 PREFLIGHT_APP=""
+PREFLIGHT_DIR=""  # its release directory (not current while it runs)
 
+# PM2 may have a restart of a crashing pre-flight under way when `pm2 delete` returns (seen: a
+# worker booting 0.2 s after the tool had ended). So wait for the pre-flight's processes, the app
+# user's processes working in its release directory, to be gone, and end any that stay.
 preflight_delete() {
     [ -n "${PREFLIGHT_APP:-}" ] || return 0
     as_app pm2 delete "$PREFLIGHT_APP" >/dev/null 2>&1 || true
-    PREFLIGHT_APP=""
+    if [ -n "$PREFLIGHT_DIR" ]; then
+        local n=0 pids
+        pids=$(preflight_pids "$PREFLIGHT_DIR")
+        while [ -n "$pids" ] && [ "$n" -lt 30 ]; do
+            n=$((n + 1))
+            [ "$n" -ne 10 ] || as_app pm2 delete "$PREFLIGHT_APP" >/dev/null 2>&1 || true
+            sleep 0.1
+            pids=$(preflight_pids "$PREFLIGHT_DIR")
+        done
+        # shellcheck disable=SC2086 # a list of pids
+        [ -z "$pids" ] || as_app kill -KILL $pids 2>/dev/null || true
+    fi
+    PREFLIGHT_APP="" PREFLIGHT_DIR=""
+}
+
+preflight_pids() {  # the app user's processes whose working directory is $1
+    local proc want
+    want=$(cd "$1" 2>/dev/null && pwd -P) || return 0
+    for proc in /proc/[0-9]*; do
+        [ "$(stat -c %u "$proc" 2>/dev/null)" = "$APP_UID" ] || continue
+        [ "$(readlink "$proc/cwd" 2>/dev/null)" != "$want" ] || printf '%s ' "${proc#/proc/}"
+    done
 }
 
 # Start releases/$1 under PM2 (the app's daemon, as APP_USER) as a throwaway cluster app on a spare
@@ -589,7 +614,7 @@ preflight() {
     say "pre-flight: starting $id under PM2 as $name on 127.0.0.1:$port"
     # A daemon spawned by `pm2 start` inherits that command's environment; start it plainly first.
     as_app pm2 ping >/dev/null 2>&1 || true
-    PREFLIGHT_APP=$name
+    PREFLIGHT_APP=$name PREFLIGHT_DIR=$dir
     as_app pm2 delete "$name" >/dev/null 2>&1 || true  # left over by a run that was killed
     deadline=$((SECONDS + HEALTH_TIMEOUT))
     # shared/.env is exported, as run.sh does. The app file's `env` adds PORT, NODE_ENV (default
@@ -678,7 +703,16 @@ cmd_activate() {  # start the worker detached, stream its output, exit with its 
     worker=$!
     tail -n +1 -F -s 0.1 --pid="$worker" -- "$log" >&2 2>/dev/null &
     tailer=$!
-    wait "$worker" || rc=$?
+    # Stopping this command on purpose (SIGTERM, Ctrl-C) stops the activation the same way (the
+    # worker's EXIT trap deletes its pre-flight app; the journal covers the rest). A hang-up or a
+    # dead pipe (the SSH session gone) does not reach the worker: it finishes on its own.
+    trap 'kill -TERM "$worker" 2>/dev/null || true' TERM INT
+    while :; do
+        rc=0
+        wait "$worker" || rc=$?
+        kill -0 "$worker" 2>/dev/null || break
+    done
+    trap - TERM INT
     wait "$tailer" || true
     find "$DEPLOY/runs" -maxdepth 1 -type f -name '*.log' -printf '%f\n' | sort -r | tail -n +51 |
         while IFS= read -r old; do rm -f -- "$DEPLOY/runs/$old"; done
@@ -712,8 +746,10 @@ recover_activation() {
     [ -z "$from" ] || [[ $from =~ $ID_RE ]] || from=""
     [ -z "$prev" ] || [[ $prev =~ $ID_RE ]] || prev=""
     say "recovering the activation of $id that was interrupted ($phase, pid $(journal_get pid))"
-    as_app pm2 delete "$APP_NAME-preflight" >/dev/null 2>&1 || true
     cur=$(current_id)
+    PREFLIGHT_APP="$APP_NAME-preflight" PREFLIGHT_DIR=""
+    [ "$cur" = "$id" ] || PREFLIGHT_DIR="$RELEASES/$id"  # (not while the release serves from there)
+    preflight_delete
     if [ "$phase" = switching ] && [ "$cur" = "$id" ]; then
         run_app || true
         if wait_healthy "$id"; then
