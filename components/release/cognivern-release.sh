@@ -569,8 +569,10 @@ PREFLIGHT_APP=""
 PREFLIGHT_DIR=""  # its release directory (not current while it runs)
 
 # PM2 may have a restart of a crashing pre-flight under way when `pm2 delete` returns (seen: a
-# worker booting 0.2 s after the tool had ended). So wait for the pre-flight's processes, the app
-# user's processes working in its release directory, to be gone, and end any that stay.
+# worker booting 0.2 s after the tool had ended). So wait for the pre-flight's processes to be gone
+# and end any that stay: the app user's processes working in its release directory, in this mount
+# namespace, with COGNIVERN_PREFLIGHT=1 in their environment (never the live app's workers, which
+# may run in a release of the same path on another host of a test pool, or on this one later).
 preflight_delete() {
     [ -n "${PREFLIGHT_APP:-}" ] || return 0
     as_app pm2 delete "$PREFLIGHT_APP" >/dev/null 2>&1 || true
@@ -589,12 +591,16 @@ preflight_delete() {
     PREFLIGHT_APP="" PREFLIGHT_DIR=""
 }
 
-preflight_pids() {  # the app user's processes whose working directory is $1
-    local proc want
+preflight_pids() {  # the pre-flight processes working in $1
+    local proc want mnt
     want=$(cd "$1" 2>/dev/null && pwd -P) || return 0
+    mnt=$(readlink /proc/self/ns/mnt)
     for proc in /proc/[0-9]*; do
         [ "$(stat -c %u "$proc" 2>/dev/null)" = "$APP_UID" ] || continue
-        [ "$(readlink "$proc/cwd" 2>/dev/null)" != "$want" ] || printf '%s ' "${proc#/proc/}"
+        [ "$(readlink "$proc/cwd" 2>/dev/null)" = "$want" ] || continue
+        [ "$(readlink "$proc/ns/mnt" 2>/dev/null)" = "$mnt" ] || continue
+        grep -qxz 'COGNIVERN_PREFLIGHT=1' "$proc/environ" 2>/dev/null || continue
+        printf '%s ' "${proc#/proc/}"
     done
 }
 
