@@ -33,8 +33,8 @@ if kind == "append":
     while True:
         n += 1
         os.write(fd, (json.dumps({"n": n, "t": time.time(), "pad": pad}) + "\n").encode())  # one write per line
-        if n % 50 == 0:
-            time.sleep(0.005)
+        if n % 10 == 0:
+            time.sleep(0.005)  # ~2,000 lines a second: busy, without starving the app of CPU
 else:
     target = os.path.join(data, "state.json")
     while True:
@@ -56,7 +56,7 @@ def _root() -> None:
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HardenedHost]:
-    with hardened_host(tmp_path_factory.mktemp("backup-live"), dataBackupsKeep=ACTIVATIONS + 5) as h:
+    with hardened_host(tmp_path_factory.mktemp("backup-live"), dataBackupsKeep=ACTIVATIONS + 5, healthTimeout=25) as h:
         for rid in ("r1", "r2"):
             assert h.install(rid).returncode == 0
         h.ok("activate", "r1")
