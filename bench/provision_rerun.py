@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from components.host import PROVISION, RELEASE_TOOL
+from components.host import PROVISION, RELEASE_TOOL, provision_args
 from components.remote import script_command
 from tests.support.target_host import TargetHost
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports/provision-rerun.json"))
     args = parser.parse_args(argv)
     with TargetHost() as host:
-        argv_ = ["--root", str(host.root), "--app-user", host.app_user, "--node-major", "20", "--ssh-user", "root"]
+        argv_ = provision_args(host.settings())
         command, tool = script_command(PROVISION, argv_), RELEASE_TOOL.read_text()
         times = []
         for _ in range(args.runs + 1):

@@ -16,23 +16,28 @@ from typing import Any
 
 NAMESPACE = "cognivern"
 
-RELEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
-SERVER_NAME_RE = re.compile(r"^(_|\*?[A-Za-z0-9.-]{1,253})$")
-LISTEN_RE = re.compile(r"^((\d{1,3}(\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):)?\d{1,5}$")
-SERVER_TYPE_RE = re.compile(r"^[a-z]{2,4}\d{1,3}$")
-IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+RELEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z"
+)
+SERVER_NAME_RE = re.compile(r"^(_|\*?[A-Za-z0-9.-]{1,253})\Z")
+LISTEN_RE = re.compile(r"^((\d{1,3}(\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):)?\d{1,5}\Z")
+SERVER_TYPE_RE = re.compile(r"^[a-z]{2,4}\d{1,3}\Z")
+IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$)({_LABEL}\.)+{_LABEL}$")
-EMAIL_RE = re.compile(rf"^(?=.{{1,254}}$)[A-Za-z0-9._%+-]+@({_LABEL}\.)+{_LABEL}$")
-ACME_SERVER_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/%+-]*)?$")
+DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}\Z)({_LABEL}\.)+{_LABEL}\Z")
+EMAIL_RE = re.compile(rf"^(?=.{{1,254}}\Z)[A-Za-z0-9._%+-]+@({_LABEL}\.)+{_LABEL}\Z")
+ACME_SERVER_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/%+-]*)?\Z")
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
-HOST_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( [^\n]*)?$")
+HOST_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( [^\x00-\x1f\x7f]*)?\Z")
 PUBLIC_KEY_RE = HOST_KEY_RE
+ROOT_CHARS_RE = re.compile(r"^[A-Za-z0-9/._-]+\Z")
+HEALTH_PATH_RE = re.compile(r"^/[A-Za-z0-9/._-]*\Z")
+ARTIFACT_URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d+)?/[A-Za-z0-9._~/%+-]*\Z")
 
 LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
 # Hetzner network zones: a private network's subnet must be in the zone of the servers' location.
@@ -44,11 +49,46 @@ NETWORK_ZONES = {
     "hil": "us-west",
     "sin": "ap-southeast",
 }
-LOAD_BALANCER_TYPE_RE = re.compile(r"^lb\d{2}$")
+LOAD_BALANCER_TYPE_RE = re.compile(r"^lb\d{2}\Z")
 MAX_SERVERS = 10
 DEPRECATED_SERVER_TYPES = frozenset(
     {"cx11", "cx21", "cx31", "cx41", "cx51", "cx22", "cx32", "cx42", "cx52"} | {"cpx11", "cpx21", "cpx31", "cpx41", "cpx51"}
 )
+# `root` may not be one of these trees or anything inside them (root chowns and prunes under it)...
+SYSTEM_TREES = (
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/usr",
+)
+# ...nor one of these shared parents itself (a directory of its own inside them is fine).
+SYSTEM_PARENTS = frozenset(
+    {"/opt", "/srv", "/tmp", "/var", "/var/lib", "/var/log", "/var/cache", "/var/tmp", "/var/www", "/mnt", "/media", "/snap"}
+)
+# Accounts of the base system and of common services: the app (hostile by assumption) must never
+# become one of them. provision.sh also refuses any existing account it did not create for the app.
+SYSTEM_ACCOUNTS = frozenset(
+    {"root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy", "www-data", "backup"}
+    | {"list", "irc", "gnats", "nobody", "nogroup", "messagebus", "syslog", "sshd", "uuidd", "tcpdump", "tss", "polkitd"}
+    | {"landscape", "pollinate", "lxd", "dnsmasq", "ntp", "postfix", "nginx", "postgres", "mysql", "redis", "ubuntu", "debian"}
+    | {"admin", "adm", "sudo", "staff", "shadow", "docker", "fwupd-refresh", "usbmux", "systemd-coredump"}
+)
+SYSTEM_ACCOUNT_PREFIXES = ("systemd-", "_")
+# Node majors the server may get. pnpm comes from npm (pinned, components/host/versions.env), not
+# corepack, so Node 25+ (no corepack) works too; the bound keeps out typos such as 222 and majors
+# NodeSource does not publish yet.
+NODE_MAJORS = (18, 26)
 # Keys the program writes into shared/.env itself; `env`/`secretEnv` may not override them.
 RESERVED_ENV_KEYS = frozenset({"PORT", "HOST", "AGENTS_ENABLED"})
 # The app binds to loopback (nginx is its only client), when it honours HOST.
@@ -224,7 +264,7 @@ class _Reader:
 
 
 def _pattern(key: str, value: str, regex: re.Pattern[str], allowed: str) -> str:
-    if not regex.match(value):
+    if not regex.fullmatch(value):
         raise _fail(key, f"{value!r} is not allowed: {allowed}")
     return value
 
@@ -234,7 +274,7 @@ def _env_map(key: str, raw: Any) -> dict[str, str]:
         return {}
     out: dict[str, str] = {}
     for name, value in raw.items():
-        if not ENV_KEY_RE.match(name):
+        if not ENV_KEY_RE.fullmatch(name):
             raise _fail(key, f"{name!r} is not a valid environment variable name (letters, digits, _; not starting with a digit)")
         if name in RESERVED_ENV_KEYS:
             raise _fail(key, f"{name} is set by the program (from cognivern:port / cognivern:agentsEnabled); remove it here")
@@ -313,8 +353,12 @@ def _host_keys(raw: Any, hosts: tuple[str, ...], host: str | None = None) -> dic
 def _root(value: str) -> str:
     if not value.startswith("/") or posixpath.normpath(value) != value or value == "/" or "//" in value:
         raise _fail("root", f"{value!r} must be an absolute, normalised path such as /opt/cognivern (no trailing '/', '..' or '//')")
-    if not re.match(r"^[A-Za-z0-9/._-]+$", value):
+    if not ROOT_CHARS_RE.fullmatch(value):
         raise _fail("root", f"{value!r} may contain only letters, digits, '/', '.', '_' and '-'")
+    if system_path(value):
+        raise _fail(
+            "root", f"{value!r} is a system directory (or inside one); use a directory of its own such as /opt/cognivern or /srv/cognivern"
+        )
     return value
 
 
@@ -332,6 +376,16 @@ def _holds_secret(raw: str | None) -> bool:
         return bool(json.loads(raw) != {})
     except json.JSONDecodeError:
         return True
+
+
+def system_path(path: str) -> bool:
+    """True for a path root would take over to its harm: a system tree, or one of the shared parents.
+
+    provision.sh refuses the same list (tests feed both the same table).
+    """
+    if path in SYSTEM_PARENTS:
+        return True
+    return any(path == tree or path.startswith(tree + "/") for tree in SYSTEM_TREES)
 
 
 def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], bool] = lambda _k: True) -> Settings:
@@ -410,7 +464,7 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
             raise _fail("nginxListen", f"{item!r}: port must be 1-65535")
 
     health_path = r.string("healthPath", "/health") or "/health"
-    _pattern("healthPath", health_path, re.compile(r"^/[A-Za-z0-9/._-]*$"), "a URL path such as /health")
+    _pattern("healthPath", health_path, HEALTH_PATH_RE, "a URL path such as /health")
 
     artifact_url = r.string("artifactUrl")
     artifact_sha256 = r.string("artifactSha256")
@@ -418,7 +472,7 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
         _pattern(
             "artifactUrl",
             artifact_url,
-            re.compile(r"^https://[A-Za-z0-9.-]+(:\d+)?/[A-Za-z0-9._~/%+-]*$"),
+            ARTIFACT_URL_RE,
             "an https:// URL without query string or shell characters",
         )
         if artifact_sha256 is None:
@@ -462,13 +516,16 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
     )
     if app_user == "root":
         raise _fail("appUser", "must not be root: PM2 and the app run as an unprivileged user")
+    if app_user in SYSTEM_ACCOUNTS or app_user.startswith(SYSTEM_ACCOUNT_PREFIXES):
+        raise _fail("appUser", f"{app_user!r} is a system account; the app needs an account of its own such as cognivern")
+    ssh_user = _pattern("sshUser", r.string("sshUser", "root") or "root", USER_RE, "a Linux user name (lowercase letters, digits, _ and -)")
+    if app_user == ssh_user:
+        raise _fail("appUser", f"must differ from cognivern:sshUser ({ssh_user}): the deploy login has sudo, the app must not")
 
     settings = Settings(
         release=release,
         host=host,
-        ssh_user=_pattern(
-            "sshUser", r.string("sshUser", "root") or "root", USER_RE, "a Linux user name (lowercase letters, digits, _ and -)"
-        ),
+        ssh_user=ssh_user,
         ssh_port=r.integer("sshPort", 22, 1, 65535),
         ssh_private_key=private_key,
         ssh_public_key=ssh_public_key,
@@ -488,7 +545,7 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
         ),
         port=r.integer("port", 3000, 1, 65535),
         instances=r.integer("instances", 1, 1, 64),
-        node_major=r.integer("nodeMajor", 22, 18, 40),
+        node_major=r.integer("nodeMajor", 22, *NODE_MAJORS),
         env=env,
         secret_env=secret_env,
         agents_enabled=r.boolean("agentsEnabled", False),

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, site_name
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, provision_args, site_name
 from components.remote import script_command
 from components.render import render_nginx_site
 from components.settings import Settings
@@ -36,9 +36,7 @@ FAKE_TOOL = '#!/usr/bin/env bash\n# stand-in for cognivern-release\necho "cogniv
 
 # ---------------------------------------------------------------------------- helpers
 def provision_cmd(s: Settings) -> str:
-    return script_command(
-        PROVISION, ["--root", s.root, "--app-user", s.app_user, "--node-major", str(s.node_major), "--ssh-user", s.ssh_user]
-    )
+    return script_command(PROVISION, provision_args(s))
 
 
 def put_cmd(dest: str, mode: str, owner: str, reload_root: str | None = None) -> str:
@@ -145,12 +143,15 @@ def test_provision_prepares_user_and_layout(host: TargetHost, first_run: subproc
     root = host.root
     expected = {
         root: ("root", "root", "0o755"),
-        root / "releases": (u, u, "0o755"),
-        root / "shared": (u, u, "0o750"),
+        root / "releases": ("root", "root", "0o755"),
+        root / "shared": ("root", "root", "0o755"),
         root / "shared/data": (u, u, "0o750"),
         root / "shared/logs": (u, u, "0o750"),
-        root / "cache": (u, u, "0o750"),
-        root / "backups": (u, u, "0o750"),
+        root / "cache": ("root", "root", "0o755"),
+        root / "cache/pnpm-store": (u, u, "0o750"),
+        root / "backups": ("root", "root", "0o700"),
+        host.app_home: (u, u, "0o700"),
+        host.app_home / ".pm2": (u, u, "0o700"),
         root / "config": ("root", "root", "0o755"),
         root / ".deploy": ("root", "root", "0o700"),
         root / "incoming": ("root", "root", "0o700"),
@@ -233,6 +234,7 @@ def test_provision_keeps_shared_content(host: TargetHost, first_run: subprocess.
 )
 def test_provision_rejects_bad_arguments(host: TargetHost, first_run: object, args: list[str], message: str) -> None:
     base = {"--root": str(host.root) + "-bad", "--app-user": "cvtbad", "--node-major": "20", "--ssh-user": "root"}
+    base |= {"--pm2-version": "7.0.4", "--pnpm-version": "9.15.9"}
     argv: list[str] = []
     for key, value in base.items():
         argv += [key, value]

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pulumi import RunError
 
+from components.host import pinned_versions
 from components.release import ArtifactError, resolve_artifact
 from tests.support.program import DefaultMocks, Registration, is_secret, run_program, unsecret
 
@@ -104,7 +105,11 @@ def test_provision_command_carries_the_script_and_installs_the_release_tool() ->
     provision = run.get("cognivern-prod-provision")
     create = provision.inputs["create"]
     assert create.startswith("bash -c '#!/usr/bin/env bash")
-    assert create.endswith(" provision --root /opt/cognivern --app-user cognivern --node-major 22 --ssh-user root")
+    pins = pinned_versions()
+    assert create.endswith(
+        " provision --root /opt/cognivern --app-user cognivern --node-major 22 --ssh-user root"
+        f" --pm2-version {pins['PM2_VERSION']} --pnpm-version {pins['PNPM_VERSION']}"
+    )
     assert provision.inputs["stdin"] == Path("components/release/cognivern-release.sh").read_text()
     assert "delete" not in provision.inputs, "destroying the stack must never remove anything from the host"
 

@@ -32,6 +32,24 @@ NGINX_SITE = HERE / "nginx-site.sh"
 TLS = HERE / "tls.sh"
 RUN_SH = HERE / "run.sh"
 RELEASE_TOOL = RELEASE_DIR / "cognivern-release.sh"
+VERSIONS = HERE / "versions.env"
+
+
+def pinned_versions() -> dict[str, str]:
+    """versions.env (KEY=VALUE lines): the PM2 and pnpm the server gets; .ci/run installs the same."""
+    out: dict[str, str] = {}
+    for line in VERSIONS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out
+
+
+def provision_args(s: Settings) -> list[str]:
+    """provision.sh's arguments for these settings."""
+    pins = pinned_versions()
+    account = ["--root", s.root, "--app-user", s.app_user, "--node-major", str(s.node_major), "--ssh-user", s.ssh_user]
+    return [*account, "--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
 
 
 @dataclass(frozen=True)
@@ -87,11 +105,7 @@ class Host(pulumi.ComponentResource):
 
         provision = command(
             "provision",
-            script_command(
-                PROVISION,
-                ["--root", s.root, "--app-user", s.app_user, "--node-major", str(s.node_major), "--ssh-user", s.ssh_user],
-                sudo=sudo,
-            ),
+            script_command(PROVISION, provision_args(s), sudo=sudo),
             RELEASE_TOOL.read_text(),
             [],
         )

@@ -2,12 +2,18 @@
 # Managed by cognivern-infra. Idempotent host preparation for the Cognivern backend (run as root).
 #
 #   bash -c "$(cat provision.sh)" provision --root R --app-user U --node-major N --ssh-user S \
-#       < cognivern-release.sh
+#       --pm2-version X.Y.Z --pnpm-version X.Y.Z < cognivern-release.sh
 #
 # stdin: the server-side release tool, installed as $BIN_DIR/cognivern-release when it differs
 # (empty stdin or a terminal: that step is skipped). Every step prints one line, "ok (already)"
 # or what it changed, so a re-run on a prepared host changes nothing and says so.
 # Supported: Ubuntu 24.04, Debian 12. Nothing under R/shared is ever deleted.
+#
+# The app user is treated as hostile: the directories root works in (R, releases/, shared/,
+# cache/, backups/) belong to root; only the leaves the app writes (shared/data, shared/logs,
+# cache/pnpm-store) and its home (0700, with ~/.pm2 0700: PM2's dump holds the app's env) are its.
+# An existing account is taken as the app user only when it has the shape this script gives one
+# (home /home/U, own group, no other groups, no password): never a system or a login account.
 #
 # Overrides (test hosts): COGNIVERN_BIN_DIR (/usr/local/bin), COGNIVERN_LOGROTATE_DIR
 # (/etc/logrotate.d), COGNIVERN_SSHD_CONFIG (/etc/ssh/sshd_config; the drop-in goes into its
@@ -22,22 +28,25 @@ say() { printf '%s: %s\n' "$prog" "$*"; }
 die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
 usage() {
     cat >&2 <<'EOF'
-usage: provision --root ABS_PATH --app-user USER --node-major N --ssh-user USER  (release tool on stdin)
+usage: provision --root ABS_PATH --app-user USER --node-major N --ssh-user USER
+                 --pm2-version X.Y.Z --pnpm-version X.Y.Z  (release tool on stdin)
 EOF
     exit 2
 }
 
 # ---------------------------------------------------------------------------- arguments
-root="" app_user="" node_major="" ssh_user=""
+root="" app_user="" node_major="" ssh_user="" pm2_version="" pnpm_version=""
 while [ "$#" -gt 0 ]; do
     case "$1" in
-        --root | --app-user | --node-major | --ssh-user)
+        --root | --app-user | --node-major | --ssh-user | --pm2-version | --pnpm-version)
             [ "$#" -ge 2 ] || { echo "$prog: $1 needs a value" >&2; usage; }
             case "$1" in
                 --root) root=$2 ;;
                 --app-user) app_user=$2 ;;
                 --node-major) node_major=$2 ;;
                 --ssh-user) ssh_user=$2 ;;
+                --pm2-version) pm2_version=$2 ;;
+                --pnpm-version) pnpm_version=$2 ;;
             esac
             shift 2
             ;;
@@ -56,11 +65,27 @@ valid_abs_path() {
 [ -n "$app_user" ] || { echo "$prog: --app-user is required" >&2; usage; }
 [ -n "$node_major" ] || { echo "$prog: --node-major is required" >&2; usage; }
 [ -n "$ssh_user" ] || { echo "$prog: --ssh-user is required" >&2; usage; }
+[ -n "$pm2_version" ] || { echo "$prog: --pm2-version is required" >&2; usage; }
+[ -n "$pnpm_version" ] || { echo "$prog: --pnpm-version is required" >&2; usage; }
 valid_abs_path "$root" || die "--root must be an absolute, normalised path such as /opt/cognivern, got '$root'"
+# The same list as components/settings.py (SYSTEM_TREES / SYSTEM_PARENTS); tests feed both one table.
+system_path() {
+    case "$1" in
+        /bin | /bin/* | /boot | /boot/* | /dev | /dev/* | /etc | /etc/* | /home | /home/* | /lib | /lib/* | /lib32 | /lib32/*) return 0 ;;
+        /lib64 | /lib64/* | /libx32 | /libx32/* | /proc | /proc/* | /root | /root/* | /run | /run/* | /sbin | /sbin/*) return 0 ;;
+        /sys | /sys/* | /usr | /usr/*) return 0 ;;
+        /opt | /srv | /tmp | /var | /var/lib | /var/log | /var/cache | /var/tmp | /var/www | /mnt | /media | /snap) return 0 ;;
+    esac
+    return 1
+}
+! system_path "$root" || die "--root $root is a system directory (or inside one); use a directory of its own such as /opt/cognivern"
 valid_user "$app_user" || die "--app-user must be a Linux user name (a-z 0-9 _ -), got '$app_user'"
 [ "$app_user" != root ] || die "--app-user must not be root"
 valid_user "$ssh_user" || die "--ssh-user must be a Linux user name (a-z 0-9 _ -), got '$ssh_user'"
+[ "$app_user" != "$ssh_user" ] || die "--app-user must differ from --ssh-user ($ssh_user): the deploy login has sudo, the app must not"
 [[ $node_major =~ ^[1-9][0-9]{0,2}$ ]] || die "--node-major must be a number such as 22, got '$node_major'"
+[[ $pm2_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pm2-version must be X.Y.Z, got '$pm2_version'"
+[[ $pnpm_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pnpm-version must be X.Y.Z, got '$pnpm_version'"
 
 bin_dir=${COGNIVERN_BIN_DIR:-/usr/local/bin}
 logrotate_dir=${COGNIVERN_LOGROTATE_DIR:-/etc/logrotate.d}
@@ -113,7 +138,7 @@ pkg_installed() {
 }
 missing=()
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
-for pkg in curl ca-certificates logrotate tar gzip util-linux; do
+for pkg in curl ca-certificates gpg logrotate tar gzip util-linux; do
     pkg_installed "$pkg" || missing+=("$pkg")
 done
 apt_install() {
@@ -131,6 +156,11 @@ else
 fi
 
 # ---------------------------------------------------------------------------- Node.js
+# NodeSource's repository signing key (NSolid <nsolid-gpg@nodesource.com>), checked by fingerprint.
+readonly NODESOURCE_FPR=6F71F525282841EEDAF851B42F59B5F99B1BE0B4
+key_fingerprints() { # primary-key fingerprints of an armored key file, one a line
+    gpg --batch --show-keys --with-colons "$1" 2>/dev/null | awk -F: '$1 == "pub" { want = 1 } $1 == "fpr" && want { print $10; want = 0 }'
+}
 node_version=$(node --version 2>/dev/null || true)
 if [[ $node_version == "v$node_major."* ]]; then
     say "node: ok (already $node_version)"
@@ -140,6 +170,9 @@ else
     if [ ! -s "$keyring" ]; then
         curl -fsSL --retry 3 https://deb.nodesource.com/gpgkey/nodesource-repo.gpg.key -o "$tmpdir/nodesource.asc"
         grep -q 'BEGIN PGP PUBLIC KEY BLOCK' "$tmpdir/nodesource.asc" || die "NodeSource key download is not a PGP key"
+        have_fpr=$(key_fingerprints "$tmpdir/nodesource.asc")
+        [ "$have_fpr" = "$NODESOURCE_FPR" ] ||
+            die "NodeSource key has fingerprint(s) '${have_fpr//$'\n'/ }', expected $NODESOURCE_FPR; not trusted"
         install -m 0644 "$tmpdir/nodesource.asc" "$keyring"
     fi
     cat >/etc/apt/sources.list.d/nodesource.sources <<EOF
@@ -169,22 +202,59 @@ fi
 # to run pm2 in its environment; our own scripts call `runuser -u U -- env -i HOME=... pm2 ...`,
 # which does not need a shell at all.
 app_home=/home/$app_user
+# An existing account is the app's only if it has exactly the shape useradd gives it below: any
+# other (www-data, nobody, a person's login with a password or sudo) would hand the hostile app
+# that account's files and rights, and root would chown things to it.
+app_account_problem() {
+    local uid home group groups pass
+    uid=$(id -u "$app_user")
+    home=$(getent passwd "$app_user" | cut -d: -f6)
+    group=$(id -gn "$app_user")
+    groups=$(id -Gn "$app_user")
+    pass=$(getent shadow "$app_user" | cut -d: -f2)
+    if [ "$uid" -lt 100 ]; then echo "is a base system account (uid $uid)"
+    elif [ "$home" != "$app_home" ]; then echo "has its home at ${home:-nowhere}, not $app_home (a service or login account)"
+    elif [ "$group" != "$app_user" ] || [ "$groups" != "$app_user" ]; then echo "belongs to groups '$groups' (the app's account has only its own)"
+    elif [ -n "$pass" ] && [ "${pass:0:1}" != '!' ] && [ "${pass:0:1}" != '*' ]; then echo "has a password (a login account)"
+    fi
+}
 if id -u "$app_user" >/dev/null 2>&1; then
+    problem=$(app_account_problem)
+    [ -z "$problem" ] || die "--app-user $app_user already exists and $problem; refusing to run the app as it (choose another cognivern:appUser)"
     say "app user: ok (already $app_user)"
 else
     useradd --system --create-home --home-dir "$app_home" --shell /bin/bash --user-group "$app_user"
     say "app user: created $app_user (home $app_home)"
 fi
 app_home=$(getent passwd "$app_user" | cut -d: -f6)
-if [ -z "$app_home" ] || [ ! -d "$app_home" ]; then die "home directory of $app_user is missing"; fi
+if [ -z "$app_home" ] || [ -L "$app_home" ] || [ ! -d "$app_home" ]; then die "home directory of $app_user is missing"; fi
+# PM2's dump (~/.pm2/dump.pm2) holds every .env variable: home and ~/.pm2 are the app's alone.
+# /home is root's, so the home itself cannot be swapped for a link; ~/.pm2 can, so the app's own
+# chmod (not root's) sets it.
+home_changes=()
+if [ "$(stat -c '%U %a' "$app_home")" != "$app_user 700" ]; then
+    [ "$(stat -c '%U' "$app_home")" = "$app_user" ] || die "$app_home is not owned by $app_user"
+    chmod 0700 "$app_home"
+    home_changes+=("$app_home 0700")
+fi
+if [ "$(stat -c '%U %a' "$app_home/.pm2" 2>/dev/null || true)" != "$app_user 700" ]; then
+    # shellcheck disable=SC2016 # $1 is the inner shell's
+    (cd / && runuser -u "$app_user" -- sh -c 'mkdir -p -m 0700 "$1" && chmod 0700 "$1"' sh "$app_home/.pm2") ||
+        die "could not make $app_home/.pm2 private (is it a link?)"
+    home_changes+=("$app_home/.pm2 0700")
+fi
+if [ "${#home_changes[@]}" -eq 0 ]; then
+    say "app home: ok (already private)"
+else
+    say "app home: made private: ${home_changes[*]}"
+fi
 
 # ---------------------------------------------------------------------------- layout
 layout_changes=()
 ensure_dir() { # path owner group mode
     local path=$1 owner=$2 group=$3 mode=$4
-    if [ -L "$path" ] || { [ -e "$path" ] && [ ! -d "$path" ]; }; then
-        die "$path exists but is not a directory"
-    fi
+    [ ! -L "$path" ] || die "$path is a symbolic link where a directory belongs; refusing to work through it (remove it)"
+    if [ -e "$path" ] && [ ! -d "$path" ]; then die "$path exists but is not a directory"; fi
     if [ ! -d "$path" ]; then
         install -d -o "$owner" -g "$group" -m "$mode" "$path"
         layout_changes+=("created $path")
@@ -193,19 +263,23 @@ ensure_dir() { # path owner group mode
     local have
     have=$(stat -c '%U:%G %a' "$path")
     if [ "$have" != "$owner:$group ${mode#0}" ]; then
-        chown "$owner:$group" "$path"
+        # Not a link (checked above) and its parent is root's, so nobody can swap it meanwhile.
+        chown -h "$owner:$group" "$path"
         chmod "$mode" "$path"
         layout_changes+=("fixed $path ($have -> $owner:$group ${mode#0})")
     fi
 }
 ssh_group=$(id -gn "$ssh_user")
+# Root-owned where root works; the app's only the leaves it writes (parents first: once shared/ is
+# root's, the app can no longer put a link where shared/data is expected).
 ensure_dir "$root" root root 0755
-ensure_dir "$root/releases" "$app_user" "$app_user" 0755
-ensure_dir "$root/shared" "$app_user" "$app_user" 0750
+ensure_dir "$root/releases" root root 0755
+ensure_dir "$root/shared" root root 0755
 ensure_dir "$root/shared/data" "$app_user" "$app_user" 0750
 ensure_dir "$root/shared/logs" "$app_user" "$app_user" 0750
-ensure_dir "$root/cache" "$app_user" "$app_user" 0750
-ensure_dir "$root/backups" "$app_user" "$app_user" 0750
+ensure_dir "$root/cache" root root 0755
+ensure_dir "$root/cache/pnpm-store" "$app_user" "$app_user" 0750
+ensure_dir "$root/backups" root root 0700
 ensure_dir "$root/config" root root 0755
 ensure_dir "$root/.deploy" root root 0700
 ensure_dir "$root/incoming" "$ssh_user" "$ssh_group" 0700
@@ -217,23 +291,30 @@ else
 fi
 
 # ---------------------------------------------------------------------------- pnpm, pm2
-if command -v pnpm >/dev/null 2>&1; then
-    say "pnpm: ok (already $(pnpm --version 2>/dev/null || echo present))"
-else
-    command -v corepack >/dev/null 2>&1 || die "pnpm is missing and corepack is not available (node $(node --version))"
-    corepack enable pnpm
-    # Fetch pnpm now for the app user (corepack caches per user), without the download prompt.
-    version=$(cd / && runuser -u "$app_user" -- env -i HOME="$app_home" PATH="$PATH" COREPACK_ENABLE_DOWNLOAD_PROMPT=0 pnpm --version) ||
-        die "corepack could not provide pnpm for $app_user"
-    say "pnpm: enabled through corepack ($version)"
-fi
-if command -v pm2 >/dev/null 2>&1; then
-    say "pm2: ok (already installed)"
-else
-    npm install -g --no-fund --no-audit pm2 >"$tmpdir/npm.log" 2>&1 || { cat "$tmpdir/npm.log" >&2; die "npm install -g pm2 failed"; }
+# Pinned versions (components/host/versions.env, the same file CI installs from), from npm: the
+# same way on every Node major (corepack, which used to provide pnpm, is gone from Node 25).
+npm_global_version() { # version of a globally installed npm package, empty when absent
+    local dir
+    dir=$(npm root -g 2>/dev/null) || return 0
+    [ -f "$dir/$1/package.json" ] || return 0
+    node -p 'require(process.argv[1]).version' "$dir/$1/package.json" 2>/dev/null || true
+}
+npm_global_pin() { # package version
+    local have
+    have=$(npm_global_version "$1")
+    if [ "$have" = "$2" ] && command -v "$1" >/dev/null 2>&1; then
+        say "$1: ok (already $2)"
+        return
+    fi
+    # A pnpm shim from corepack (older provisioning) would shadow the npm one.
+    if [ "$1" = pnpm ] && command -v corepack >/dev/null 2>&1; then corepack disable pnpm >/dev/null 2>&1 || true; fi
+    npm install -g --no-fund --no-audit "$1@$2" >"$tmpdir/npm.log" 2>&1 || { cat "$tmpdir/npm.log" >&2; die "npm install -g $1@$2 failed"; }
     hash -r
-    say "pm2: installed $(pm2 --version 2>/dev/null | tail -n 1)"
-fi
+    [ "$(npm_global_version "$1")" = "$2" ] || die "$1 is not $2 after npm install -g $1@$2"
+    say "$1: installed $2 (was ${have:-none})"
+}
+npm_global_pin pnpm "$pnpm_version"
+npm_global_pin pm2 "$pm2_version"
 
 # ---------------------------------------------------------------------------- pm2 at boot
 if systemd_running; then

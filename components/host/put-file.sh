@@ -3,15 +3,17 @@
 #
 #   bash -c "$(cat put-file.sh)" put-file --dest PATH --mode MODE --owner USER[:GROUP] [--reload-root ROOT] < content
 #
-# The content may be a secret (shared/.env): it is never echoed and never placed in argv; the
-# temp file is created with umask 077 in the destination directory, gets its mode and owner
-# before the rename (`mv -f`), so readers see either the old or the new file, never a partial one.
+# The content may be a secret (shared/.env): it is never echoed and never placed in argv. The
+# destination directory must be root's and writable by nobody else (the app is hostile: in a
+# directory it could write, it could swap names under root); the temp file is written in a private
+# root-only directory made inside it (same filesystem), gets its mode and owner there and is renamed
+# into place (`mv -f`), so readers see either the old or the new file, never a partial one.
 # Identical content with the right mode/owner: nothing happens ("unchanged").
 #
 # --reload-root ROOT: when the file changed and ROOT/current exists, reload the app:
 #   * `$BIN_DIR/cognivern-release --root ROOT reload` when the release tool is installed
 #     (BIN_DIR: COGNIVERN_BIN_DIR, default /usr/local/bin);
-#   * else `bash ROOT/shared/run.sh` as the owner of ROOT/shared (the app user, never root), with
+#   * else `bash ROOT/shared/run.sh` as the owner of ROOT/shared/data (the app user, never root), with
 #     a clean environment (HOME, PM2_HOME=$HOME/.pm2) so PM2 runs under that user's own home.
 #   A failed reload leaves ROOT/.deploy/reload-pending behind; the next run retries the reload even
 #   when the content is unchanged (otherwise a re-run would report success with the old settings live).
@@ -69,12 +71,22 @@ if [ -z "$group" ]; then group=$(id -gn "$user"); fi
 getent group "$group" >/dev/null || die "group $group does not exist"
 dir=$(dirname "$dest")
 [ -d "$dir" ] || die "directory $dir does not exist"
+# Every directory from / down to the destination's must be root's and not writable by others.
+check=$dir
+while :; do
+    if [ -L "$check" ] || [ "$(stat -c '%u' "$check")" != 0 ] || [ -n "$(find "$check" -maxdepth 0 -perm /022 ! -perm -1000)" ]; then
+        die "$check is not root's alone (owner $(stat -c '%U %a' "$check")); refusing to write $dest through it"
+    fi
+    [ "$check" != / ] || break
+    check=$(dirname "$check")
+done
 if [ -d "$dest" ]; then die "$dest is a directory"; fi
 mode=$(printf '%o' "$((8#$mode))")
 
-tmp=$(umask 077 && mktemp "$dir/.$(basename "$dest").XXXXXX")
-trap 'rm -f -- "$tmp"' EXIT
-cat >"$tmp"
+work=$(mktemp -d "$dir/.put-file.XXXXXX")
+trap 'rm -rf -- "$work"' EXIT
+tmp="$work/content"
+(umask 077 && cat >"$tmp")
 
 pending=""
 if [ -n "$reload_root" ] && [ -d "$reload_root/.deploy" ]; then pending="$reload_root/.deploy/reload-pending"; fi
@@ -109,9 +121,9 @@ if [ -x "$tool" ]; then
     say "reload: done with $tool"
     exit 0
 fi
-[ -d "$reload_root/shared" ] || die "$reload_root/shared does not exist"
-app_user=$(stat -c '%U' "$reload_root/shared")
-[ "$app_user" != root ] || die "$reload_root/shared is owned by root; refusing to run PM2 as root"
+[ -d "$reload_root/shared/data" ] || die "$reload_root/shared/data does not exist"
+app_user=$(stat -c '%U' "$reload_root/shared/data")
+[ "$app_user" != root ] || die "$reload_root/shared/data is owned by root; refusing to run PM2 as root"
 app_home=$(getent passwd "$app_user" | cut -d: -f6)
 if [ -z "$app_home" ] || [ ! -d "$app_home" ]; then die "home directory of $app_user is missing"; fi
 (

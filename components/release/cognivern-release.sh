@@ -5,6 +5,9 @@
 # activate boots the new release under PM2 first (preflight(): same daemon, same options as the app,
 # a spare loopback port), so a release that cannot start under PM2 never reaches `current`; the
 # health gate after the switch, with its automatic switch-back, covers what only the live app shows.
+# The app is treated as hostile: the directories root works in are root's (ensure_layout), releases
+# are root's and read-only to the app once installed (seal_release), and whatever root must read or
+# write inside the app's own directories (shared/data, shared/logs) is done as the app (as_app).
 set -euo pipefail
 shopt -s inherit_errexit
 umask 022
@@ -14,6 +17,8 @@ readonly ID_RE='^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$'
 readonly SHA_RE='^[0-9a-f]{64}$'
 readonly LOCK_FD=9     # the deploy lock (activate, restore, prune, reload)
 readonly INSTALL_FD=8  # the per-release install lock
+SELF=$(realpath -- "${BASH_SOURCE[0]}")
+readonly SELF
 
 usage() {
     cat <<'EOF'
@@ -39,15 +44,26 @@ Commands:
                              pre-flight is refused with current untouched, one failing after the
                              switch is switched back. Either way ID is marked bad.
                              --force activates a release marked bad.
+                             The release files belong to root (read-only to the app).
+                             The work runs detached from the caller (activate-worker, in a
+                             session of its own, output in .deploy/runs/); activate streams it and
+                             returns its status, and an SSH drop does not stop it. A worker that
+                             is killed leaves .deploy/journal: the next command that takes the
+                             deploy lock finishes (healthy) or reverts that activation first.
   prune [--keep N]           Remove old releases, keeping the newest N (default KEEP_RELEASES,
                              N >= 2) plus current and previous; removes abandoned unfinished ones.
   list [--json]              Releases newest first: id, install time, size, state
                              (current, previous, bad, unfinished, installed).
   status                     Current and previous release, PM2 processes, health answer.
-  backup                     Archive shared/data into ROOT/backups/data; prints the path.
-  restore BACKUP             Stop the app, replace shared/data from BACKUP (a path or a file
-                             name in ROOT/backups/data), start it again and check health.
+  backup                     Archive shared/data into ROOT/backups/data (read by the app user, so
+                             while the app writes; a file changed while read is kept as read,
+                             with a warning); prints the path.
+  restore BACKUP             Stop the app, back up shared/data, replace it from BACKUP (a path
+                             or a file name in ROOT/backups/data; links must stay inside data/),
+                             start the app again (also when the restore fails) and check health.
   reload                     Run shared/run.sh (after .env or ecosystem changes) and check health.
+  logs [-f] [--err] [-n N]   The app's PM2 logs (shared/logs/out.log, error.log), read as the
+                             app user.
 
 Emergency rollback by hand:   cognivern-release list; cognivern-release activate <older-id>
 State lives in ROOT/.deploy: lock (+ who holds it), releases.log (one line per action),
@@ -88,6 +104,13 @@ on_exit() {
     trap - EXIT
     preflight_delete
     [ -z "${TMP_CLEANUP:-}" ] || rm -rf -- "$TMP_CLEANUP"
+    [ -z "${PARTIAL:-}" ] || rm -f -- "$PARTIAL"
+    # Stopped before the switch (an error, or SIGTERM): nothing to finish or revert.
+    case ${J_PHASE:-} in backup | preflight) rm -f "$DEPLOY/journal" ;; esac
+    if [ "$rc" -ne 0 ] && [ -n "${RESTART_APP_ON_FAILURE:-}" ]; then
+        say "starting the app again"
+        run_app || say "warning: the app did not start again; check: $PROG status"
+    fi
     log_action "$rc"
     exit "$rc"
 }
@@ -137,13 +160,48 @@ as_app() {
     fi
 }
 
-ensure_dirs() {
-    mkdir -p "$RELEASES" "$ROOT/shared/data" "$ROOT/shared/logs" "$DEPLOY/meta" "$DEPLOY/bad" \
-        "$DEPLOY/locks" "$DEPLOY/preflight" "$DEPLOY/tmp" "$ROOT/cache/pnpm-store" "$ROOT/incoming"
-    chmod 0750 "$DEPLOY/tmp"
-    if [ "$(id -u)" = 0 ]; then
-        chown "$APP_USER:$APP_GROUP" "$RELEASES" "$ROOT/shared/data" "$ROOT/shared/logs" "$ROOT/cache" "$ROOT/cache/pnpm-store"
+# A directory root works in: root's, not writable by others. Never followed when it is a link (the
+# app may have planted one on a host laid out by older provisioning, where these were the app's);
+# its parent is root's by then, so nobody can swap it between the check and the chown.
+root_dir() {  # path mode
+    local path=$1 mode=$2
+    [ ! -L "$path" ] || die "$path is a symbolic link where a directory belongs; refusing to work through it"
+    if [ ! -d "$path" ]; then
+        [ ! -e "$path" ] || die "$path exists but is not a directory"
+        mkdir -m "$mode" "$path"
+    elif [ "$(id -u)" = 0 ] && [ "$(stat -c '%u %a' "$path")" != "0 ${mode#0}" ]; then
+        chown -h root:root "$path"
+        chmod "$mode" "$path"
     fi
+}
+
+# A directory the app writes (shared/data, shared/logs, the pnpm store): created as the app's when
+# missing, otherwise left alone; a link there is refused, never chowned or followed.
+app_dir() {  # path
+    local path=$1
+    [ ! -L "$path" ] || die "$path is a symbolic link where the app's directory belongs; refusing to work through it"
+    [ ! -e "$path" ] || [ -d "$path" ] || die "$path exists but is not a directory"
+    [ -d "$path" ] && return 0
+    if [ "$(id -u)" = 0 ]; then
+        install -d -o "$APP_USER" -g "$APP_GROUP" -m 0750 "$path"
+    else
+        mkdir -m 0750 "$path"
+    fi
+}
+
+ensure_layout() {  # the layout provisioning makes (parents before children)
+    local d
+    if [ -L "$ROOT" ] || [ ! -d "$ROOT" ]; then die "$ROOT is not a directory"; fi
+    root_dir "$RELEASES" 0755
+    root_dir "$ROOT/shared" 0755
+    root_dir "$ROOT/cache" 0755
+    root_dir "$ROOT/backups" 0700
+    root_dir "$DEPLOY" 0700
+    for d in meta bad locks preflight tmp; do root_dir "$DEPLOY/$d" 0700; done
+    app_dir "$ROOT/shared/data"
+    app_dir "$ROOT/shared/logs"
+    app_dir "$ROOT/cache/pnpm-store"
+    [ -e "$ROOT/incoming" ] || mkdir -m 0700 "$ROOT/incoming"
 }
 
 release_complete() { [ -d "$RELEASES/$1" ] && [ ! -e "$RELEASES/$1/$UNFINISHED" ]; }
@@ -218,6 +276,7 @@ take_deploy_lock() {  # $1 = action, $2 = id, $3 = seconds to wait (0: fail at o
         exit 3
     fi
     printf 'pid=%s user=%s action=%s id=%s since=%s\n' "$$" "$(invoking_user)" "$1" "$2" "$(iso_now)" >"$lockfile"
+    recover_activation
 }
 
 take_install_lock() {
@@ -288,6 +347,11 @@ wait_healthy() {
 
 run_app() {  # shared/run.sh as APP_USER (PM2 startOrReload --update-env)
     [ -f "$ROOT/shared/run.sh" ] || die "$ROOT/shared/run.sh is missing (provisioning installs it)"
+    # PM2 opens its log files by name: a link planted at one would make every worker fail to start.
+    # The app user removes such links itself (root never touches them).
+    local links
+    links=$(cd / && as_app find "$ROOT/shared/logs" -maxdepth 1 -type l -name '*.log' -print -delete 2>/dev/null) || true
+    [ -z "$links" ] || say "warning: removed links planted at the app's log files: $(paste -sd' ' - <<<"$links")"
     as_app bash "$ROOT/shared/run.sh" >&2
 }
 
@@ -339,43 +403,68 @@ mask_secrets() {  # stdin -> stdout, every secretEnv value replaced by ***
     done
 }
 
-show_error_log() {
+show_error_log() {  # read as the app: a link planted there never makes root print a file
     local f="$ROOT/shared/logs/error.log"
     if [ -f "$f" ]; then
         say "last lines of $f:"
-        tail -n 30 "$f" | mask_secrets >&2 || true
+        (cd / && as_app tail -n 30 -- "$f") | mask_secrets >&2 || true
     fi
 }
 
 # ---------------------------------------------------------------- data backups
 
-data_backup() {  # $1 = label; prints the archive path
-    local dir="$ROOT/backups/data" name tmp
-    mkdir -p "$dir"
-    chmod 0750 "$dir"
+# shared/data is the app's and changes while it is read (the agent appends to data/*.jsonl all the
+# time). tar runs as the app user, so a link there is archived as a link and root never reads a file
+# through it; root only writes the archive into backups/data (root's, 0700). GNU tar exits 1 when a
+# file changed (or vanished) while it was read: the archive is complete and holds that file as it was
+# read, so 1 is a warning here; anything worse fails the backup. Callers hold the deploy lock, so a
+# .partial left by a killed run is removed first.
+BACKUP_PATH=""
+data_backup() {  # $1 = label; sets BACKUP_PATH to the archive
+    local dir="$ROOT/backups/data" name tmp errors st started bytes
+    started=$(date +%s%3N)
+    root_dir "$dir" 0700
+    find "$dir" -maxdepth 1 -type f -name '.data-*.partial' -delete
     name="data-$(date -u +%Y%m%dT%H%M%S.%NZ)-$1.tar.gz"
     tmp="$dir/.$name.partial"
-    tar -czf "$tmp" -C "$ROOT/shared" data
-    chmod 0600 "$tmp"
+    errors="$DEPLOY/tmp/backup-errors.$$"
+    PARTIAL=$tmp
+    st=(0 0)
+    as_app tar -cf - -C "$ROOT/shared" data 2>"$errors" </dev/null | (umask 077 && gzip -c >"$tmp") || st=("${PIPESTATUS[@]}")
+    if [ "${st[0]}" -gt 1 ] || [ "${st[1]:-0}" -ne 0 ]; then
+        sed 's/^/  /' "$errors" >&2 || true
+        rm -f -- "$errors" "$tmp"
+        PARTIAL=""
+        die "backup of shared/data failed (tar exit ${st[0]}, gzip exit ${st[1]:-0}); nothing was kept"
+    fi
+    if [ "${st[0]}" -eq 1 ]; then
+        say "warning: files in shared/data changed while being archived; the backup holds them as they were read:"
+        sed 's/^/  /' "$errors" | head -n 5 >&2 || true
+    fi
+    rm -f -- "$errors"
     mv -T "$tmp" "$dir/$name"
+    PARTIAL=""
+    bytes=$(stat -c %s "$dir/$name")
+    say "backup $name: $bytes bytes in $(($(date +%s%3N) - started)) ms"
     if [ "$DATA_BACKUPS_KEEP" -gt 0 ]; then
         find "$dir" -maxdepth 1 -type f -name 'data-*.tar.gz' -printf '%f\n' | sort -r |
             tail -n +"$((DATA_BACKUPS_KEEP + 1))" | while IFS= read -r old; do rm -f -- "${dir:?}/$old"; done
     fi
-    printf '%s\n' "$dir/$name"
+    BACKUP_PATH="$dir/$name"
 }
 
 # ---------------------------------------------------------------- tarball checks
 
-check_members() {  # $1 = tarball, $2 = allowed top-level prefix regex ('' = any); refuses unsafe members
-    local tarball=$1 prefix=$2 names types bad
+check_members() {  # $1 = tarball, $2 = allowed top-level prefix regex ('' = any), $3 = also allowed types; refuses unsafe members
+    local tarball=$1 prefix=$2 allowed="d${3:-}-" names types bad
     names=$(tar -tzf "$tarball" 2>/dev/null) || die "$tarball is not a readable gzip tar archive"
     types=$(tar -tvzf "$tarball" 2>/dev/null | cut -c1 | sort -u | tr -d '\n') || die "$tarball is not readable"
     [ -n "$names" ] || die "$tarball is empty"
     if grep -Eq '^/' <<<"$names"; then die "$tarball has absolute member paths; refused"; fi
     if grep -Eq '(^|/)\.\.(/|$)' <<<"$names"; then die "$tarball has members with '..' in their path; refused"; fi
-    if [[ $types =~ [^-d] ]]; then
-        die "$tarball has links, devices or other special members (types: $types); only files and directories are allowed"
+    types=${types//[$allowed]/}
+    if [ -n "$types" ]; then
+        die "$tarball has links, devices or other special members (types: $types); allowed member types: $allowed"
     fi
     if [ -n "$prefix" ]; then
         bad=$(grep -Ev "$prefix" <<<"$names" | head -n 3 || true)
@@ -384,6 +473,22 @@ check_members() {  # $1 = tarball, $2 = allowed top-level prefix regex ('' = any
 }
 
 # ---------------------------------------------------------------- install
+
+# A release belongs to root and is read-only to the app, so a compromised app cannot persist into
+# code that a later rollback would run. chown -R does not follow links (-P, its default with -R)
+# and chmod -R skips the links it meets. Also takes over releases installed by older versions.
+seal_release() {  # $1 = id
+    local dir="$RELEASES/$1"
+    [ "$(id -u)" = 0 ] || return 0
+    if [ -L "$dir" ] || [ ! -d "$dir" ]; then die "$dir is not a directory"; fi
+    chown -R -P root:root "$dir"
+    chmod -R u+rwX,go+rX,go-w "$dir"
+}
+
+release_sealed() {  # true when nothing in releases/$1 belongs to anyone but root or is writable by others
+    [ "$(id -u)" = 0 ] || return 0
+    [ -z "$(find "$RELEASES/$1" \( ! -user root -o -perm /022 \) ! -type l -print -quit)" ]
+}
 
 cmd_install() {
     [ $# -eq 3 ] || usage_error "usage: install ID SOURCE SHA256 (or: install ID - -)"
@@ -410,7 +515,7 @@ or set cognivern:release to one of the releases listed above."
     sha=${sha,,}
     [[ $sha =~ $SHA_RE ]] || usage_error "SHA256 must be 64 hex characters, got '$sha'"
     ACTION_SHA=$sha
-    ensure_dirs
+    ensure_layout
     take_install_lock "$id"
 
     if release_complete "$id"; then
@@ -470,18 +575,22 @@ or set cognivern:release to one of the releases listed above."
     [ -f "$dir/package.json" ] || die "release $id has no package.json"
     [ -f "$dir/pnpm-lock.yaml" ] || die "release $id has no pnpm-lock.yaml (needed for --frozen-lockfile)"
     [ -f "$dir/dist/index.js" ] || die "release $id has no dist/index.js"
-    [ "$(id -u)" != 0 ] || chown -R "$APP_USER:$APP_GROUP" "$dir"
 
+    # The release is root's from the start; only node_modules is the app's while pnpm (run as the
+    # app, never as root: packages run install scripts) fills it, with copies rather than links
+    # into the app-writable store. seal_release then makes all of it root's and read-only.
     say "installing production dependencies (pnpm, store $ROOT/cache/pnpm-store)"
+    rm -rf -- "$dir/node_modules"
+    if [ "$(id -u)" = 0 ]; then install -d -o "$APP_USER" -g "$APP_GROUP" -m 0755 "$dir/node_modules"; fi
     if ! (cd "$dir" && as_app env CI=true pnpm install --prod --frozen-lockfile --prefer-offline \
-        --store-dir "$ROOT/cache/pnpm-store" --reporter=append-only >&2); then
+        --package-import-method=copy --store-dir "$ROOT/cache/pnpm-store" --reporter=append-only >&2); then
         die "pnpm install failed for release $id (left unfinished; install it again to retry)"
     fi
 
     ln -sfn ../../shared/.env "$dir/.env"
     ln -sfn ../../shared/data "$dir/data"
     ln -sfn ../../shared/logs "$dir/logs"
-    [ "$(id -u)" != 0 ] || chown -h "$APP_USER:$APP_GROUP" "$dir/.env" "$dir/data" "$dir/logs"
+    seal_release "$id"
     [ -e "$dir/.env" ] || say "warning: $ROOT/shared/.env does not exist yet; the app will start without it"
 
     printf 'installed_at=%s\ninstalled_epoch=%s\nsha256=%s\nsource=%s\n' "$(iso_now)" "$(date +%s)" "$sha" "$source" \
@@ -501,11 +610,42 @@ free_port() {
 # The pre-flight PM2 app (APP_NAME-preflight) while it may exist; on_exit deletes it, so that it
 # never outlives the tool and never reaches `pm2 save`'s dump.
 PREFLIGHT_APP=""
+PREFLIGHT_DIR=""  # its release directory (not current while it runs)
 
+# PM2 may have a restart of a crashing pre-flight under way when `pm2 delete` returns (seen: a
+# worker booting 0.2 s after the tool had ended). So wait for the pre-flight's processes to be gone
+# and end any that stay: the app user's processes working in its release directory, in this mount
+# namespace, with COGNIVERN_PREFLIGHT=1 in their environment (never the live app's workers, which
+# may run in a release of the same path on another host of a test pool, or on this one later).
 preflight_delete() {
     [ -n "${PREFLIGHT_APP:-}" ] || return 0
     as_app pm2 delete "$PREFLIGHT_APP" >/dev/null 2>&1 || true
-    PREFLIGHT_APP=""
+    if [ -n "$PREFLIGHT_DIR" ]; then
+        local n=0 pids
+        pids=$(preflight_pids "$PREFLIGHT_DIR")
+        while [ -n "$pids" ] && [ "$n" -lt 30 ]; do
+            n=$((n + 1))
+            [ "$n" -ne 10 ] || as_app pm2 delete "$PREFLIGHT_APP" >/dev/null 2>&1 || true
+            sleep 0.1
+            pids=$(preflight_pids "$PREFLIGHT_DIR")
+        done
+        # shellcheck disable=SC2086 # a list of pids
+        [ -z "$pids" ] || as_app kill -KILL $pids 2>/dev/null || true
+    fi
+    PREFLIGHT_APP="" PREFLIGHT_DIR=""
+}
+
+preflight_pids() {  # the pre-flight processes working in $1
+    local proc want mnt
+    want=$(cd "$1" 2>/dev/null && pwd -P) || return 0
+    mnt=$(readlink /proc/self/ns/mnt)
+    for proc in /proc/[0-9]*; do
+        [ "$(stat -c %u "$proc" 2>/dev/null)" = "$APP_UID" ] || continue
+        [ "$(readlink "$proc/cwd" 2>/dev/null)" = "$want" ] || continue
+        [ "$(readlink "$proc/ns/mnt" 2>/dev/null)" = "$mnt" ] || continue
+        grep -qxz 'COGNIVERN_PREFLIGHT=1' "$proc/environ" 2>/dev/null || continue
+        printf '%s ' "${proc#/proc/}"
+    done
 }
 
 # Start releases/$1 under PM2 (the app's daemon, as APP_USER) as a throwaway cluster app on a spare
@@ -524,14 +664,18 @@ preflight() {
     say "pre-flight: starting $id under PM2 as $name on 127.0.0.1:$port"
     # A daemon spawned by `pm2 start` inherits that command's environment; start it plainly first.
     as_app pm2 ping >/dev/null 2>&1 || true
-    PREFLIGHT_APP=$name
+    PREFLIGHT_APP=$name PREFLIGHT_DIR=$dir
     as_app pm2 delete "$name" >/dev/null 2>&1 || true  # left over by a run that was killed
     deadline=$((SECONDS + HEALTH_TIMEOUT))
     # shared/.env is exported, as run.sh does. The app file's `env` adds PORT, NODE_ENV (default
-    # production) and COGNIVERN_PREFLIGHT=1 for this app only, never for the CLI or daemon; it takes
+    # production), COGNIVERN_PREFLIGHT=1 and AGENTS_ENABLED=false (the contract: a pre-flight boot
+    # runs no migrations, jobs or agents; it shares the live shared/data with the serving release)
+    # for this app only, never for the CLI or daemon; a link the app left at its work directory is
+    # removed by the app user itself. It takes
     # wait_ready, listen_timeout and kill_timeout from APP_NAME's entry in the ecosystem file.
     # shellcheck disable=SC2016
     if ! out=$(cd "$dir" && as_app bash -c 'set -e; set -a; [ ! -r "$1" ] || . "$1"; set +a
+        [ ! -L "$2" ] || rm -f -- "$2"
         mkdir -p -m 0750 "$2"; : >"$2/$6.log"
         node -e '"'"'
             const [eco, appName, name, id, dir, port, work] = process.argv.slice(1);
@@ -540,7 +684,7 @@ preflight() {
             const a = apps.find((x) => x.name === appName) || {};
             const app = { name, script: `${dir}/dist/index.js`, cwd: dir, exec_mode: "cluster", instances: 1,
                 merge_logs: true, out_file: `${work}/${id}.log`, error_file: `${work}/${id}.log`,
-                env: { PORT: port, NODE_ENV: process.env.NODE_ENV || "production", COGNIVERN_PREFLIGHT: "1" } };
+                env: { PORT: port, NODE_ENV: process.env.NODE_ENV || "production", COGNIVERN_PREFLIGHT: "1", AGENTS_ENABLED: "false" } };
             for (const k of ["wait_ready", "listen_timeout", "kill_timeout"]) if (a[k] !== undefined) app[k] = a[k];
             require("fs").writeFileSync(`${work}/${id}.json`, JSON.stringify({ apps: [app] }, null, 2) + "\n");
         '"'"' "$3" "$4" "$5" "$6" "$7" "$8" "$2"
@@ -571,20 +715,137 @@ preflight() {
     say "pre-flight: $id answered healthy"
 }
 
-cmd_activate() {
-    local force=0 id="" arg
+# ---------------------------------------------------------------- activate: detached and journaled
+#
+# An activation must end with the new release confirmed healthy or `current` back on the previous
+# one, even when the SSH session that asked for it drops (the next write to its stderr would kill
+# the tool under set -e) or the tool itself is killed. So `activate` only starts the work, as
+# `activate-worker` in a session of its own (setsid: no SIGHUP, no dead pipe), with its output in
+# ROOT/.deploy/runs/<time>-<id>.log, and streams that log until the worker ends, returning its exit
+# status. The worker writes where it is to ROOT/.deploy/journal; whatever takes the deploy lock next
+# finds a journal left by a killed worker and finishes or reverts that activation
+# (recover_activation) before doing its own work.
+
+parse_activate_args() {  # sets ACT_ID and ACT_FORCE
+    local arg
+    ACT_ID="" ACT_FORCE=0
     for arg in "$@"; do
         case $arg in
-            --force) force=1 ;;
+            --force) ACT_FORCE=1 ;;
             -*) usage_error "activate: unknown option $arg" ;;
-            *) [ -z "$id" ] || usage_error "usage: activate [--force] ID"; id=$arg ;;
+            *) [ -z "$ACT_ID" ] || usage_error "usage: activate [--force] ID"; ACT_ID=$arg ;;
         esac
     done
-    [ -n "$id" ] || usage_error "usage: activate [--force] ID"
-    valid_id "$id"
+    [ -n "$ACT_ID" ] || usage_error "usage: activate [--force] ID"
+    valid_id "$ACT_ID"
+}
+
+cmd_activate() {  # start the worker detached, stream its output, exit with its status
+    parse_activate_args "$@"
+    ensure_layout
+    root_dir "$DEPLOY/runs" 0700
+    local log worker tailer rc=0
+    log="$DEPLOY/runs/$(date -u +%Y%m%dT%H%M%S.%NZ)-$ACT_ID.log"
+    : >"$log"
+    # Not a process group leader (a background job of a non-interactive shell), so setsid makes
+    # this very process a session leader instead of forking: $! is the worker.
+    setsid "$BASH" "$SELF" --root "$ROOT" activate-worker "$@" </dev/null >>"$log" 2>&1 &
+    worker=$!
+    tail -n +1 -F -s 0.1 --pid="$worker" -- "$log" >&2 2>/dev/null &
+    tailer=$!
+    # Stopping this command on purpose (SIGTERM, Ctrl-C) stops the activation the same way (the
+    # worker's EXIT trap deletes its pre-flight app; the journal covers the rest). A hang-up or a
+    # dead pipe (the SSH session gone) does not reach the worker: it finishes on its own.
+    trap 'kill -TERM "$worker" 2>/dev/null || true' TERM INT
+    while :; do
+        rc=0
+        wait "$worker" || rc=$?
+        kill -0 "$worker" 2>/dev/null || break
+    done
+    trap - TERM INT
+    wait "$tailer" || true
+    find "$DEPLOY/runs" -maxdepth 1 -type f -name '*.log' -printf '%f\n' | sort -r | tail -n +51 |
+        while IFS= read -r old; do rm -f -- "$DEPLOY/runs/$old"; done
+    [ "$rc" -lt 128 ] || say "error: the activation worker (pid $worker) was killed; the next deploy or reload finishes or reverts it"
+    exit "$rc"
+}
+
+journal_write() {  # key=value lines, replaced atomically
+    printf '%s\n' "$@" >"$DEPLOY/journal.tmp"
+    mv -f "$DEPLOY/journal.tmp" "$DEPLOY/journal"
+}
+
+J_PHASE=""
+journal_phase() {  # $1 = phase; the other fields stay
+    J_PHASE=$1
+    journal_write "id=$J_ID" "from=$J_FROM" "prev=$J_PREV" "pid=$$" "phase=$1"
+}
+
+journal_get() {  # $1 = key
+    sed -n "s/^$1=//p" "$DEPLOY/journal" | head -n 1
+}
+
+# Called with the deploy lock held. A journal means a worker died mid-activation (the lock is
+# free only once it is gone): delete its pre-flight app; if it had switched, keep the new release
+# when it is (or becomes) healthy, else go back to the release it came from.
+recover_activation() {
+    [ -f "$DEPLOY/journal" ] || return 0
+    local id from prev phase cur
+    id=$(journal_get id) from=$(journal_get from) prev=$(journal_get prev) phase=$(journal_get phase)
+    [[ $id =~ $ID_RE ]] || { say "warning: unreadable activation journal removed"; rm -f "$DEPLOY/journal"; return 0; }
+    [ -z "$from" ] || [[ $from =~ $ID_RE ]] || from=""
+    [ -z "$prev" ] || [[ $prev =~ $ID_RE ]] || prev=""
+    say "recovering the activation of $id that was interrupted ($phase, pid $(journal_get pid))"
+    cur=$(current_id)
+    PREFLIGHT_APP="$APP_NAME-preflight" PREFLIGHT_DIR=""
+    [ "$cur" = "$id" ] || PREFLIGHT_DIR="$RELEASES/$id"  # (not while the release serves from there)
+    preflight_delete
+    if [ "$phase" = switching ] && [ "$cur" = "$id" ]; then
+        run_app || true
+        if wait_healthy "$id"; then
+            mark_served "$id"
+            say "recovered: $id is live and healthy"
+        elif [ -n "$from" ] && [ -d "$RELEASES/$from" ]; then
+            switch_back "$from" "$prev"
+        else
+            stop_first_deploy
+        fi
+    elif [ "$phase" = reverting ] && [ -n "$from" ] && [ -d "$RELEASES/$from" ]; then
+        switch_back "$from" "$prev"
+    else
+        say "recovered: current (${cur:-none}) was not switched"
+    fi
+    rm -f "$DEPLOY/journal"
+    printf '%s recover %s %s - %s\n' "$(iso_now)" "$id" "$(invoking_user)" "$phase" >>"$DEPLOY/releases.log"
+}
+
+switch_back() {  # $1 = release to go back to, $2 = the previous release to record; true when healthy
+    say "switching back to $1"
+    switch_current "$1"
+    if [ -n "$2" ]; then printf '%s\n' "$2" >"$DEPLOY/previous"; else rm -f "$DEPLOY/previous"; fi
+    run_app || true
+    if wait_healthy "$1"; then
+        say "rolled back: $1 is serving and healthy again"
+        return 0
+    fi
+    say "error: rolled back to $1 but it is NOT healthy either; check: $PROG status"
+    return 1
+}
+
+stop_first_deploy() {  # nothing to go back to: stop the app's PM2 processes, remove current
+    say "this was the first deploy: stopping the app's PM2 processes and removing current"
+    as_app pm2 delete "$ROOT/config/ecosystem.config.cjs" >&2 || true
+    as_app pm2 save --force >/dev/null 2>&1 || true
+    rm -f "$ROOT/current"
+    say "no release is running now; current does not exist"
+}
+
+cmd_activate_worker() {
+    parse_activate_args "$@"
+    local id=$ACT_ID force=$ACT_FORCE
     ACTION_ID=$id
     [ ! -f "$DEPLOY/meta/$id" ] || ACTION_SHA=$(sed -n 's/^sha256=//p' "$DEPLOY/meta/$id")
-    ensure_dirs
+    ensure_layout
     take_deploy_lock activate "$id" 0
 
     [ -d "$RELEASES/$id" ] || { RESULT=missing; die "release $id is not installed; installed releases: $(complete_list_text)"; }
@@ -594,9 +855,15 @@ cmd_activate() {
         die "release $id is marked bad ($(sed -n 's/^reason=//p' "$DEPLOY/bad/$id")); deploy a fixed build under a new id, or use activate --force $id"
     fi
 
+    if ! release_sealed "$id"; then
+        say "release $id has files the app could change (installed by an older version); making it root's"
+        seal_release "$id"
+    fi
+
     local cur prev
     cur=$(current_id)
     prev=$(previous_id)
+    J_ID=$id J_FROM=$cur J_PREV=$prev
     if [ "$cur" = "$id" ]; then
         say "release $id is already current; making sure it runs"
         run_app || true
@@ -609,11 +876,12 @@ cmd_activate() {
         die "release $id is current but not healthy at $HEALTH_URL"
     fi
 
+    journal_phase backup
     if [ "$DATA_BACKUPS_KEEP" -gt 0 ]; then
-        local backup
-        backup=$(data_backup "before-$id")
-        say "backed up shared/data to $backup"
+        data_backup "before-$id"
+        say "backed up shared/data to $BACKUP_PATH"
     fi
+    journal_phase preflight
 
     # A release that has served healthy here before (a rollback) skips the pre-flight: it costs a
     # PM2 start (~0.6 s) and proves nothing new; the health gate after the switch still guards it.
@@ -624,9 +892,11 @@ cmd_activate() {
     elif ! preflight "$id"; then
         mark_bad "$id" "pre-flight failed"
         RESULT=preflight-failed
+        rm -f "$DEPLOY/journal"
         exit 1
     fi
 
+    journal_phase switching
     if [ -n "$cur" ]; then printf '%s\n' "$cur" >"$DEPLOY/previous"; fi
     say "switching current: ${cur:-none} -> $id"
     local started=$SECONDS base_restarts
@@ -635,6 +905,7 @@ cmd_activate() {
     if run_app && wait_healthy "$id" "$base_restarts"; then
         [ "$force" -ne 1 ] || rm -f "$DEPLOY/bad/$id"
         mark_served "$id"
+        rm -f "$DEPLOY/journal"
         RESULT=activated
         say "release $id is live and healthy after $((SECONDS - started))s (previous: ${cur:-none})"
         return 0
@@ -642,28 +913,16 @@ cmd_activate() {
 
     say "release $id did not become healthy at $HEALTH_URL within ${HEALTH_TIMEOUT}s"
     show_error_log
+    journal_phase reverting
     if [ -n "$cur" ] && [ -d "$RELEASES/$cur" ]; then
-        say "switching back to $cur"
-        switch_current "$cur"
-        if [ -n "$prev" ]; then printf '%s\n' "$prev" >"$DEPLOY/previous"; else rm -f "$DEPLOY/previous"; fi
-        run_app || true
         mark_bad "$id" "not healthy after switch"
-        if wait_healthy "$cur"; then
-            RESULT=rolled-back
-            say "rolled back: $cur is serving and healthy again"
-        else
-            RESULT=rollback-unhealthy
-            say "error: rolled back to $cur but it is NOT healthy either; check: $PROG status"
-        fi
+        if switch_back "$cur" "$prev"; then RESULT=rolled-back; else RESULT=rollback-unhealthy; fi
     else
-        say "this was the first deploy: stopping the app's PM2 processes and removing current"
-        as_app pm2 delete "$ROOT/config/ecosystem.config.cjs" >&2 || true
-        as_app pm2 save --force >/dev/null 2>&1 || true
-        rm -f "$ROOT/current"
         mark_bad "$id" "not healthy after switch (first deploy)"
+        stop_first_deploy
         RESULT="first-deploy-failed"
-        say "no release is running now; current does not exist"
     fi
+    rm -f "$DEPLOY/journal"
     exit 1
 }
 
@@ -683,7 +942,7 @@ cmd_prune() {
         esac
     done
     if ! [[ $keep =~ ^[0-9]+$ ]] || [ "$keep" -lt 2 ]; then usage_error "prune: --keep must be a whole number >= 2, got '$keep'"; fi
-    ensure_dirs
+    ensure_layout
     take_deploy_lock prune - 0
 
     local cur prev id n=0 removed=0 d
@@ -801,12 +1060,12 @@ cmd_status() {
 
 cmd_backup() {
     [ $# -eq 0 ] || usage_error "usage: backup"
-    ensure_dirs
-    local path
-    path=$(data_backup manual)
-    RESULT="ok:${path##*/}"
+    ensure_layout
+    take_deploy_lock backup - "$((HEALTH_TIMEOUT * 4))"
+    data_backup manual
+    RESULT="ok:${BACKUP_PATH##*/}"
     say "backed up shared/data"
-    printf '%s\n' "$path"
+    printf '%s\n' "$BACKUP_PATH"
 }
 
 cmd_restore() {
@@ -816,27 +1075,34 @@ cmd_restore() {
     [ -f "$backup" ] || die "backup $backup does not exist"
     ACTION_ID=${backup##*/}
     ACTION_ID=${ACTION_ID//[^A-Za-z0-9._:-]/_}
-    ensure_dirs
+    ensure_layout
     take_deploy_lock restore "${backup##*/}" 0
-    check_members "$backup" '^(\./)?data(/|$)'
+    check_members "$backup" '^(\./)?data(/|$)' lh
 
-    safety=$(data_backup before-restore)
-    say "current shared/data saved to $safety"
+    # The app stops first, so the safety backup is the data as it was left, not a moving target;
+    # from here on a failure starts it again (on_exit).
     cur=$(current_id)
     if [ -n "$cur" ]; then
         say "stopping the app"
         stop_app
+        RESTART_APP_ON_FAILURE=1
     fi
+    data_backup before-restore
+    safety=$BACKUP_PATH
+    say "current shared/data saved to $safety"
+    # Unpacked by the app user (root only opens the archive) into a stage in root's shared/.
     stage=$(mktemp -d "$ROOT/shared/.restore.XXXXXX")
     TMP_CLEANUP=$stage
-    tar -xzf "$backup" -C "$stage" --no-same-owner --no-same-permissions
-    [ -d "$stage/data" ] || die "backup $backup holds no data/ directory"
-    [ "$(id -u)" != 0 ] || chown -R "$APP_USER:$APP_GROUP" "$stage/data"
+    chmod 0755 "$stage"
+    app_dir "$stage/data"
+    as_app tar -xzf - -C "$stage" --no-same-owner --no-same-permissions <"$backup" ||
+        die "could not unpack $backup; shared/data is unchanged"
+    check_restored_links "$stage/data"
     mv -T "$ROOT/shared/data" "$stage/old-data"
     mv -T "$stage/data" "$ROOT/shared/data"
     say "restored shared/data from $backup"
     if [ -n "$cur" ]; then
-        run_app || true
+        if run_app; then RESTART_APP_ON_FAILURE=""; fi
         if ! wait_healthy "$cur"; then
             show_error_log
             die "the app is not healthy after the restore; the data from before is in $safety"
@@ -846,9 +1112,25 @@ cmd_restore() {
     RESULT=restored
 }
 
+# Links in a restored data/ must stay inside data/ (as the app's own links do); one pointing
+# elsewhere is refused before the data goes live. Only names are compared: nothing is followed.
+check_restored_links() {  # $1 = the unpacked data directory
+    local data=$1 link target resolved bad=""
+    while IFS= read -r -d '' link; do
+        target=$(readlink -- "$link")
+        case $target in
+            "$ROOT/shared/data" | "$ROOT/shared/data/"*) resolved="$data${target#"$ROOT/shared/data"}" ;;
+            /*) resolved=/ ;;
+            *) resolved=$(realpath -m -s -- "$(dirname -- "$link")/$target") ;;
+        esac
+        case $resolved in "$data" | "$data/"*) ;; *) bad+=" ${link#"$data/"} -> $target;" ;; esac
+    done < <(find "$data" -type l -print0)
+    [ -z "$bad" ] || die "the backup holds links that leave data/ (refused, shared/data is unchanged):${bad%;}"
+}
+
 cmd_reload() {
     [ $# -eq 0 ] || usage_error "usage: reload"
-    ensure_dirs
+    ensure_layout
     take_deploy_lock reload - "$((HEALTH_TIMEOUT * 4))"
     local cur
     cur=$(current_id)
@@ -862,6 +1144,25 @@ cmd_reload() {
     wait_healthy "$cur" || { show_error_log; die "the app is not healthy after the reload"; }
     RESULT=reloaded
     say "reloaded; $cur is healthy"
+}
+
+cmd_logs() {  # read as the app user: a link the app planted in shared/logs never makes root read a file
+    local follow=() n=100 files=("$ROOT/shared/logs/out.log" "$ROOT/shared/logs/error.log")
+    while [ $# -gt 0 ]; do
+        case $1 in
+            -f | --follow) follow=(-F) ;;
+            --err) files=("$ROOT/shared/logs/error.log") ;;
+            -n)
+                if [ $# -lt 2 ] || ! [[ $2 =~ ^[0-9]{1,6}$ ]]; then usage_error "logs: -n needs a number of lines"; fi
+                n=$2
+                shift
+                ;;
+            *) usage_error "usage: logs [-f] [--err] [-n N]" ;;
+        esac
+        shift
+    done
+    app_dir "$ROOT/shared/logs"
+    cd / && as_app tail -n "$n" "${follow[@]}" -- "${files[@]}"
 }
 
 # ---------------------------------------------------------------- main
@@ -890,8 +1191,8 @@ main() {
     local cmd=$1
     shift
     case $cmd in
-        install | activate | prune | backup | restore | reload) ;;
-        list | status) ;;
+        install | activate | activate-worker | prune | backup | restore | reload) ;;
+        list | status | logs) ;;
         *) usage_error "unknown command '$cmd'" ;;
     esac
     for a in "$@"; do
@@ -900,17 +1201,20 @@ main() {
     load_settings
     trap on_exit EXIT
     case $cmd in
-        install | activate | prune | backup | restore | reload) ACTION=$cmd ;;
+        install | prune | backup | restore | reload) ACTION=$cmd ;;
+        activate-worker) ACTION=activate ;;  # `activate` itself only waits for its worker
     esac
     case $cmd in
         install) cmd_install "$@" ;;
         activate) cmd_activate "$@" ;;
+        activate-worker) cmd_activate_worker "$@" ;;
         prune) cmd_prune "$@" ;;
         list) cmd_list "$@" ;;
         status) cmd_status "$@" ;;
         backup) cmd_backup "$@" ;;
         restore) cmd_restore "$@" ;;
         reload) cmd_reload "$@" ;;
+        logs) cmd_logs "$@" ;;
     esac
 }
 
