@@ -25,7 +25,7 @@ from components.settings import NAMESPACE, ConfigError, parse_settings
 PROJECT_DIR = Path(__file__).resolve().parent
 config = pulumi.Config(NAMESPACE)
 try:
-    settings = parse_settings(config.get, lambda key: is_config_secret(f"{NAMESPACE}:{key}"))
+    settings = parse_settings(config.get, lambda key: is_config_secret(f"{NAMESPACE}:{key}"), stack=pulumi.get_stack())
     artifact = resolve_artifact(settings.release, PROJECT_DIR, settings.artifact, settings.artifact_url, settings.artifact_sha256)
 except (ConfigError, ArtifactError) as err:
     raise pulumi.RunError(str(err)) from None

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from components.settings import NAMESPACE, SECRET_KEYS, Settings
+from components.settings import NAMESPACE, SECRET_KEYS, Settings, config_command
 
 WORLD = frozenset({"0.0.0.0/0", "::/0"})
 
@@ -30,7 +30,7 @@ def host_key_warnings(s: Settings) -> list[str]:
             f"{address}: the SSH host key is not checked, so every deploy sends its secrets and root commands to whoever answers. Pin it: "
             f"ssh-keyscan -p {s.ssh_port} -t ed25519 {address} > /tmp/hostkey; ssh-keygen -lf /tmp/hostkey "
             "(compare with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the server's console); "
-            f"pulumi config set {key} \"$(cut -d' ' -f2- /tmp/hostkey)\""
+            f"{s.config_command} set {key} \"$(cut -d' ' -f2- /tmp/hostkey)\""
             + (f" (or set {NAMESPACE}:requireHostKey true to refuse unpinned hosts)" if not s.require_host_key else "")
         )
     return out
@@ -42,8 +42,8 @@ def ssh_exposure_warnings(s: Settings) -> list[str]:
         return []
     return [
         f"SSH (port 22) is open to the whole internet ({', '.join(sorted(WORLD & set(s.ssh_allowed_cidrs)))}). "
-        f"Allow only your address: pulumi config rm {NAMESPACE}:sshAllowedCidrs && "
-        f"pulumi config set --path '{NAMESPACE}:sshAllowedCidrs[0]' YOUR.IP.ADDRESS/32"
+        f"Allow only your address: {s.config_command} rm {NAMESPACE}:sshAllowedCidrs && "
+        f"{s.config_command} set --path '{NAMESPACE}:sshAllowedCidrs[0]' YOUR.IP.ADDRESS/32"
     ]
 
 
@@ -77,9 +77,10 @@ def stack_file_warnings(path: Path) -> list[str]:
     if not path.is_file():
         return []
     data = yaml.safe_load(path.read_text()) or {}
+    stack = path.name.removeprefix("Pulumi.").removesuffix(".yaml")
     return [
         f"{path.name} holds {leaf} in clear text: it is in git history and in every checkout. "
-        f"Re-set it encrypted: pulumi config set --secret --path '{leaf}' (then rotate the value)"
+        f"Re-set it encrypted: {config_command(stack)} set --secret --path '{leaf}' (then rotate the value)"
         for leaf in plain_secret_leaves(data.get("config") or {})
     ]
 

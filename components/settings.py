@@ -150,6 +150,12 @@ class Settings:
     require_host_key: bool = False
     frame_policy: str = "same-origin"
     warnings: tuple[str, ...] = ()
+    stack: str = "STACK"
+
+    @property
+    def config_command(self) -> str:
+        """`pulumi config` on the backend, stack and passphrase `make deploy` uses (README: one entry point)."""
+        return config_command(self.stack)
 
     @property
     def creates_server(self) -> bool:
@@ -388,19 +394,27 @@ def system_path(path: str) -> bool:
     return any(path == tree or path.startswith(tree + "/") for tree in SYSTEM_TREES)
 
 
-def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], bool] = lambda _k: True) -> Settings:
+def config_command(stack: str) -> str:
+    """The `pulumi config` every message suggests: a bare `pulumi` would miss the local backend and
+    passphrase that `make deploy` uses (scripts/pulumi-local sets them)."""
+    return f"scripts/pulumi-local {stack} config"
+
+
+def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], bool] = lambda _k: True, stack: str = "STACK") -> Settings:
     """Build `Settings` from raw config strings (`get("release")` -> value or None).
 
-    Kept free of Pulumi so the same rules run in unit tables and in the program.
+    Kept free of Pulumi so the same rules run in unit tables and in the program; `stack` only
+    names the stack in the commands that messages suggest.
     """
     r = _Reader(get)
+    config = config_command(stack)
     for key in SECRET_KEYS:
         if _holds_secret(r.raw(key)) and not is_secret(key):
-            raise _fail(key, f"must be stored encrypted: pulumi config set --secret {NAMESPACE}:{key} ...")
+            raise _fail(key, f"must be stored encrypted: {config} set --secret {NAMESPACE}:{key} ...")
 
     release = r.string("release")
     if release is None:
-        raise _fail("release", "is required: the release id to run, e.g. pulumi config set cognivern:release 20261128120000-abc1234")
+        raise _fail("release", f"is required: the release id to run, e.g. {config} set cognivern:release 20261128120000-abc1234")
     _pattern("release", release, RELEASE_ID_RE, "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")
 
     host = _host(r.string("host"))
@@ -572,6 +586,7 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
         acme_server=acme_server,
         require_host_key=require_host_key,
         frame_policy=frame_policy,
+        stack=stack,
         warnings=tuple(warnings),
     )
     if settings.require_host_key and settings.unpinned_hosts:

@@ -121,7 +121,7 @@ def test_an_unpinned_existing_host_warns_with_the_commands_and_require_host_key_
     run = run_program({"release": "v1", "host": "192.0.2.10", "sshPort": "2222"})
     (warning,) = [w for w in run.warnings if "host key is not checked" in w]
     assert "ssh-keyscan -p 2222 -t ed25519 192.0.2.10" in warning
-    assert "pulumi config set cognivern:hostKey" in warning and "requireHostKey" in warning
+    assert "config set cognivern:hostKey" in warning and "scripts/pulumi-local " in warning and "requireHostKey" in warning
     assert run.outputs["knownHosts"] == ""
     pin = generate_ed25519()[1]
     pinned = run_program({"release": "v1", "host": "192.0.2.10", "hostKey": pin, "sshPort": "2222"})

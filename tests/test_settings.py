@@ -138,7 +138,7 @@ def test_bad_values_name_the_key(overrides: dict[str, str | None], message: str)
 @pytest.mark.parametrize("key", ["secretEnv", "sshPrivateKey"])
 def test_secret_keys_must_be_encrypted(key: str) -> None:
     raw = {**BASE, "secretEnv": '{"K": "v"}', "sshPrivateKey": "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----"}
-    with pytest.raises(ConfigError, match=f"cognivern:{key}: must be stored encrypted: pulumi config set --secret"):
+    with pytest.raises(ConfigError, match=f"cognivern:{key}: must be stored encrypted: scripts/pulumi-local STACK config set --secret"):
         parse_settings(raw.get, lambda k: k != key)
 
 

@@ -62,7 +62,10 @@ def test_the_program_warns_when_its_stack_file_holds_a_clear_text_secret(leaky_s
     run = run_program(EXISTING, stack=leaky_stack)
     found = [w for w in run.warnings if "in clear text" in w]
     assert len(found) == 3, run.warnings
-    assert any("cognivern:secretEnv.NEW" in w and "pulumi config set --secret --path 'cognivern:secretEnv.NEW'" in w for w in found)
+    assert any(
+        "cognivern:secretEnv.NEW" in w and "config set --secret --path 'cognivern:secretEnv.NEW'" in w and "scripts/pulumi-local " in w
+        for w in found
+    )
     assert not [w for w in run_program(EXISTING).warnings if "in clear text" in w]  # Pulumi.prod.yaml is clean
 
 
@@ -91,7 +94,10 @@ def test_ssh_open_to_the_world_warns_with_the_command_on_every_preview() -> None
         run = run_program(open_ssh, preview=preview)
         (warning,) = [w for w in run.warnings if "SSH (port 22) is open" in w]
         assert "0.0.0.0/0, ::/0" in warning
-        assert "pulumi config set --path 'cognivern:sshAllowedCidrs[0]' YOUR.IP.ADDRESS/32" in warning
+        assert (
+            "config set --path 'cognivern:sshAllowedCidrs[0]' YOUR.IP.ADDRESS/32" in warning
+            and "scripts/pulumi-local prod config rm" in warning
+        )
     assert not [w for w in run_program(HETZNER).warnings if "SSH (port 22)" in w]
     assert not [w for w in run_program(EXISTING).warnings if "SSH (port 22)" in w]  # no firewall of ours there
 
