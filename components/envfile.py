@@ -54,7 +54,8 @@ def drift_warnings(example: EnvExample, settings: Settings) -> list[str]:
     warnings = []
     for key in sorted(example.secret - set(settings.secret_env)):
         warnings.append(
-            f"shared/.env will lack {key} (.env.example lists it): {settings.config_command} set --secret --path 'cognivern:secretEnv.{key}'"
+            f"shared/.env will lack {key} (.env.example lists it): "
+            f"{settings.config_command} set --secret --path 'cognivern:secretEnv.{key}'"
         )
     for key in sorted(example.plain - set(settings.env) - set(settings.secret_env)):
         warnings.append(f"shared/.env will lack {key} (.env.example lists it): set cognivern:env.{key}")
