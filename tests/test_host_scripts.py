@@ -29,6 +29,7 @@ from components.remote import script_command
 from components.render import render_nginx_site
 from components.settings import Settings
 from tests.support.fs import manifest
+from tests.support.helpers import wait_until
 from tests.support.target_host import TargetHost
 
 FAKE_TOOL = '#!/usr/bin/env bash\n# stand-in for cognivern-release\necho "cognivern-release $*" >>"${COGNIVERN_TOOL_LOG:-/dev/null}"\n'
@@ -53,20 +54,6 @@ def site_cmd(name: str) -> str:
 def owner_mode(p: Path) -> tuple[str, str, str]:
     st = p.stat()
     return pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, oct(stat.S_IMODE(st.st_mode))
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except (httpx.HTTPError, OSError) as exc:
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
 def ws_accept(key: str) -> str:

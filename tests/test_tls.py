@@ -16,7 +16,6 @@ import ssl
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,7 +34,8 @@ from components.render import (
 from components.settings import Settings
 from tests.support.acme import Pebble
 from tests.support.fs import manifest
-from tests.support.sshd import LocalSshd, free_port
+from tests.support.helpers import free_port, wait_until
+from tests.support.sshd import LocalSshd
 from tests.support.target_host import TargetHost
 
 TLS = HOST_DIR / "tls.sh"
@@ -144,20 +144,6 @@ def swap_sshd_env(host: TargetHost, extra: dict[str, str]) -> None:
     host.sshd = LocalSshd(set_env=env)
     host.env = dict(host.sshd.set_env)
     old.stop()
-
-
-def wait_until(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except (httpx.HTTPError, OSError) as exc:
-            last = exc
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
 def http_get(tls: Tls, path: str) -> httpx.Response:
