@@ -27,10 +27,11 @@ from pulumi import RunError
 
 from components.settings import SECRET_KEYS
 from tests.engine import CommandError
+from tests.support.helpers import run_pm2
 from tests.support.program import REPO
 from tests.support.stack import DeployStack
 from tests.support.story import Story
-from tests.support.target_host import SYSTEM_PATH, TargetHost
+from tests.support.target_host import TargetHost
 
 V1, V2, V3, V4, V5 = (f"scn-v{i}" for i in range(1, 6))
 HOST_COMMANDS = ("provision", "run-script", "release-conf", "ecosystem", "env", "nginx-site")
@@ -71,15 +72,9 @@ class Stack(DeployStack):
         return os.readlink(self.host.root / "current").rsplit("/", 1)[-1]
 
     def pm2_apps(self) -> dict[str, str]:
-        env = ["env", "-i", f"HOME={self.host.app_home}", f"PM2_HOME={self.host.pm2_home}", f"PATH={SYSTEM_PATH}"]
-        out = subprocess.run(
-            ["runuser", "-u", self.host.app_user, "--", *env, "pm2", "jlist"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd="/",
-            check=True,
-        ).stdout
+        proc = run_pm2(self.host.app_user, self.host.app_home, self.host.pm2_home, "jlist")
+        assert proc.returncode == 0, proc.stderr
+        out = proc.stdout
         return {p["name"]: p["pm2_env"]["status"] for p in json.loads(out)}
 
     def snapshot(self) -> dict[str, tuple[str, int, str]]:
