@@ -349,6 +349,7 @@ SECRET = "ROUTEWAY_API_KEY='sk-test-" + hashlib.sha256(b"cognivern").hexdigest()
 
 def test_put_file_creates_with_mode_and_owner_then_unchanged(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
     dest = host.root / "shared/.env"
+    dest.unlink(missing_ok=True)  # starts from a host without it (test_put_file_secret_never_in_output_or_argv writes one)
     u = host.app_user
     content = f"PORT=3000\n{SECRET}\n"
     first = host.run(put_cmd(str(dest), "0600", f"{u}:{u}"), stdin=content)
