@@ -287,10 +287,19 @@ def test_nginx_site_passes_websocket_upgrade(host: TargetHost, site: tuple[str, 
         assert rest == b"HELLO", "bytes tunnel both ways after the upgrade"
 
 
+def settled_workers(host: TargetHost) -> set[int]:
+    """nginx's one worker (worker_processes 1) once an earlier test's reload has let the old ones finish."""
+
+    def one() -> set[int]:
+        workers = host.nginx.worker_pids()
+        return workers if len(workers) == 1 else set()
+
+    return wait_until(one, timeout=30)
+
+
 def test_nginx_site_unchanged_does_not_reload(host: TargetHost, site: tuple[str, str]) -> None:
     name, text = site
-    workers = host.nginx.worker_pids()
-    assert workers
+    workers = settled_workers(host)
     result = host.run(site_cmd(name), stdin=text)
     assert result.returncode == 0, result.stderr
     assert "unchanged" in result.stdout
@@ -300,7 +309,8 @@ def test_nginx_site_unchanged_does_not_reload(host: TargetHost, site: tuple[str,
 
 def test_nginx_site_broken_config_keeps_previous_site(host: TargetHost, site: tuple[str, str]) -> None:
     name, text = site
-    master, workers = host.nginx.master_pid, host.nginx.worker_pids()
+    workers = settled_workers(host)
+    master = host.nginx.master_pid
     broken = text.replace("    server_tokens off;\n", "    server_tokens off;\n    bogus_directive on;\n")
     assert broken != text
     result = host.run(site_cmd(name), stdin=broken)
