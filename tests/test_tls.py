@@ -35,7 +35,7 @@ from components.render import (
 from components.settings import Settings
 from tests.support.acme import Pebble
 from tests.support.fs import manifest
-from tests.support.helpers import free_port, wait_until
+from tests.support.helpers import free_port, wait_for_port, wait_until
 from tests.support.sshd import LocalSshd
 from tests.support.story import Story
 from tests.support.target_host import TargetHost
@@ -198,6 +198,9 @@ def http_site(tls: Tls, backend: ThreadingHTTPServer) -> str:
 def issued(tls: Tls, http_site: str) -> subprocess.CompletedProcess[str]:
     result = tls.run()
     assert result.returncode == 0, result.stdout + result.stderr + tls.acme.log()[-3000:]
+    # `nginx -s reload` returns before the master has read the new config and opened the https
+    # listener (seen refused under load): wait for it with a deadline.
+    wait_for_port(tls.https_port, timeout=30)
     return result
 
 
