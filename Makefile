@@ -42,9 +42,10 @@ deploy: cli-check stack-check $(VENV)/.runtime
 preview: cli-check stack-check $(VENV)/.runtime
 	scripts/pulumi-local $(STACK) preview --diff
 
-## the whole test suite: lint, types, unit, mock-monitor and real-host tests
+## the whole test suite: lint, types, unit, mock-monitor and real-host tests, in random order
+## (pytest-randomly prints the seed; repeat an order with SEED=N make test)
 test: $(VENV)/.installed lint
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -p randomly $(if $(SEED),--randomly-seed=$(SEED))
 
 ## ruff, mypy and shellcheck
 lint: $(VENV)/.installed

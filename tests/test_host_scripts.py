@@ -29,6 +29,7 @@ from components.remote import script_command
 from components.render import render_nginx_site
 from components.settings import Settings
 from tests.support.fs import manifest
+from tests.support.helpers import wait_until
 from tests.support.target_host import TargetHost
 
 FAKE_TOOL = '#!/usr/bin/env bash\n# stand-in for cognivern-release\necho "cognivern-release $*" >>"${COGNIVERN_TOOL_LOG:-/dev/null}"\n'
@@ -51,20 +52,6 @@ def site_cmd(name: str) -> str:
 def owner_mode(p: Path) -> tuple[str, str, str]:
     st = p.stat()
     return pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, oct(stat.S_IMODE(st.st_mode))
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except (httpx.HTTPError, OSError) as exc:
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
 def ws_accept(key: str) -> str:
@@ -302,10 +289,19 @@ def test_nginx_site_passes_websocket_upgrade(host: TargetHost, site: tuple[str, 
         assert rest == b"HELLO", "bytes tunnel both ways after the upgrade"
 
 
+def settled_workers(host: TargetHost) -> set[int]:
+    """nginx's one worker (worker_processes 1) once an earlier test's reload has let the old ones finish."""
+
+    def one() -> set[int]:
+        workers = host.nginx.worker_pids()
+        return workers if len(workers) == 1 else set()
+
+    return wait_until(one, timeout=30)
+
+
 def test_nginx_site_unchanged_does_not_reload(host: TargetHost, site: tuple[str, str]) -> None:
     name, text = site
-    workers = host.nginx.worker_pids()
-    assert workers
+    workers = settled_workers(host)
     result = host.run(site_cmd(name), stdin=text)
     assert result.returncode == 0, result.stderr
     assert "unchanged" in result.stdout
@@ -315,7 +311,8 @@ def test_nginx_site_unchanged_does_not_reload(host: TargetHost, site: tuple[str,
 
 def test_nginx_site_broken_config_keeps_previous_site(host: TargetHost, site: tuple[str, str]) -> None:
     name, text = site
-    master, workers = host.nginx.master_pid, host.nginx.worker_pids()
+    workers = settled_workers(host)
+    master = host.nginx.master_pid
     broken = text.replace("    server_tokens off;\n", "    server_tokens off;\n    bogus_directive on;\n")
     assert broken != text
     result = host.run(site_cmd(name), stdin=broken)
@@ -364,6 +361,7 @@ SECRET = "ROUTEWAY_API_KEY='sk-test-" + hashlib.sha256(b"cognivern").hexdigest()
 
 def test_put_file_creates_with_mode_and_owner_then_unchanged(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
     dest = host.root / "shared/.env"
+    dest.unlink(missing_ok=True)  # starts from a host without it (test_put_file_secret_never_in_output_or_argv writes one)
     u = host.app_user
     content = f"PORT=3000\n{SECRET}\n"
     first = host.run(put_cmd(str(dest), "0600", f"{u}:{u}"), stdin=content)

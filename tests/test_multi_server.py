@@ -7,12 +7,14 @@ does with its /health check: an upstream of both hosts' nginx with passive healt
 fail_timeout) that retries another server on a connection error, a timeout or a 502/503/504.
 Eight clients poll /release through it during every rollout.
 
-In file order, like a stack's history: both hosts go live on v1; v2 rolls out (server 1, then
-server 2) with zero failed requests; a v3 that dies under PM2 fails server 1's health gate, which
-reverts itself, and the rollout stops there (server 2's activate never runs) while the balancer
-keeps serving v2 with zero failures; config alone rolls both back to v1, in the same order.
-The rolling release's figures (failed requests, seconds per server) are printed and written to
-reports/multi-server.json.
+A stack's history, in four stages: both hosts go live on v1; v2 rolls out (server 1, then server
+2) with zero failed requests; a v3 that dies under PM2 fails server 1's health gate, which reverts
+itself, and the rollout stops there (server 2's activate never runs) while the balancer keeps
+serving v2 with zero failures; config alone rolls both back to v1, in the same order. The
+`history` fixture runs the stages in that order, once, as far as the test that asks needs, and
+records what each stage saw; every test checks one stage's record, so any test runs alone and in
+any order (test_04 alone runs all four stages). The rolling release's figures (failed requests,
+seconds per server) are printed and written to reports/multi-server.json.
 """
 
 from __future__ import annotations
@@ -147,28 +149,79 @@ def assert_rolled_in_order(report: RunReport) -> None:
     assert max(installs) < activations[0] < activations[1], report.summary()
 
 
-def test_01_both_hosts_go_live_on_v1(stack: Stack) -> None:
-    report = stack.up(release=V1, artifact=stack.artifact(V1))
+class History:
+    """The stack's stages, run in order on demand (`reach(n)`), each one's observations kept."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.stages: list[dict[str, Any]] = []
+        self._runs = [self._v1, self._v2, self._v3_broken, self._back_to_v1]
+
+    def reach(self, n: int) -> dict[str, Any]:
+        while len(self.stages) < n:
+            self.stages.append(self._runs[len(self.stages)]())
+        return self.stages[n - 1]
+
+    def _v1(self) -> dict[str, Any]:
+        stack = self.stack
+        report = stack.up(release=V1, artifact=stack.artifact(V1))
+        health = [httpx.get(h.url("/health"), timeout=5).json()["status"] for h in stack.pool.hosts]
+        pid_files = [(h.home / ".pm2" / "pm2.pid").exists() for h in stack.pool.hosts]
+        seen = {"report": report, "currents": stack.currents(), "health": health, "pid_files": pid_files}
+        return {**seen, "balancer": stack.through_balancer()}
+
+    def _v2(self) -> dict[str, Any]:
+        stack = self.stack
+        artifact = stack.artifact(V2)
+        with Load(stack.balancer.url("/release")) as load:
+            started = time.monotonic()
+            report = stack.up(release=V2, artifact=artifact)
+            elapsed = time.monotonic() - started
+        return {"report": report, "load": load, "elapsed": elapsed, "currents": stack.currents(), "balancer": stack.through_balancer()}
+
+    def _v3_broken(self) -> dict[str, Any]:
+        stack = self.stack
+        # passes pre-flight, dies once switched (crash-after-preflight): the health gate fails, server 1 reverts
+        artifact = stack.artifact(V3, mode="crash-after-preflight")
+        log_before = stack.balancer.error_log.read_text() if stack.balancer.error_log.exists() else ""
+        with Load(stack.balancer.url("/release")) as load:
+            report = stack.up(release=V3, artifact=artifact, check=False)
+        log = stack.balancer.error_log.read_text()[len(log_before) :]
+        state = {r["name"]: r for r in stack.engine.state()["resources"].values()}
+        releases = [h.releases() for h in stack.pool.hosts]
+        return {"report": report, "load": load, "log": log, "state": state, "releases": releases, "currents": stack.currents()}
+
+    def _back_to_v1(self) -> dict[str, Any]:
+        stack = self.stack
+        with Load(stack.balancer.url("/release")) as load:
+            report = stack.up(release=V1, artifact=None)
+        return {"report": report, "load": load, "currents": stack.currents(), "balancer": stack.through_balancer()}
+
+
+@pytest.fixture(scope="module")
+def history(stack: Stack) -> History:
+    return History(stack)
+
+
+def test_01_both_hosts_go_live_on_v1(history: History) -> None:
+    stack, seen = history.stack, history.reach(1)
+    report = seen["report"]
     assert set(report.ops().values()) == {"create"}, report.summary()
     assert_rolled_in_order(report)
-    assert stack.currents() == [V1, V1]
+    assert seen["currents"] == [V1, V1]
     assert [s["activeRelease"] for s in report.outputs["servers"]] == [V1, V1]
     assert [s["address"] for s in report.outputs["servers"]] == [h.address for h in stack.pool.hosts]
     # each host serves on its own (the binds give each its own ROOT and PM2)
-    for host in stack.pool.hosts:
-        assert httpx.get(host.url("/health"), timeout=5).json()["status"] == "ok"
-        assert (host.home / ".pm2" / "pm2.pid").exists()
-    assert stack.through_balancer() == V1
+    assert seen["health"] == ["ok", "ok"]
+    assert seen["pid_files"] == [True, True]
+    assert seen["balancer"] == V1
 
 
-def test_02_a_rolling_release_fails_no_request(stack: Stack) -> None:
-    artifact = stack.artifact(V2)
-    with Load(stack.balancer.url("/release")) as load:
-        started = time.monotonic()
-        report = stack.up(release=V2, artifact=artifact)
-        elapsed = time.monotonic() - started
+def test_02_a_rolling_release_fails_no_request(history: History) -> None:
+    seen = history.reach(2)
+    report, load = seen["report"], seen["load"]
     assert_rolled_in_order(report)
-    assert stack.currents() == [V2, V2]
+    assert seen["currents"] == [V2, V2]
     assert [s["activeRelease"] for s in report.outputs["servers"]] == [V2, V2]
     assert report.outputs["activeRelease"] == V2 and report.outputs["previousRelease"] == V1
     served = load.served()
@@ -177,7 +230,7 @@ def test_02_a_rolling_release_fails_no_request(stack: Stack) -> None:
         "requests": len(load.results),
         "failed": len(load.failures),
         "served": dict(served),
-        "run_seconds": round(elapsed, 2),
+        "run_seconds": round(seen["elapsed"], 2),
         "per_server": {
             n: {
                 "upload_install_seconds": round(
@@ -190,18 +243,16 @@ def test_02_a_rolling_release_fails_no_request(stack: Stack) -> None:
     }
     FIGURES["rolling_release"] = figures
     print("\nrolling release:", json.dumps(figures))
+    write_figures()
     assert load.failures == [], figures
     assert served[V1] > 0 and served[V2] > 0 and set(served) == {V1, V2}, figures
     # once server 2 switched, nothing old is served any more
-    assert stack.through_balancer() == V2
+    assert seen["balancer"] == V2
 
 
-def test_03_a_broken_release_stops_at_the_first_server(stack: Stack) -> None:
-    # passes pre-flight, dies once switched (crash-after-preflight): the health gate fails, server 1 reverts
-    artifact = stack.artifact(V3, mode="crash-after-preflight")
-    log_before = stack.balancer.error_log.read_text() if stack.balancer.error_log.exists() else ""
-    with Load(stack.balancer.url("/release")) as load:
-        report = stack.up(release=V3, artifact=artifact, check=False)
+def test_03_a_broken_release_stops_at_the_first_server(history: History) -> None:
+    stack, seen = history.stack, history.reach(3)
+    report, load = seen["report"], seen["load"]
     assert isinstance(report.error, CommandError), report.summary()
     ops = report.ops()
     assert [ops[f"{n}-release-install"] for n in NODES] == ["replace", "replace"]  # installed everywhere first
@@ -209,11 +260,10 @@ def test_03_a_broken_release_stops_at_the_first_server(stack: Stack) -> None:
     assert ops.get(f"{NODES[1]}-release-activate") in (None, "skipped"), report.summary()  # never ran
     assert not [c for c in report.commands if "activate" in c and str(stack.pool.hosts[1].address) in c]
     # server 1 reverted itself; server 2 never switched: both serve v2
-    assert stack.currents() == [V2, V2]
-    first, second = (h.releases() for h in stack.pool.hosts)
+    assert seen["currents"] == [V2, V2]
+    first, second = seen["releases"]
     assert first[V3] == "bad" and second[V3] == "installed"
-    log = stack.balancer.error_log.read_text()[len(log_before) :]
-    retried = sum(1 for line in log.splitlines() if stack.pool.hosts[0].address in line)
+    retried = sum(1 for line in seen["log"].splitlines() if stack.pool.hosts[0].address in line)
     FIGURES["broken_release"] = {
         "requests": len(load.results),
         "failed": len(load.failures),
@@ -221,17 +271,17 @@ def test_03_a_broken_release_stops_at_the_first_server(stack: Stack) -> None:
         "balancer_log_lines_about_server_1": retried,  # 502s from server 1 the balancer retried on server 2
     }
     print("\nbroken release:", json.dumps(FIGURES["broken_release"]))
+    write_figures()
     assert load.failures == [] and set(load.served()) == {V2}, FIGURES["broken_release"]
     # the state keeps server 2's old activation: the next run activates both again, in order
-    state = {r["name"]: r for r in stack.engine.state()["resources"].values()}
-    assert state[f"{NODES[1]}-release-activate"]["inputs"]["triggers"][0] == V2
+    assert seen["state"][f"{NODES[1]}-release-activate"]["inputs"]["triggers"][0] == V2
 
 
-def test_04_config_alone_rolls_every_server_back_in_order(stack: Stack) -> None:
-    with Load(stack.balancer.url("/release")) as load:
-        report = stack.up(release=V1, artifact=None)
+def test_04_config_alone_rolls_every_server_back_in_order(history: History) -> None:
+    seen = history.reach(4)
+    report, load = seen["report"], seen["load"]
     assert_rolled_in_order(report)
-    assert stack.currents() == [V1, V1]
+    assert seen["currents"] == [V1, V1]
     assert [s["activeRelease"] for s in report.outputs["servers"]] == [V1, V1]
     FIGURES["rollback"] = {
         "requests": len(load.results),
@@ -239,12 +289,13 @@ def test_04_config_alone_rolls_every_server_back_in_order(stack: Stack) -> None:
         "activate_seconds": {n: round(step(report, f"{n}-release-activate").duration, 2) for n in NODES},
     }
     print("\nrollback:", json.dumps(FIGURES["rollback"]))
+    write_figures()
     assert load.failures == [], FIGURES["rollback"]
-    assert stack.through_balancer() == V1
+    assert seen["balancer"] == V1
 
 
-def test_05_figures_are_kept() -> None:
-    assert "rolling_release" in FIGURES, "run the whole file: the figures come from test_02"
+def write_figures() -> None:
+    """reports/multi-server.json: the figures of the stages whose tests ran (kept by each test, in any order)."""
     out = REPO / "reports" / "multi-server.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(FIGURES, indent=1) + "\n")

@@ -1,7 +1,8 @@
 """`pulumi up` on our machines, proven with the engine stand-in (tests/engine) against a real target.
 
 One disposable TargetHost (private sshd, private nginx, temp ROOT, unique app user) is shared by
-the scenarios below, which run in file order like a stack's history: a fresh host goes live on
+the scenarios below, stages of one stack's history (tests/support/story.py: a test alone or in
+any order first runs the stages before it, in file order): a fresh host goes live on
 v1, v2 follows, config alone rolls back to v1, a broken v3 fails the run while v1 keeps serving,
 a secret change reaches the app, the agent is switched on and off, keepReleases prunes, and bad
 values are refused before anything reaches the host. Every run is the real `__main__.py` with
@@ -26,12 +27,17 @@ from pulumi import RunError
 
 from components.settings import SECRET_KEYS
 from tests.engine import CommandError
+from tests.support.helpers import run_pm2
 from tests.support.program import REPO
 from tests.support.stack import DeployStack
-from tests.support.target_host import SYSTEM_PATH, TargetHost
+from tests.support.story import Story
+from tests.support.target_host import TargetHost
 
 V1, V2, V3, V4, V5 = (f"scn-v{i}" for i in range(1, 6))
 HOST_COMMANDS = ("provision", "run-script", "release-conf", "ecosystem", "env", "nginx-site")
+
+story = Story()
+story_outcomes = story.fixture()
 
 
 class Stack(DeployStack):
@@ -66,15 +72,9 @@ class Stack(DeployStack):
         return os.readlink(self.host.root / "current").rsplit("/", 1)[-1]
 
     def pm2_apps(self) -> dict[str, str]:
-        env = ["env", "-i", f"HOME={self.host.app_home}", f"PM2_HOME={self.host.pm2_home}", f"PATH={SYSTEM_PATH}"]
-        out = subprocess.run(
-            ["runuser", "-u", self.host.app_user, "--", *env, "pm2", "jlist"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd="/",
-            check=True,
-        ).stdout
+        proc = run_pm2(self.host.app_user, self.host.app_home, self.host.pm2_home, "jlist")
+        assert proc.returncode == 0, proc.stderr
+        out = proc.stdout
         return {p["name"]: p["pm2_env"]["status"] for p in json.loads(out)}
 
     def snapshot(self) -> dict[str, tuple[str, int, str]]:
@@ -131,6 +131,7 @@ class Poller:
         self._thread.join(timeout=10)
 
 
+@story.stage
 def test_01_a_fresh_host_is_prepared_and_v1_goes_live(stack: Stack) -> None:
     report = stack.up(release=V1, artifact=stack.artifact(V1))
     assert set(report.ops().values()) == {"create"}, report.summary()
@@ -157,6 +158,7 @@ def test_01_a_fresh_host_is_prepared_and_v1_goes_live(stack: Stack) -> None:
     assert not [c for c in report.commands if "secret-one" in c]
 
 
+@story.stage
 def test_02_a_second_run_with_no_change_executes_nothing(stack: Stack) -> None:
     before = stack.snapshot()
     preview = stack.preview()
@@ -168,6 +170,7 @@ def test_02_a_second_run_with_no_change_executes_nothing(stack: Stack) -> None:
     assert report.outputs["activeRelease"] == V1
 
 
+@story.stage
 def test_03_v2_goes_live(stack: Stack) -> None:
     report = stack.up(release=V2, artifact=stack.artifact(V2))
     ops = report.ops()
@@ -179,6 +182,7 @@ def test_03_v2_goes_live(stack: Stack) -> None:
     assert stack.releases() == {V2: "current", V1: "previous"}
 
 
+@story.stage
 def test_04_rollback_to_v1_by_config_alone_without_an_artifact(stack: Stack) -> None:
     assert not (REPO / ".artifacts" / f"cognivern-{V1}.tar.gz").exists()
     before_incoming = sorted(p.name for p in (stack.host.root / "incoming").iterdir())
@@ -193,6 +197,7 @@ def test_04_rollback_to_v1_by_config_alone_without_an_artifact(stack: Stack) -> 
     assert report.outputs["activeRelease"] == V1 and report.outputs["previousRelease"] == V2
 
 
+@story.stage
 def test_05_a_broken_v3_fails_the_run_while_v1_keeps_serving(stack: Stack) -> None:
     artifact = stack.artifact(V3, mode="crash")
     with Poller(stack.host.nginx.url("/release")) as poller:
@@ -213,6 +218,7 @@ def test_05_a_broken_v3_fails_the_run_while_v1_keeps_serving(stack: Stack) -> No
     assert state["cognivern-test-release-activate"]["inputs"]["triggers"][0] == V1
 
 
+@story.stage
 def test_06_a_changed_secret_is_written_safely_and_the_app_reloaded(stack: Stack) -> None:
     marker = stack.tmp / "must-not-exist"
     tricky = f'it\'s $(touch {marker}) `touch {marker}` "q" ;|& $HOME'
@@ -231,10 +237,12 @@ def test_06_a_changed_secret_is_written_safely_and_the_app_reloaded(stack: Stack
     assert stack.serving()["release"] == V1 and stack.serving()["pid"] != pid_before  # reloaded
 
 
+@story.stage
 def test_06b_the_changed_secret_reaches_the_running_app(stack: Stack) -> None:
     assert stack.serving()["env"]["FIXTURE_ECHO"] == stack.settings["secretEnv"]["FIXTURE_ECHO"]
 
 
+@story.stage
 def test_07_agents_enabled_starts_and_stops_the_forecasting_agent(stack: Stack) -> None:
     report = stack.up(agentsEnabled=True)
     assert report.ops()["cognivern-test-ecosystem"] == "update" and report.ops()["cognivern-test-env"] == "update"
@@ -246,6 +254,7 @@ def test_07_agents_enabled_starts_and_stops_the_forecasting_agent(stack: Stack) 
     assert "AGENTS_ENABLED=false" in (stack.host.root / "shared" / ".env").read_text()
 
 
+@story.stage
 def test_07b_the_running_app_sees_agents_enabled(stack: Stack) -> None:
     stack.up(agentsEnabled=True)
     try:
@@ -255,6 +264,7 @@ def test_07b_the_running_app_sees_agents_enabled(stack: Stack) -> None:
     assert stack.serving()["env"]["AGENTS_ENABLED"] == "false"
 
 
+@story.stage
 def test_08_keep_releases_holds(stack: Stack) -> None:
     stack.up(release=V4, artifact=stack.artifact(V4), keepReleases=2)
     # newest 2 (v4, v3) plus current (v4) and previous (v1); v2 pruned
@@ -293,6 +303,7 @@ def test_09_shell_metacharacters_are_refused_before_anything_reaches_the_host(st
     assert not Path("/tmp/pwned").exists()
 
 
+@story.stage
 def test_10_the_stack_settles(stack: Stack) -> None:
     report = stack.up()
     assert report.commands == [] and set(report.ops().values()) == {"same"}
@@ -306,6 +317,7 @@ def ops(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(REPO / "scripts" / "ops"), "test", *args], capture_output=True, text=True, env=env, timeout=120, check=False)
 
 
+@story.stage
 def test_11_operator_commands_from_the_runbook(stack: Stack) -> None:
     listed = ops(stack, "list")
     assert listed.returncode == 0, listed.stderr
@@ -330,6 +342,7 @@ def test_11_operator_commands_from_the_runbook(stack: Stack) -> None:
     assert refused.returncode == 2 and not Path("/tmp/pwned-ops").exists()
 
 
+@story.stage
 def test_12_emergency_rollback_without_pulumi_then_the_stack_follows(stack: Stack) -> None:
     rolled = ops(stack, "activate", V4)
     assert rolled.returncode == 0, rolled.stderr

@@ -5,7 +5,8 @@ also pointing certbot's directories and the ACME webroot into the host's temp di
 pebble API's CA (REQUESTS_CA_BUNDLE). pebble validates http-01 for real: it resolves the test
 domain through pebble-challtestsrv (A 127.0.0.1) and fetches the challenge from the private nginx.
 The commands run exactly as the program sends them (components.remote.script_command); the order
-below follows the life of a server: ACME unreachable first, then issuance, re-run, renewals.
+of the stages follows the life of a server: ACME unreachable first, then issuance, re-run,
+renewals (tests/support/story.py: a test alone or in any order first runs the stages before it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import ssl
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,7 +35,9 @@ from components.render import (
 from components.settings import Settings
 from tests.support.acme import Pebble
 from tests.support.fs import manifest
-from tests.support.sshd import LocalSshd, free_port
+from tests.support.helpers import free_port, wait_for_port, wait_until
+from tests.support.sshd import LocalSshd
+from tests.support.story import Story
 from tests.support.target_host import TargetHost
 
 TLS = HOST_DIR / "tls.sh"
@@ -61,6 +63,10 @@ class Backend(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+story = Story()
+story_outcomes = story.fixture()
 
 
 class Tls:
@@ -146,20 +152,6 @@ def swap_sshd_env(host: TargetHost, extra: dict[str, str]) -> None:
     old.stop()
 
 
-def wait_until(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except (httpx.HTTPError, OSError) as exc:
-            last = exc
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
-
-
 def http_get(tls: Tls, path: str) -> httpx.Response:
     return httpx.get(tls.host.nginx.url(path), headers={"Host": DOMAIN}, timeout=10, follow_redirects=False)
 
@@ -206,10 +198,14 @@ def http_site(tls: Tls, backend: ThreadingHTTPServer) -> str:
 def issued(tls: Tls, http_site: str) -> subprocess.CompletedProcess[str]:
     result = tls.run()
     assert result.returncode == 0, result.stdout + result.stderr + tls.acme.log()[-3000:]
+    # `nginx -s reload` returns before the master has read the new config and opened the https
+    # listener (seen refused under load): wait for it with a deadline.
+    wait_for_port(tls.https_port, timeout=30)
     return result
 
 
 # ---------------------------------------------------------------------------- before a certificate
+@story.stage
 def test_http_site_in_tls_mode_proxies_until_https_exists(tls: Tls, http_site: str) -> None:
     """Until tls.sh has a certificate, HTTP keeps serving the app (no redirect to an HTTPS that is not there)."""
     health = http_get(tls, "/health")
@@ -227,6 +223,7 @@ def test_http_site_in_tls_mode_proxies_until_https_exists(tls: Tls, http_site: s
         probe.unlink()
 
 
+@story.stage
 def test_unreachable_acme_server_leaves_http_serving_and_nginx_untouched(tls: Tls, http_site: str) -> None:
     nginx = tls.host.nginx
     master, workers = nginx.master_pid, nginx.worker_pids()
@@ -243,6 +240,7 @@ def test_unreachable_acme_server_leaves_http_serving_and_nginx_untouched(tls: Tl
 
 
 # ---------------------------------------------------------------------------- issuance
+@story.stage
 def test_certificate_issued_and_https_serves_the_backend(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     lines = issued.stdout.splitlines()
     assert all(line.startswith("tls: ") for line in lines), issued.stdout
@@ -263,6 +261,7 @@ def test_certificate_issued_and_https_serves_the_backend(tls: Tls, issued: subpr
     assert (tls.host.nginx.sites_available / f"{tls.name}.conf").read_text() == tls.http_site(), "the HTTP site stays ours"
 
 
+@story.stage
 def test_hsts_on_https_only(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     _, headers, _, _ = tls.https_get("/api/x")
     hsts = headers["strict-transport-security"]
@@ -271,6 +270,7 @@ def test_hsts_on_https_only(tls: Tls, issued: subprocess.CompletedProcess[str]) 
     assert "strict-transport-security" not in http_get(tls, "/.well-known/acme-challenge/x").headers
 
 
+@story.stage
 def test_https_protocols_and_http2(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     ctx = tls.context()
     ctx.set_alpn_protocols(["h2", "http/1.1"])
@@ -296,6 +296,7 @@ def test_https_protocols_and_http2(tls: Tls, issued: subprocess.CompletedProcess
         tls.https_get("/health", ssl.create_default_context(cafile=str(tls.acme.api_ca_path)))
 
 
+@story.stage
 def test_http_redirects_to_https_except_the_challenge(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     assert tls.snippet.read_text().splitlines()[-1] == "return 301 https://$host$request_uri;"
     for path in ("/", "/health", "/api/x?y=1&z=%20"):
@@ -311,6 +312,7 @@ def test_http_redirects_to_https_except_the_challenge(tls: Tls, issued: subproce
         probe.unlink()
 
 
+@story.stage
 def test_rerun_with_valid_certificate_changes_nothing(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     nginx = tls.host.nginx
     watched = (tls.le_dir, tls.webroot, nginx.sites_available, nginx.sites_enabled, nginx.prefix / "snippets")
@@ -337,6 +339,7 @@ def test_rerun_with_valid_certificate_changes_nothing(tls: Tls, issued: subproce
     assert f"tls: https site: {tls.site} unchanged (nginx not reloaded)" in lines
 
 
+@story.stage
 def test_changed_email_updates_the_account_only(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     nginx = tls.host.nginx
     workers, served = nginx.worker_pids(), tls.served_certificate()
@@ -356,6 +359,7 @@ def test_changed_email_updates_the_account_only(tls: Tls, issued: subprocess.Com
 
 
 # ---------------------------------------------------------------------------- renewal
+@story.stage
 def test_renewal_dry_run_succeeds_and_would_run_the_hook(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     assert tls.hook.stat().st_mode & 0o777 == 0o755
     # --dry-run alone would switch to Let's Encrypt staging: name the server, as an operator would.
@@ -367,6 +371,7 @@ def test_renewal_dry_run_succeeds_and_would_run_the_hook(tls: Tls, issued: subpr
     assert f"Dry run: skipping deploy hook command: {tls.hook}" in (tls.le_logs / "letsencrypt.log").read_text()
 
 
+@story.stage
 def test_renewal_runs_deploy_hook_which_reloads_nginx(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     nginx = tls.host.nginx
     workers, served = nginx.worker_pids(), tls.served_certificate()
@@ -380,6 +385,7 @@ def test_renewal_runs_deploy_hook_which_reloads_nginx(tls: Tls, issued: subproce
     assert status == 200
 
 
+@story.stage
 def test_deploy_hook_does_not_reload_a_broken_config(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     nginx = tls.host.nginx
     broken = nginx.sites_enabled / "zz-broken.conf"
@@ -394,6 +400,7 @@ def test_deploy_hook_does_not_reload_a_broken_config(tls: Tls, issued: subproces
 
 
 # ---------------------------------------------------------------------------- failures and arguments
+@story.stage
 def test_https_site_rejected_by_nginx_restores_previous(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     nginx = tls.host.nginx
     before = manifest(nginx.sites_available, nginx.sites_enabled, nginx.prefix / "snippets")
@@ -409,6 +416,7 @@ def test_https_site_rejected_by_nginx_restores_previous(tls: Tls, issued: subpro
     assert tls.https_get("/health")[0] == 200
 
 
+@story.stage
 def test_https_site_for_another_letsencrypt_dir_is_refused(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     production = render_nginx_tls_site(tls.settings, DOMAIN)  # /etc/letsencrypt: not where this host keeps certificates
     result = tls.run(stdin=production)
@@ -432,6 +440,7 @@ def test_rejects_bad_arguments(tls: Tls, http_site: str, overrides: dict[str, st
     assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
+@story.stage
 def test_requires_the_http_site_in_tls_mode(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     result = tls.host.run(tls.command(**{"--name": "other-site"}), stdin=tls.https_site())
     assert result.returncode != 0 and "install the HTTP site" in result.stderr
@@ -445,6 +454,7 @@ def test_requires_the_http_site_in_tls_mode(tls: Tls, issued: subprocess.Complet
     assert not (tls.host.nginx.sites_available / "other-site.tls.conf").exists()
 
 
+@story.stage
 def test_changed_acme_server_replaces_the_certificate_and_reloads(tls: Tls, issued: subprocess.CompletedProcess[str]) -> None:
     """A new acmeServer (here: the same pebble under another URL) replaces a valid certificate.
 

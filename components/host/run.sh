@@ -23,11 +23,44 @@ set +a
 # that request hangs until the client gives up (measured: 5 stalls in 16 reloads under load; none
 # in 46 with this). With "none" the workers accept from the shared socket themselves.
 export NODE_CLUSTER_SCHED_POLICY=none
-pid_file="${PM2_HOME:-$HOME/.pm2}/pm2.pid"
-if [ -r "$pid_file" ] && daemon=$(cat "$pid_file") && [ -r "/proc/$daemon/environ" ] &&
-    ! grep -qxz 'NODE_CLUSTER_SCHED_POLICY=none' "/proc/$daemon/environ"; then
+pm2_home=${PM2_HOME:-$HOME/.pm2}
+
+# PM2 spawns its daemon in the caller's working directory: from one the app user cannot enter
+# (root's home over SSH) the spawn fails with EACCES and no daemon starts at all.
+cd "$root"
+
+# The God daemon(s) of this PM2_HOME: processes titled "PM2 vX: God Daemon" with PM2_HOME in their
+# environment (PM2 always puts it there), plus the one pm2.pid names. The pid file alone is not
+# enough: PM2 writes it once at start and removes it on exit whatever pid it then holds
+# (lib/Daemon.js), so it goes stale after a SIGKILL and missing when two daemons ever shared a
+# PM2_HOME; reading only it kept a round-robin daemon silently.
+is_god() { grep -qsz '^PM2 v[0-9.]*: God Daemon' "/proc/$1/cmdline" && [ -r "/proc/$1/environ" ]; }
+god_pids() {
+    local file pid
+    {
+        while IFS= read -r file; do
+            pid=${file#/proc/} && pid=${pid%/cmdline}
+            if grep -qsxzF -- "PM2_HOME=$pm2_home" "/proc/$pid/environ"; then echo "$pid"; fi
+        done < <(grep -lsz '^PM2 v[0-9.]*: God Daemon' /proc/[0-9]*/cmdline || true)
+        if pid=$(cat "$pm2_home/pm2.pid" 2>/dev/null) && [[ "$pid" =~ ^[0-9]+$ ]] && is_god "$pid"; then echo "$pid"; fi
+    } | sort -un
+}
+
+round_robin_daemons() {
+    local pid
+    for pid in $(god_pids); do
+        if ! grep -qxzF NODE_CLUSTER_SCHED_POLICY=none "/proc/$pid/environ" 2>/dev/null; then echo "$pid"; fi
+    done
+}
+
+if [ -n "$(round_robin_daemons)" ]; then
     echo "run.sh: restarting the PM2 daemon once so that it uses NODE_CLUSTER_SCHED_POLICY=none" >&2
     pm2 update >/dev/null
+    left=$(round_robin_daemons)
+    if [ -n "$left" ]; then
+        echo "run.sh: PM2 daemon(s) $(echo "$left" | tr '\n' ' ')for $pm2_home still run without NODE_CLUSTER_SCHED_POLICY=none after pm2 update; stop them (pm2 kill as the app user) and run again" >&2
+        exit 1
+    fi
 fi
 
 cd "$root/current"

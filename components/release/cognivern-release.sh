@@ -662,8 +662,10 @@ preflight() {
     # copied into $log afterwards. Touched only as APP_USER: root never follows a link planted there.
     work="$ROOT/shared/logs/preflight"
     say "pre-flight: starting $id under PM2 as $name on 127.0.0.1:$port"
-    # A daemon spawned by `pm2 start` inherits that command's environment; start it plainly first.
-    as_app pm2 ping >/dev/null 2>&1 || true
+    # A daemon spawned by `pm2 start` inherits that command's environment; start it plainly first,
+    # from a directory APP_USER can enter: PM2 spawns its daemon in the caller's working directory,
+    # and from root's home (SSH) that fails with EACCES, leaving the spawn to `pm2 start` below.
+    (cd "$ROOT" && as_app pm2 ping >/dev/null 2>&1) || die "PM2's daemon for $PM2_HOME does not answer (pm2 ping as $APP_USER failed; see $PM2_HOME/pm2.log)"
     PREFLIGHT_APP=$name PREFLIGHT_DIR=$dir
     as_app pm2 delete "$name" >/dev/null 2>&1 || true  # left over by a run that was killed
     deadline=$((SECONDS + HEALTH_TIMEOUT))

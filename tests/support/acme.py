@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.support.sshd import free_port, wait_for_port
+from tests.support.helpers import free_port, wait_for_port
 
 PEBBLE = "/usr/bin/pebble"
 CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"

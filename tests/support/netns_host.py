@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import pwd
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -41,13 +42,13 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from components.settings import parse_settings
+from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, run_pm2, user_pids
 from tests.support.nginx import PrivateNginx
-from tests.support.sshd import SSHD, LocalSshd, wait_for_port
-from tests.support.target_host import SYSTEM_PATH, _config_string, end_user_processes, node_major, user_pids
+from tests.support.sshd import LocalSshd
+from tests.support.target_host import _config_string, node_major
 
 SUBNET_PREFIX = "10.213.0."  # a /30 per host out of 10.213.0.0/24, on our own veth pairs only
 SSH_PORT = 22  # inside each namespace: one sshPort for the whole stack
@@ -78,26 +79,15 @@ class NetnsSshd(LocalSshd):
         self.binds = binds
         self.known_hosts_path.write_text(f"{address} {self.host_key}\n")
 
-    def start(self) -> NetnsSshd:
-        if self._proc is not None:
-            return self
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        check = subprocess.run([SSHD, "-t", "-f", str(self.config_path)], capture_output=True, text=True)
-        if check.returncode != 0:
-            raise RuntimeError(f"sshd -t: {check.stderr.strip()}")
+    @property
+    def listen_address(self) -> str:
+        return self.address
+
+    def daemon_argv(self) -> list[str]:
+        """LocalSshd's daemon inside the namespaces, after the binds (ip netns exec and unshare exec in place)."""
         mounts = " && ".join(f'mount --bind "{src}" "{dst}"' for src, dst in self.binds)
-        script = f'{mounts} && exec {SSHD} -D -e -f "{self.config_path}"'
-        log = self.log_path.open("ab")
-        self._log = log
-        # ip netns exec and unshare exec in place: the Popen pid is the sshd's
-        argv = ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private", "sh", "-c", script]
-        self._proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        try:
-            wait_for_port(self.port, host=self.address, alive=self._proc)
-        except Exception:
-            self.stop(keep_dir=True)
-            raise
-        return self
+        script = f"{mounts} && exec {shlex.join(super().daemon_argv())}"
+        return ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private", "sh", "-c", script]
 
     def ssh_argv(self, command: str | None = None, *, user: str | None = None, options: Sequence[str] = ()) -> list[str]:
         """LocalSshd's client argv, aimed at the namespace's address (port 22 there)."""
@@ -190,16 +180,10 @@ class NetnsHost:
         """`pm2 kill` as the app user with this host's PM2_HOME, inside its network and mount namespaces."""
         pm2_dir = self.home / ".pm2"
         sshd_pid = self.sshd.pid if self.sshd is not None else None
-        if sshd_pid is None or not (pm2_dir / "pm2.pid").exists():
+        if sshd_pid is None or not any((pm2_dir / f).exists() for f in ("pm2.pid", "rpc.sock")):
             return
         pool = self.pool
-        env = [f"HOME={pool.app_home}", f"PM2_HOME={pool.app_home}/.pm2", f"PATH={SYSTEM_PATH}"]
-        subprocess.run(
-            ["nsenter", "-t", str(sshd_pid), "-m", "-n", "--", "runuser", "-u", pool.app_user, "--", "env", "-i", *env, "pm2", "kill"],
-            capture_output=True,
-            timeout=60,
-            cwd="/",
-        )
+        run_pm2(pool.app_user, pool.app_home, pool.app_home / ".pm2", "kill", prefix=["nsenter", "-t", str(sshd_pid), "-m", "-n", "--"])
 
     # ------------------------------------------------------------------ views
     def run(self, command: str, stdin: bytes | str | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -220,7 +204,7 @@ class NetnsHost:
         return f"http://{self.address}:{SITE_PORT}{path}"
 
 
-class NetnsHosts:
+class NetnsHosts(DisposableHost):
     """A pool of NetnsHost sharing one stack config (see the module docstring)."""
 
     def __init__(self, count: int) -> None:
@@ -242,35 +226,24 @@ class NetnsHosts:
         self.home_created = False
         self.count = count
 
-    def start(self) -> NetnsHosts:
-        try:
-            home = ["--no-create-home", "--home-dir", str(self.app_home)]
-            subprocess.run(
-                ["useradd", "--system", *home, "--shell", "/bin/bash", "--user-group", self.app_user],
-                check=True,
-                capture_output=True,
-            )
-            self.user_created = True
-            self.app_home.mkdir(mode=0o750)  # mount point; each host binds its own home here
-            self.home_created = True
-            used = _used_slots()
-            free = [s for s in range(1, 63) if s not in used][: self.count]
-            if len(free) < self.count:
-                raise RuntimeError("no free /30 left in 10.213.0.0/24")
-            for index, slot in enumerate(free, start=1):
-                host = NetnsHost(self, index, slot)
-                self.hosts.append(host)
-                host.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __enter__(self) -> NetnsHosts:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.cleanup()
+    def _start(self) -> None:
+        home = ["--no-create-home", "--home-dir", str(self.app_home)]
+        subprocess.run(
+            ["useradd", "--system", *home, "--shell", "/bin/bash", "--user-group", self.app_user],
+            check=True,
+            capture_output=True,
+        )
+        self.user_created = True
+        self.app_home.mkdir(mode=0o750)  # mount point; each host binds its own home here
+        self.home_created = True
+        used = _used_slots()
+        free = [s for s in range(1, 63) if s not in used][: self.count]
+        if len(free) < self.count:
+            raise RuntimeError("no free /30 left in 10.213.0.0/24")
+        for index, slot in enumerate(free, start=1):
+            host = NetnsHost(self, index, slot)
+            self.hosts.append(host)
+            host.start()
 
     @property
     def uid(self) -> int:

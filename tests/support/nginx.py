@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from tests.support.sshd import free_port, wait_for_port
+from tests.support.helpers import free_port, wait_for_port
 
 NGINX = "/usr/sbin/nginx"
 

@@ -7,17 +7,16 @@ and runs the tool. Used by tests/test_release_tool.py and bench/release_bench.py
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tarfile
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,25 +24,17 @@ from typing import Any
 
 import httpx
 
+from components.release import sha256_file
 from components.render import render_ecosystem, render_env, render_release_conf
 from components.settings import Settings, parse_settings
+from tests.support.helpers import DisposableHost, end_user_processes, free_port, port_open, run_pm2
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "components" / "release" / "cognivern-release.sh"
 RUN_SH = REPO / "components" / "host" / "run.sh"
 FIXTURE_APP = REPO / "tests" / "fixtures" / "app"
-APP_USER = "cgv-rt"
+APP_USER = "cgv-rt"  # the benches' user; tests take a unique one (unique_app_user) so parallel runs never share one
 SECRET_VALUE = "fixture-secret-must-never-be-printed"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
@@ -79,6 +70,11 @@ def build_evil_tarball(out_dir: Path, name: str, member: str = "../../escaped.tx
     return path, sha256_file(path)
 
 
+def unique_app_user() -> str:
+    """A fresh test-only user name: ReleaseHosts of concurrent test runs never share a user or its processes."""
+    return f"cgvr{uuid.uuid4().hex[:8]}"
+
+
 def ensure_app_user(name: str = APP_USER) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
@@ -88,13 +84,18 @@ def ensure_app_user(name: str = APP_USER) -> pwd.struct_passwd:
 
 
 def remove_app_user(name: str = APP_USER) -> None:
-    subprocess.run(["pkill", "-KILL", "-u", name], check=False)
+    end_user_processes(name)
     subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
 
 
 @dataclass
-class ReleaseHost:
-    """A temp ROOT laid out like provisioning, plus helpers to run the tool and talk to the app."""
+class ReleaseHost(DisposableHost):
+    """A temp ROOT laid out like provisioning, plus helpers to run the tool and talk to the app.
+
+    Nothing runs until the tool starts PM2; `cleanup()` (alias `stop()`) kills this host's PM2
+    daemon and removes ROOT. `snapshot()`/`restore()` let a test module install once and give
+    every test the same starting state (ROOT and PM2_HOME as they were, no daemon running).
+    """
 
     user: str = APP_USER
     port: int = field(default_factory=free_port)
@@ -149,7 +150,9 @@ class ReleaseHost:
         (self.root / "shared" / "run.sh").chmod(0o755)
 
     # -- the tool ------------------------------------------------------------------------
-    def run(self, *args: str, timeout: float = 120, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, timeout: float = 120, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["bash", str(TOOL), "--root", str(self.root), *args],
             capture_output=True,
@@ -157,6 +160,7 @@ class ReleaseHost:
             timeout=timeout,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
@@ -205,13 +209,7 @@ class ReleaseHost:
         return str(body["release"])
 
     def pm2(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["runuser", "-u", self.user, "--", "env", f"HOME={pwd.getpwnam(self.user).pw_dir}", f"PM2_HOME={self.pm2_home}", "pm2", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-        )
+        return run_pm2(self.user, Path(pwd.getpwnam(self.user).pw_dir), self.pm2_home, *args)
 
     def data_digest(self) -> dict[str, str]:
         data = self.root / "shared" / "data"
@@ -221,18 +219,37 @@ class ReleaseHost:
         log = self.root / ".deploy" / "releases.log"
         return [line.split(" ") for line in log.read_text().splitlines()] if log.exists() else []
 
-    # -- teardown ------------------------------------------------------------------------
-    def stop(self) -> None:
-        """Kill this host's PM2 daemon (and its apps); remove the temp root."""
-        if (self.pm2_home / "pm2.pid").exists() or (self.pm2_home / "rpc.sock").exists():
+    # -- state -----------------------------------------------------------------------------
+    def stop_pm2(self) -> None:
+        """Kill this host's PM2 daemon and its apps; wait until the app port is closed."""
+        if any((self.pm2_home / f).exists() for f in ("pm2.pid", "rpc.sock")):
             self.pm2("kill")
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _port_open(self.port):
+        while time.monotonic() < deadline and port_open(self.port):
             time.sleep(0.1)
+
+    def snapshot(self) -> Path:
+        """Stop PM2 and copy ROOT (PM2_HOME included) aside; `restore(path)` brings it back."""
+        self.stop_pm2()
+        snap = Path(tempfile.mkdtemp(prefix="cgv_snap_", dir="/tmp"))
+        subprocess.run(["cp", "-a", f"{self.root}/.", str(snap)], check=True)
+        return snap
+
+    def restore(self, snap: Path) -> None:
+        """ROOT and PM2_HOME exactly as at `snapshot()`, with no PM2 daemon or app process left running."""
+        self.stop_pm2()
+        end_user_processes(self.user)  # a test-only user: anything it left behind (a pre-flight, a tool child)
+        for child in self.root.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        subprocess.run(["cp", "-a", f"{snap}/.", str(self.root)], check=True)
+
+    # -- teardown ------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        """Kill this host's PM2 daemon (and its apps); remove the temp root."""
+        self.stop_pm2()
         shutil.rmtree(self.root, ignore_errors=True)
 
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    stop = cleanup

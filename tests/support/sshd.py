@@ -18,12 +18,10 @@ be using it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -31,31 +29,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tests.support.helpers import free_port, wait_for_port
+
 SSHD = "/usr/sbin/sshd"
+__all__ = ["SSHD", "LocalSshd", "free_port", "wait_for_port"]  # free_port, wait_for_port: moved to helpers
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ENV_VALUE = re.compile(r"^[A-Za-z0-9_./:,@+=-]*$")
 # ssh's own failures (exit 255) that mean "try again": the daemon re-executing after SIGHUP.
 _TRANSIENT = ("Connection refused", "kex_exchange_identification")
-
-
-def free_port() -> int:
-    """A loopback TCP port that is free right now (the kernel's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1", alive: subprocess.Popen[bytes] | None = None) -> None:
-    """Block until something accepts TCP connections on host:port (fail early if `alive` exits)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return
-        if alive is not None and alive.poll() is not None:
-            raise RuntimeError(f"process exited with {alive.returncode} before listening on {host}:{port}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
-        time.sleep(0.05)
 
 
 def _to_bytes(data: bytes | str | None) -> bytes | None:
@@ -150,13 +131,21 @@ class LocalSshd:
             raise RuntimeError(f"sshd -t: {check.stderr.strip()}")
         log = self.log_path.open("ab")
         self._log = log
-        self._proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config_path)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(self.daemon_argv(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         try:
-            wait_for_port(self.port, alive=self._proc)
+            wait_for_port(self.port, host=self.listen_address, alive=self._proc)
         except Exception:
             self.stop()
             raise
         return self
+
+    @property
+    def listen_address(self) -> str:
+        return "127.0.0.1"
+
+    def daemon_argv(self) -> list[str]:
+        """The daemon in the foreground (-D) logging to stderr (-e); the Popen pid is the sshd's."""
+        return [SSHD, "-D", "-e", "-f", str(self.config_path)]
 
     @property
     def pid(self) -> int | None:

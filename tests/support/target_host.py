@@ -19,46 +19,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from components.settings import Settings, parse_settings
+from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, free_port, run_pm2, user_pids
 from tests.support.nginx import PrivateNginx
-from tests.support.sshd import LocalSshd, free_port
+from tests.support.sshd import LocalSshd
 
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def user_pids(user: str) -> list[int]:
-    """Processes running as `user` (a test-only account)."""
-    out = subprocess.run(["ps", "-o", "pid=", "-u", user], capture_output=True, text=True, check=False).stdout
-    return [int(x) for x in out.split()]
+__all__ = ["SYSTEM_PATH", "TargetHost", "end_user_processes", "node_major", "user_pids"]  # the helpers live in helpers.py
 
 
-def end_user_processes(user: str) -> None:
-    """SIGTERM, then SIGKILL, every process of the test-only `user`, waiting up to 5 s after each."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = user_pids(user)
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 5
-        while user_pids(user) and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-
-class TargetHost:
+class TargetHost(DisposableHost):
     """Attributes:
     base       temp dir holding root/, bin/, logrotate.d/
     root       the deployment ROOT (cognivern:root), e.g. /tmp/cognivern-host-xxxx/root (not yet created)
@@ -105,22 +82,11 @@ class TargetHost:
             raise
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> TargetHost:
+    def _start(self) -> None:
         assert self.sshd is not None
-        try:
-            self.sshd.start()
-            if self.start_nginx:
-                self.nginx.start()
-        except Exception:
-            self.cleanup()
-            raise
-        return self
-
-    def __enter__(self) -> TargetHost:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.cleanup()
+        self.sshd.start()
+        if self.start_nginx:
+            self.nginx.start()
 
     def cleanup(self) -> None:
         """Stop everything this host started and remove what it created. Safe to call twice."""
@@ -146,26 +112,9 @@ class TargetHost:
 
     def kill_pm2(self) -> None:
         """`pm2 kill` as the app user with its own PM2_HOME (never the default ~/.pm2 of root)."""
-        if not (self.pm2_home / "pm2.pid").exists():
+        if not any((self.pm2_home / f).exists() for f in ("pm2.pid", "rpc.sock")):
             return
-        subprocess.run(
-            [
-                "runuser",
-                "-u",
-                self.app_user,
-                "--",
-                "env",
-                "-i",
-                f"HOME={self.app_home}",
-                f"PM2_HOME={self.pm2_home}",
-                f"PATH={SYSTEM_PATH}",
-                "pm2",
-                "kill",
-            ],
-            capture_output=True,
-            timeout=60,
-            cwd="/",
-        )
+        run_pm2(self.app_user, self.app_home, self.pm2_home, "kill")
 
     def user_pids(self) -> list[int]:
         """Processes running as the (test-only) app user."""

@@ -1,0 +1,134 @@
+"""Small helpers every test host shares: ports, waiting with a deadline, test users' processes, PM2.
+
+One copy of each (they were repeated in sshd.py, release_host.py, target_host.py and two test
+modules). `DisposableHost` is the start/cleanup contract of TargetHost, NetnsHosts and ReleaseHost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self, TypeVar
+
+import httpx
+
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1", alive: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until something accepts TCP connections on host:port (fail early if `alive` exits)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"process exited with {alive.returncode} before listening on {host}:{port}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+        time.sleep(0.05)
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
+    """Poll `predicate` until it returns something truthy (returned); connection errors count as
+    "not yet". Fails after `timeout` seconds naming the last value or error."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+            last = value
+        except (httpx.HTTPError, OSError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
+
+
+def user_pids(user: str) -> list[int]:
+    """Processes running as `user` (a test-only account)."""
+    out = subprocess.run(["ps", "-o", "pid=", "-u", user], capture_output=True, text=True, check=False).stdout
+    return [int(x) for x in out.split()]
+
+
+def end_user_processes(user: str) -> None:
+    """SIGTERM, then SIGKILL, every process of the test-only `user`, waiting up to 5 s after each."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = user_pids(user)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 5
+        while user_pids(user) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def run_pm2(
+    user: str, home: Path, pm2_home: Path, *args: str, prefix: Sequence[str] = (), timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`pm2 ARGS` as `user` with its own HOME and PM2_HOME, in a clean environment, from `/`.
+
+    From `/` because PM2 spawns its daemon in the caller's working directory: from one the user
+    cannot enter (a clone under root's 0700 home) the spawn fails with EACCES and no daemon starts.
+    `prefix` runs it inside something else (e.g. nsenter into a host's namespaces).
+    """
+    env = [f"HOME={home}", f"PM2_HOME={pm2_home}", f"PATH={SYSTEM_PATH}"]
+    return subprocess.run(
+        [*prefix, "runuser", "-u", user, "--", "env", "-i", *env, "pm2", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        cwd="/",
+    )
+
+
+class DisposableHost:
+    """Start/cleanup contract of the test hosts: `with Host() as h:` or `h.start()` ... `h.cleanup()`.
+
+    `start()` runs the subclass's `_start()`; if that fails, everything it started is cleaned up
+    before the error propagates. `cleanup()` must be safe to call twice and after a partial start.
+    """
+
+    def _start(self) -> None:
+        """Start the daemons (subclasses)."""
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.cleanup()
