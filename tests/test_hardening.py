@@ -31,6 +31,7 @@ import pytest
 from components.host import PROVISION, PUT_FILE, provision_args
 from components.remote import script_command
 from tests.support.hardened_host import HardenedHost, hardened_host, other_user, snapshot
+from tests.support.helpers import wait_until
 
 SECRET = f"ROOT-ONLY-SECRET-{uuid.uuid4().hex}"
 APP_SECRET = f"app-secret-{uuid.uuid4().hex[:12]}"
@@ -318,8 +319,12 @@ def test_a_second_user_reads_neither_the_pm2_dump_nor_the_logs(host: HardenedHos
     home = Path(f"/home/{host.user}")
     dump = home / ".pm2" / "dump.pm2"
     assert dump.is_file() and APP_SECRET in dump.read_text()
+    # another test of this module may have replaced shared/logs: a reload has the app write again
+    assert host.tool("reload").returncode == 0
+    out_log = host.root / "shared" / "logs" / "out.log"
+    wait_until(lambda: out_log.is_file() and out_log.stat().st_size > 0, timeout=30)
     logs = [*sorted((home / ".pm2" / "logs").glob("*")), *sorted((host.root / "shared" / "logs").glob("*.log"))]
-    assert logs
+    assert out_log in logs
     with other_user() as other:
         for path in [dump, *logs, home / ".pm2", host.root / "shared" / "logs", host.root / "shared" / "data"]:
             result = subprocess.run(

@@ -48,7 +48,7 @@ def test_the_cli_is_the_pinned_build() -> None:
 
 def test_main_reads_settings_with_the_call_the_inline_program_uses() -> None:
     """The inline `settings` program stands for __main__.py's settings read: keep them one call."""
-    call = 'parse_settings(config.get, lambda key: is_config_secret(f"{NAMESPACE}:{key}"))'
+    call = 'parse_settings(config.get, lambda key: is_config_secret(f"{NAMESPACE}:{key}"), stack=pulumi.get_stack())'
     assert call in (REPO / "__main__.py").read_text()
     assert call in (REPO / "tests" / "support" / "inline_program.py").read_text()
 

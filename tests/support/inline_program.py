@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 def settings_program() -> None:
     config = pulumi.Config(NAMESPACE)
     try:  # the same call as __main__.py (tests/test_real_cli.py checks it stays the same)
-        settings = parse_settings(config.get, lambda key: is_config_secret(f"{NAMESPACE}:{key}"))
+        settings = parse_settings(config.get, lambda key: is_config_secret(f"{NAMESPACE}:{key}"), stack=pulumi.get_stack())
     except ConfigError as err:
         raise pulumi.RunError(str(err)) from None
     pulumi.export("release", settings.release)
