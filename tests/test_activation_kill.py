@@ -25,11 +25,7 @@ import pytest
 
 from tests.support.hardened_host import HardenedHost, hardened_host
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("tests/test_activation_kill.py needs root")
+pytestmark = pytest.mark.needs_root("it kills the release tool as root")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ Run as root: venv/bin/pytest -s tests/test_backup_live.py
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import tarfile
@@ -48,10 +47,7 @@ else:
 BACKUP_LINE = re.compile(r"backup (data-\S+\.tar\.gz): (\d+) bytes in (\d+) ms")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("tests/test_backup_live.py needs root")
+pytestmark = pytest.mark.needs_root("it runs the release tool as root")
 
 
 @pytest.fixture(scope="module")

@@ -37,10 +37,7 @@ SECRET = f"ROOT-ONLY-SECRET-{uuid.uuid4().hex}"
 APP_SECRET = f"app-secret-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("tests/test_hardening.py needs root (it provisions a host and runs the tools as root)")
+pytestmark = pytest.mark.needs_root("it provisions a host and runs the tools as root")
 
 
 @pytest.fixture(scope="module")

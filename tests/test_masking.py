@@ -28,10 +28,7 @@ ODD_SECRET = "t*k[e]n&$x\\1'?y|z"
 SECRETS = {"FIXTURE_SECRET": SECRET_VALUE, "FIXTURE_TOKEN": ODD_SECRET, "FIXTURE_PART": SECRET_VALUE[:15]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("tests/test_masking.py needs root (it creates a user and runs the tool as root): sudo make test")
+pytestmark = pytest.mark.needs_root("it creates a user and runs the tool as root")
 
 
 @pytest.fixture(scope="module")

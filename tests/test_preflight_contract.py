@@ -26,10 +26,7 @@ from tests.support.hardened_host import HardenedHost, hardened_host
 AGENT = "forecasting-agent"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("tests/test_preflight_contract.py needs root")
+pytestmark = pytest.mark.needs_root("it runs the release tool as root")
 
 
 @pytest.fixture(scope="module")

@@ -39,11 +39,7 @@ from tests.support.release_host import (
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _root() -> None:
-    """Fail, never skip: CI runs as root, and a silently skipped module would prove nothing."""
-    if os.geteuid() != 0:
-        pytest.fail("tests/test_release_tool.py needs root (it creates a user and runs the tool as root): sudo make test")
+pytestmark = pytest.mark.needs_root("it creates a user and runs the tool as root")
 
 
 @pytest.fixture(scope="module")

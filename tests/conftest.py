@@ -1,0 +1,22 @@
+"""Suite-wide hooks: one place for the root requirement of the real-host modules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_root(why): the module creates users, namespaces or runs the tools as root")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_root(request: pytest.FixtureRequest) -> None:
+    """Fail, never skip: CI runs as root, and a silently skipped module would prove nothing.
+
+    Module-scoped and autouse, so it runs before the module's own (slow) host fixtures."""
+    marker = request.node.get_closest_marker("needs_root")
+    if marker is not None and os.geteuid() != 0:
+        why = marker.args[0] if marker.args else "it runs the tools as root"
+        pytest.fail(f"{request.node.name} needs root ({why}): sudo make test")
