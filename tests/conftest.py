@@ -1,10 +1,13 @@
-"""Suite-wide hooks: one place for the root requirement of the real-host modules."""
+"""Suite-wide hooks and fixtures: the root requirement of the real-host modules, a private nginx."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+
+from tests.support.nginx import PrivateNginx
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -20,3 +23,13 @@ def _needs_root(request: pytest.FixtureRequest) -> None:
     if marker is not None and os.geteuid() != 0:
         why = marker.args[0] if marker.args else "it runs the tools as root"
         pytest.fail(f"{request.node.name} needs root ({why}): sudo make test")
+
+
+@pytest.fixture
+def nginx() -> Iterator[PrivateNginx]:
+    """A private nginx prefix (not started) for `nginx -t` and real requests to rendered sites."""
+    n = PrivateNginx(autostart=False)
+    try:
+        yield n
+    finally:
+        n.stop()

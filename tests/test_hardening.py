@@ -165,20 +165,32 @@ def _app_ids(h: HardenedHost) -> tuple[int, int]:
     return pw.pw_uid, pw.pw_gid
 
 
-@pytest.mark.parametrize("op_name", sorted(OPS))
-def test_links_the_app_plants_are_ignored_or_refused(host: HardenedHost, targets: dict[str, Path], op_name: str) -> None:
-    op = OPS[op_name]
+def _attack(
+    host: HardenedHost,
+    targets: dict[str, Path],
+    op: Op,
+    plant: Callable[[HardenedHost, dict[str, Path]], None],
+    remove: Callable[[HardenedHost], None],
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run `op` with the app's links planted; every root-owned target unchanged, no secret printed."""
     if op.prepare is not None:
         op.prepare(host)
     before = {name: snapshot(path) for name, path in targets.items()}
-    _plant_leaf(host, targets)
+    plant(host, targets)
     try:
         result = op.run(host)
     finally:
-        _remove_leaf(host)
+        remove(host)
     output = result.stdout + result.stderr
     assert {name: snapshot(path) for name, path in targets.items()} == before
     assert SECRET not in output
+    return result, output
+
+
+@pytest.mark.parametrize("op_name", sorted(OPS))
+def test_links_the_app_plants_are_ignored_or_refused(host: HardenedHost, targets: dict[str, Path], op_name: str) -> None:
+    op = OPS[op_name]
+    result, output = _attack(host, targets, op, _plant_leaf, _remove_leaf)
     if op.leaf_fails is None:
         assert result.returncode == 0, output
     else:
@@ -188,18 +200,7 @@ def test_links_the_app_plants_are_ignored_or_refused(host: HardenedHost, targets
 
 @pytest.mark.parametrize("op_name", sorted(OPS))
 def test_a_link_in_place_of_an_app_directory_is_refused(host: HardenedHost, targets: dict[str, Path], op_name: str) -> None:
-    op = OPS[op_name]
-    if op.prepare is not None:
-        op.prepare(host)
-    before = {name: snapshot(path) for name, path in targets.items()}
-    _plant_legacy(host, targets)
-    try:
-        result = op.run(host)
-    finally:
-        _remove_legacy(host)
-    output = result.stdout + result.stderr
-    assert {name: snapshot(path) for name, path in targets.items()} == before
-    assert SECRET not in output
+    result, output = _attack(host, targets, OPS[op_name], _plant_legacy, _remove_legacy)
     assert result.returncode != 0, output
     assert "symbolic link" in output or "Permission denied" in output, output
     if op_name == "put-file":  # its content is in place; the reload it could not do is retried next time

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,15 +32,6 @@ def settings(**values: object) -> Settings:
     raw = {**BASE, **values}
     cfg = {k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
     return parse_settings(cfg.get)
-
-
-@pytest.fixture
-def nginx() -> Iterator[PrivateNginx]:
-    n = PrivateNginx(autostart=False)
-    try:
-        yield n
-    finally:
-        n.stop()
 
 
 @pytest.mark.parametrize(

@@ -52,15 +52,6 @@ def upstream() -> Iterator[int]:
         thread.join(timeout=10)
 
 
-@pytest.fixture
-def nginx() -> Iterator[PrivateNginx]:
-    n = PrivateNginx(autostart=False)
-    try:
-        yield n
-    finally:
-        n.stop()
-
-
 def settings(upstream: int, nginx: PrivateNginx, **values: Any) -> Settings:
     raw: dict[str, Any] = {"release": "r1", "host": "192.0.2.10", "port": upstream, "nginxListen": [f"127.0.0.1:{nginx.port}"], **values}
     cfg = {k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
