@@ -18,11 +18,11 @@ import pytest
 
 from components.render import render_release_conf
 from tests.engine import RunFailedError
-from tests.support.release_host import SECRET_VALUE, ReleaseHost, build_release_tarball, ensure_app_user, remove_app_user
+from tests.support.release_host import SECRET_VALUE, ReleaseHost, build_release_tarball, ensure_app_user, remove_app_user, unique_app_user
 from tests.support.stack import DeployStack
 from tests.support.target_host import TargetHost
 
-APP_USER = "cgv-mask"  # this module's own user: other modules' hosts may run at the same time
+APP_USER = unique_app_user()  # this run's own user: other modules and other runs may be going at the same time
 # literal matching: characters that are special to bash patterns, sed, regexes or replacement strings
 ODD_SECRET = "t*k[e]n&$x\\1'?y|z"
 SECRETS = {"FIXTURE_SECRET": SECRET_VALUE, "FIXTURE_TOKEN": ODD_SECRET, "FIXTURE_PART": SECRET_VALUE[:15]}
