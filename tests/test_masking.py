@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,3 +111,16 @@ def test_through_the_engine_the_secret_is_not_in_the_captured_output_or_state(tm
         for value in SECRETS.values():
             assert value not in text
             assert value not in json.dumps([s.__dict__ for s in failed.value.report.steps], default=str)
+
+
+def test_the_logs_command_prints_the_app_logs_masked(host: ReleaseHost) -> None:
+    """`cognivern-release logs` (and so `scripts/ops logs`) masks like the failure tails do."""
+    log = host.root / "shared" / "logs" / "error.log"
+    line = f"leaked at boot: {SECRET_VALUE} (end)\n"
+    subprocess.run(["runuser", "-u", APP_USER, "--", "tee", "-a", str(log)], input=line, text=True, check=True, capture_output=True)
+    assert SECRET_VALUE in log.read_text()  # control: the file holds it in clear text
+    proc = host.run("logs", "--err", "-n", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert "leaked at boot: *** (end)" in proc.stdout
+    for value in SECRETS.values():
+        assert value not in proc.stdout + proc.stderr

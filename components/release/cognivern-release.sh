@@ -1164,7 +1164,8 @@ cmd_logs() {  # read as the app user: a link the app planted in shared/logs neve
         shift
     done
     app_dir "$ROOT/shared/logs"
-    cd / && as_app tail -n "$n" "${follow[@]}" -- "${files[@]}"
+    # masked like every log tail the tool prints (an app that logs its config would leak secrets)
+    cd / && as_app tail -n "$n" "${follow[@]}" -- "${files[@]}" | mask_secrets
 }
 
 # ---------------------------------------------------------------- main
