@@ -29,7 +29,7 @@ from components.remote import script_command
 from components.render import render_nginx_site
 from components.settings import Settings
 from tests.support.fs import manifest
-from tests.support.helpers import wait_until
+from tests.support.helpers import wait_for_port, wait_until
 from tests.support.target_host import TargetHost
 
 FAKE_TOOL = '#!/usr/bin/env bash\n# stand-in for cognivern-release\necho "cognivern-release $*" >>"${COGNIVERN_TOOL_LOG:-/dev/null}"\n'
@@ -106,6 +106,9 @@ def first_run(host: TargetHost) -> subprocess.CompletedProcess[str]:
     assert host.sshd.auth_methods() >= {"publickey", "password"}
     result = host.run(provision_cmd(host.settings()), stdin=FAKE_TOOL)
     assert result.returncode == 0, result.stderr + result.stdout
+    # provisioning reloads sshd (password login off): it re-executes itself and, for a moment,
+    # refuses connections (pulumi-command retries its dials; a test's next ssh must wait for it)
+    wait_for_port(host.sshd.port)
     return result
 
 
