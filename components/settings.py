@@ -216,6 +216,10 @@ def _fail(key: str, message: str) -> ConfigError:
     return ConfigError(f"{NAMESPACE}:{key}: {message}")
 
 
+class _RuleError(Exception):
+    """A rule refused a value; `parse_settings` prefixes the key it was checking."""
+
+
 class _Reader:
     """Typed access to raw config strings (as Pulumi stores them) with key-naming errors."""
 
@@ -226,18 +230,16 @@ class _Reader:
         value = self._get(key)
         return None if value is None or value == "" else value
 
-    def string(self, key: str, default: str | None = None) -> str | None:
+    def string(self, key: str) -> str | None:
         value = self.raw(key)
-        if value is None:
-            return default
-        if "\n" in value or "\r" in value or "\0" in value:
+        if value is not None and ("\n" in value or "\r" in value or "\0" in value):
             raise _fail(key, "must be a single line (no newline or NUL characters)")
         return value
 
-    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+    def integer(self, key: str, lo: int, hi: int) -> int | None:
         value = self.raw(key)
         if value is None:
-            return default
+            return None
         try:
             number = int(value, 10)
         except ValueError:
@@ -246,10 +248,10 @@ class _Reader:
             raise _fail(key, f"must be a whole number from {lo} to {hi}, got {number}")
         return number
 
-    def boolean(self, key: str, default: bool) -> bool:
+    def boolean(self, key: str) -> bool | None:
         value = self.raw(key)
         if value is None:
-            return default
+            return None
         if value.lower() in ("true", "1", "yes"):
             return True
         if value.lower() in ("false", "0", "no"):
@@ -269,103 +271,412 @@ class _Reader:
         return parsed
 
 
-def _pattern(key: str, value: str, regex: re.Pattern[str], allowed: str) -> str:
-    if not regex.fullmatch(value):
-        raise _fail(key, f"{value!r} is not allowed: {allowed}")
+@dataclass(frozen=True)
+class Read:
+    """How a key's raw string is read; `kind` is its Pulumi.yaml type (tests check the declarations)."""
+
+    kind: str
+    read: Callable[[_Reader, str], Any]
+
+
+def _string() -> Read:
+    return Read("string", _Reader.string)
+
+
+def _secret_text() -> Read:
+    """A multi-line string (a PEM key): read as it is, never through the single-line check."""
+    return Read("string", _Reader.raw)
+
+
+def _integer(lo: int, hi: int) -> Read:
+    return Read("integer", lambda r, key: r.integer(key, lo, hi))
+
+
+def _boolean() -> Read:
+    return Read("boolean", _Reader.boolean)
+
+
+def _array(what: str) -> Read:
+    return Read("array", lambda r, key: r.json_value(key, list, what))
+
+
+def _object(what: str) -> Read:
+    return Read("object", lambda r, key: r.json_value(key, dict, what))
+
+
+# A rule is a whole-string pattern (refused with "<value> is not allowed: <message>") or a check
+# `(value, message) -> normalised value` that raises _RuleError.
+Rule = re.Pattern[str] | Callable[[Any, str], Any]
+
+
+def _apply(rule: Rule, value: Any, message: str) -> Any:
+    if isinstance(rule, re.Pattern):
+        if not rule.fullmatch(value):
+            raise _RuleError(f"{value!r} is not allowed: {message}")
+        return value
+    return rule(value, message)
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any, str], Any]:
+    def check(value: str, message: str) -> str:
+        if value not in choices:
+            raise _RuleError(f"{value!r} {message}")
+        return value
+
+    return check
+
+
+def _private_key(value: str, message: str) -> str:
+    if "PRIVATE KEY-----" not in value:
+        raise _RuleError(message)
     return value
 
 
-def _env_map(key: str, raw: Any) -> dict[str, str]:
-    if raw is None:
-        return {}
+def _env_map(raw: dict[str, Any], _message: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in raw.items():
         if not ENV_KEY_RE.fullmatch(name):
-            raise _fail(key, f"{name!r} is not a valid environment variable name (letters, digits, _; not starting with a digit)")
+            raise _RuleError(f"{name!r} is not a valid environment variable name (letters, digits, _; not starting with a digit)")
         if name in RESERVED_ENV_KEYS:
-            raise _fail(key, f"{name} is set by the program (from cognivern:port / cognivern:agentsEnabled); remove it here")
+            raise _RuleError(f"{name} is set by the program (from cognivern:port / cognivern:agentsEnabled); remove it here")
         if isinstance(value, bool):
             value = "true" if value else "false"
         elif isinstance(value, (int, float)):
             value = str(value)
         elif not isinstance(value, str):
-            raise _fail(key, f"{name} must be a string, number or boolean")
+            raise _RuleError(f"{name} must be a string, number or boolean")
         if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
-            raise _fail(key, f"{name} must be a single line of printable characters (no newline, NUL or other control characters)")
+            raise _RuleError(f"{name} must be a single line of printable characters (no newline, NUL or other control characters)")
         out[name] = value
     return out
 
 
-def _cidrs(raw: Any) -> tuple[str, ...]:
-    if raw is None:
-        return ("0.0.0.0/0", "::/0")
+def _cidrs(raw: Any, _message: str) -> tuple[str, ...]:
     if not raw:
-        raise _fail("sshAllowedCidrs", "must list at least one CIDR, or SSH (and every deploy) is locked out")
+        raise _RuleError("must list at least one CIDR, or SSH (and every deploy) is locked out")
     out = []
     for item in raw:
         try:
             out.append(str(ipaddress.ip_network(str(item), strict=False)))
         except ValueError:
-            raise _fail("sshAllowedCidrs", f"{item!r} is not an IPv4 or IPv6 CIDR such as 203.0.113.7/32") from None
+            raise _RuleError(f"{item!r} is not an IPv4 or IPv6 CIDR such as 203.0.113.7/32") from None
     return tuple(out)
 
 
-def _host(value: str | None, key: str = "host") -> str | None:
-    if value is None:
-        return None
+def _host(value: str, _message: str = "") -> str:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    return _pattern(key, value, HOSTNAME_RE, "an IPv4/IPv6 address or a DNS name (letters, digits, '-', '.')")
+    return str(_apply(HOSTNAME_RE, value, "an IPv4/IPv6 address or a DNS name (letters, digits, '-', '.')"))
 
 
-def _hosts(raw: Any) -> tuple[str, ...]:
+def _hosts(raw: Any, _message: str) -> tuple[str, ...]:
     """`hosts`: existing servers' addresses, each validated like `host`, no duplicates; [] is unset."""
-    if not raw:
-        return ()
     if len(raw) > MAX_SERVERS:
-        raise _fail("hosts", f"lists {len(raw)} addresses; at most {MAX_SERVERS}")
+        raise _RuleError(f"lists {len(raw)} addresses; at most {MAX_SERVERS}")
     out: list[str] = []
     for item in raw:
         if not isinstance(item, str) or not item or any(c in item for c in "\n\r\0"):
-            raise _fail("hosts", f"{item!r} is not an address (a string: IPv4/IPv6 address or DNS name)")
-        address = _host(item, "hosts")
-        assert address is not None
+            raise _RuleError(f"{item!r} is not an address (a string: IPv4/IPv6 address or DNS name)")
+        address = _host(item)
         if address in out:
-            raise _fail("hosts", f"{address} is listed twice")
+            raise _RuleError(f"{address} is listed twice")
         out.append(address)
     return tuple(out)
 
 
-def _host_keys(raw: Any, hosts: tuple[str, ...], host: str | None = None) -> dict[str, str]:
-    """`hostKeys`: a pin per address of `hosts`, or of created servers that predate the generated
-    host keys (their addresses are only known once they exist) (address -> 'ssh-ed25519 AAAA...')."""
-    if not raw:
-        return {}
-    if host is not None:
-        raise _fail("hostKeys", "pins keys of cognivern:hosts or of created servers; with cognivern:host use cognivern:hostKey")
+def _host_keys(raw: Any, message: str) -> dict[str, str]:
+    """`hostKeys`: a pin per address (address -> 'ssh-ed25519 AAAA...'); which addresses may be
+    pinned depends on host/hosts (`_cross_key_rules`)."""
     out: dict[str, str] = {}
     for address, key in raw.items():
-        normalised = _host(str(address), "hostKeys")
-        if hosts and normalised not in hosts:
-            raise _fail("hostKeys", f"{address} is not one of cognivern:hosts ({', '.join(hosts)})")
         if not isinstance(key, str):
-            raise _fail("hostKeys", f"{address}: must be a host key line 'ssh-ed25519 AAAA...'")
-        out[str(normalised)] = _pattern("hostKeys", key, HOST_KEY_RE, "the server's public host key line: 'ssh-ed25519 AAAA...'")
+            raise _RuleError(f"{address}: must be a host key line {message}")
+        out[_host(str(address))] = _apply(HOST_KEY_RE, key, f"the server's public host key line: {message}")
     return out
 
 
-def _root(value: str) -> str:
+def _listen(raw: Any, message: str) -> tuple[str, ...]:
+    listen = tuple(str(x) for x in raw)
+    if not listen:
+        raise _RuleError("must list at least one address")
+    for item in listen:
+        _apply(LISTEN_RE, item, message)
+        if not 1 <= int(item.rsplit(":", 1)[-1]) <= 65535:
+            raise _RuleError(f"{item!r}: port must be 1-65535")
+    return listen
+
+
+def _root(value: str, _message: str) -> str:
     if not value.startswith("/") or posixpath.normpath(value) != value or value == "/" or "//" in value:
-        raise _fail("root", f"{value!r} must be an absolute, normalised path such as /opt/cognivern (no trailing '/', '..' or '//')")
+        raise _RuleError(f"{value!r} must be an absolute, normalised path such as /opt/cognivern (no trailing '/', '..' or '//')")
     if not ROOT_CHARS_RE.fullmatch(value):
-        raise _fail("root", f"{value!r} may contain only letters, digits, '/', '.', '_' and '-'")
+        raise _RuleError(f"{value!r} may contain only letters, digits, '/', '.', '_' and '-'")
     if system_path(value):
-        raise _fail(
-            "root", f"{value!r} is a system directory (or inside one); use a directory of its own such as /opt/cognivern or /srv/cognivern"
+        raise _RuleError(
+            f"{value!r} is a system directory (or inside one); use a directory of its own such as /opt/cognivern or /srv/cognivern"
         )
     return value
+
+
+def _app_user(value: str, message: str) -> str:
+    _apply(USER_RE, value, message)
+    if value == "root":
+        raise _RuleError("must not be root: PM2 and the app run as an unprivileged user")
+    if value in SYSTEM_ACCOUNTS or value.startswith(SYSTEM_ACCOUNT_PREFIXES):
+        raise _RuleError(f"{value!r} is a system account; the app needs an account of its own such as cognivern")
+    return value
+
+
+@dataclass(frozen=True)
+class Key:
+    """One stack setting: how it is read, its default, its rule and what the rule allows.
+
+    `doc` is the README's "meaning" column and `shown` its "default" column when the default
+    alone does not say it (tools/config_table.py writes the README table from KEYS).
+    """
+
+    name: str
+    reader: Read
+    default: Any = None
+    rule: Rule | None = None
+    message: str = ""
+    doc: str = ""
+    shown: str | None = None
+
+    @property
+    def field(self) -> str:
+        """The `Settings` attribute: the key in snake_case (sshPort -> ssh_port)."""
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
+
+
+USER_NAME = "a Linux user name (lowercase letters, digits, _ and -)"
+HOST_KEY_LINE = "'ssh-ed25519 AAAA...'"
+
+# Every stack setting, in README order. Adding a key: one row here, its field in `Settings`, its
+# declaration in Pulumi.yaml (tests compare type and default), then `python -m tools.config_table --write`.
+KEYS: tuple[Key, ...] = (
+    Key(
+        "release",
+        _string(),
+        None,
+        RELEASE_ID_RE,
+        "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit",
+        "release id to run, `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`",
+        shown="(required)",
+    ),
+    Key("host", _string(), None, _host, doc="an existing server's address: no Hetzner resource is created"),
+    Key(
+        "hosts",
+        _array("a list of addresses such as ['203.0.113.7', '203.0.113.8']"),
+        (),
+        _hosts,
+        shown="unset",
+        doc="several existing servers' addresses (instead of `host`), validated like `host`: each is prepared and released, activations"
+        " one at a time; no Hetzner resource, no balancer (see *Several servers*)",
+    ),
+    Key(
+        "hostKeys",
+        _object(f"an object of address: {HOST_KEY_LINE}"),
+        {},
+        _host_keys,
+        HOST_KEY_LINE,
+        "host key pin per address (`address: ssh-ed25519 AAAA...`) of `hosts`, or of created servers that predate generated host keys"
+        " (see *Host keys*); hosts not listed use `hostKey`",
+    ),
+    Key(
+        "servers",
+        _integer(1, MAX_SERVERS),
+        1,
+        doc="servers the program creates, 1–10; above 1: placement group, private network and a Hetzner load balancer"
+        " (see *Several servers*)",
+    ),
+    Key(
+        "loadBalancerType",
+        _string(),
+        "lb11",
+        LOAD_BALANCER_TYPE_RE,
+        "a Hetzner load balancer type: lb11, lb21, lb31",
+        "Hetzner load balancer type, used when `servers` is above 1",
+    ),
+    Key(
+        "sshUser",
+        _string(),
+        "root",
+        USER_RE,
+        USER_NAME,
+        "SSH user; a non-root user needs passwordless sudo (commands run through `sudo -n`)",
+    ),
+    Key("sshPort", _integer(1, 65535), 22, doc="SSH port"),
+    Key(
+        "sshPrivateKey",
+        _secret_text(),
+        None,
+        _private_key,
+        "must be a PEM/OpenSSH private key (-----BEGIN ... PRIVATE KEY-----)",
+        "**secret**: private key for the connection",
+        shown="unset (ssh-agent)",
+    ),
+    Key(
+        "sshPublicKey",
+        _string(),
+        None,
+        PUBLIC_KEY_RE,
+        "an OpenSSH public key line: 'ssh-ed25519 AAAA... comment'",
+        "public key installed on a created server (required unless `host` is set)",
+    ),
+    Key(
+        "hostKey",
+        _string(),
+        None,
+        HOST_KEY_RE,
+        f"the server's public host key line: {HOST_KEY_LINE}",
+        "pin of the server's host key (every host's, with `hosts`, unless `hostKeys` names it). Unset: a created server is pinned to"
+        " the key the program generated for it; an existing `host` is not checked and every preview warns (see *Host keys*)",
+    ),
+    Key("requireHostKey", _boolean(), False, doc="refuse (instead of warning about) a `host`/`hosts` address without a pin"),
+    Key(
+        "sshAllowedCidrs",
+        _array("a list of CIDRs"),
+        ("0.0.0.0/0", "::/0"),
+        _cidrs,
+        doc="who may reach SSH through the firewall (open to the world: every preview warns with the command to narrow it)",
+    ),
+    Key(
+        "serverType",
+        _string(),
+        "cx23",
+        SERVER_TYPE_RE,
+        "a Hetzner server type such as cx23, cpx22 or cax11",
+        "Hetzner server type (deprecated types such as `cx22`, `cpx11` warn)",
+    ),
+    Key(
+        "location",
+        _string(),
+        "fsn1",
+        _one_of(LOCATIONS),
+        f"is not a Hetzner location; allowed: {', '.join(LOCATIONS)}",
+        ", ".join(f"`{loc}`" for loc in LOCATIONS),
+    ),
+    Key(
+        "image",
+        _string(),
+        "ubuntu-24.04",
+        IMAGE_RE,
+        "a Hetzner image name such as ubuntu-24.04 or debian-12",
+        "server image (only used at creation)",
+    ),
+    Key("backups", _boolean(), False, doc="Hetzner automatic server backups"),
+    Key("protect", _boolean(), True, doc="Hetzner delete/rebuild protection and Pulumi `protect`"),
+    Key(
+        "root",
+        _string(),
+        "/opt/cognivern",
+        _root,
+        doc="app root on the server (absolute, normalised; not a system directory such as `/etc`, `/usr`, `/home/...`, `/var/lib`)",
+    ),
+    Key(
+        "appUser",
+        _string(),
+        "cognivern",
+        _app_user,
+        f"{USER_NAME}, not root",
+        "unprivileged account that runs PM2 and the app (not root, not `sshUser`, not a system account; see *Who owns what*)",
+    ),
+    Key("appName", _string(), "cognivern-agent", APP_NAME_RE, "1-64 characters from A-Z a-z 0-9 . _ -", "PM2 app name"),
+    Key(
+        "port",
+        _integer(1, 65535),
+        3000,
+        doc="app port on 127.0.0.1, written as `PORT` into `shared/.env` (with `HOST=127.0.0.1`, so an app that honours HOST binds to"
+        " loopback only)",
+    ),
+    Key("instances", _integer(1, 64), 1, doc="PM2 cluster instances"),
+    Key("nodeMajor", _integer(*NODE_MAJORS), 22, doc="Node.js major version, 18-26 (skipped when already installed)"),
+    Key("env", _object("an object of NAME: value"), {}, _env_map, doc="plain variables for `shared/.env`"),
+    Key("secretEnv", _object("an object of NAME: value"), {}, _env_map, doc="**secret** variables for `shared/.env`"),
+    Key(
+        "agentsEnabled",
+        _boolean(),
+        False,
+        doc="run `dist/services/AutomatedForecastingService.js` as PM2 app `forecasting-agent`, and set `AGENTS_ENABLED`",
+    ),
+    Key("keepReleases", _integer(2, 100), 5, doc="releases kept on the server (≥ 2; current and previous are never pruned)"),
+    Key("dataBackupsKeep", _integer(0, 100), 5, doc="`shared/data` backups kept (one before every activation; 0 disables)"),
+    Key("healthPath", _string(), "/health", HEALTH_PATH_RE, "a URL path such as /health", 'must answer `{"status":"ok",...}`'),
+    Key("healthTimeout", _integer(1, 600), 25, doc="seconds a new release has to become healthy before it is reverted"),
+    Key("waitReady", _boolean(), False, doc="PM2 `wait_ready` (set `true` when the app calls `process.send('ready')`)"),
+    Key("listenTimeoutMs", _integer(1000, 300000), 10000, doc="PM2 `listen_timeout`"),
+    Key("killTimeoutMs", _integer(500, 300000), 8000, doc="PM2 `kill_timeout`"),
+    Key(
+        "serverName",
+        _string(),
+        "_",
+        SERVER_NAME_RE,
+        "'_' (any) or a host name such as api.example.com",
+        "nginx `server_name` (`_`: default server)",
+    ),
+    Key(
+        "nginxListen",
+        _array("a list such as ['80', '[::]:80']"),
+        ("80", "[::]:80"),
+        _listen,
+        "PORT, IPv4:PORT or [IPv6]:PORT",
+        "nginx `listen` addresses",
+    ),
+    Key(
+        "framePolicy",
+        _string(),
+        "same-origin",
+        _one_of(FRAME_POLICIES),
+        f"is not allowed: {', '.join(FRAME_POLICIES)}",
+        "who may frame the app's pages: `same-origin`, `deny`, or `any` (no frame headers)",
+    ),
+    Key(
+        "artifact",
+        _string(),
+        None,
+        doc="local release tarball (with `<file>.sha256` beside it)",
+        shown="`.artifacts/cognivern-<release>.tar.gz`",
+    ),
+    Key(
+        "artifactUrl",
+        _string(),
+        None,
+        ARTIFACT_URL_RE,
+        "an https:// URL without query string or shell characters",
+        "let the server fetch the tarball over https instead (with `artifactSha256`)",
+    ),
+    Key("artifactSha256", _string(), None, SHA256_RE, "64 lowercase hex characters", "sha256 of the tarball at `artifactUrl`"),
+    Key(
+        "domain",
+        _string(),
+        None,
+        DOMAIN_RE,
+        "a lowercase DNS name such as api.example.com (no wildcard, IP address or trailing dot)",
+        "serve `https://<domain>/`: one server gets a Let's Encrypt certificate (certbot on the server), several get a Hetzner managed"
+        " certificate on the load balancer",
+    ),
+    Key(
+        "acmeEmail",
+        _string(),
+        None,
+        EMAIL_RE,
+        "an e-mail address such as ops@example.com",
+        "Let's Encrypt account e-mail (required with `domain` on one server)",
+    ),
+    Key(
+        "acmeServer",
+        _string(),
+        LETS_ENCRYPT,
+        ACME_SERVER_RE,
+        "an https:// ACME directory URL (Let's Encrypt staging: https://acme-staging-v02.api.letsencrypt.org/directory)",
+        "ACME directory; try `https://acme-staging-v02.api.letsencrypt.org/directory` first",
+        shown="Let's Encrypt production",
+    ),
+)
+KEYS_BY_NAME = {key.name: key for key in KEYS}
 
 
 def _holds_secret(raw: str | None) -> bool:
@@ -400,200 +711,90 @@ def config_command(stack: str) -> str:
     return f"scripts/pulumi-local {stack} config"
 
 
-def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], bool] = lambda _k: True, stack: str = "STACK") -> Settings:
-    """Build `Settings` from raw config strings (`get("release")` -> value or None).
+def _read_key(r: _Reader, key: Key) -> Any:
+    """One key: read, default when unset, then its rule (defaults pass the rules too)."""
+    value = key.reader.read(r, key.name)
+    if value is None or (key.name == "hosts" and not value):
+        value = key.default  # `hosts: []` is unset, like every empty value
+    if value is None or key.rule is None:
+        return value
+    try:
+        return _apply(key.rule, value, key.message)
+    except _RuleError as err:
+        raise _fail(key.name, str(err)) from None
 
-    Kept free of Pulumi so the same rules run in unit tables and in the program; `stack` only
-    names the stack in the commands that messages suggest.
-    """
-    r = _Reader(get)
-    config = config_command(stack)
-    for key in SECRET_KEYS:
-        if _holds_secret(r.raw(key)) and not is_secret(key):
-            raise _fail(key, f"must be stored encrypted: {config} set --secret {NAMESPACE}:{key} ...")
 
-    release = r.string("release")
-    if release is None:
+def _cross_key_rules(v: dict[str, Any], config: str) -> None:
+    """Rules that involve several keys, once each key is valid on its own (`v`: key -> value)."""
+    host, hosts = v["host"], v["hosts"]
+    if v["release"] is None:
         raise _fail("release", f"is required: the release id to run, e.g. {config} set cognivern:release 20261128120000-abc1234")
-    _pattern("release", release, RELEASE_ID_RE, "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")
-
-    host = _host(r.string("host"))
-    hosts = _hosts(r.json_value("hosts", list, "a list of addresses such as ['203.0.113.7', '203.0.113.8']"))
     if host is not None and hosts:
         raise _fail("hosts", "set either cognivern:host (one existing server) or cognivern:hosts (several), not both")
-    servers = r.integer("servers", 1, 1, MAX_SERVERS)
-    if servers != 1 and (host is not None or hosts):
+    if v["servers"] != 1 and (host is not None or hosts):
         raise _fail(
-            "servers",
-            "only counts servers the program creates; with cognivern:host/cognivern:hosts the listed addresses are the servers",
+            "servers", "only counts servers the program creates; with cognivern:host/cognivern:hosts the listed addresses are the servers"
         )
-    load_balancer_type = _pattern(
-        "loadBalancerType",
-        r.string("loadBalancerType", "lb11") or "lb11",
-        LOAD_BALANCER_TYPE_RE,
-        "a Hetzner load balancer type: lb11, lb21, lb31",
-    )
-    ssh_public_key = r.string("sshPublicKey")
-    if host is None and not hosts and ssh_public_key is None:
+    if host is None and not hosts and v["sshPublicKey"] is None:
         raise _fail(
-            "sshPublicKey",
-            "is required when the program creates the server (cognivern:host/hosts are not set): an OpenSSH public key line",
+            "sshPublicKey", "is required when the program creates the server (cognivern:host/hosts are not set): an OpenSSH public key line"
         )
-    if ssh_public_key is not None:
-        _pattern("sshPublicKey", ssh_public_key, PUBLIC_KEY_RE, "an OpenSSH public key line: 'ssh-ed25519 AAAA... comment'")
-    host_key = r.string("hostKey")
-    if host_key is not None:
-        _pattern("hostKey", host_key, HOST_KEY_RE, "the server's public host key line: 'ssh-ed25519 AAAA...'")
-    host_keys = _host_keys(r.json_value("hostKeys", dict, "an object of address: 'ssh-ed25519 AAAA...'"), hosts, host)
-
-    private_key = r.raw("sshPrivateKey")
-    if private_key is not None and "PRIVATE KEY-----" not in private_key:
-        raise _fail("sshPrivateKey", "must be a PEM/OpenSSH private key (-----BEGIN ... PRIVATE KEY-----)")
-
-    server_type = _pattern(
-        "serverType", r.string("serverType", "cx23") or "cx23", SERVER_TYPE_RE, "a Hetzner server type such as cx23, cpx22 or cax11"
-    )
-    warnings: list[str] = []
-    if server_type in DEPRECATED_SERVER_TYPES:
-        warnings.append(
-            f"{NAMESPACE}:serverType {server_type} is deprecated by Hetzner; prefer cx23/cx33/cx43/cx53, cpx12/cpx22 or cax11-cax41"
-        )
-    location = r.string("location", "fsn1") or "fsn1"
-    if location not in LOCATIONS:
-        raise _fail("location", f"{location!r} is not a Hetzner location; allowed: {', '.join(LOCATIONS)}")
-
-    env = _env_map("env", r.json_value("env", dict, "an object of NAME: value"))
-    secret_env = _env_map("secretEnv", r.json_value("secretEnv", dict, "an object of NAME: value"))
-    both = sorted(set(env) & set(secret_env))
+    if v["hostKeys"] and host is not None:
+        raise _fail("hostKeys", "pins keys of cognivern:hosts or of created servers; with cognivern:host use cognivern:hostKey")
+    for address in v["hostKeys"]:
+        if hosts and address not in hosts:
+            raise _fail("hostKeys", f"{address} is not one of cognivern:hosts ({', '.join(hosts)})")
+    both = sorted(set(v["env"]) & set(v["secretEnv"]))
     if both:
         raise _fail("secretEnv", f"{', '.join(both)} also set in cognivern:env; set each variable in one of them")
-
-    listen_raw = r.json_value("nginxListen", list, "a list such as ['80', '[::]:80']")
-    listen = tuple(str(x) for x in (listen_raw if listen_raw is not None else ["80", "[::]:80"]))
-    if not listen:
-        raise _fail("nginxListen", "must list at least one address")
-    for item in listen:
-        _pattern("nginxListen", item, LISTEN_RE, "PORT, IPv4:PORT or [IPv6]:PORT")
-        if not 1 <= int(item.rsplit(":", 1)[-1]) <= 65535:
-            raise _fail("nginxListen", f"{item!r}: port must be 1-65535")
-
-    health_path = r.string("healthPath", "/health") or "/health"
-    _pattern("healthPath", health_path, HEALTH_PATH_RE, "a URL path such as /health")
-
-    artifact_url = r.string("artifactUrl")
-    artifact_sha256 = r.string("artifactSha256")
-    if artifact_url is not None:
-        _pattern(
-            "artifactUrl",
-            artifact_url,
-            ARTIFACT_URL_RE,
-            "an https:// URL without query string or shell characters",
-        )
-        if artifact_sha256 is None:
-            raise _fail("artifactSha256", "is required with cognivern:artifactUrl (64 lowercase hex characters)")
-    if artifact_sha256 is not None:
-        _pattern("artifactSha256", artifact_sha256, SHA256_RE, "64 lowercase hex characters")
-    artifact = r.string("artifact")
-    if artifact is not None and artifact_url is not None:
+    if v["artifactUrl"] is not None and v["artifactSha256"] is None:
+        raise _fail("artifactSha256", "is required with cognivern:artifactUrl (64 lowercase hex characters)")
+    if v["artifact"] is not None and v["artifactUrl"] is not None:
         raise _fail("artifact", "set either cognivern:artifact (a local file) or cognivern:artifactUrl, not both")
+    if v["domain"] is not None and hosts:
+        raise _fail("domain", "with cognivern:hosts (several existing servers) terminate TLS on your own balancer; leave domain unset")
+    if v["domain"] is not None and v["servers"] == 1 and v["acmeEmail"] is None:
+        raise _fail("acmeEmail", "is required with cognivern:domain on one server (Let's Encrypt account e-mail)")
+    if v["appUser"] == v["sshUser"]:
+        raise _fail("appUser", f"must differ from cognivern:sshUser ({v['sshUser']}): the deploy login has sudo, the app must not")
 
-    domain = r.string("domain")
-    acme_email = r.string("acmeEmail")
-    acme_server = r.string("acmeServer", LETS_ENCRYPT) or LETS_ENCRYPT
-    _pattern(
-        "acmeServer",
-        acme_server,
-        ACME_SERVER_RE,
-        "an https:// ACME directory URL (Let's Encrypt staging: https://acme-staging-v02.api.letsencrypt.org/directory)",
-    )
-    if domain is not None:
-        _pattern("domain", domain, DOMAIN_RE, "a lowercase DNS name such as api.example.com (no wildcard, IP address or trailing dot)")
-        if hosts:
-            raise _fail("domain", "with cognivern:hosts (several existing servers) terminate TLS on your own balancer; leave domain unset")
-        if servers == 1 and acme_email is None:
-            raise _fail("acmeEmail", "is required with cognivern:domain on one server (Let's Encrypt account e-mail)")
-    elif acme_email is not None or acme_server != LETS_ENCRYPT:
-        warnings.append(f"{NAMESPACE}:acmeEmail/acmeServer have no effect without {NAMESPACE}:domain")
-    if acme_email is not None:
-        _pattern("acmeEmail", acme_email, EMAIL_RE, "an e-mail address such as ops@example.com")
 
-    require_host_key = r.boolean("requireHostKey", False)
-    frame_policy = r.string("framePolicy", "same-origin") or "same-origin"
-    if frame_policy not in FRAME_POLICIES:
-        raise _fail("framePolicy", f"{frame_policy!r} is not allowed: {', '.join(FRAME_POLICIES)}")
-
-    app_user = _pattern(
-        "appUser",
-        r.string("appUser", "cognivern") or "cognivern",
-        USER_RE,
-        "a Linux user name (lowercase letters, digits, _ and -), not root",
-    )
-    if app_user == "root":
-        raise _fail("appUser", "must not be root: PM2 and the app run as an unprivileged user")
-    if app_user in SYSTEM_ACCOUNTS or app_user.startswith(SYSTEM_ACCOUNT_PREFIXES):
-        raise _fail("appUser", f"{app_user!r} is a system account; the app needs an account of its own such as cognivern")
-    ssh_user = _pattern("sshUser", r.string("sshUser", "root") or "root", USER_RE, "a Linux user name (lowercase letters, digits, _ and -)")
-    if app_user == ssh_user:
-        raise _fail("appUser", f"must differ from cognivern:sshUser ({ssh_user}): the deploy login has sudo, the app must not")
-
-    settings = Settings(
-        release=release,
-        host=host,
-        ssh_user=ssh_user,
-        ssh_port=r.integer("sshPort", 22, 1, 65535),
-        ssh_private_key=private_key,
-        ssh_public_key=ssh_public_key,
-        host_key=host_key,
-        ssh_allowed_cidrs=_cidrs(r.json_value("sshAllowedCidrs", list, "a list of CIDRs")),
-        server_type=server_type,
-        location=location,
-        image=_pattern(
-            "image", r.string("image", "ubuntu-24.04") or "ubuntu-24.04", IMAGE_RE, "a Hetzner image name such as ubuntu-24.04 or debian-12"
-        ),
-        backups=r.boolean("backups", False),
-        protect=r.boolean("protect", True),
-        root=_root(r.string("root", "/opt/cognivern") or "/opt/cognivern"),
-        app_user=app_user,
-        app_name=_pattern(
-            "appName", r.string("appName", "cognivern-agent") or "cognivern-agent", APP_NAME_RE, "1-64 characters from A-Z a-z 0-9 . _ -"
-        ),
-        port=r.integer("port", 3000, 1, 65535),
-        instances=r.integer("instances", 1, 1, 64),
-        node_major=r.integer("nodeMajor", 22, *NODE_MAJORS),
-        env=env,
-        secret_env=secret_env,
-        agents_enabled=r.boolean("agentsEnabled", False),
-        keep_releases=r.integer("keepReleases", 5, 2, 100),
-        data_backups_keep=r.integer("dataBackupsKeep", 5, 0, 100),
-        health_path=health_path,
-        health_timeout=r.integer("healthTimeout", 25, 1, 600),
-        wait_ready=r.boolean("waitReady", False),
-        listen_timeout_ms=r.integer("listenTimeoutMs", 10000, 1000, 300000),
-        kill_timeout_ms=r.integer("killTimeoutMs", 8000, 500, 300000),
-        server_name=_pattern(
-            "serverName", r.string("serverName", "_") or "_", SERVER_NAME_RE, "'_' (any) or a host name such as api.example.com"
-        ),
-        nginx_listen=listen,
-        artifact=artifact,
-        artifact_url=artifact_url,
-        artifact_sha256=artifact_sha256,
-        hosts=hosts,
-        host_keys=host_keys,
-        servers=servers,
-        load_balancer_type=load_balancer_type,
-        domain=domain,
-        acme_email=acme_email,
-        acme_server=acme_server,
-        require_host_key=require_host_key,
-        frame_policy=frame_policy,
-        stack=stack,
-        warnings=tuple(warnings),
-    )
+def _require_pins(settings: Settings) -> None:
     if settings.require_host_key and settings.unpinned_hosts:
         raise _fail(
             "requireHostKey",
             f"is true but no host key is pinned for {', '.join(settings.unpinned_hosts)}: set "
-            + ("cognivern:hostKeys" if hosts else "cognivern:hostKey")
+            + ("cognivern:hostKeys" if settings.hosts else "cognivern:hostKey")
             + " (ssh-keyscan -t ed25519 ADDRESS, then check its fingerprint on the server's console)",
         )
+
+
+def _warnings(v: dict[str, Any]) -> tuple[str, ...]:
+    """Allowed but probably unintended: said on every preview, never fatal."""
+    warnings: list[str] = []
+    if v["serverType"] in DEPRECATED_SERVER_TYPES:
+        warnings.append(
+            f"{NAMESPACE}:serverType {v['serverType']} is deprecated by Hetzner; prefer cx23/cx33/cx43/cx53, cpx12/cpx22 or cax11-cax41"
+        )
+    if v["domain"] is None and (v["acmeEmail"] is not None or v["acmeServer"] != LETS_ENCRYPT):
+        warnings.append(f"{NAMESPACE}:acmeEmail/acmeServer have no effect without {NAMESPACE}:domain")
+    return tuple(warnings)
+
+
+def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], bool] = lambda _k: True, stack: str = "STACK") -> Settings:
+    """Build `Settings` from raw config strings (`get("release")` -> value or None).
+
+    Kept free of Pulumi so the same rules run in unit tables and in the program; `stack` only
+    names the stack in the commands that messages suggest. Order: secrets stored encrypted, each
+    key alone (KEYS), the rules across keys, then the warnings.
+    """
+    r = _Reader(get)
+    config = config_command(stack)
+    for name in SECRET_KEYS:
+        if _holds_secret(r.raw(name)) and not is_secret(name):
+            raise _fail(name, f"must be stored encrypted: {config} set --secret {NAMESPACE}:{name} ...")
+    values = {key.name: _read_key(r, key) for key in KEYS}
+    _cross_key_rules(values, config)
+    settings = Settings(**{KEYS_BY_NAME[n].field: value for n, value in values.items()}, warnings=_warnings(values), stack=stack)
+    _require_pins(settings)
     return settings

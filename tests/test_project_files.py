@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from components.settings import NAMESPACE, SECRET_KEYS, parse_settings
+from components.settings import KEYS, NAMESPACE, SECRET_KEYS, Settings, parse_settings
+from tools.config_table import README, with_table
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = yaml.safe_load((REPO / "Pulumi.yaml").read_text())
@@ -56,7 +57,12 @@ def test_every_config_key_is_declared_with_type_description_and_default() -> Non
 
 
 def test_declared_keys_are_exactly_the_keys_the_program_reads() -> None:
-    assert set(PROJECT["config"]) == keys_read_by_settings()
+    """Pulumi.yaml declares each key of the settings table, with the type its reader reads, and each
+    key fills one Settings field."""
+    assert set(PROJECT["config"]) == keys_read_by_settings() == {key.name for key in KEYS}
+    assert {key.name: PROJECT["config"][key.name]["type"] for key in KEYS} == {key.name: key.reader.kind for key in KEYS}
+    fields = set(Settings.__dataclass_fields__) - {"warnings", "stack"}
+    assert fields == {key.field for key in KEYS}
 
 
 def test_project_defaults_are_the_program_defaults() -> None:
@@ -70,6 +76,16 @@ def test_project_defaults_are_the_program_defaults() -> None:
     with_defaults = parse_settings(lambda k: {**declared, **base}.get(k))
     without = parse_settings(base.get)
     assert with_defaults == without
+    table = {
+        key.name: None if key.default is None else as_config(list(key.default) if isinstance(key.default, tuple) else key.default)
+        for key in KEYS
+    }
+    assert {k: declared.get(k) or None for k in table} == table, "Pulumi.yaml's defaults differ from components/settings.py KEYS"
+
+
+def test_readme_configuration_table_is_generated_from_the_settings_table() -> None:
+    text = README.read_text()
+    assert with_table(text) == text, "README.md's configuration table is stale: python -m tools.config_table --write"
 
 
 def test_prod_stack_holds_only_plain_non_secret_values_that_validate() -> None:
