@@ -186,6 +186,11 @@ class Settings:
         return self.domain is not None and self.creates_server and self.servers > 1
 
     @property
+    def named_server(self) -> str | None:
+        """nginx's server_name when the stack names one; None for `_` (any name, the default server)."""
+        return None if self.server_name == "_" else self.server_name
+
+    @property
     def network_zone(self) -> str:
         return NETWORK_ZONES[self.location]
 
