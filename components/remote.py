@@ -3,6 +3,9 @@
 A script travels inside the command (`bash -c '<script>' name args...`), so stdin stays free for
 data (a secret .env, a rendered site) and a change to the script file is a change to the
 command's input: pulumi-command re-runs it in place and `pulumi preview` shows the diff.
+The host scripts' shared functions (components/host/lib.sh) go in front of every script, inside
+the same string: nothing is installed on the server first, and an edit to lib.sh shows as a
+change to each command that carries it.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+LIB = Path(__file__).resolve().parent / "host" / "lib.sh"
+
 
 def script_command(script: Path, args: Sequence[str], *, sudo: bool = False) -> str:
-    """`bash -c <script> <name> <args>` with every piece shell-quoted; sudo for non-root users."""
+    """`bash -c <lib.sh + script> <name> <args>` with every piece shell-quoted; sudo for non-root users."""
     prefix = "sudo -n " if sudo else ""
     quoted = " ".join(shlex.quote(a) for a in args)
-    return f"{prefix}bash -c {shlex.quote(script.read_text())} {shlex.quote(script.stem)} {quoted}".rstrip()
+    text = LIB.read_text() + "\n" + script.read_text()
+    return f"{prefix}bash -c {shlex.quote(text)} {shlex.quote(script.stem)} {quoted}".rstrip()
 
 
 def tool_command(tool: str, args: Sequence[str], *, sudo: bool = False) -> str:

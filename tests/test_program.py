@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from pulumi import RunError
 
+from components import remote
 from components.host import pinned_versions
 from components.release import ArtifactError, resolve_artifact
+from components.render import HOST_DIR
 from tests.support.program import DefaultMocks, Registration, is_secret, run_program, unsecret
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ8b0pTBp5e8hGQHDgNnLrHHOHxg0VHzUXoTWlBXDk8S deploy"
@@ -112,6 +116,21 @@ def test_provision_command_carries_the_script_and_installs_the_release_tool() ->
     )
     assert provision.inputs["stdin"] == Path("components/release/cognivern-release.sh").read_text()
     assert "delete" not in provision.inputs, "destroying the stack must never remove anything from the host"
+
+
+def test_every_host_script_command_carries_lib_sh_in_front_of_its_script(tmp_path: Path) -> None:
+    """lib.sh travels inside each command (nothing to install first), so editing it changes the command."""
+    lib = Path("components/host/lib.sh").read_text()
+    for reg in run_program(EXISTING).by_type(COMMAND):
+        script = reg.inputs["create"]
+        if not script.startswith("bash -c "):
+            continue  # the installed release tool
+        _, _, text, name, *_ = shlex.split(script)
+        assert text == lib + "\n" + (HOST_DIR / f"{name}.sh").read_text(), reg.name
+    edited = tmp_path / "lib.sh"
+    edited.write_text(lib + "# one more line\n")
+    with mock.patch.object(remote, "LIB", edited):
+        assert shlex.split(remote.script_command(HOST_DIR / "put-file.sh", ["--dest", "/x"]))[2].startswith(edited.read_text())
 
 
 def test_non_root_ssh_user_runs_everything_through_sudo() -> None:

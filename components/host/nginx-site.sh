@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Managed by cognivern-infra. Installs the rendered nginx site from stdin (run as root):
 #
-#   bash -c "$(cat nginx-site.sh)" nginx-site --name NAME < rendered-site.conf
+#   bash -c "$(cat lib.sh nginx-site.sh)" nginx-site --name NAME < rendered-site.conf
 #
 # Writes sites-available/NAME.conf through a temp file, links sites-enabled/NAME.conf and runs
 # `nginx -t`. A failing test restores the previous site (or removes the new one) and exits
@@ -11,48 +11,25 @@
 # Overrides (test hosts): COGNIVERN_NGINX_CONF (/etc/nginx/nginx.conf), COGNIVERN_NGINX_PREFIX
 # (nginx -p, optional), COGNIVERN_NGINX_SITES_AVAILABLE (/etc/nginx/sites-available),
 # COGNIVERN_NGINX_SITES_ENABLED (/etc/nginx/sites-enabled).
+# Sent after lib.sh (say/die/usage, parse_options, the validators, nginx_reload).
 set -euo pipefail
 umask 022
 
-prog=nginx-site
-say() { printf '%s: %s\n' "$prog" "$*"; }
-die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
-usage() {
-    echo "usage: nginx-site --name NAME  (rendered site on stdin)" >&2
-    exit 2
-}
-
+script_init nginx-site "usage: nginx-site --name NAME  (rendered site on stdin)"
 name=""
-while [ "$#" -gt 0 ]; do
-    case "$1" in
-        --name)
-            [ "$#" -ge 2 ] || { echo "$prog: --name needs a value" >&2; usage; }
-            name=$2
-            shift 2
-            ;;
-        -h | --help) usage ;;
-        *) echo "$prog: unknown argument: $1" >&2; usage ;;
-    esac
-done
-[ -n "$name" ] || { echo "$prog: --name is required" >&2; usage; }
-[[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]] || die "--name must be 1-64 characters from A-Z a-z 0-9 . _ -, got '$name'"
+parse_options "--name" "$@"
+require_options name
+valid_site_name "$name" || die "--name must be 1-64 characters from A-Z a-z 0-9 . _ -, got '$name'"
 
-valid_abs_path() {
-    [[ $1 =~ ^(/[A-Za-z0-9._-]+)+$ ]] || return 1
-    [[ /$1/ != */./* && /$1/ != */../* ]]
-}
 conf=${COGNIVERN_NGINX_CONF:-/etc/nginx/nginx.conf}
 prefix=${COGNIVERN_NGINX_PREFIX:-}
 available=${COGNIVERN_NGINX_SITES_AVAILABLE:-/etc/nginx/sites-available}
 enabled=${COGNIVERN_NGINX_SITES_ENABLED:-/etc/nginx/sites-enabled}
-for var in conf available enabled; do
-    valid_abs_path "${!var}" || die "$var must be an absolute, normalised path, got '${!var}'"
-done
+require_abs_paths conf available enabled
 [ -z "$prefix" ] || valid_abs_path "$prefix" || die "COGNIVERN_NGINX_PREFIX must be an absolute, normalised path"
 [ -f "$conf" ] || die "$conf does not exist"
 command -v nginx >/dev/null 2>&1 || die "nginx is not installed"
-nginx_args=(-c "$conf")
-[ -z "$prefix" ] || nginx_args+=(-p "$prefix")
+nginx_args_for "$conf" "$prefix"
 
 site="$available/$name.conf"
 link="$enabled/$name.conf"
@@ -90,7 +67,7 @@ if [ -L "$link" ]; then old_link=$(readlink "$link"); fi
 mv -f "$new" "$site"
 ln -sfn "$site" "$link"
 
-if ! output=$(nginx -t "${nginx_args[@]}" 2>&1); then
+if ! output=$(run_nginx -t 2>&1); then
     if [ -n "$previous" ]; then
         mv -f "$previous" "$site"
         previous=""
@@ -102,22 +79,5 @@ if ! output=$(nginx -t "${nginx_args[@]}" 2>&1); then
     die "nginx -t rejected the new $name site; previous configuration restored, nginx not reloaded"
 fi
 
-if [ -d /run/systemd/system ]; then
-    if systemctl is-active --quiet nginx; then
-        systemctl reload nginx
-        action="reloaded nginx"
-    else
-        systemctl start nginx
-        action="started nginx"
-    fi
-elif nginx "${nginx_args[@]}" -s reload >/dev/null 2>&1; then
-    action="reloaded nginx"
-else
-    # No running master (no pid file or a stale one): start it.
-    if ! output=$(nginx "${nginx_args[@]}" 2>&1); then
-        printf '%s\n' "$output" >&2
-        die "nginx is not running and could not be started"
-    fi
-    action="started nginx"
-fi
-say "$site: installed, $action"
+nginx_reload start
+say "$site: installed, ${nginx_action:?}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Managed by cognivern-infra. Idempotent host preparation for the Cognivern backend (run as root).
 #
-#   bash -c "$(cat provision.sh)" provision --root R --app-user U --node-major N --ssh-user S \
+#   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --node-major N --ssh-user S \
 #       --pm2-version X.Y.Z --pnpm-version X.Y.Z < cognivern-release.sh
 #
 # stdin: the server-side release tool, installed as $BIN_DIR/cognivern-release when it differs
@@ -20,53 +20,17 @@
 # sibling sshd_config.d/), COGNIVERN_SSHD_PIDFILE (reload by SIGHUP when systemd is not running),
 # COGNIVERN_NGINX_SITES_ENABLED (/etc/nginx/sites-enabled), COGNIVERN_NGINX_CONF and
 # COGNIVERN_NGINX_PREFIX (nginx -c / -p for the reload after removing the distro default site).
+# Sent after lib.sh (say/die/usage, parse_options, the validators, apt, nginx_reload).
 set -euo pipefail
 umask 022
 
-prog=provision
-say() { printf '%s: %s\n' "$prog" "$*"; }
-die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
-usage() {
-    cat >&2 <<'EOF'
-usage: provision --root ABS_PATH --app-user USER --node-major N --ssh-user USER
-                 --pm2-version X.Y.Z --pnpm-version X.Y.Z  (release tool on stdin)
-EOF
-    exit 2
-}
+script_init provision "usage: provision --root ABS_PATH --app-user USER --node-major N --ssh-user USER
+                 --pm2-version X.Y.Z --pnpm-version X.Y.Z  (release tool on stdin)"
 
 # ---------------------------------------------------------------------------- arguments
 root="" app_user="" node_major="" ssh_user="" pm2_version="" pnpm_version=""
-while [ "$#" -gt 0 ]; do
-    case "$1" in
-        --root | --app-user | --node-major | --ssh-user | --pm2-version | --pnpm-version)
-            [ "$#" -ge 2 ] || { echo "$prog: $1 needs a value" >&2; usage; }
-            case "$1" in
-                --root) root=$2 ;;
-                --app-user) app_user=$2 ;;
-                --node-major) node_major=$2 ;;
-                --ssh-user) ssh_user=$2 ;;
-                --pm2-version) pm2_version=$2 ;;
-                --pnpm-version) pnpm_version=$2 ;;
-            esac
-            shift 2
-            ;;
-        -h | --help) usage ;;
-        *) echo "$prog: unknown argument: $1" >&2; usage ;;
-    esac
-done
-
-valid_user() { [[ $1 =~ ^[a-z_][a-z0-9_-]{0,31}$ ]]; }
-valid_abs_path() {
-    # absolute, normalised (no //, ., .., trailing /), not "/", conservative characters only
-    [[ $1 =~ ^(/[A-Za-z0-9._-]+)+$ ]] || return 1
-    [[ /$1/ != */./* && /$1/ != */../* ]]
-}
-[ -n "$root" ] || { echo "$prog: --root is required" >&2; usage; }
-[ -n "$app_user" ] || { echo "$prog: --app-user is required" >&2; usage; }
-[ -n "$node_major" ] || { echo "$prog: --node-major is required" >&2; usage; }
-[ -n "$ssh_user" ] || { echo "$prog: --ssh-user is required" >&2; usage; }
-[ -n "$pm2_version" ] || { echo "$prog: --pm2-version is required" >&2; usage; }
-[ -n "$pnpm_version" ] || { echo "$prog: --pnpm-version is required" >&2; usage; }
+parse_options "--root --app-user --node-major --ssh-user --pm2-version --pnpm-version" "$@"
+require_options root app_user node_major ssh_user pm2_version pnpm_version
 valid_abs_path "$root" || die "--root must be an absolute, normalised path such as /opt/cognivern, got '$root'"
 # The same list as components/settings.py (SYSTEM_TREES / SYSTEM_PARENTS); tests feed both one table.
 system_path() {
@@ -94,9 +58,7 @@ sshd_pidfile=${COGNIVERN_SSHD_PIDFILE:-}
 sites_enabled=${COGNIVERN_NGINX_SITES_ENABLED:-/etc/nginx/sites-enabled}
 nginx_conf=${COGNIVERN_NGINX_CONF:-/etc/nginx/nginx.conf}
 nginx_prefix=${COGNIVERN_NGINX_PREFIX:-}
-for var in bin_dir logrotate_dir sshd_config sites_enabled nginx_conf; do
-    valid_abs_path "${!var}" || die "$var must be an absolute, normalised path, got '${!var}'"
-done
+require_abs_paths bin_dir logrotate_dir sshd_config sites_enabled nginx_conf
 [ -z "$sshd_pidfile" ] || valid_abs_path "$sshd_pidfile" || die "COGNIVERN_SSHD_PIDFILE must be an absolute path"
 [ -z "$nginx_prefix" ] || valid_abs_path "$nginx_prefix" || die "COGNIVERN_NGINX_PREFIX must be an absolute path"
 [ "$(id -u)" -eq 0 ] || die "must run as root (the program prefixes sudo -n for a non-root SSH user)"
@@ -113,8 +75,6 @@ else
 fi
 
 systemd_running() { [ -d /run/systemd/system ]; }
-export DEBIAN_FRONTEND=noninteractive
-apt_opts=(-o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold -y -q)
 
 # ---------------------------------------------------------------------------- cloud-init
 if [ -d /run/cloud-init ] && command -v cloud-init >/dev/null 2>&1; then
@@ -141,13 +101,6 @@ command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 for pkg in curl ca-certificates gpg logrotate tar gzip util-linux; do
     pkg_installed "$pkg" || missing+=("$pkg")
 done
-apt_install() {
-    # Try the local package lists first (fast, works when they are fresh); refresh them only if needed.
-    if ! apt-get "${apt_opts[@]}" install "$@" >"$tmpdir/apt.log" 2>&1; then
-        apt-get "${apt_opts[@]}" update >"$tmpdir/apt.log" 2>&1 || { cat "$tmpdir/apt.log" >&2; die "apt-get update failed"; }
-        apt-get "${apt_opts[@]}" install "$@" >"$tmpdir/apt.log" 2>&1 || { cat "$tmpdir/apt.log" >&2; die "apt-get install $* failed"; }
-    fi
-}
 if [ "${#missing[@]}" -eq 0 ]; then
     say "packages: ok (already)"
 else
@@ -188,8 +141,8 @@ Package: nodejs
 Pin: origin deb.nodesource.com
 Pin-Priority: 600
 EOF
-    apt-get "${apt_opts[@]}" update >"$tmpdir/apt.log" 2>&1 || { cat "$tmpdir/apt.log" >&2; die "apt-get update (NodeSource) failed"; }
-    apt-get "${apt_opts[@]}" install nodejs >"$tmpdir/apt.log" 2>&1 || { cat "$tmpdir/apt.log" >&2; die "apt-get install nodejs failed"; }
+    apt_get update # the new NodeSource source: its lists are not there yet
+    apt_get install nodejs
     hash -r
     new_version=$(node --version 2>/dev/null || true)
     [[ $new_version == "v$node_major."* ]] || die "node is ${new_version:-missing} after installing NodeSource node_${node_major}.x"
@@ -392,21 +345,12 @@ fi
 # Ours is default_server; the distribution's default site would clash with it.
 if [ -e "$sites_enabled/default" ] || [ -L "$sites_enabled/default" ]; then
     rm -f -- "$sites_enabled/default"
-    nginx_args=(-c "$nginx_conf")
-    [ -z "$nginx_prefix" ] || nginx_args+=(-p "$nginx_prefix")
-    if ! nginx -t "${nginx_args[@]}" >"$tmpdir/nginx.log" 2>&1; then
+    nginx_args_for "$nginx_conf" "$nginx_prefix"
+    if ! run_nginx -t >"$tmpdir/nginx.log" 2>&1; then
         say "nginx default site: removed $sites_enabled/default (nginx -t fails until our site is installed; not reloaded)"
-    elif systemd_running; then
-        if systemctl is-active --quiet nginx; then
-            systemctl reload nginx
-            say "nginx default site: removed $sites_enabled/default, nginx reloaded"
-        else
-            say "nginx default site: removed $sites_enabled/default (nginx not running)"
-        fi
-    elif nginx "${nginx_args[@]}" -s reload >"$tmpdir/nginx.log" 2>&1; then
-        say "nginx default site: removed $sites_enabled/default, nginx reloaded"
     else
-        say "nginx default site: removed $sites_enabled/default (nginx not running)"
+        nginx_reload
+        say "nginx default site: removed $sites_enabled/default, ${nginx_action:?}"
     fi
 else
     say "nginx default site: ok (already absent)"
@@ -443,7 +387,7 @@ else
     fi
     effective=$(/usr/sbin/sshd -T -f "$sshd_config" 2>/dev/null || true)
     if ! grep -qx 'passwordauthentication no' <<<"$effective"; then
-        echo "$prog: WARNING: $sshd_config does not apply $dropin (no Include of sshd_config.d/*.conf at its top?); password login is still enabled" >&2
+        echo "provision: WARNING: $sshd_config does not apply $dropin (no Include of sshd_config.d/*.conf at its top?); password login is still enabled" >&2
     fi
     if systemd_running; then
         systemctl try-reload-or-restart ssh.service

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Managed by cognivern-infra. Writes stdin to a file atomically (run as root):
 #
-#   bash -c "$(cat put-file.sh)" put-file --dest PATH --mode MODE --owner USER[:GROUP] [--reload-root ROOT] < content
+#   bash -c "$(cat lib.sh put-file.sh)" put-file --dest PATH --mode MODE --owner USER[:GROUP] [--reload-root ROOT] < content
 #
 # The content may be a secret (shared/.env): it is never echoed and never placed in argv. The
 # destination directory must be root's and writable by nobody else (the app is hostile: in a
@@ -19,47 +19,17 @@
 #   when the content is unchanged (otherwise a re-run would report success with the old settings live).
 set -euo pipefail
 
-prog=put-file
-say() { printf '%s: %s\n' "$prog" "$*"; }
-die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
-usage() {
-    echo "usage: put-file --dest ABS_PATH --mode MODE --owner USER[:GROUP] [--reload-root ABS_PATH]  (content on stdin)" >&2
-    exit 2
-}
-
+script_init put-file "usage: put-file --dest ABS_PATH --mode MODE --owner USER[:GROUP] [--reload-root ABS_PATH]  (content on stdin)"
 dest="" mode="" owner="" reload_root=""
-while [ "$#" -gt 0 ]; do
-    case "$1" in
-        --dest | --mode | --owner | --reload-root)
-            [ "$#" -ge 2 ] || { echo "$prog: $1 needs a value" >&2; usage; }
-            case "$1" in
-                --dest) dest=$2 ;;
-                --mode) mode=$2 ;;
-                --owner) owner=$2 ;;
-                --reload-root) reload_root=$2 ;;
-            esac
-            shift 2
-            ;;
-        -h | --help) usage ;;
-        *) echo "$prog: unknown argument: $1" >&2; usage ;;
-    esac
-done
-
-valid_abs_path() {
-    [[ $1 =~ ^(/[A-Za-z0-9._-]+)+$ ]] || return 1
-    [[ /$1/ != */./* && /$1/ != */../* ]]
-}
-valid_name() { [[ $1 =~ ^[a-z_][a-z0-9_-]{0,31}$ ]]; }
-[ -n "$dest" ] || { echo "$prog: --dest is required" >&2; usage; }
-[ -n "$mode" ] || { echo "$prog: --mode is required" >&2; usage; }
-[ -n "$owner" ] || { echo "$prog: --owner is required" >&2; usage; }
+parse_options "--dest --mode --owner --reload-root" "$@"
+require_options dest mode owner
 valid_abs_path "$dest" || die "--dest must be an absolute, normalised path, got '$dest'"
 [[ $mode =~ ^0?[0-7]{3}$ ]] || die "--mode must be an octal mode such as 0600 or 644, got '$mode'"
 user=${owner%%:*}
 group=""
 if [[ $owner == *:* ]]; then group=${owner#*:}; fi
-valid_name "$user" || die "--owner user must be a Linux user name, got '$user'"
-if [[ $owner == *:* ]] && ! valid_name "$group"; then
+valid_user "$user" || die "--owner user must be a Linux user name, got '$user'"
+if [[ $owner == *:* ]] && ! valid_user "$group"; then
     die "--owner group must be a Linux group name, got '$group'"
 fi
 [ -z "$reload_root" ] || valid_abs_path "$reload_root" || die "--reload-root must be an absolute, normalised path, got '$reload_root'"

@@ -2,7 +2,7 @@
 # Managed by cognivern-infra. Single-server TLS: a Let's Encrypt certificate through certbot's
 # webroot plugin, then the HTTPS site (run as root):
 #
-#   bash -c "$(cat tls.sh)" tls --name NAME --domain DOMAIN --email EMAIL --server ACME_DIRECTORY_URL \
+#   bash -c "$(cat lib.sh tls.sh)" tls --name NAME --domain DOMAIN --email EMAIL --server ACME_DIRECTORY_URL \
 #       < rendered-https-site.conf
 #
 # NAME is the nginx site name nginx-site.sh installed (sites-available/NAME.conf); that HTTP site
@@ -34,50 +34,23 @@
 # certbot --config-dir), COGNIVERN_LETSENCRYPT_WORK_DIR (/var/lib/letsencrypt: --work-dir),
 # COGNIVERN_LETSENCRYPT_LOGS_DIR (/var/log/letsencrypt: --logs-dir), COGNIVERN_ACME_WEBROOT
 # (/var/www/letsencrypt). certbot honours REQUESTS_CA_BUNDLE (a test ACME server's CA).
+# Sent after lib.sh (say/warn/die/usage, parse_options, the validators, apt_install, nginx_reload).
 set -euo pipefail
 umask 022
 
-prog=tls
-say() { printf '%s: %s\n' "$prog" "$*"; }
-warn() { printf '%s: warning: %s\n' "$prog" "$*" >&2; }
-die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
-usage() {
-    echo "usage: tls --name NAME --domain DOMAIN --email EMAIL --server ACME_DIRECTORY_URL  (HTTPS site on stdin)" >&2
-    exit 2
-}
+script_init tls "usage: tls --name NAME --domain DOMAIN --email EMAIL --server ACME_DIRECTORY_URL  (HTTPS site on stdin)"
 
 # ---------------------------------------------------------------------------- arguments
 name="" domain="" email="" server=""
-while [ "$#" -gt 0 ]; do
-    case "$1" in
-        --name | --domain | --email | --server)
-            [ "$#" -ge 2 ] || { echo "$prog: $1 needs a value" >&2; usage; }
-            case "$1" in
-                --name) name=$2 ;;
-                --domain) domain=$2 ;;
-                --email) email=$2 ;;
-                --server) server=$2 ;;
-            esac
-            shift 2
-            ;;
-        -h | --help) usage ;;
-        *) echo "$prog: unknown argument: $1" >&2; usage ;;
-    esac
-done
-for var in name domain email server; do
-    [ -n "${!var}" ] || { echo "$prog: --$var is required" >&2; usage; }
-done
-[[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]] || die "--name must be 1-64 characters from A-Z a-z 0-9 . _ -, got '$name'"
+parse_options "--name --domain --email --server" "$@"
+require_options name domain email server
+valid_site_name "$name" || die "--name must be 1-64 characters from A-Z a-z 0-9 . _ -, got '$name'"
 label='[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?'
 [[ ${#domain} -le 253 && $domain =~ ^($label\.)+$label$ ]] ||
     die "--domain must be a lowercase DNS name with at least one dot (no wildcard, no trailing dot), got '$domain'"
 [[ ${#email} -le 254 && $email =~ ^[A-Za-z0-9._%+-]+@$label(\.$label)+$ ]] || die "--email must be an address such as ops@example.com, got '$email'"
 [[ $server =~ ^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/%+-]*)?$ ]] || die "--server must be an https:// ACME directory URL, got '$server'"
 
-valid_abs_path() {
-    [[ $1 =~ ^(/[A-Za-z0-9._-]+)+$ ]] || return 1
-    [[ /$1/ != */./* && /$1/ != */../* ]]
-}
 conf=${COGNIVERN_NGINX_CONF:-/etc/nginx/nginx.conf}
 prefix=${COGNIVERN_NGINX_PREFIX:-}
 available=${COGNIVERN_NGINX_SITES_AVAILABLE:-/etc/nginx/sites-available}
@@ -86,15 +59,12 @@ le_dir=${COGNIVERN_LETSENCRYPT_DIR:-/etc/letsencrypt}
 le_work=${COGNIVERN_LETSENCRYPT_WORK_DIR:-/var/lib/letsencrypt}
 le_logs=${COGNIVERN_LETSENCRYPT_LOGS_DIR:-/var/log/letsencrypt}
 webroot=${COGNIVERN_ACME_WEBROOT:-/var/www/letsencrypt}
-for var in conf available enabled le_dir le_work le_logs webroot; do
-    valid_abs_path "${!var}" || die "$var must be an absolute, normalised path, got '${!var}'"
-done
+require_abs_paths conf available enabled le_dir le_work le_logs webroot
 [ -z "$prefix" ] || valid_abs_path "$prefix" || die "COGNIVERN_NGINX_PREFIX must be an absolute, normalised path"
 [ "$(id -u)" -eq 0 ] || die "must run as root (the program prefixes sudo -n for a non-root SSH user)"
 [ -f "$conf" ] || die "$conf does not exist"
 command -v nginx >/dev/null 2>&1 || die "nginx is not installed"
-nginx_args=(-c "$conf")
-[ -z "$prefix" ] || nginx_args+=(-p "$prefix")
+nginx_args_for "$conf" "$prefix"
 
 live="$le_dir/live/$domain"
 renewal_conf="$le_dir/renewal/$domain.conf"
@@ -126,16 +96,11 @@ grep -q '/\.well-known/acme-challenge/' "$http_site" ||
     die "$http_site has no ACME challenge location: render the HTTP site with the domain (TLS mode) first"
 
 # ---------------------------------------------------------------------------- certbot + webroot
-export DEBIAN_FRONTEND=noninteractive
 if command -v certbot >/dev/null 2>&1; then
     say "certbot: ok (already $(certbot --version 2>&1 | tr -d '\n'))"
 else
     command -v apt-get >/dev/null 2>&1 || die "certbot is not installed and apt-get is not available"
-    apt_opts=(-o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold -y -q)
-    if ! apt-get "${apt_opts[@]}" install certbot >"$tmpdir/apt.log" 2>&1; then
-        apt-get "${apt_opts[@]}" update >"$tmpdir/apt.log" 2>&1 || { cat "$tmpdir/apt.log" >&2; die "apt-get update failed"; }
-        apt-get "${apt_opts[@]}" install certbot >"$tmpdir/apt.log" 2>&1 || { cat "$tmpdir/apt.log" >&2; die "apt-get install certbot failed"; }
-    fi
+    apt_install certbot
     hash -r
     say "certbot: installed $(certbot --version 2>&1 | tr -d '\n')"
 fi
@@ -283,7 +248,7 @@ if [ "$link_ok" -eq 1 ] && [ -f "$site" ] && cmp -s "$tmpdir/site.conf" "$site" 
         say "https site: $site unchanged (nginx not reloaded)"
         exit 0
     fi
-    if ! output=$(nginx -t "${nginx_args[@]}" 2>&1); then
+    if ! output=$(run_nginx -t 2>&1); then
         printf '%s\n' "$output" >&2
         die "nginx -t failed; nginx not reloaded, so it still serves the previous certificate"
     fi
@@ -305,7 +270,7 @@ else
     mv -f "$new_site" "$site"
     mv -f "$new_snippet" "$snippet"
     ln -sfn "$site" "$link"
-    if ! output=$(nginx -t "${nginx_args[@]}" 2>&1); then
+    if ! output=$(run_nginx -t 2>&1); then
         for file in "$site" "$snippet"; do
             if [ -f "$tmpdir/$(basename "$file").prev" ]; then
                 mv -f "$tmpdir/$(basename "$file").prev" "$file"
@@ -320,21 +285,5 @@ else
     action="installed"
 fi
 
-if [ -d /run/systemd/system ]; then
-    if systemctl is-active --quiet nginx; then
-        systemctl reload nginx
-        how="reloaded nginx"
-    else
-        systemctl start nginx
-        how="started nginx"
-    fi
-elif nginx "${nginx_args[@]}" -s reload >/dev/null 2>&1; then
-    how="reloaded nginx"
-else
-    if ! output=$(nginx "${nginx_args[@]}" 2>&1); then
-        printf '%s\n' "$output" >&2
-        die "nginx is not running and could not be started"
-    fi
-    how="started nginx"
-fi
-say "https site: $site $action, HTTP redirects to https://$domain, $how"
+nginx_reload start
+say "https site: $site $action, HTTP redirects to https://$domain, ${nginx_action:?}"

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Managed by cognivern-infra. What the host scripts (provision.sh, put-file.sh, nginx-site.sh,
+# tls.sh) share. components.remote.script_command puts this file in front of each script, so
+# every command still travels whole (`bash -c '<lib.sh><script>' NAME ARGS...`, nothing to install
+# first) and an edit here shows in `pulumi preview --diff` as a change to every command that uses
+# it. Only definitions: each script starts with `script_init NAME USAGE`.
+set -euo pipefail
+
+script_init() { # name usage: the word every message starts with, and the usage text
+    prog=$1
+    usage_text=$2
+}
+say() { printf '%s: %s\n' "$prog" "$*"; }
+warn() { printf '%s: warning: %s\n' "$prog" "$*" >&2; }
+die() {
+    printf '%s: error: %s\n' "$prog" "$*" >&2
+    exit 1
+}
+usage() {
+    printf '%s\n' "$usage_text" >&2
+    exit 2
+}
+usage_error() { # message: a wrong command line (exit 2, with the usage)
+    printf '%s: %s\n' "$prog" "$1" >&2
+    usage
+}
+
+# parse_options "--opt-a --opt-b" "$@": each `--opt-b VALUE` sets the variable opt_b (the script
+# gives each its empty value first); -h/--help prints the usage; anything else is refused.
+parse_options() {
+    local known=" $1 " var
+    shift
+    while [ "$#" -gt 0 ]; do
+        case "$1" in
+            -h | --help) usage ;;
+        esac
+        [[ $known == *" $1 "* && $1 == --* ]] || usage_error "unknown argument: $1"
+        [ "$#" -ge 2 ] || usage_error "$1 needs a value"
+        var=${1#--}
+        printf -v "${var//-/_}" '%s' "$2"
+        shift 2
+    done
+}
+require_options() { # var...: each must have been given (--var-name)
+    local var
+    for var; do
+        [ -n "${!var}" ] || usage_error "--${var//_/-} is required"
+    done
+}
+
+# ---------------------------------------------------------------------------- validators
+# The Python side has the same rules (components/settings.py); tests/test_validators_agree.py
+# feeds both the same values.
+valid_abs_path() { # absolute, normalised (no //, ., .., trailing /), not "/", conservative characters only
+    [[ $1 =~ ^(/[A-Za-z0-9._-]+)+$ ]] || return 1
+    [[ /$1/ != */./* && /$1/ != */../* ]]
+}
+valid_user() { [[ $1 =~ ^[a-z_][a-z0-9_-]{0,31}$ ]]; }            # settings.USER_RE
+valid_site_name() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]]; } # settings.APP_NAME_RE (render.site_name)
+require_abs_paths() { # var...: each variable's value must be an absolute, normalised path
+    local var
+    for var; do
+        valid_abs_path "${!var}" || die "$var must be an absolute, normalised path, got '${!var}'"
+    done
+}
+
+# ---------------------------------------------------------------------------- apt
+apt_try() { # apt-get ARGS, non-interactive; its output kept in apt_output
+    apt_output=$(DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef \
+        -o Dpkg::Options::=--force-confold -y -q "$@" 2>&1)
+}
+apt_get() { # apt-get ARGS; on failure its output, then die naming the step
+    apt_try "$@" || {
+        printf '%s\n' "$apt_output" >&2
+        die "apt-get $* failed"
+    }
+}
+apt_install() { # package...: the local package lists first (fast when fresh); refreshed only if that fails
+    apt_try install "$@" || {
+        apt_get update
+        apt_get install "$@"
+    }
+}
+
+# ---------------------------------------------------------------------------- nginx
+nginx_args_for() { # conf [prefix]: the -c/-p every nginx call of the script uses (run_nginx)
+    nginx_args=(-c "$1")
+    [ -z "${2:-}" ] || nginx_args+=(-p "$2")
+}
+run_nginx() { nginx "${nginx_args[@]}" "$@"; }
+# nginx_reload [start]: reload nginx (systemctl when systemd runs, else nginx -s reload with
+# nginx_args); when it is not running, start it with `start`, else leave it. Sets nginx_action
+# (read it as ${nginx_action:?}).
+# shellcheck disable=SC2034 # nginx_action is the calling script's
+nginx_reload() {
+    local output
+    if [ -d /run/systemd/system ]; then
+        if systemctl is-active --quiet nginx; then
+            systemctl reload nginx
+            nginx_action="reloaded nginx"
+        elif [ "${1:-}" = start ]; then
+            systemctl start nginx
+            nginx_action="started nginx"
+        else
+            nginx_action="nginx not running"
+        fi
+    elif nginx "${nginx_args[@]}" -s reload >/dev/null 2>&1; then
+        nginx_action="reloaded nginx"
+    elif [ "${1:-}" = start ]; then
+        # No running master (no pid file or a stale one): start it.
+        if ! output=$(nginx "${nginx_args[@]}" 2>&1); then
+            printf '%s\n' "$output" >&2
+            die "nginx is not running and could not be started"
+        fi
+        nginx_action="started nginx"
+    else
+        nginx_action="nginx not running"
+    fi
+}
