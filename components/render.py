@@ -106,9 +106,21 @@ _ACME_CHALLENGE = """
     }}"""
 
 
-def site_file_name(app_name: str) -> str:
-    """The nginx site file name (nginx-site.sh / tls.sh `--name`): same rule as components.host.site_name."""
+# What site_name returns for every valid cognivern:appName; lib.sh's valid_site_name checks the
+# same (tests/test_validators_agree.py feeds both the same values).
+SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+
+
+def site_name(app_name: str) -> str:
+    """The nginx site's name (sites-available/NAME.conf, nginx-site.sh / tls.sh `--name`): the app
+    name with every character but A-Z a-z 0-9 _ - replaced by `_`."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", app_name)
+
+
+def nginx_identifier(app_name: str) -> str:
+    """The prefix of the names the site defines (upstream, map variable, TLS session cache): the
+    site name without `-`, which would end an nginx variable name (`$a-b_x` is `$a` then `-b_x`)."""
+    return site_name(app_name).replace("-", "_")
 
 
 def https_redirect_snippet(name: str) -> str:
@@ -147,12 +159,12 @@ def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: s
     """The HTTP site. Without a domain: exactly as before TLS existed. With one (TLS mode): plus the
     ACME challenge location and, in every other location, the include that tls.sh turns into a 301.
     `hsts`: behind a balancer that terminates TLS (and redirects HTTP), the app's answers carry HSTS."""
-    site = re.sub(r"[^A-Za-z0-9_]", "_", s.app_name)
+    site = nginx_identifier(s.app_name)
     default = " default_server" if s.server_name == "_" else ""
     listen = "\n".join(f"    listen {item}{default};" for item in s.nginx_listen)
     acme, redirect = "", ""
     if domain is not None:
-        name = site_file_name(s.app_name)
+        name = site_name(s.app_name)
         acme = _ACME_CHALLENGE.format(name=name, webroot=acme_webroot)
         redirect = f"        include {https_redirect_snippet(name).removesuffix('.conf')}[.]conf;"
     return render_template(
@@ -182,7 +194,7 @@ def render_nginx_tls_site(
     hsts_include_subdomains: bool = False,
 ) -> str:
     """The HTTPS server block tls.sh installs (stdin) once `letsencrypt_dir/live/<domain>/` exists."""
-    site = re.sub(r"[^A-Za-z0-9_]", "_", s.app_name)
+    site = nginx_identifier(s.app_name)
     params = " ssl http2" if http2 else " ssl"
     listen = "\n".join(f"    listen {item}{params};" for item in https_listen)
     hsts = f"max-age={HSTS_MAX_AGE}" + ("; includeSubDomains" if hsts_include_subdomains else "")

@@ -413,8 +413,18 @@ def _listen(raw: Any, message: str) -> tuple[str, ...]:
     return listen
 
 
+def _normalised(path: str) -> bool:
+    return path.startswith("/") and posixpath.normpath(path) == path and path != "/" and "//" not in path
+
+
+def abs_path(path: str) -> bool:
+    """An absolute, normalised path of conservative characters: what lib.sh's valid_abs_path accepts
+    (tests/test_validators_agree.py feeds both the same values)."""
+    return _normalised(path) and ROOT_CHARS_RE.fullmatch(path) is not None
+
+
 def _root(value: str, _message: str) -> str:
-    if not value.startswith("/") or posixpath.normpath(value) != value or value == "/" or "//" in value:
+    if not _normalised(value):
         raise _RuleError(f"{value!r} must be an absolute, normalised path such as /opt/cognivern (no trailing '/', '..' or '//')")
     if not ROOT_CHARS_RE.fullmatch(value):
         raise _RuleError(f"{value!r} may contain only letters, digits, '/', '.', '_' and '-'")

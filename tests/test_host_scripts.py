@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, provision_args, site_name
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, provision_args
 from components.remote import script_command
-from components.render import render_nginx_site
+from components.render import render_nginx_site, site_name
 from components.settings import Settings
 from tests.support.fs import manifest
 from tests.support.helpers import wait_for_port, wait_until

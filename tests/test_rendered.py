@@ -19,7 +19,7 @@ from components.render import (
     render_ecosystem,
     render_nginx_site,
     render_nginx_tls_site,
-    site_file_name,
+    site_name,
 )
 from components.settings import Settings, parse_settings
 from tests.support.nginx import PrivateNginx
@@ -91,7 +91,7 @@ def test_tls_sites_pass_nginx_t(
 ) -> None:
     """The TLS-mode HTTP site alone (before the certificate), then with the HTTPS block and redirect snippet tls.sh adds."""
     s = settings(**values)
-    name = site_file_name(s.app_name)
+    name = site_name(s.app_name)
     http = render_nginx_site(s, domain=domain, acme_webroot="/var/www/letsencrypt")
     (nginx.sites_enabled / f"{name}.conf").write_text(http)
     assert "location ^~ /.well-known/acme-challenge/ {" in http and "root /var/www/letsencrypt;" in http

@@ -30,7 +30,7 @@ from components.render import (
     https_redirect_snippet,
     render_nginx_site,
     render_nginx_tls_site,
-    site_file_name,
+    site_name,
 )
 from components.settings import Settings
 from tests.support.acme import Pebble
@@ -79,7 +79,7 @@ class Tls:
         self.le_logs = host.base / "letsencrypt-logs"
         self.webroot = host.base / "acme-webroot"
         self.settings: Settings = host.settings()
-        self.name = site_file_name(self.settings.app_name)
+        self.name = site_name(self.settings.app_name)
         self.site = host.nginx.sites_available / f"{self.name}.tls.conf"
         self.link = host.nginx.sites_enabled / f"{self.name}.tls.conf"
         self.snippet = host.nginx.prefix / https_redirect_snippet(self.name)

@@ -7,7 +7,6 @@ re-runs it (pulumi-command runs `create` again when no `update` is given).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from components.render import (
     render_nginx_site,
     render_nginx_tls_site,
     render_release_conf,
+    site_name,
 )
 from components.settings import Settings
 
@@ -56,10 +56,6 @@ def provision_args(s: Settings) -> list[str]:
 class HostArgs:
     connection: remote.ConnectionArgs
     settings: Settings
-
-
-def site_name(app_name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", app_name)
 
 
 class Host(pulumi.ComponentResource):

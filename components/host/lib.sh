@@ -56,7 +56,7 @@ valid_abs_path() { # absolute, normalised (no //, ., .., trailing /), not "/", c
     [[ /$1/ != */./* && /$1/ != */../* ]]
 }
 valid_user() { [[ $1 =~ ^[a-z_][a-z0-9_-]{0,31}$ ]]; }            # settings.USER_RE
-valid_site_name() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]]; } # settings.APP_NAME_RE (render.site_name)
+valid_site_name() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$ ]]; }   # render.SITE_NAME_RE (what render.site_name makes)
 require_abs_paths() { # var...: each variable's value must be an absolute, normalised path
     local var
     for var; do

@@ -19,7 +19,7 @@ script_init nginx-site "usage: nginx-site --name NAME  (rendered site on stdin)"
 name=""
 parse_options "--name" "$@"
 require_options name
-valid_site_name "$name" || die "--name must be 1-64 characters from A-Z a-z 0-9 . _ -, got '$name'"
+valid_site_name "$name" || die "--name must be 1-64 characters from A-Z a-z 0-9 _ -, starting with a letter or digit, got '$name'"
 
 conf=${COGNIVERN_NGINX_CONF:-/etc/nginx/nginx.conf}
 prefix=${COGNIVERN_NGINX_PREFIX:-}

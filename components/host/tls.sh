@@ -44,7 +44,7 @@ script_init tls "usage: tls --name NAME --domain DOMAIN --email EMAIL --server A
 name="" domain="" email="" server=""
 parse_options "--name --domain --email --server" "$@"
 require_options name domain email server
-valid_site_name "$name" || die "--name must be 1-64 characters from A-Z a-z 0-9 . _ -, got '$name'"
+valid_site_name "$name" || die "--name must be 1-64 characters from A-Z a-z 0-9 _ -, starting with a letter or digit, got '$name'"
 label='[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?'
 [[ ${#domain} -le 253 && $domain =~ ^($label\.)+$label$ ]] ||
     die "--domain must be a lowercase DNS name with at least one dot (no wildcard, no trailing dot), got '$domain'"

@@ -1221,4 +1221,5 @@ main() {
     esac
 }
 
-main "$@"
+# Sourced (tests/test_validators_agree.py calls valid_id), the tool only defines; run, it runs.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then main "$@"; fi
