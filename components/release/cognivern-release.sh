@@ -490,80 +490,66 @@ release_sealed() {  # true when nothing in releases/$1 belongs to anyone but roo
     [ -z "$(find "$RELEASES/$1" \( ! -user root -o -perm /022 \) ! -type l -print -quit)" ]
 }
 
-cmd_install() {
-    [ $# -eq 3 ] || usage_error "usage: install ID SOURCE SHA256 (or: install ID - -)"
-    local id=$1 source=$2 sha=$3 dir tarball actual top
-    valid_id "$id"
-    ACTION_ID=$id
-    dir="$RELEASES/$id"
-
-    if [ "$source" = - ]; then
-        [ "$sha" = - ] || usage_error "install ID - - takes no checksum without a source"
-        if release_complete "$id"; then
-            RESULT=present
-            say "release $id is installed"
-            return 0
-        fi
-        local why="is not installed"
-        [ -d "$dir" ] && why="is only half installed"
-        die "release $id $why on this server. Complete releases here: $(complete_list_text).
+install_check_only() {  # install ID - -: succeed when ID is complete here, else fail with the list
+    local id=$1
+    if release_complete "$id"; then
+        RESULT=present
+        say "release $id is installed"
+        return 0
+    fi
+    local why="is not installed"
+    [ -d "$RELEASES/$id" ] && why="is only half installed"
+    die "release $id $why on this server. Complete releases here: $(complete_list_text).
 Build an artifact with scripts/build-artifact, then set cognivern:release to its id and provide it
 (cognivern:artifact = the tarball path, or cognivern:artifactUrl + cognivern:artifactSha256) and run pulumi up;
 or set cognivern:release to one of the releases listed above."
-    fi
+}
 
-    sha=${sha,,}
-    [[ $sha =~ $SHA_RE ]] || usage_error "SHA256 must be 64 hex characters, got '$sha'"
-    ACTION_SHA=$sha
-    ensure_layout
-    take_install_lock "$id"
-
-    if release_complete "$id"; then
-        local had=""
-        [ -f "$DEPLOY/meta/$id" ] && had=$(sed -n 's/^sha256=//p' "$DEPLOY/meta/$id")
-        if [ -n "$had" ] && [ "$had" != "$sha" ]; then
-            RESULT=conflict
-            die "release $id is already installed from a different artifact (sha256 $had); build it under a new id"
-        fi
-        RESULT=noop
-        say "release $id is already installed; nothing to do"
-        return 0
+refuse_other_artifact() {  # $1 = id (complete), $2 = sha256: the same id from another artifact is refused
+    local had=""
+    [ -f "$DEPLOY/meta/$1" ] && had=$(sed -n 's/^sha256=//p' "$DEPLOY/meta/$1")
+    if [ -n "$had" ] && [ "$had" != "$2" ]; then
+        RESULT=conflict
+        die "release $1 is already installed from a different artifact (sha256 $had); build it under a new id"
     fi
-    if [ -d "$dir" ]; then
-        say "release $id was half installed; removing it and installing again"
-        rm -rf -- "$dir"
-    fi
+}
 
-    case $source in
+fetch_artifact() {  # $1 = source (path or https:// URL), $2 = id; sets TARBALL
+    case $1 in
         https://*)
-            tarball="$DEPLOY/tmp/download-$id.$$.tar.gz"
-            TMP_CLEANUP=$tarball
-            say "downloading $source"
-            curl -fsSL --proto '=https' --retry 3 --max-time 600 -o "$tarball" "$source" || die "download of $source failed"
+            TARBALL="$DEPLOY/tmp/download-$2.$$.tar.gz"
+            TMP_CLEANUP=$TARBALL
+            say "downloading $1"
+            curl -fsSL --proto '=https' --retry 3 --max-time 600 -o "$TARBALL" "$1" || die "download of $1 failed"
             ;;
-        http://* | ftp://* | *://*) usage_error "SOURCE URLs must be https://, got '$source'" ;;
+        http://* | ftp://* | *://*) usage_error "SOURCE URLs must be https://, got '$1'" ;;
         *)
-            tarball=$source
-            [ -f "$tarball" ] || die "$tarball does not exist (upload it to $ROOT/incoming first)"
+            TARBALL=$1
+            [ -f "$TARBALL" ] || die "$TARBALL does not exist (upload it to $ROOT/incoming first)"
             ;;
     esac
+}
 
-    actual=$(sha256sum <"$tarball" | cut -d' ' -f1)
-    if [ "$actual" != "$sha" ]; then
+verify_artifact() {  # $1 = tarball, $2 = sha256: the checksum, safe members, nothing the server owns
+    local actual first
+    actual=$(sha256sum <"$1" | cut -d' ' -f1)
+    if [ "$actual" != "$2" ]; then
         RESULT="bad-checksum"
-        die "checksum mismatch for $tarball: expected $sha, got $actual; nothing was unpacked"
+        die "checksum mismatch for $1: expected $2, got $actual; nothing was unpacked"
     fi
-    check_members "$tarball" ''
-    local first
-    first=$(tar -tzf "$tarball" | sed -e 's#^\./##' -e 's#/.*##' | sort -u)
+    check_members "$1" ''
+    first=$(tar -tzf "$1" | sed -e 's#^\./##' -e 's#/.*##' | sort -u)
     if grep -qxE '\.env|data|logs|node_modules' <<<"$first"; then
-        die "$tarball contains $(grep -xE '\.env|data|logs|node_modules' <<<"$first" | paste -sd' ' -) at its top level; artifacts carry no secrets, data, logs or node_modules"
+        die "$1 contains $(grep -xE '\.env|data|logs|node_modules' <<<"$first" | paste -sd' ' -) at its top level; artifacts carry no secrets, data, logs or node_modules"
     fi
+}
 
-    say "installing release $id"
+unpack_release() {  # $1 = tarball, $2 = id: into releases/ID, marked unfinished
+    local dir="$RELEASES/$2" top
+    say "installing release $2"
     mkdir -p "$dir"
     touch "$dir/$UNFINISHED"
-    tar -xzf "$tarball" -C "$dir" --no-same-owner --no-same-permissions
+    tar -xzf "$1" -C "$dir" --no-same-owner --no-same-permissions
     if [ ! -f "$dir/package.json" ]; then
         # tolerate one wrapping directory (cognivern-ID/...)
         top=$(find "$dir" -mindepth 1 -maxdepth 1 ! -name "$UNFINISHED")
@@ -572,10 +558,13 @@ or set cognivern:release to one of the releases listed above."
             rmdir "$top"
         fi
     fi
-    [ -f "$dir/package.json" ] || die "release $id has no package.json"
-    [ -f "$dir/pnpm-lock.yaml" ] || die "release $id has no pnpm-lock.yaml (needed for --frozen-lockfile)"
-    [ -f "$dir/dist/index.js" ] || die "release $id has no dist/index.js"
+    [ -f "$dir/package.json" ] || die "release $2 has no package.json"
+    [ -f "$dir/pnpm-lock.yaml" ] || die "release $2 has no pnpm-lock.yaml (needed for --frozen-lockfile)"
+    [ -f "$dir/dist/index.js" ] || die "release $2 has no dist/index.js"
+}
 
+install_dependencies() {  # $1 = id
+    local dir="$RELEASES/$1"
     # The release is root's from the start; only node_modules is the app's while pnpm (run as the
     # app, never as root: packages run install scripts) fills it, with copies rather than links
     # into the app-writable store. seal_release then makes all of it root's and read-only.
@@ -584,19 +573,55 @@ or set cognivern:release to one of the releases listed above."
     if [ "$(id -u)" = 0 ]; then install -d -o "$APP_USER" -g "$APP_GROUP" -m 0755 "$dir/node_modules"; fi
     if ! (cd "$dir" && as_app env CI=true pnpm install --prod --frozen-lockfile --prefer-offline \
         --package-import-method=copy --store-dir "$ROOT/cache/pnpm-store" --reporter=append-only >&2); then
-        die "pnpm install failed for release $id (left unfinished; install it again to retry)"
+        die "pnpm install failed for release $1 (left unfinished; install it again to retry)"
     fi
+}
 
+finish_install() {  # $1 = id, $2 = sha256, $3 = source: links to shared/, sealed, recorded, complete
+    local dir="$RELEASES/$1"
     ln -sfn ../../shared/.env "$dir/.env"
     ln -sfn ../../shared/data "$dir/data"
     ln -sfn ../../shared/logs "$dir/logs"
-    seal_release "$id"
+    seal_release "$1"
     [ -e "$dir/.env" ] || say "warning: $ROOT/shared/.env does not exist yet; the app will start without it"
 
-    printf 'installed_at=%s\ninstalled_epoch=%s\nsha256=%s\nsource=%s\n' "$(iso_now)" "$(date +%s)" "$sha" "$source" \
-        >"$DEPLOY/meta/$id"
-    rm -f "$DEPLOY/bad/$id"
+    printf 'installed_at=%s\ninstalled_epoch=%s\nsha256=%s\nsource=%s\n' "$(iso_now)" "$(date +%s)" "$2" "$3" \
+        >"$DEPLOY/meta/$1"
+    rm -f "$DEPLOY/bad/$1"
     rm -f "$dir/$UNFINISHED"
+}
+
+cmd_install() {
+    [ $# -eq 3 ] || usage_error "usage: install ID SOURCE SHA256 (or: install ID - -)"
+    local id=$1 source=$2 sha=$3
+    valid_id "$id"
+    ACTION_ID=$id
+    if [ "$source" = - ]; then
+        [ "$sha" = - ] || usage_error "install ID - - takes no checksum without a source"
+        install_check_only "$id"
+        return 0
+    fi
+
+    sha=${sha,,}
+    [[ $sha =~ $SHA_RE ]] || usage_error "SHA256 must be 64 hex characters, got '$sha'"
+    ACTION_SHA=$sha
+    ensure_layout
+    take_install_lock "$id"
+    if release_complete "$id"; then
+        refuse_other_artifact "$id" "$sha"
+        RESULT=noop
+        say "release $id is already installed; nothing to do"
+        return 0
+    fi
+    if [ -d "$RELEASES/$id" ]; then
+        say "release $id was half installed; removing it and installing again"
+        rm -rf -- "${RELEASES:?}/$id"
+    fi
+    fetch_artifact "$source" "$id"
+    verify_artifact "$TARBALL" "$sha"
+    unpack_release "$TARBALL" "$id"
+    install_dependencies "$id"
+    finish_install "$id" "$sha" "$source"
     RESULT=installed
     say "release $id installed"
 }
