@@ -56,33 +56,7 @@ class Balancer(pulumi.ComponentResource):
         super().__init__("cognivern:index:Balancer", name, {}, opts)
         if not 2 <= len(args.server_ids) <= 10:
             raise ValueError(f"a balancer needs 2-10 servers, got {len(args.server_ids)}")
-        child = pulumi.ResourceOptions(parent=self)
-        protected = pulumi.ResourceOptions(parent=self, protect=args.protect)
-
-        network = hcloud.Network(
-            f"{name}-network", ip_range=NETWORK_RANGE, delete_protection=args.protect, labels=args.labels, opts=protected
-        )
-        network_id = network.id.apply(int)
-        subnet = hcloud.NetworkSubnet(
-            f"{name}-subnet",
-            network_id=network_id,
-            type="cloud",
-            network_zone=args.network_zone,
-            ip_range=SUBNET_RANGE,
-            opts=child,
-        )
-        self.private_ips = [private_ip(i) for i in range(1, len(args.server_ids) + 1)]
-        attachments = [
-            hcloud.ServerNetwork(
-                f"{name}-server-{index}-network",
-                server_id=pulumi.Output.from_input(server_id).apply(int),
-                network_id=network_id,
-                ip=ip,
-                opts=pulumi.ResourceOptions(parent=self, depends_on=[subnet]),
-            )
-            for index, (server_id, ip) in enumerate(zip(args.server_ids, self.private_ips, strict=True), start=1)
-        ]
-
+        network_id, subnet, attachments = self._network(name, args)
         balancer = hcloud.LoadBalancer(
             f"{name}-lb",
             load_balancer_type=args.load_balancer_type,
@@ -90,7 +64,7 @@ class Balancer(pulumi.ComponentResource):
             algorithm=hcloud.LoadBalancerAlgorithmArgs(type="round_robin"),
             delete_protection=args.protect,
             labels=args.labels,
-            opts=protected,
+            opts=pulumi.ResourceOptions(parent=self, protect=args.protect),
         )
         lb_network = hcloud.LoadBalancerNetwork(
             f"{name}-lb-network",
@@ -110,6 +84,44 @@ class Balancer(pulumi.ComponentResource):
                 # over the private network: both ends must be attached first
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[lb_network, attachment]),
             )
+        self._service(name, args, balancer)
+        self.ipv4_address = balancer.ipv4
+        self.ipv6_address = balancer.ipv6
+        self.register_outputs({"ipv4Address": self.ipv4_address, "ipv6Address": self.ipv6_address, "privateIps": self.private_ips})
+
+    def _network(self, name: str, args: BalancerArgs) -> tuple[pulumi.Output[int], hcloud.NetworkSubnet, list[hcloud.ServerNetwork]]:
+        """The private network, its subnet, and each server attached at its private address."""
+        network = hcloud.Network(
+            f"{name}-network",
+            ip_range=NETWORK_RANGE,
+            delete_protection=args.protect,
+            labels=args.labels,
+            opts=pulumi.ResourceOptions(parent=self, protect=args.protect),
+        )
+        network_id = network.id.apply(int)
+        subnet = hcloud.NetworkSubnet(
+            f"{name}-subnet",
+            network_id=network_id,
+            type="cloud",
+            network_zone=args.network_zone,
+            ip_range=SUBNET_RANGE,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        self.private_ips = [private_ip(i) for i in range(1, len(args.server_ids) + 1)]
+        attachments = [
+            hcloud.ServerNetwork(
+                f"{name}-server-{index}-network",
+                server_id=pulumi.Output.from_input(server_id).apply(int),
+                network_id=network_id,
+                ip=ip,
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[subnet]),
+            )
+            for index, (server_id, ip) in enumerate(zip(args.server_ids, self.private_ips, strict=True), start=1)
+        ]
+        return network_id, subnet, attachments
+
+    def _service(self, name: str, args: BalancerArgs, balancer: hcloud.LoadBalancer) -> None:
+        """HTTP 80 -> 80, or with a domain HTTPS 443 -> 80 (Hetzner managed certificate, HTTP redirected)."""
         health_check = hcloud.LoadBalancerServiceHealthCheckArgs(
             protocol="http",
             port=80,
@@ -118,30 +130,20 @@ class Balancer(pulumi.ComponentResource):
             retries=HEALTH_RETRIES,
             http=hcloud.LoadBalancerServiceHealthCheckHttpArgs(path=args.health_path, domain=args.domain, status_codes=["2??"]),
         )
-        if args.tls_domain is None:
-            hcloud.LoadBalancerService(
-                f"{name}-http",
-                load_balancer_id=balancer.id,
-                protocol="http",
-                listen_port=80,
-                destination_port=80,
-                health_check=health_check,
-                opts=child,
-            )
-        else:
+        child = pulumi.ResourceOptions(parent=self)
+        https = None
+        if args.tls_domain is not None:
             # Hetzner issues and renews the certificate (Let's Encrypt) once DNS points at the balancer;
             # redirect_http answers port 80 with a redirect, so there is no plain-HTTP service.
             certificate = hcloud.ManagedCertificate(f"{name}-certificate", domain_names=[args.tls_domain], labels=args.labels, opts=child)
-            hcloud.LoadBalancerService(
-                f"{name}-https",
-                load_balancer_id=balancer.id,
-                protocol="https",
-                listen_port=443,
-                destination_port=80,
-                http=hcloud.LoadBalancerServiceHttpArgs(certificates=[certificate.id.apply(int)], redirect_http=True),
-                health_check=health_check,
-                opts=child,
-            )
-        self.ipv4_address = balancer.ipv4
-        self.ipv6_address = balancer.ipv6
-        self.register_outputs({"ipv4Address": self.ipv4_address, "ipv6Address": self.ipv6_address, "privateIps": self.private_ips})
+            https = hcloud.LoadBalancerServiceHttpArgs(certificates=[certificate.id.apply(int)], redirect_http=True)
+        hcloud.LoadBalancerService(
+            f"{name}-http" if https is None else f"{name}-https",
+            load_balancer_id=balancer.id,
+            protocol="http" if https is None else "https",
+            listen_port=80 if https is None else 443,
+            destination_port=80,
+            http=https,
+            health_check=health_check,
+            opts=child,
+        )
