@@ -9,15 +9,18 @@ project.go: "is not namespaced by the project and should not define a type"), ar
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from components.render import render_release_conf
 from components.settings import KEYS, NAMESPACE, SECRET_KEYS, Settings, parse_settings
 from tools.config_table import README, with_table
 
 REPO = Path(__file__).resolve().parents[1]
+BASE = {"release": "v1", "host": "192.0.2.1"}
 PROJECT = yaml.safe_load((REPO / "Pulumi.yaml").read_text())
 PROD = yaml.safe_load((REPO / "Pulumi.prod.yaml").read_text())
 TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "integer": int, "boolean": bool, "array": list, "object": dict}
@@ -81,6 +84,17 @@ def test_project_defaults_are_the_program_defaults() -> None:
         for key in KEYS
     }
     assert {k: declared.get(k) or None for k in table} == table, "Pulumi.yaml's defaults differ from components/settings.py KEYS"
+
+
+def test_release_tool_defaults_are_the_program_defaults() -> None:
+    """cognivern-release falls back to its own defaults when config/cognivern.conf lacks a value
+    (run by hand on a half-set-up host): they are what the program writes for a default stack."""
+    tool = (REPO / "components" / "release" / "cognivern-release.sh").read_text()
+    fallbacks = dict(re.findall(r"^    ([A-Z_]+)=\$\{\1:-([^}]*)\}$", tool, re.MULTILINE))
+    written = dict(line.split("=", 1) for line in render_release_conf(parse_settings(BASE.get)).splitlines()[1:])
+    written.pop("SECRET_KEYS")
+    assert fallbacks == written
+    assert re.search(r"^    ROOT=\$\{COGNIVERN_ROOT:-(\S+)\}$", tool, re.MULTILINE)[1] == parse_settings(BASE.get).root  # type: ignore[index]
 
 
 def test_readme_configuration_table_is_generated_from_the_settings_table() -> None:
