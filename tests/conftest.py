@@ -15,9 +15,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.pluginmanager.hasplugin("xdist"):  # `make test` runs in parallel: tests/support/parallel.py
         from tests.support import parallel
 
-        config.pluginmanager.register(parallel.Parallel(), "cognivern-parallel")
-        if hasattr(config, "workerinput") and config.getvalue("dist") == "loadfile":
-            config.pluginmanager.register(parallel.SlowestFirst(), "cognivern-slowest-first")
+        parallel.register(config)
 
 
 @pytest.fixture(scope="module", autouse=True)

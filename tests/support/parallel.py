@@ -19,6 +19,8 @@ pytest-randomly's full order and ignores all of this.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from xdist.remote import Producer
 from xdist.scheduler import LoadFileScheduling
@@ -83,9 +85,23 @@ class ModuleScheduling(LoadFileScheduling):  # type: ignore[misc]  # (untyped)
         return self._units[nodeid]
 
 
+def register(config: pytest.Config) -> None:
+    """From tests/conftest.py's pytest_configure: only when pytest-xdist is loaded (its hooks are xdist's)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    config.pluginmanager.register(Parallel(), "cognivern-parallel")
+    if getattr(config, "workerinput", {}).get("cognivern_slowest_first"):  # (a worker's own "dist" is "no")
+        config.pluginmanager.register(SlowestFirst(), "cognivern-slowest-first")
+
+
 class Parallel:
-    """Registered by tests/conftest.py only when pytest-xdist is loaded (its hooks are xdist's)."""
+    """The controller's side: ModuleScheduling for `--dist loadfile`."""
 
     @pytest.hookimpl
     def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Producer) -> ModuleScheduling | None:
         return ModuleScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
+
+    @pytest.hookimpl
+    def pytest_configure_node(self, node: Any) -> None:
+        """Tell each worker to queue its collection slowest first (loadfile only)."""
+        node.workerinput["cognivern_slowest_first"] = node.config.getvalue("dist") == "loadfile"
