@@ -42,10 +42,11 @@ deploy: cli-check stack-check $(VENV)/.runtime
 preview: cli-check stack-check $(VENV)/.runtime
 	scripts/pulumi-local $(STACK) preview --diff
 
-## the whole test suite: lint, types, unit, mock-monitor and real-host tests, in random order
-## (pytest-randomly prints the seed; repeat an order with SEED=N make test)
+JOBS ?= 4
+## the whole test suite: lint, types, unit, mock-monitor and real-host tests, in random order on JOBS
+## pytest-xdist workers (seed printed, SEED=N make test repeats it; JOBS=0: serial; tests/README.md)
 test: $(VENV)/.installed lint
-	$(VENV)/bin/pytest -p randomly $(if $(SEED),--randomly-seed=$(SEED))
+	$(VENV)/bin/pytest -p randomly -n $(JOBS) --dist loadfile $(if $(SEED),--randomly-seed=$(SEED))
 
 ## ruff, mypy and shellcheck
 lint: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""Suite-wide hooks and fixtures: the root requirement of the real-host modules, a private nginx."""
+"""Suite-wide hooks and fixtures: the parallel schedule, the root requirement of the real-host modules, a private nginx."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ from tests.support.nginx import PrivateNginx
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs_root(why): the module creates users, namespaces or runs the tools as root")
+    if config.pluginmanager.hasplugin("xdist"):  # `make test` runs in parallel: tests/support/parallel.py
+        from tests.support import parallel
+
+        parallel.register(config)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -29,7 +29,7 @@ from components.remote import script_command
 from components.render import render_nginx_site, site_name
 from components.settings import Settings
 from tests.support.fs import manifest
-from tests.support.helpers import wait_for_port, wait_until
+from tests.support.helpers import wait_until
 from tests.support.target_host import TargetHost
 
 FAKE_TOOL = '#!/usr/bin/env bash\n# stand-in for cognivern-release\necho "cognivern-release $*" >>"${COGNIVERN_TOOL_LOG:-/dev/null}"\n'
@@ -106,10 +106,7 @@ def first_run(host: TargetHost) -> subprocess.CompletedProcess[str]:
     assert host.sshd.auth_methods() >= {"publickey", "password"}
     result = host.run(provision_cmd(host.settings()), stdin=FAKE_TOOL)
     assert result.returncode == 0, result.stderr + result.stdout
-    # provisioning reloads sshd (password login off): it re-executes itself and, for a moment,
-    # refuses connections (pulumi-command retries its dials; a test's next ssh must wait for it)
-    wait_for_port(host.sshd.port)
-    return result
+    return result  # provision.sh returns once the reloaded sshd listens again (test below)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +178,21 @@ def test_provision_disables_password_login_and_reloads_sshd(host: TargetHost, fi
     # The running daemon picked it up (SIGHUP via COGNIVERN_SSHD_PIDFILE): only keys are offered now.
     assert host.sshd.auth_methods() == {"publickey"}
     assert "reloaded" in next(line for line in first_run.stdout.splitlines() if line.startswith("provision: sshd:"))
+
+
+def test_provision_returns_only_once_the_reloaded_sshd_accepts_connections() -> None:
+    """The reload (SIGHUP) makes sshd re-execute itself; until it has bound again, connections are
+    refused. Here that takes 2 s (LocalSshd's reexec_delay), so the very next SSH command, one
+    attempt and no retry, fails unless provision.sh waits for the new listening sockets."""
+    with TargetHost(sshd_reexec_delay=2) as host:
+        assert host.sshd is not None and host.sshd.auth_methods() >= {"publickey", "password"}
+        pid = host.sshd.pid
+        result = host.run(provision_cmd(host.settings()), stdin=FAKE_TOOL)
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert f"sshd (pid {pid}) reloaded" in result.stdout
+        after = host.run("true", retries=0)
+        assert after.returncode == 0, after.stderr
+        assert host.sshd.pid == pid and host.sshd.auth_methods() == {"publickey"}, "the same daemon, reloaded"
 
 
 def test_provision_removes_distro_default_site(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:

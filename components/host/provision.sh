@@ -389,13 +389,39 @@ else
     if ! grep -qx 'passwordauthentication no' <<<"$effective"; then
         echo "provision: WARNING: $sshd_config does not apply $dropin (no Include of sshd_config.d/*.conf at its top?); password login is still enabled" >&2
     fi
+    # A reload makes sshd re-execute itself (same pid): until the new image has bound again, a
+    # connection (the program's next SSH command) is refused. So wait until it listens on new sockets.
+    listen_sockets() { # the TCP sockets process $1 listens on: socket:[INODE] lines, sorted
+        awk '$4 == "0A" { print "socket:[" $10 "]" }' "/proc/$1/net/tcp" "/proc/$1/net/tcp6" 2>/dev/null | sort -u >"$tmpdir/listen" || true
+        find "/proc/$1/fd" -lname 'socket:*' -printf '%l\n' 2>/dev/null | sort -u | comm -12 - "$tmpdir/listen" || true
+    }
+    wait_relisten() { # $1 pid, $2 its sockets before the reload (none known: nothing to wait for)
+        local now i
+        [ -n "$2" ] || return 0
+        for ((i = 0; i < 300; i++)); do
+            kill -0 "$1" 2>/dev/null || die "sshd (pid $1) exited after the reload: SSH logins are down; see its log"
+            now=$(listen_sockets "$1")
+            if [ "$(grep -c . <<<"$now")" -ge "$(grep -c . <<<"$2")" ] && ! grep -qxFf <(printf '%s\n' "$2") <<<"$now"; then
+                return 0
+            fi
+            sleep 0.1
+        done
+        die "sshd (pid $1) does not listen again 30 s after the reload: SSH logins may be down; see its log"
+    }
     if systemd_running; then
+        pid=$(systemctl show --property MainPID --value ssh.service 2>/dev/null || true)
+        # socket activation (ssh.socket): systemd holds the listening socket, nothing is refused
+        if systemctl is-active --quiet ssh.socket || ! [[ $pid =~ ^[1-9][0-9]*$ ]]; then pid=0; fi
+        before=$(listen_sockets "$pid")
         systemctl try-reload-or-restart ssh.service
+        wait_relisten "$pid" "$before"
         reloaded="ssh.service reloaded"
     elif [ -n "$sshd_pidfile" ] && [ -s "$sshd_pidfile" ]; then
         pid=$(cat "$sshd_pidfile")
         [[ $pid =~ ^[0-9]+$ ]] || die "$sshd_pidfile does not hold a process id"
+        before=$(listen_sockets "$pid")
         kill -HUP "$pid"
+        wait_relisten "$pid" "$before"
         reloaded="sshd (pid $pid) reloaded"
     else
         reloaded="reload skipped: no systemd and no COGNIVERN_SSHD_PIDFILE"

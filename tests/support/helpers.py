@@ -72,9 +72,10 @@ def user_pids(user: str) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def end_user_processes(user: str) -> None:
-    """SIGTERM, then SIGKILL, every process of the test-only `user`, waiting up to 5 s after each."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def end_user_processes(user: str, *, graceful: bool = True) -> None:
+    """SIGTERM, then SIGKILL, every process of the test-only `user`, waiting up to 5 s after each
+    (`graceful=False`: SIGKILL at once, for state that is thrown away anyway)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL) if graceful else (signal.SIGKILL,):
         pids = user_pids(user)
         if not pids:
             return

@@ -31,6 +31,7 @@ temp dirs removed. Requires root, iproute2 and util-linux (unshare, nsenter).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -54,6 +55,7 @@ SUBNET_PREFIX = "10.213.0."  # a /30 per host out of 10.213.0.0/24, on our own v
 SSH_PORT = 22  # inside each namespace: one sshPort for the whole stack
 SITE_PORT = 8080  # each host's nginx site (nginxListen), on all of its namespace's addresses
 APP_PORT = 3000  # the app on 127.0.0.1 inside each namespace (cognivern:port)
+SLOT_LOCK = "/run/lock/cognivern-netns-slots.lock"  # flock only: choosing the /30s (below)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -236,14 +238,18 @@ class NetnsHosts(DisposableHost):
         self.user_created = True
         self.app_home.mkdir(mode=0o750)  # mount point; each host binds its own home here
         self.home_created = True
-        used = _used_slots()
-        free = [s for s in range(1, 63) if s not in used][: self.count]
-        if len(free) < self.count:
-            raise RuntimeError("no free /30 left in 10.213.0.0/24")
-        for index, slot in enumerate(free, start=1):
-            host = NetnsHost(self, index, slot)
-            self.hosts.append(host)
-            host.start()
+        # Pools of concurrent test runs pick their /30s one at a time: the lock is held until this
+        # pool's addresses exist (an address added twice on two veths would not fail, only misroute).
+        with open(SLOT_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            used = _used_slots()
+            free = [s for s in range(1, 63) if s not in used][: self.count]
+            if len(free) < self.count:
+                raise RuntimeError("no free /30 left in 10.213.0.0/24")
+            for index, slot in enumerate(free, start=1):
+                host = NetnsHost(self, index, slot)
+                self.hosts.append(host)
+                host.start()
 
     @property
     def uid(self) -> int:

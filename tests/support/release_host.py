@@ -224,6 +224,9 @@ class ReleaseHost(DisposableHost):
         """Kill this host's PM2 daemon and its apps; wait until the app port is closed."""
         if any((self.pm2_home / f).exists() for f in ("pm2.pid", "rpc.sock")):
             self.pm2("kill")
+        self._wait_port_closed()
+
+    def _wait_port_closed(self) -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and port_open(self.port):
             time.sleep(0.1)
@@ -236,9 +239,13 @@ class ReleaseHost(DisposableHost):
         return snap
 
     def restore(self, snap: Path) -> None:
-        """ROOT and PM2_HOME exactly as at `snapshot()`, with no PM2 daemon or app process left running."""
-        self.stop_pm2()
-        end_user_processes(self.user)  # a test-only user: anything it left behind (a pre-flight, a tool child)
+        """ROOT and PM2_HOME exactly as at `snapshot()`, with no PM2 daemon or app process left running.
+
+        The user is test-only and its PM2_HOME is replaced below, so its processes (the daemon, the
+        app, a pre-flight, a tool child) are SIGKILLed, not stopped through `pm2 kill`: that was a
+        PM2 CLI start (a node process, about a second of CPU) and a graceful app stop per test."""
+        end_user_processes(self.user, graceful=False)
+        self._wait_port_closed()
         for child in self.root.iterdir():
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)

@@ -59,6 +59,9 @@ class LocalSshd:
       log_path          the daemon's stderr (`-e`): read it when a connection fails
       user              login user for `run()` (default root)
       set_env           the server-side SetEnv variables (placeholders resolved)
+      reexec_delay      seconds the daemon takes to come back after a SIGHUP (default 0): it runs
+                        through a wrapper (`<dir>/sshd`) that sleeps before re-executing sshd, so
+                        the window in which a reload refuses connections is wide, not a race
     """
 
     def __init__(
@@ -68,8 +71,10 @@ class LocalSshd:
         user: str = "root",
         port: int | None = None,
         extra_config: Sequence[str] = (),
+        reexec_delay: float = 0,
     ) -> None:
         self.user = user
+        self.reexec_delay = reexec_delay
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="cognivern-sshd-"))
         self.dir.chmod(0o755)  # sshd reads authorized_keys as the login user
@@ -145,7 +150,20 @@ class LocalSshd:
 
     def daemon_argv(self) -> list[str]:
         """The daemon in the foreground (-D) logging to stderr (-e); the Popen pid is the sshd's."""
-        return [SSHD, "-D", "-e", "-f", str(self.config_path)]
+        return [self._binary(), "-D", "-e", "-f", str(self.config_path)]
+
+    def _binary(self) -> str:
+        """sshd, or with `reexec_delay` a wrapper it re-executes on SIGHUP (sshd execs its argv[0])."""
+        if not self.reexec_delay:
+            return SSHD
+        wrapper, started = self.dir / "sshd", self.dir / "sshd.started"
+        wrapper.write_text(
+            "#!/bin/bash\n# sshd, slow to come back after a SIGHUP (not for -R, a connection's re-exec)\n"
+            f'if [ -e {started} ] && [[ " $* " != *" -R "* ]]; then sleep {self.reexec_delay}; fi\n'
+            f'touch {started}\nexec -a "$0" {SSHD} "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        return str(wrapper)
 
     @property
     def pid(self) -> int | None:

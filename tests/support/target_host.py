@@ -49,7 +49,7 @@ class TargetHost(DisposableHost):
     env        the COGNIVERN_* overrides (and PATH) every SSH command sees
     """
 
-    def __init__(self, *, app_user: str | None = None, start_nginx: bool = True) -> None:
+    def __init__(self, *, app_user: str | None = None, start_nginx: bool = True, sshd_reexec_delay: float = 0) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="cognivern-host-"))
         self.base.chmod(0o755)
         self.root = self.base / "root"
@@ -74,7 +74,8 @@ class TargetHost(DisposableHost):
                     "COGNIVERN_SSHD_CONFIG": "{config}",
                     "COGNIVERN_SSHD_PIDFILE": "{pidfile}",
                     **self.nginx.env,
-                }
+                },
+                reexec_delay=sshd_reexec_delay,
             )
             self.env = dict(self.sshd.set_env)
         except Exception:

@@ -1,0 +1,107 @@
+"""How `make test` spreads the suite over pytest-xdist workers (`-n 4 --dist loadfile`).
+
+A test module is one unit of work: its tests run on one worker, in the seeded (pytest-randomly)
+order, sharing the module's hosts, like a serial run of that module alone. Two exceptions, both
+here so that the schedule is reproducible from the seed:
+
+- SPLIT modules are divided into N units (the k-th test of the module in the seeded order goes
+  to unit k mod N). Each unit builds the module's fixtures again on its worker; that is only
+  correct for modules whose hosts take a unique app user, ROOT, ports and temp dirs (checked
+  for every module listed), so two units can run at the same time.
+- Units are queued slowest first (SECONDS: rough serial times, tests/README.md), so a long module
+  never starts last while the other workers sit idle. Modules not listed keep the seeded order.
+
+Which modules run at the same time on which worker depends on timing, not on the seed: the
+modules share nothing (unique users, loopback ports from free_port, private temp dirs and
+PM2 homes), so that order does not matter. A serial run (`-n 0` or `-p no:xdist`) keeps
+pytest-randomly's full order and ignores all of this.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from xdist.remote import Producer
+from xdist.scheduler import LoadFileScheduling
+
+SPLIT = {"test_release_tool": 2}
+SECONDS = {
+    "test_release_tool": 240,
+    "test_activation_kill": 90,
+    "test_scenarios": 90,
+    "test_multi_server": 90,
+    "test_backup_live": 60,
+    "test_tls": 60,
+    "test_masking": 60,
+    "test_host_scripts": 45,
+    "test_newcomer": 40,
+    "test_hardening": 40,
+    "test_preflight_contract": 40,
+    "test_real_cli": 30,
+}
+
+
+def _module(nodeid: str) -> str:
+    """tests/test_x.py::test_y[z] -> test_x"""
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
+def weight(nodeid: str) -> float:
+    """A unit's rough serial time: its module's, divided among the module's units."""
+    name = _module(nodeid)
+    return SECONDS.get(name, 0) / SPLIT.get(name, 1)
+
+
+class SlowestFirst:
+    """Plugin for xdist workers: queue the slowest modules first (a stable sort: the seeded order
+    of tests within a module, and of modules of equal weight, is kept)."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        items.sort(key=lambda item: -weight(item.nodeid))
+
+
+class ModuleScheduling(LoadFileScheduling):  # type: ignore[misc]  # (untyped)
+    """`--dist loadfile`, with the SPLIT modules divided into units (see the module docstring)."""
+
+    def __init__(self, config: pytest.Config, log: Producer | None = None) -> None:
+        super().__init__(config, log)
+        # the queue keeps the workers' collection order (slowest first), not "most tests first"
+        config.option.loadscopereorder = False
+        self._units: dict[str, str] = {}
+
+    def _split_scope(self, nodeid: str) -> str:
+        scope = str(super()._split_scope(nodeid))
+        parts = SPLIT.get(_module(nodeid), 1)
+        if parts == 1:
+            return scope
+        if not self._units:
+            seen: dict[str, int] = {}
+            for other in self.collection or []:
+                if SPLIT.get(_module(other), 1) > 1:
+                    index = seen[_module(other)] = seen.get(_module(other), -1) + 1
+                    self._units[other] = f"{super()._split_scope(other)}#{index % SPLIT[_module(other)] + 1}"
+        return self._units[nodeid]
+
+
+def register(config: pytest.Config) -> None:
+    """From tests/conftest.py's pytest_configure: only when pytest-xdist is loaded (its hooks are xdist's)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    config.pluginmanager.register(Parallel(), "cognivern-parallel")
+    if getattr(config, "workerinput", {}).get("cognivern_slowest_first"):  # (a worker's own "dist" is "no")
+        config.pluginmanager.register(SlowestFirst(), "cognivern-slowest-first")
+
+
+class Parallel:
+    """The controller's side: ModuleScheduling for `--dist loadfile`."""
+
+    @pytest.hookimpl
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Producer) -> ModuleScheduling | None:
+        return ModuleScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
+
+    @pytest.hookimpl
+    def pytest_configure_node(self, node: Any) -> None:
+        """Tell each worker to queue its collection slowest first (loadfile only)."""
+        node.workerinput["cognivern_slowest_first"] = node.config.getvalue("dist") == "loadfile"
