@@ -337,10 +337,13 @@ pm2q() {  # $@ = query [app]
     as_app pm2 jlist 2>/dev/null | node "$PM2Q" "$@" || true
 }
 
-app_restarts() {  # $1 = app: "<sum of restarts> <processes errored or stopped> <processes>"
+# $1 = app: "<sum of restarts> <processes errored or stopped> <processes>", or "- - -" when PM2 gave
+# no readable answer (a busy daemon): callers skip that sample rather than call the app dead.
+app_restarts() {
     local line
     line=$(pm2q restarts "$1")
-    printf '%s\n' "${line:-0 0 0}"
+    [[ $line =~ ^[0-9]+\ [0-9]+\ [0-9]+$ ]] || line="- - -"
+    printf '%s\n' "$line"
 }
 
 served_by() {  # $1 = app, $2 = release: true when every online worker of app $1 runs from releases/$2
@@ -366,7 +369,7 @@ wait_slot_healthy() {
         n=$((n + 1))
         if [ $((n % 4)) -eq 0 ]; then
             read -r restarts down count < <(app_restarts "$app")
-            if [ "$count" -eq 0 ] || [ "$down" -gt 0 ] || [ "$restarts" -ge $((base + 2)) ]; then
+            if [ "$restarts" != - ] && { [ "$count" -eq 0 ] || [ "$down" -gt 0 ] || [ "$restarts" -ge $((base + 2)) ]; }; then
                 say "PM2 reports $app crash-looping (restarts $base -> $restarts, errored/stopped: $down, processes: $count)"
                 return 1
             fi
@@ -381,6 +384,7 @@ wait_healthy() {  # $1 = release that current points to: the live slot must serv
     slots_load
     local base
     read -r base _ < <(app_restarts "$(slot_app "$S_LIVE")")
+    [ "$base" != - ] || base=0
     wait_slot_healthy "$S_LIVE" "$1" "$base"
 }
 
@@ -929,23 +933,26 @@ first_deploy_failed() {  # $1 = the slot that ran it
 }
 
 # The bake: slot $1 (release $2) serves for BAKE_SECONDS with the old slot as nginx backup. Fails
-# (BAKE_WHY) when PM2 restarts it or shows it down, or when HEALTH_PATH fails twice in a row.
+# (BAKE_WHY) when PM2 restarts it or shows it down, or when HEALTH_PATH fails three times in a row
+# (one slow answer on a busy host is not a failure; a sick app answers 500 at once).
 BAKE_WHY=""
 bake() {
     local app base restarts down count fails=0 end
     app=$(slot_app "$1")
     read -r base _ < <(app_restarts "$app")
+    [ "$base" != - ] || read -r base _ < <(app_restarts "$app")
+    [ "$base" != - ] || base=0
     end=$(($(date +%s%3N) + BAKE_SECONDS * 1000))
     say "bake: watching $2 in slot $1 for ${BAKE_SECONDS}s (health, PM2 restarts); the previous slot stays warm as nginx backup"
     while [ "$(date +%s%3N)" -lt "$end" ]; do
         read -r restarts down count < <(app_restarts "$app")
-        if [ "$count" -eq 0 ] || [ "$down" -gt 0 ] || [ "$restarts" -gt "$base" ]; then
+        if [ "$restarts" != - ] && { [ "$count" -eq 0 ] || [ "$down" -gt 0 ] || [ "$restarts" -gt "$base" ]; }; then
             BAKE_WHY="PM2 restarted or lost it (restarts $base -> $restarts, errored/stopped: $down, processes: $count)"
             return 1
         fi
         if health_ok "$(slot_url "$1")"; then fails=0; else fails=$((fails + 1)); fi
-        if [ "$fails" -ge 2 ]; then
-            BAKE_WHY="$(slot_url "$1") did not answer ok twice in a row"
+        if [ "$fails" -ge 3 ]; then
+            BAKE_WHY="$(slot_url "$1") did not answer ok three times in a row"
             return 1
         fi
         sleep 0.25
