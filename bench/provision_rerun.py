@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from components.host import PROVISION, RELEASE_TOOL, provision_args
+from components.host import PROVISION, provision_args, release_tool_bundle
 from components.remote import script_command
 from tests.support.target_host import TargetHost
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with TargetHost() as host:
         argv_ = provision_args(host.settings())
-        command, tool = script_command(PROVISION, argv_), RELEASE_TOOL.read_text()
+        command, tool = script_command(PROVISION, argv_), release_tool_bundle()
         times = []
         for _ in range(args.runs + 1):
             started = time.monotonic()

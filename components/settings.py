@@ -39,6 +39,10 @@ ROOT_CHARS_RE = re.compile(r"^[A-Za-z0-9/._-]+\Z")
 HEALTH_PATH_RE = re.compile(r"^/[A-Za-z0-9/._-]*\Z")
 ARTIFACT_URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d+)?/[A-Za-z0-9._~/%+-]*\Z")
 
+# Seconds a switched release is watched (health, PM2 restarts) with the previous slot still warm: long
+# enough for a crash loop that starts ~10 s after boot (the issue's measured case) and a few health
+# polls after it; short enough that a 3-server rollout stays under 3 minutes of bake.
+BAKE_SECONDS = 30
 LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
 # Hetzner network zones: a private network's subnet must be in the zone of the servers' location.
 NETWORK_ZONES = {
@@ -149,6 +153,8 @@ class Settings:
     acme_server: str = LETS_ENCRYPT
     require_host_key: bool = False
     frame_policy: str = "same-origin"
+    bake_seconds: int = BAKE_SECONDS
+    keep_previous_warm: bool = False
     warnings: tuple[str, ...] = ()
     stack: str = "STACK"
 
@@ -599,13 +605,20 @@ KEYS: tuple[Key, ...] = (
         f"{USER_NAME}, not root",
         "unprivileged account that runs PM2 and the app (not root, not `sshUser`, not a system account; see *Who owns what*)",
     ),
-    Key("appName", _string(), "cognivern-agent", APP_NAME_RE, "1-64 characters from A-Z a-z 0-9 . _ -", "PM2 app name"),
+    Key(
+        "appName",
+        _string(),
+        "cognivern-agent",
+        APP_NAME_RE,
+        "1-64 characters from A-Z a-z 0-9 . _ -",
+        "PM2 app name prefix: the app runs as `<appName>-blue` and `<appName>-green` (see *Blue/green activation*)",
+    ),
     Key(
         "port",
-        _integer(1, 65535),
+        _integer(1, 65534),  # the green slot listens on port+1
         3000,
-        doc="app port on 127.0.0.1, written as `PORT` into `shared/.env` (with `HOST=127.0.0.1`, so an app that honours HOST binds to"
-        " loopback only)",
+        doc="app port on 127.0.0.1 (1–65534): the blue slot listens on it, the green slot on `port`+1; written as `PORT` into"
+        " `shared/.env` (with `HOST=127.0.0.1`, so an app that honours HOST binds to loopback only), each slot's own `PORT` overrides it",
     ),
     Key("instances", _integer(1, 64), 1, doc="PM2 cluster instances"),
     Key("nodeMajor", _integer(*NODE_MAJORS), 22, doc="Node.js major version, 18-26 (skipped when already installed)"),
@@ -618,9 +631,29 @@ KEYS: tuple[Key, ...] = (
         doc="run `dist/services/AutomatedForecastingService.js` as PM2 app `forecasting-agent`, and set `AGENTS_ENABLED`",
     ),
     Key("keepReleases", _integer(2, 100), 5, doc="releases kept on the server (≥ 2; current and previous are never pruned)"),
-    Key("dataBackupsKeep", _integer(0, 100), 5, doc="`shared/data` backups kept (one before every activation; 0 disables)"),
+    Key(
+        "dataBackupsKeep",
+        _integer(0, 100),
+        5,
+        doc="`shared/data` backups kept (one before every activation that starts a release; a warm switch starts nothing"
+        " and takes none; 0 disables)",
+    ),
     Key("healthPath", _string(), "/health", HEALTH_PATH_RE, "a URL path such as /health", 'must answer `{"status":"ok",...}`'),
-    Key("healthTimeout", _integer(1, 600), 25, doc="seconds a new release has to become healthy before it is reverted"),
+    Key("healthTimeout", _integer(1, 600), 25, doc="seconds a new release has to become healthy in its slot before it is refused"),
+    Key(
+        "bakeSeconds",
+        _integer(0, 3600),
+        BAKE_SECONDS,
+        doc="seconds (0–3600) a switched release is watched (health, PM2 restarts) with the previous slot still running as nginx "
+        "`backup`; a failure switches back and fails the deploy",
+    ),
+    Key(
+        "keepPreviousWarm",
+        _boolean(),
+        False,
+        doc="keep the previous release running in the other slot after the bake: a rollback to it is a switch (no start), "
+        "at the cost of two copies in memory",
+    ),
     Key("waitReady", _boolean(), False, doc="PM2 `wait_ready` (set `true` when the app calls `process.send('ready')`)"),
     Key("listenTimeoutMs", _integer(1000, 300000), 10000, doc="PM2 `listen_timeout`"),
     Key("killTimeoutMs", _integer(500, 300000), 8000, doc="PM2 `kill_timeout`"),
