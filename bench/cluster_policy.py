@@ -91,16 +91,7 @@ def measure(host: ReleaseHost, url: str, policy: str, reloads: int, budget: harn
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, budget = harness.start(
-        __doc__,
-        "cluster-policy",
-        out="reports/cluster-policy.json",
-        repeat=16,
-        repeat_help="reloads per policy",
-        repeat_aliases=["--reloads"],
-        budget=900,
-        argv=argv,
-    )
+    args, budget = harness.start(__doc__, "cluster-policy", repeat=16, alias="--reloads", budget=900, argv=argv)
     ensure_app_user(USER)
     nginx = PrivateNginx(autostart=False)
     host = ReleaseHost(user=USER, extra_config={"nginxListen": json.dumps([f"127.0.0.1:{nginx.port}"])})

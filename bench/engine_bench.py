@@ -242,7 +242,7 @@ def cell(s: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, budget = harness.start(__doc__, "engine-bench", out="reports/engine-bench.json", argv=argv)
+    args, budget = harness.start(__doc__, "engine-bench", argv=argv)
     say, check_budget = budget.say, budget.check
     results: dict[str, Any] = {
         "engine": {s: [] for s in SCENARIOS},

@@ -1,6 +1,6 @@
 """What every bench shares: its command line, a time budget, medians, the printed table and the JSON report.
 
-    args, budget = harness.start(__doc__, "engine-bench", out="reports/engine-bench.json")
+    args, budget = harness.start(__doc__, "engine-bench")  # --out defaults to reports/engine-bench.json
     for i in range(args.repeat):
         budget.check()                      # raises BudgetExceededError once --budget seconds have gone
         ...
@@ -8,9 +8,10 @@
     harness.print_table(["scenario", "seconds"], rows)
     harness.write_json(args.out, report)
 
-Every bench takes --repeat (runs per measured case; medians are quoted), --out (the JSON report)
-and --budget (seconds; a bench past it stops, cleans up what it started and says so). A bench may
-add its own options through `extra` and name its older option spellings in `repeat_aliases`.
+Every bench takes --repeat (runs per measured case; medians are quoted), --out (the JSON report,
+reports/<name>.json by default) and --budget (seconds; a bench past it stops, cleans up what it
+started and says so). A bench may add its own options through `extra`, and keep an older spelling
+of --repeat as `alias`.
 """
 
 from __future__ import annotations
@@ -58,17 +59,17 @@ def start(
     doc: str | None,
     name: str,
     *,
-    out: str,
     repeat: int = 3,
-    repeat_help: str = "runs per measured case (medians are quoted)",
-    repeat_aliases: Sequence[str] = (),
+    alias: str | None = None,
     budget: float = 1200,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
     argv: list[str] | None = None,
 ) -> tuple[argparse.Namespace, Budget]:
     """Parse the common options (plus `extra`'s) and start the budget clock."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
-    parser.add_argument("--repeat", *repeat_aliases, dest="repeat", type=int, default=repeat, help=repeat_help)
+    names = ["--repeat", *([alias] if alias else [])]
+    parser.add_argument(*names, dest="repeat", type=int, default=repeat, help=f"runs per measured case, medians quoted (default {repeat})")
+    out = f"reports/{name}.json"
     parser.add_argument("--out", type=Path, default=Path(out), help=f"JSON report (default {out})")
     parser.add_argument(
         "--budget",

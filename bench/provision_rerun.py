@@ -19,16 +19,7 @@ from tests.support.target_host import TargetHost
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, budget = harness.start(
-        __doc__,
-        "provision-rerun",
-        out="reports/provision-rerun.json",
-        repeat=5,
-        repeat_help="re-runs",
-        repeat_aliases=["--runs"],
-        budget=600,
-        argv=argv,
-    )
+    args, budget = harness.start(__doc__, "provision-rerun", repeat=5, alias="--runs", budget=600, argv=argv)
     with TargetHost() as host:
         argv_ = provision_args(host.settings())
         command, tool = script_command(PROVISION, argv_), RELEASE_TOOL.read_text()

@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     def extra(p: Any) -> None:
         p.add_argument("--bake", type=int, default=15, help="bakeSeconds of the blue/green design (long enough for loop-10s)")
 
-    args, budget = harness.start(__doc__, "release-bench", out="reports/release-bench.json", budget=1800, extra=extra, argv=argv)
+    args, budget = harness.start(__doc__, "release-bench", budget=1800, extra=extra, argv=argv)
     observe = args.bake + 5.0
     work = Path(tempfile.mkdtemp(prefix="cgv-release-bench-"))
     tree = BaselineTree()
