@@ -24,13 +24,15 @@ nginx (tests/support), and the same fixture app (tests/fixtures/app). 8 HTTP cli
               blue/green slot start is the production start, so there it is a crash at boot
   crash-4s    a release that crashes 4 s after it listens, on every boot (crash-after)
   loop-10s    a release that lives 10 s, then crash-loops (crash-loop-after): inside the bake
+  flip-4s     a release whose /health answers 500 from 4 s after it listens (health-flip); its
+              other routes keep answering, so clients see no failure: only the end state differs
 Per run: failed/total requests; time from the command's start to the first response from the new
 release (a) or the rolled-back-to one (cold, warm), and for the broken rows to the first response
 from the previous release after the last failure or the last answer of the broken one (0: clients
 never saw either; "never": still not back at the end); the command's wall time; the peak RSS
 (sum over the app user's processes, sampled every 100 ms from /proc) while it runs; what it left:
 exit status and the release that answers at the end. A row whose failure comes after the command
-may return (crash-4s, loop-10s) keeps the load on until --bake + 5 s after the start, for both.
+may return (crash-4s, loop-10s, flip-4s) keeps the load on until --bake + 5 s after the start, for both.
 Also: `install` with a warm store (lockfile unchanged) vs an empty store (this checkout's tool).
 Everything it starts (nginx, PM2 daemons, the app users it created, the baseline tree) is removed.
 """
@@ -190,6 +192,7 @@ ROWS = (
     Row("c3", "c3 fails only after today's switch", "crash-after-preflight"),
     Row("crash-4s", "crashes 4 s after boot", "crash-after", late=True),
     Row("loop-10s", "crash loop after 10 s (in the bake)", "crash-loop-after", late=True),
+    Row("flip-4s", "/health 500 from 4 s after boot", "health-flip", late=True),
 )
 
 
