@@ -12,7 +12,6 @@ policy differs. Runs as root on loopback; everything it starts is stopped, its u
 
 from __future__ import annotations
 
-import json
 import pwd
 import subprocess
 import sys
@@ -23,8 +22,7 @@ from typing import Any
 import httpx
 
 from bench import harness
-from components.render import render_nginx_site
-from tests.support.nginx import PrivateNginx
+from components.render import slot_apps
 from tests.support.release_host import ReleaseHost, build_release_tarball, ensure_app_user, remove_app_user
 
 USER = "cgv-policy"
@@ -69,7 +67,7 @@ def measure(host: ReleaseHost, url: str, policy: str, reloads: int, budget: harn
         for _ in range(reloads):
             budget.check()
             started = time.monotonic()
-            pm2(host, policy, "reload", host.settings.app_name)
+            pm2(host, policy, "reload", slot_apps(host.settings)[0])  # the blue slot: the ecosystem's only app here
             durations.append(time.monotonic() - started)
             time.sleep(1)
     finally:
@@ -93,20 +91,17 @@ def measure(host: ReleaseHost, url: str, policy: str, reloads: int, budget: harn
 def main(argv: list[str] | None = None) -> int:
     args, budget = harness.start(__doc__, "cluster-policy", repeat=16, alias="--reloads", budget=900, argv=argv)
     ensure_app_user(USER)
-    nginx = PrivateNginx(autostart=False)
-    host = ReleaseHost(user=USER, extra_config={"nginxListen": json.dumps([f"127.0.0.1:{nginx.port}"])})
+    host = ReleaseHost(user=USER)  # its private nginx serves the rendered site, upstream on the blue slot
     rows = []
     try:
-        (nginx.sites_enabled / "cognivern.conf").write_text(render_nginx_site(host.settings))
-        nginx.start()
+        host.start()
         host.install("r1", *build_release_tarball(host.root / "art", "r1"))
-        (host.root / "current").symlink_to("releases/r1")
+        (host.root / "current").symlink_to("releases/r1")  # no slots file: the ecosystem runs blue on current
         for policy in ("rr", "none"):
-            rows.append(measure(host, nginx.url("/release"), policy, args.repeat, budget))
+            rows.append(measure(host, host.url("/release"), policy, args.repeat, budget))
             budget.say(str(rows[-1]))
     finally:
         host.stop()
-        nginx.stop()
         remove_app_user(USER)
     labels = {"rr": "rr (Node's default)", "none": "none (the program's)"}
     harness.print_table(

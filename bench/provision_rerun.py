@@ -13,7 +13,7 @@ import sys
 import time
 
 from bench import harness
-from components.host import PROVISION, RELEASE_TOOL, provision_args
+from components.host import PROVISION, provision_args, release_tool_bundle
 from components.remote import script_command
 from tests.support.target_host import TargetHost
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args, budget = harness.start(__doc__, "provision-rerun", repeat=5, alias="--runs", budget=600, argv=argv)
     with TargetHost() as host:
         argv_ = provision_args(host.settings())
-        command, tool = script_command(PROVISION, argv_), RELEASE_TOOL.read_text()
+        command, tool = script_command(PROVISION, argv_), release_tool_bundle()
         times = []
         for _ in range(args.repeat + 1):
             budget.check()

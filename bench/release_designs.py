@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.render import render_nginx_site
-from tests.support.nginx import PrivateNginx
 from tests.support.release_host import REPO, ReleaseHost, ensure_app_user, remove_app_user, unique_app_user
 
 BASELINE = "f6380ad"  # today's design: single PM2 app + pre-flight + health gate + revert
@@ -107,10 +105,12 @@ class BaselineHost(ReleaseHost):
         env.chmod(0o600)
         shutil.copy(self.tree.run_sh, self.root / "shared" / "run.sh")
         (self.root / "shared" / "run.sh").chmod(0o755)
+        for site in self.nginx.sites_enabled.glob("*.conf"):  # one upstream in the site, no slot file
+            site.resolve().write_text(self.rendered["site"])
 
 
 class Design:
-    """One design under test: a host (ROOT, app user, PM2) behind its own private nginx."""
+    """One design under test: a ReleaseHost (ROOT, app user, PM2, its private nginx in front)."""
 
     key = "checkout"
     label = "this checkout"
@@ -118,38 +118,34 @@ class Design:
     def __init__(self, config: dict[str, str]) -> None:
         self.user = unique_app_user()
         ensure_app_user(self.user)
-        self.nginx = PrivateNginx(autostart=False)
-        self.config = {"nginxListen": json.dumps([f"127.0.0.1:{self.nginx.port}"]), **config}
+        self.config = config
         self.host = self.make_host()
+        self.nginx = self.host.nginx
 
     def make_host(self) -> ReleaseHost:
         return ReleaseHost(user=self.user, extra_config=self.config)
-
-    def site(self) -> str:
-        return render_nginx_site(self.host.settings)
 
     @property
     def uid(self) -> int:
         return pwd.getpwnam(self.user).pw_uid
 
     def start(self) -> None:
-        (self.nginx.sites_enabled / "cognivern.conf").write_text(self.site())
-        self.nginx.start()
+        self.host.start()
 
     def activate(self, release_id: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return self.host.run("activate", release_id, timeout=timeout)
 
     def keep_previous_warm(self, warm: bool) -> None:
-        """Rollback rows: whether the slot of the release before stays running (a no-op without slots)."""
+        """Rollback rows: whether the slot of the release before stays running after the bake."""
+        self.host.set_conf(KEEP_PREVIOUS_WARM="true" if warm else "false")
 
     def describe(self) -> dict[str, Any]:
         return {"label": self.label, "tool": str(self.host.tool), "user": self.user, "nginx_port": self.nginx.port}
 
     def stop(self) -> None:
         try:
-            self.host.stop()
+            self.host.stop()  # PM2 and nginx
         finally:
-            self.nginx.stop()
             remove_app_user(self.user)
 
 
@@ -166,6 +162,5 @@ class Today(Design):
     def make_host(self) -> ReleaseHost:
         return BaselineHost(user=self.user, extra_config=self.config, tree=self.tree)
 
-    def site(self) -> str:
-        assert isinstance(self.host, BaselineHost)
-        return self.host.rendered["site"]
+    def keep_previous_warm(self, warm: bool) -> None:
+        """No slots: a rollback is the same either way."""

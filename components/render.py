@@ -9,12 +9,14 @@ optional section leaves no trace in the output.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shlex
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from components.settings import Settings
+from components.settings import ROOT_CHARS_RE, Settings
 
 HERE = Path(__file__).resolve().parent
 HOST_DIR = HERE / "host"
@@ -45,32 +47,37 @@ def render_env(stack_env: Mapping[str, str], secret_env: Mapping[str, str]) -> s
     return "\n".join(lines) + "\n"
 
 
+SLOTS = ("blue", "green")
+
+
+def slot_apps(s: Settings) -> list[str]:
+    """The PM2 names of the two slots (blue on `port`, green on `port`+1)."""
+    return [f"{s.app_name}-{slot}" for slot in SLOTS]
+
+
 def render_ecosystem(s: Settings) -> str:
-    """PM2 ecosystem: cluster mode so `pm2 reload` replaces workers without dropping requests."""
+    """PM2 ecosystem: two cluster-mode slots (blue/green) and the agent, placed by the slots file."""
     logs = f"{s.root}/shared/logs"
     common = {
-        "cwd": f"{s.root}/current",
         "env": {"NODE_ENV": "production"},
         "log_date_format": "YYYY-MM-DD HH:mm:ss",
         "merge_logs": True,
         "max_memory_restart": "1G",
         "kill_timeout": s.kill_timeout_ms,
     }
-    apps: list[dict[str, object]] = [
-        {
-            "name": s.app_name,
-            "script": "./dist/index.js",
-            "instances": s.instances,
-            "exec_mode": "cluster",
-            "wait_ready": s.wait_ready,
-            "listen_timeout": s.listen_timeout_ms,
-            "error_file": f"{logs}/error.log",
-            "out_file": f"{logs}/out.log",
-            **common,
-        }
-    ]
+    app = {
+        "script": "./dist/index.js",
+        "instances": s.instances,
+        "exec_mode": "cluster",
+        "wait_ready": s.wait_ready,
+        "listen_timeout": s.listen_timeout_ms,
+        "error_file": f"{logs}/error.log",
+        "out_file": f"{logs}/out.log",
+        **common,
+    }
+    agents: list[dict[str, object]] = []
     if s.agents_enabled:
-        apps.append(
+        agents.append(
             {
                 "name": AGENT_NAME,
                 "script": AGENT_SCRIPT,
@@ -83,7 +90,16 @@ def render_ecosystem(s: Settings) -> str:
         )
     return render_template(
         HOST_DIR / "ecosystem.config.cjs",
-        {"apps": json.dumps(apps, indent=2), "env_file": json.dumps(f"{s.root}/shared/.env")},
+        {
+            "app": json.dumps(app, indent=2),
+            "agents": json.dumps(agents, indent=2),
+            "env_file": json.dumps(f"{s.root}/shared/.env"),
+            "slots_file": json.dumps(f"{s.root}/config/slots"),
+            "releases": json.dumps(f"{s.root}/releases"),
+            "current": json.dumps(f"{s.root}/current"),
+            "app_name": json.dumps(s.app_name),
+            "port": str(s.port),
+        },
     )
 
 
@@ -143,6 +159,26 @@ def forwarded_for(s: Settings) -> str:
     return "$proxy_add_x_forwarded_for" if behind_balancer(s) else "$remote_addr"
 
 
+def upstream_name(app_name: str) -> str:
+    """The nginx upstream block of the site (an nginx identifier: letters, digits, _)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", app_name) + "_app"
+
+
+def upstream_include(app_name: str) -> str:
+    """The upstream file, relative to nginx.conf's directory (so a test's private prefix works too):
+    beside the site in sites-available, which nginx never includes by itself."""
+    return f"sites-available/{site_file_name(app_name)}.upstream"
+
+
+def render_upstream(s: Settings, live_port: int, backup_port: int | None = None) -> str:
+    """The upstream file as cognivern-release writes it (tests install it beside a rendered site)."""
+    backup = f"    server 127.0.0.1:{backup_port} backup;\n" if backup_port is not None else ""
+    return (
+        "# Managed by cognivern-release: the live slot, and the other slot as backup while it runs.\n"
+        f"upstream {upstream_name(s.app_name)} {{\n    server 127.0.0.1:{live_port};\n{backup}    keepalive 32;\n}}\n"
+    )
+
+
 def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: str = ACME_WEBROOT, hsts: bool = False) -> str:
     """The HTTP site. Without a domain: exactly as before TLS existed. With one (TLS mode): plus the
     ACME challenge location and, in every other location, the include that tls.sh turns into a 301.
@@ -159,7 +195,7 @@ def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: s
         HOST_DIR / "nginx-site.conf",
         {
             "site_name": site,
-            "port": str(s.port),
+            "upstream_include": upstream_include(s.app_name),
             "server_name": s.server_name,
             "listen": listen,
             "acme_challenge": acme,
@@ -201,7 +237,23 @@ def render_nginx_tls_site(
     )
 
 
-def render_release_conf(s: Settings) -> str:
+@dataclass(frozen=True)
+class NginxTarget:
+    """The nginx that serves this ROOT: the system's, or a test's private prefix (nginx -p)."""
+
+    conf: str = "/etc/nginx/nginx.conf"
+    prefix: str = ""
+
+    def __post_init__(self) -> None:
+        for path in (self.conf, *([self.prefix] if self.prefix else [])):
+            if posixpath.normpath(path) != path or not path.startswith("/") or not ROOT_CHARS_RE.match(path):
+                raise ValueError(f"nginx path {path!r} must be absolute and normalised")
+
+
+SYSTEM_NGINX = NginxTarget()
+
+
+def render_release_conf(s: Settings, nginx: NginxTarget = SYSTEM_NGINX) -> str:
     """config/cognivern.conf: what the server-side release tool needs to know (no secrets)."""
     values = {
         "APP_USER": s.app_user,
@@ -211,6 +263,15 @@ def render_release_conf(s: Settings) -> str:
         "HEALTH_TIMEOUT": str(s.health_timeout),
         "KEEP_RELEASES": str(s.keep_releases),
         "DATA_BACKUPS_KEEP": str(s.data_backups_keep),
+        "BAKE_SECONDS": str(s.bake_seconds),
+        "KEEP_PREVIOUS_WARM": "true" if s.keep_previous_warm else "false",
+        # the apps that move to a release only after its bake (never run from two releases)
+        "AGENT_APPS": AGENT_NAME if s.agents_enabled else "",
+        # the upstream file the tool rewrites at each switch, and how it tests and reloads that nginx
+        "NGINX_CONF": nginx.conf,
+        "NGINX_PREFIX": nginx.prefix,
+        "NGINX_UPSTREAM": posixpath.join(posixpath.dirname(nginx.conf), upstream_include(s.app_name)),
+        "UPSTREAM_NAME": upstream_name(s.app_name),
         # names only: the tool masks these variables' values (from shared/.env) in what it prints
         "SECRET_KEYS": " ".join(sorted(s.secret_env)),
     }

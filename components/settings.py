@@ -39,6 +39,10 @@ ROOT_CHARS_RE = re.compile(r"^[A-Za-z0-9/._-]+\Z")
 HEALTH_PATH_RE = re.compile(r"^/[A-Za-z0-9/._-]*\Z")
 ARTIFACT_URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d+)?/[A-Za-z0-9._~/%+-]*\Z")
 
+# Seconds a switched release is watched (health, PM2 restarts) with the previous slot still warm: long
+# enough for a crash loop that starts ~10 s after boot (the issue's measured case) and a few health
+# polls after it; short enough that a 3-server rollout stays under 3 minutes of bake.
+BAKE_SECONDS = 30
 LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
 # Hetzner network zones: a private network's subnet must be in the zone of the servers' location.
 NETWORK_ZONES = {
@@ -149,6 +153,8 @@ class Settings:
     acme_server: str = LETS_ENCRYPT
     require_host_key: bool = False
     frame_policy: str = "same-origin"
+    bake_seconds: int = BAKE_SECONDS
+    keep_previous_warm: bool = False
     warnings: tuple[str, ...] = ()
     stack: str = "STACK"
 
@@ -557,7 +563,7 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
         app_name=_pattern(
             "appName", r.string("appName", "cognivern-agent") or "cognivern-agent", APP_NAME_RE, "1-64 characters from A-Z a-z 0-9 . _ -"
         ),
-        port=r.integer("port", 3000, 1, 65535),
+        port=r.integer("port", 3000, 1, 65534),  # the green slot listens on port+1
         instances=r.integer("instances", 1, 1, 64),
         node_major=r.integer("nodeMajor", 22, *NODE_MAJORS),
         env=env,
@@ -567,6 +573,8 @@ def parse_settings(get: Callable[[str], str | None], is_secret: Callable[[str], 
         data_backups_keep=r.integer("dataBackupsKeep", 5, 0, 100),
         health_path=health_path,
         health_timeout=r.integer("healthTimeout", 25, 1, 600),
+        bake_seconds=r.integer("bakeSeconds", BAKE_SECONDS, 0, 3600),
+        keep_previous_warm=r.boolean("keepPreviousWarm", False),
         wait_ready=r.boolean("waitReady", False),
         listen_timeout_ms=r.integer("listenTimeoutMs", 10000, 1000, 300000),
         kill_timeout_ms=r.integer("killTimeoutMs", 8000, 500, 300000),

@@ -4,7 +4,7 @@
 app's health on 127.0.0.1 all the time). At each kill point the ssh client is SIGKILLed, then every
 cognivern-release process of this host gets SIGTERM and, 0.2 s later, SIGKILL. The next run of the
 same command (what the next `pulumi up` with the same config runs) must succeed: the requested
-release current, healthy and serving, no pre-flight app left in PM2, no activation journal left.
+release current, healthy and serving through nginx, only its slot in PM2, no activation journal left.
 Failed requests per kill point are printed (run with -s).
 Run as root: venv/bin/pytest -s tests/test_activation_kill.py
 """
@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import httpx
 import pytest
 
 from tests.support.hardened_host import HardenedHost, hardened_host
+from tests.support.load import Load
 
 pytestmark = pytest.mark.needs_root("it kills the release tool as root")
 
@@ -50,54 +50,13 @@ def _switched_to(target: str) -> Callable[[HardenedHost], bool]:
     return lambda h: "switching current:" in _latest_run_log(h) and h.current() == target
 
 
-def _gate_running(target: str) -> Callable[[HardenedHost], bool]:
-    """After the switch, while the slow release (3 s to listen) is still being waited for."""
-
-    def check(h: HardenedHost) -> bool:
-        if not _switched_to(target)(h):
-            return False
-        time.sleep(1.0)
-        return "is live and healthy" not in _latest_run_log(h)
-
-    return check
-
-
 # kill point -> (release to activate, condition that says the activation is there)
 KILL_POINTS: dict[str, tuple[str, Callable[[HardenedHost], bool]]] = {
     "after the backup": ("r2", lambda h: "backed up shared/data" in _latest_run_log(h)),
-    "during pre-flight": ("r2", lambda h: "pre-flight: starting" in _latest_run_log(h)),
+    "during the start in the idle slot": ("slow", lambda h: "starting slow in slot" in _latest_run_log(h)),
     "right after the switch": ("r2", _switched_to("r2")),
-    "during the health gate": ("slow", _gate_running("slow")),
+    "during the bake": ("r2", lambda h: "bake: watching" in _latest_run_log(h)),
 }
-
-
-class Load:
-    """A client polling /health on the app's port until stopped; counts answers and failures."""
-
-    def __init__(self, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}/health"
-        self.ok = self.failed = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run)
-
-    def run(self) -> None:
-        with httpx.Client(timeout=5) as client:
-            while not self.stop.is_set():
-                try:
-                    self.ok += client.get(self.url).status_code == 200
-                    continue
-                except httpx.HTTPError:
-                    pass
-                self.failed += 1
-                time.sleep(0.01)
-
-    def __enter__(self) -> Load:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
 
 
 def _tool_pids(host: HardenedHost) -> list[int]:
@@ -134,7 +93,7 @@ def test_a_killed_activation_converges_on_the_next_run(host: HardenedHost, point
     assert host.target.sshd is not None
     command = f"cognivern-release --root {host.root} activate --force {target}"
     SEEN_RUNS.update(p.name for p in (host.root / ".deploy" / "runs").glob("*.log"))
-    with Load(host.settings.port) as load:
+    with Load([host.url("/health")], clients=1) as load:
         client = host.target.sshd.popen(command)
         deadline = time.monotonic() + 60
         while not reached(host):
@@ -157,12 +116,12 @@ def test_a_killed_activation_converges_on_the_next_run(host: HardenedHost, point
         again = host.target.run(command)
         assert again.returncode == 0, again.stderr
         if killed_at == target:  # killed after the switch: the journal made the next run finish it first
-            assert f"recovering the activation of {target} that was interrupted (switching" in again.stderr, again.stderr
+            assert f"recovering the activation of {target} that was interrupted (switched" in again.stderr, again.stderr
         assert host.current() == target
-        assert httpx.get(f"http://127.0.0.1:{host.settings.port}/release", timeout=5).json()["release"] == target
-    assert f"{host.settings.app_name}-preflight" not in _pm2_names(host)
+        assert httpx.get(host.url("/release"), timeout=5).json()["release"] == target
+    assert len(_pm2_names(host)) == 1, "only the live slot runs"
     assert not (host.root / ".deploy" / "journal").exists()
-    print(f"\nkill {point}: current at the kill {killed_at}; next run ok; requests ok {load.ok}, failed {load.failed}")
+    print(f"\nkill {point}: current at the kill {killed_at}; next run ok; requests {len(load.results)}, failed {len(load.failures)}")
 
 
 def test_an_ssh_drop_alone_does_not_stop_the_activation(host: HardenedHost) -> None:
@@ -172,7 +131,7 @@ def test_an_ssh_drop_alone_does_not_stop_the_activation(host: HardenedHost) -> N
     SEEN_RUNS.update(p.name for p in (host.root / ".deploy" / "runs").glob("*.log"))
     client = host.target.sshd.popen(f"cognivern-release --root {host.root} activate --force {target}")
     deadline = time.monotonic() + 60
-    while "pre-flight: starting" not in _latest_run_log(host):
+    while "starting " not in _latest_run_log(host):
         assert client.poll() is None and time.monotonic() < deadline, _latest_run_log(host)
         time.sleep(0.05)
     client.kill()
@@ -182,4 +141,4 @@ def test_an_ssh_drop_alone_does_not_stop_the_activation(host: HardenedHost) -> N
         time.sleep(0.1)
     assert host.current() == target
     assert not (host.root / ".deploy" / "journal").exists()
-    assert f"{host.settings.app_name}-preflight" not in _pm2_names(host)
+    assert len(_pm2_names(host)) == 1, "only the live slot runs"

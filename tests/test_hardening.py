@@ -42,7 +42,8 @@ pytestmark = pytest.mark.needs_root("it provisions a host and runs the tools as 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HardenedHost]:
-    with hardened_host(tmp_path_factory.mktemp("hardening"), secretEnv=json.dumps({"FIXTURE_SECRET": APP_SECRET})) as h:
+    # a 4 s bake: "late" (crashes 2.5 s after it listens) always fails inside it
+    with hardened_host(tmp_path_factory.mktemp("hardening"), secretEnv=json.dumps({"FIXTURE_SECRET": APP_SECRET}), bakeSeconds=4) as h:
         for rid in ("r1", "r2"):
             assert h.install(rid).returncode == 0
         h.ok("activate", "r1")
@@ -97,7 +98,7 @@ def _other(h: HardenedHost) -> str:
 
 def _install_late(h: HardenedHost) -> None:
     if not (h.root / "releases" / "late").is_dir():
-        assert h.install("late", "crash-after-preflight").returncode == 0
+        assert h.install("late", "crash-after", delayMs=2500).returncode == 0  # healthy, switched, then crashes in the bake
 
 
 def _backup(h: HardenedHost) -> None:

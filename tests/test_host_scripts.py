@@ -26,7 +26,7 @@ import pytest
 
 from components.host import NGINX_SITE, PROVISION, PUT_FILE, provision_args, site_name
 from components.remote import script_command
-from components.render import render_nginx_site
+from components.render import render_nginx_site, render_upstream
 from components.settings import Settings
 from tests.support.fs import manifest
 from tests.support.helpers import wait_for_port, wait_until
@@ -45,8 +45,9 @@ def put_cmd(dest: str, mode: str, owner: str, reload_root: str | None = None) ->
     return script_command(PUT_FILE, args)
 
 
-def site_cmd(name: str) -> str:
-    return script_command(NGINX_SITE, ["--name", name])
+def site_cmd(name: str, upstream_port: int | None = None) -> str:
+    extra = [] if upstream_port is None else ["--upstream-port", str(upstream_port)]
+    return script_command(NGINX_SITE, ["--name", name, *extra])
 
 
 def owner_mode(p: Path) -> tuple[str, str, str]:
@@ -245,7 +246,7 @@ def get(url: str, **kwargs: object) -> httpx.Response:
 def site(host: TargetHost, first_run: subprocess.CompletedProcess[str], backend: ThreadingHTTPServer) -> tuple[str, str]:
     s = host.settings()
     name, text = site_name(s.app_name), render_nginx_site(s)
-    result = host.run(site_cmd(name), stdin=text)
+    result = host.run(site_cmd(name, s.port), stdin=text)
     assert result.returncode == 0, result.stderr
     assert "reloaded nginx" in result.stdout
     wait_until(lambda: get(host.nginx.url("/health")).status_code == 200)
@@ -350,6 +351,31 @@ def test_nginx_site_change_reloads_and_starts_stopped_nginx(host: TargetHost, si
     result = host.run(site_cmd(name), stdin=text)
     assert result.returncode == 0 and "started nginx" in result.stdout, result.stderr
     wait_until(lambda: get(host.nginx.url("/health")).status_code == 200)
+
+
+def test_nginx_site_creates_the_upstream_only_when_missing(host: TargetHost, site: tuple[str, str]) -> None:
+    """The upstream file is the release tool's once it exists: a `pulumi up` re-run never flips the live slot."""
+    name, text = site
+    s = host.settings()
+    upstream = host.nginx.sites_available / f"{name}.upstream"
+    assert upstream.read_text() == render_upstream(s, s.port), "created pointing at the blue slot"
+    switched = render_upstream(s, s.port + 1, s.port)  # what the tool writes after a switch to green
+    upstream.write_text(switched)
+    try:
+        changed = text.replace("client_max_body_size 10m;", "client_max_body_size 12m;")
+        result = host.run(site_cmd(name, s.port), stdin=changed)
+        assert result.returncode == 0 and "reloaded nginx" in result.stdout, result.stderr
+        assert upstream.read_text() == switched
+        assert get(host.nginx.url("/health")).status_code == 200, "green is down here: the blue backup answers"
+    finally:
+        upstream.write_text(render_upstream(s, s.port))
+        assert host.run(site_cmd(name, s.port), stdin=text).returncode == 0
+
+
+@pytest.mark.parametrize("args", [["--name", "x", "--upstream-port", "0"], ["--name", "x", "--upstream-port", "80;id"]])
+def test_nginx_site_rejects_a_bad_upstream_port(host: TargetHost, args: list[str]) -> None:
+    result = host.run(script_command(NGINX_SITE, args), stdin="server {}\n")
+    assert result.returncode != 0 and "--upstream-port must be a port number" in result.stderr
 
 
 @pytest.mark.parametrize("args", [["--name", "../etc"], ["--name", ""], ["--nam", "x"], []])

@@ -1,7 +1,7 @@
 """What the release tool prints from the app's logs shows every secretEnv value as ***.
 
 The fixture app logs its configuration at boot, secrets included (`logConfigAtBoot`): a release
-that then fails prints the end of its pre-flight log or of error.log, which `pulumi up` shows and
+that then fails (at its start in the idle slot, or in its bake) prints the end of error.log, which `pulumi up` shows and
 CI keeps. Run as root against a temp ROOT with its own app user, like tests/test_release_tool.py,
 and once through the engine stand-in with the real program (its captured output and state).
 """
@@ -40,8 +40,9 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReleaseHost]:
     try:
         h.install("good", *build_release_tarball(out, "good", "ok"))
         h.ok("activate", "good")
-        for rid, mode in (("boot-crash", "crash"), ("late-crash", "crash-after-preflight"), ("closed-crash", "crash")):
+        for rid, mode in (("boot-crash", "crash"), ("closed-crash", "crash")):
             h.install(rid, *build_release_tarball(out, rid, mode, logConfigAtBoot=True))
+        h.install("late-crash", *build_release_tarball(out, "late-crash", "crash-loop-after", delayMs=3000, logConfigAtBoot=True))
         yield h
     finally:
         h.stop()
@@ -64,17 +65,21 @@ def test_the_secret_names_reach_the_tool_but_never_the_values(host: ReleaseHost)
         assert value not in conf
 
 
-def test_a_release_that_fails_its_preflight_prints_its_log_masked(host: ReleaseHost) -> None:
+def test_a_release_that_fails_its_start_prints_its_log_masked(host: ReleaseHost) -> None:
     proc = host.run("activate", "boot-crash")
-    assert proc.returncode == 1 and "pre-flight of boot-crash failed" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "did not start healthy in slot" in proc.stderr, proc.stderr
     assert_masked(proc.stdout + proc.stderr)
-    # control: the log the tool read holds the secret in clear text (it is root's, 0700 .deploy)
-    assert SECRET_VALUE in (host.root / ".deploy" / "preflight" / "boot-crash.log").read_text()
+    # control: the log the tool read holds the secret in clear text (the app's, 0750 shared/logs)
+    assert SECRET_VALUE in (host.root / "shared" / "logs" / "error.log").read_text()
 
 
-def test_a_release_that_fails_the_health_gate_prints_the_error_log_masked(host: ReleaseHost) -> None:
-    proc = host.run("activate", "late-crash")
-    assert proc.returncode == 1, proc.stderr
+def test_a_release_that_fails_its_bake_prints_the_error_log_masked(host: ReleaseHost) -> None:
+    host.set_conf(BAKE_SECONDS="12")  # its first boot lives 3 s: the crash loop comes inside the bake
+    try:
+        proc = host.run("activate", "late-crash")
+    finally:
+        host.set_conf(BAKE_SECONDS="2")
+    assert proc.returncode == 1 and "late-crash failed its bake" in proc.stderr, proc.stderr
     assert "last lines of" in proc.stderr and "error.log" in proc.stderr
     assert_masked(proc.stdout + proc.stderr)
     assert SECRET_VALUE in (host.root / "shared" / "logs" / "error.log").read_text()  # control, as above
@@ -84,17 +89,20 @@ def test_a_release_that_fails_the_health_gate_prints_the_error_log_masked(host: 
 def test_when_the_values_cannot_be_read_the_log_is_withheld_not_printed(host: ReleaseHost) -> None:
     """Fail closed: shared/.env unreadable for the app user, so the tool cannot know what to mask."""
     env = host.root / "shared" / ".env"
+    log = host.root / "shared" / "logs" / "error.log"
+    line = f"control line before closed-crash: {SECRET_VALUE}\n"  # something the tool would print, were it allowed
+    subprocess.run(["runuser", "-u", APP_USER, "--", "tee", "-a", str(log)], input=line, text=True, check=True, capture_output=True)
     stat = env.stat()
     os.chown(env, 0, 0)
     try:
         proc = host.run("activate", "closed-crash")
     finally:
         os.chown(env, stat.st_uid, stat.st_gid)
-    assert proc.returncode == 1 and "pre-flight of closed-crash failed" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "did not start healthy in slot" in proc.stderr, proc.stderr
     assert "(withheld: the secret values to mask it with could not be read" in proc.stderr
-    assert "crashing at boot on purpose" not in proc.stderr
-    # control: there was output to print (the pre-flight log the tool withheld)
-    assert "crashing at boot on purpose" in (host.root / ".deploy" / "preflight" / "closed-crash.log").read_text()
+    assert "control line before closed-crash" not in proc.stderr
+    # control: there was output to print (the error log the tool withheld)
+    assert "control line before closed-crash" in log.read_text()
 
 
 def test_through_the_engine_the_secret_is_not_in_the_captured_output_or_state(tmp_path: Path) -> None:
@@ -102,7 +110,7 @@ def test_through_the_engine_the_secret_is_not_in_the_captured_output_or_state(tm
     with TargetHost() as target:
         stack = DeployStack(target.config, tmp_path, secretEnv=SECRETS)
         stack.up(release="m-good", artifact=stack.artifact("m-good"))
-        path, sha = build_release_tarball(tmp_path / "artifacts", "m-late", "crash-after-preflight", logConfigAtBoot=True)
+        path, sha = build_release_tarball(tmp_path / "artifacts", "m-late", "crash-after", delayMs=500, logConfigAtBoot=True)
         path.with_name(path.name + ".sha256").write_text(f"{sha}  {path.name}\n")
         with pytest.raises(RunFailedError) as failed:
             stack.up(release="m-late", artifact=str(path))

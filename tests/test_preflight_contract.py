@@ -1,10 +1,11 @@
-"""The pre-flight contract (issue 11 §5): COGNIVERN_PREFLIGHT=1, AGENTS_ENABLED=false, no agent.
+"""The start contract (issue 11 §5, blue/green since issue 14): the agent runs once, only on a proven release.
 
-Pre-flight boots the new code with the production .env against the live shared/data while the old
-release serves. It must never start the agent: with agentsEnabled=true (AGENTS_ENABLED=true in
-.env), the pre-flight boot sees AGENTS_ENABLED=false and COGNIVERN_PREFLIGHT=1 (the fixture app
-logs what it sees, into the pre-flight log), no agent process ever runs from the release under
-pre-flight, and the running agent is left alone when that release is refused.
+The new release starts for real in the idle slot with the production .env against the live
+shared/data while the old slot serves (this start replaced issue 11's throwaway pre-flight, and
+COGNIVERN_PREFLIGHT is no longer set). With agentsEnabled=true: no agent process ever runs from a
+release that is starting or baking, the running agent is left alone when that release is refused
+or fails its bake, and it moves (deleted, then started on the new release) only after the bake:
+never two agents at once.
 Run as root: venv/bin/pytest tests/test_preflight_contract.py
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 import threading
 import time
@@ -31,9 +33,11 @@ pytestmark = pytest.mark.needs_root("it runs the release tool as root")
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HardenedHost]:
-    with hardened_host(tmp_path_factory.mktemp("preflight"), agentsEnabled=True) as h:
+    # a 4 s bake: "late" (crashes 2.5 s after it listens) always fails inside it
+    with hardened_host(tmp_path_factory.mktemp("preflight"), agentsEnabled=True, bakeSeconds=4) as h:
         for rid, mode in (("r1", "ok"), ("r2", "ok"), ("pm2-only-crash", "crash-under-pm2")):
             assert h.install(rid, mode).returncode == 0
+        assert h.install("late", "crash-after", delayMs=2500).returncode == 0
         h.ok("activate", "r1")
         yield h
 
@@ -78,13 +82,52 @@ def _processes_in(release_dir: Path) -> list[int]:
     return found
 
 
-def test_the_preflight_boot_sees_the_contract(host: HardenedHost) -> None:
-    log = (host.root / ".deploy" / "preflight" / "r1.log").read_text()
-    assert "fixture r1: pre-flight boot, AGENTS_ENABLED=false" in log, log
+def _agent_cwds(host: HardenedHost) -> list[str]:
+    """Working directories of the app user's agent processes (there must never be two)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (
+                    b"AutomatedForecastingService" in (proc / "cmdline").read_bytes()
+                    and proc.stat().st_uid == pwd.getpwnam(host.user).pw_uid
+                ):
+                    found.append(os.readlink(proc / "cwd"))
+            except OSError:
+                continue
+    return found
+
+
+class AgentWatch:
+    """Samples the agent processes every 50 ms while an activation runs."""
+
+    def __init__(self, host: HardenedHost) -> None:
+        self.host = host
+        self.samples: list[list[str]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.samples.append(_agent_cwds(self.host))
+            self.done.wait(0.05)
+
+    def __enter__(self) -> AgentWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def test_every_slot_gets_the_production_env_and_no_preflight_marker(host: HardenedHost) -> None:
     env_file = (host.root / "shared" / ".env").read_text()
     assert "AGENTS_ENABLED=true" in env_file.replace("'", "")
-    body = httpx.get(f"http://127.0.0.1:{host.settings.port}/release", timeout=5).json()
-    assert body["env"]["AGENTS_ENABLED"] == "true", "the live app gets the .env value; only pre-flight is forced off"
+    body = httpx.get(host.url("/release"), timeout=5).json()
+    assert body["env"]["AGENTS_ENABLED"] == "true", "the live slot gets the .env value"
+    out = (host.root / "shared" / "logs" / "out.log").read_text()
+    assert "pre-flight boot" not in out, "no throwaway pre-flight boot any more: the start in the idle slot is the real one"
 
 
 def test_a_refused_release_never_starts_the_agent_and_leaves_the_running_one_alone(host: HardenedHost) -> None:
@@ -105,22 +148,38 @@ def test_a_refused_release_never_starts_the_agent_and_leaves_the_running_one_alo
     finally:
         done.set()
         watcher.join()
-    assert result.returncode == 1 and "pre-flight of pm2-only-crash failed" in result.stderr, result.stderr
+    assert result.returncode == 1 and "did not start healthy in slot" in result.stderr, result.stderr
     assert seen == []
-    # PM2 can restart a crashing app while `pm2 delete` runs: nothing of the pre-flight may outlive the tool.
+    # PM2 can restart a crashing app while `pm2 delete` runs: nothing of the refused slot may outlive the tool.
     left = []
     for _ in range(20):
         left += _processes_in(release_dir)
         time.sleep(0.05)
     assert left == []
     assert _agent(host) == before
-    assert "forecasting-agent" not in (host.root / ".deploy" / "preflight" / "pm2-only-crash.log").read_text()
 
 
-def test_an_activation_moves_the_agent_only_after_the_switch(host: HardenedHost) -> None:
+def test_a_release_failing_its_bake_never_gets_the_agent(host: HardenedHost) -> None:
+    if host.current() != "r1":
+        host.ok("activate", "r1")
+    before = _agent(host)
+    with AgentWatch(host) as watch:
+        result = host.tool("activate", "--force", "late")
+    assert result.returncode == 1 and "late failed its bake" in result.stderr, result.stderr
+    late_dir = str((host.root / "releases" / "late").resolve())
+    assert all(late_dir not in cwds for cwds in watch.samples), "the agent never ran from the baking release"
+    assert _agent(host) == before and host.current() == "r1"
+
+
+def test_an_activation_moves_the_agent_only_after_the_bake(host: HardenedHost) -> None:
     target = "r2" if host.current() == "r1" else "r1"
-    result = host.ok("activate", target)
-    log = (host.root / ".deploy" / "preflight" / f"{target}.log").read_text()
-    assert f"fixture {target}: pre-flight boot, AGENTS_ENABLED=false" in log or "pre-flight: skipped" in result.stderr
+    old_dir = str((host.root / "releases" / (host.current() or "")).resolve())
+    with AgentWatch(host) as watch:
+        result = host.ok("activate", target)
+    assert "bake: " + target + " stayed healthy" in result.stderr
+    moved = result.stderr.index("agent: moving forecasting-agent to " + target)
+    assert moved > result.stderr.index("stayed healthy"), "the agent moves after the bake"
+    assert all(len(cwds) <= 1 for cwds in watch.samples), "never two agents at once"
+    assert watch.samples[0] == [old_dir], "it ran on the old release while the new one baked"
     pid, _ = _agent(host)
     assert os.readlink(f"/proc/{pid}/cwd") == str((host.root / "releases" / target).resolve())

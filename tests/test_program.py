@@ -110,7 +110,9 @@ def test_provision_command_carries_the_script_and_installs_the_release_tool() ->
         " provision --root /opt/cognivern --app-user cognivern --node-major 22 --ssh-user root"
         f" --pm2-version {pins['PM2_VERSION']} --pnpm-version {pins['PNPM_VERSION']}"
     )
-    assert provision.inputs["stdin"] == Path("components/release/cognivern-release.sh").read_text()
+    tool, helper = provision.inputs["stdin"].split("\n#--- cognivern-pm2.cjs ---\n")
+    assert tool + "\n" == Path("components/release/cognivern-release.sh").read_text()
+    assert helper == Path("components/release/cognivern-pm2.cjs").read_text(), "the PM2 query helper goes beside the tool"
     assert "delete" not in provision.inputs, "destroying the stack must never remove anything from the host"
 
 
@@ -128,11 +130,15 @@ def test_runtime_files_are_rendered_from_settings() -> None:
         in eco.inputs["create"]
     )
     assert "forecasting-agent" in eco.inputs["stdin"] and "'exec_mode': 'cluster'" not in eco.inputs["stdin"]
-    assert '"exec_mode": "cluster"' in eco.inputs["stdin"] and '"cwd": "/opt/cognivern/current"' in eco.inputs["stdin"]
+    assert '"exec_mode": "cluster"' in eco.inputs["stdin"] and 'const SLOTS_FILE = "/opt/cognivern/config/slots";' in eco.inputs["stdin"]
     nginx = run.get("cognivern-prod-nginx-site")
-    assert "server 127.0.0.1:4000;" in nginx.inputs["stdin"] and nginx.inputs["create"].endswith(" nginx-site --name cognivern-agent")
+    assert "include sites-available/cognivern-agent.upstream;" in nginx.inputs["stdin"]
+    assert nginx.inputs["create"].endswith(" nginx-site --name cognivern-agent --upstream-port 4000")
     conf = run.get("cognivern-prod-release-conf")
     assert "PORT=4000\n" in conf.inputs["stdin"] and "KEEP_RELEASES=5\n" in conf.inputs["stdin"]
+    assert "BAKE_SECONDS=30\n" in conf.inputs["stdin"] and "KEEP_PREVIOUS_WARM=false\n" in conf.inputs["stdin"]
+    assert "NGINX_UPSTREAM=/etc/nginx/sites-available/cognivern-agent.upstream\n" in conf.inputs["stdin"]
+    assert "AGENT_APPS=forecasting-agent\n" in conf.inputs["stdin"]
     run_sh = run.get("cognivern-prod-run-script")
     assert run_sh.inputs["stdin"] == Path("components/host/run.sh").read_text()
     assert "--dest /opt/cognivern/shared/run.sh --mode 0755 --owner root:root --reload-root /opt/cognivern" in run_sh.inputs["create"]

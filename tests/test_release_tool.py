@@ -61,9 +61,9 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path,
         "crash": "crash",
         "sick": "unhealthy",
         "pm2crash": "crash-under-pm2",
-        "late": "crash-after-preflight",
     }
     built = {rid: build_release_tarball(out, rid, mode) for rid, mode in modes.items()}
+    built["late"] = build_release_tarball(out, "late", "crash-loop-after", delayMs=4000)  # healthy, then a crash loop in the bake
     built["sleepy"] = build_release_tarball(out, "sleepy", "slow", delayMs=8000)
     return built
 
@@ -234,11 +234,11 @@ def test_new_release_and_rollback_without_failed_requests_or_data_changes(servin
     load.start()
     try:
         new = host.ok("activate", "r2")
-        assert "pre-flight: starting r2 under PM2" in new.stderr
+        assert "starting r2 in slot green (cognivern-agent-green" in new.stderr and "bake: r2 stayed healthy" in new.stderr
         assert host.serving_release() == "r2"
         assert host.data_digest() == before
-        back = host.ok("activate", "r1")  # rollback to the first release, which served healthy before
-        assert "pre-flight: skipped (r1 served healthy here before" in back.stderr
+        back = host.ok("activate", "r1")  # rollback to the first release: a cold start (keepPreviousWarm is off)
+        assert "starting r1 in slot blue" in back.stderr
         assert host.serving_release() == "r1"
     finally:
         stop.set()
@@ -328,8 +328,8 @@ def test_round_robin_daemon_is_replaced_even_without_a_true_pid_file(serving: Re
 
 
 def test_activation_from_a_directory_the_app_user_cannot_enter_starts_a_plain_daemon(host: ReleaseHost, tmp_path: Path) -> None:
-    """Over SSH the tool runs in root's 0700 home: the pre-flight's `pm2 ping` must still start the
-    daemon, or `pm2 start` spawns it with the app's .env (secrets included) in its environment."""
+    """Over SSH the tool runs in root's 0700 home: the slot's start must still start a plain daemon,
+    or `pm2 start` spawns it with the app's .env (secrets included) in its environment."""
     private = tmp_path / "root-home"
     private.mkdir(mode=0o700)
     proc = host.run("activate", "r1", cwd=private)
@@ -340,8 +340,8 @@ def test_activation_from_a_directory_the_app_user_cannot_enter_starts_a_plain_da
     assert host.serving_release() == "r1"
 
 
-@pytest.mark.parametrize(("rid", "output"), [("crash", "crashing at boot on purpose"), ("sick", "pre-flight of sick failed")])
-def test_broken_release_is_refused_by_preflight(
+@pytest.mark.parametrize(("rid", "output"), [("crash", "crashing at boot on purpose"), ("sick", "did not answer healthy")])
+def test_broken_release_is_refused_at_its_start(
     serving: ReleaseHost, artifacts: dict[str, tuple[Path, str]], rid: str, output: str
 ) -> None:
     host = serving
@@ -363,10 +363,10 @@ def pm2_names(host: ReleaseHost) -> list[str]:
     return [str(p["name"]) for p in json.loads(host.pm2("jlist").stdout or "[]")]
 
 
-def test_release_failing_only_under_pm2_is_refused_by_preflight_under_load(
+def test_release_failing_only_under_pm2_is_refused_at_its_start_under_load(
     serving: ReleaseHost, artifacts: dict[str, tuple[Path, str]]
 ) -> None:
-    """The pre-flight runs under PM2 (as <APP_NAME>-preflight), so it sees what plain node cannot."""
+    """The idle slot starts under PM2 (as <APP_NAME>-green), so it sees what plain node cannot."""
     host = serving
     host.install("pm2crash", *artifacts["pm2crash"])
     pid_before = host.get_json("/release")[1]["pid"]
@@ -382,8 +382,8 @@ def test_release_failing_only_under_pm2_is_refused_by_preflight_under_load(
         stop.set()
         load.join()
     assert proc.returncode == 1, proc.stderr
-    assert "under PM2 as cognivern-agent-preflight" in proc.stderr
-    assert "pre-flight of pm2crash failed" in proc.stderr and "crashing at boot on purpose" in proc.stderr
+    assert "starting pm2crash in slot green (cognivern-agent-green" in proc.stderr
+    assert "cognivern-agent-green crash-looping" in proc.stderr and "crashing at boot on purpose" in proc.stderr
     assert "switching current" not in proc.stderr
     limit = host.settings.health_timeout  # 10 s here; the crash loop is seen in about 3 s on an idle machine
     assert elapsed < limit, f"a crash loop is given up on early, not after HEALTH_TIMEOUT ({limit}s): {elapsed:.1f}s"
@@ -392,56 +392,56 @@ def test_release_failing_only_under_pm2_is_refused_by_preflight_under_load(
     assert status == 200 and body["release"] == "r1" and body["pid"] == pid_before, "the live app was not touched"
     failures = [r for r in results if r != "ok"]
     assert len(results) > 20 and not failures, failures[:5]
-    assert "crashing at boot on purpose" in (host.root / ".deploy" / "preflight" / "pm2crash.log").read_text()
-    assert not (host.root / "shared" / "logs" / "preflight" / "pm2crash.log").exists(), "PM2's copy is removed"
-    assert pm2_names(host) == ["cognivern-agent"], "the pre-flight app is deleted"
+    assert pm2_names(host) == ["cognivern-agent-blue"], "the slot it was started in is deleted"
+    assert host.slots() == {"live": "blue", "blue": "r1", "green": "", "agent": "r1"}
     assert (host.root / ".deploy" / "bad" / "pm2crash").exists()
-    assert host.log_lines()[-1][1:3] == ["activate", "pm2crash"] and host.log_lines()[-1][5] == "preflight-failed(exit=1)"
+    assert host.log_lines()[-1][1:3] == ["activate", "pm2crash"] and host.log_lines()[-1][5] == "start-failed(exit=1)"
 
 
-def test_preflight_app_is_deleted_when_the_tool_is_killed(serving: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
+def test_starting_slot_is_deleted_when_the_tool_is_killed(serving: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
     host = serving
-    host.install("sleepy", *artifacts["sleepy"])  # listens only after 8 s: still in pre-flight when killed
+    host.install("sleepy", *artifacts["sleepy"])  # listens only after 8 s: still starting when killed
     proc = host.popen("activate", "sleepy")
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and "cognivern-agent-preflight" not in pm2_names(host):
+        while time.monotonic() < deadline and "cognivern-agent-green" not in pm2_names(host):
             time.sleep(0.2)
-        pre = next(p for p in json.loads(host.pm2("jlist").stdout) if p["name"] == "cognivern-agent-preflight")
-        env = pre["pm2_env"]
-        # started the way the app is: cluster, one instance, the ecosystem's wait_ready and timeouts
+        green = next(p for p in json.loads(host.pm2("jlist").stdout) if p["name"] == "cognivern-agent-green")
+        env = green["pm2_env"]
+        # started the way the live slot is: cluster, one instance, the ecosystem's wait_ready and timeouts
         assert (env["exec_mode"], env["instances"], env["wait_ready"]) == ("cluster_mode", 1, True), env
         assert (env["listen_timeout"], env["kill_timeout"]) == (4000, 3000)
         assert env["pm_cwd"] == str(host.root / "releases" / "sleepy")
-        assert env["pm_out_log_path"] == env["pm_err_log_path"] == str(host.root / "shared" / "logs" / "preflight" / "sleepy.log")
-        assert env["env"]["COGNIVERN_PREFLIGHT"] == "1" and env["env"]["FIXTURE_ECHO"] == "hello-from-env"
-        assert env["env"]["PORT"] != str(host.port) and env["env"]["NODE_ENV"] == "production"
+        assert env["pm_out_log_path"] == str(host.root / "shared" / "logs" / "out.log")
+        assert env["env"]["FIXTURE_ECHO"] == "hello-from-env" and env["env"]["NODE_ENV"] == "production"
+        assert env["env"]["PORT"] == str(host.port + 1), "the green slot's port wins over shared/.env's PORT"
         _, environ = daemon_environ(host)
-        assert b"COGNIVERN_PREFLIGHT=1" not in environ and f"PORT={env['env']['PORT']}".encode() not in environ, "only the app's env"
+        assert f"PORT={host.port + 1}".encode() not in environ, "only the app's env"
     finally:
         proc.terminate()  # SIGTERM: the EXIT trap runs
         proc.communicate(timeout=60)
-    assert pm2_names(host) == ["cognivern-agent"], "the EXIT trap deletes the pre-flight app"
+    assert pm2_names(host) == ["cognivern-agent-blue"], "the EXIT trap deletes the slot being started"
     assert host.current() == "r1" and host.serving_release() == "r1"
     host.ok("reload")
     dump = json.loads((host.pm2_home / "dump.pm2").read_text())
-    assert [p["name"] for p in dump] == ["cognivern-agent"], "never saved into PM2's dump"
+    assert [p["name"] for p in dump] == ["cognivern-agent-blue"], "never saved into PM2's dump"
 
 
 def test_release_failing_only_after_the_switch_is_rolled_back(switched: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
     host = switched
     host.install("late", *artifacts["late"])
+    host.set_conf(BAKE_SECONDS="12")  # the first boot lives 4 s: its crash loop starts inside the bake
     proc = host.run("activate", "late")
     assert proc.returncode == 1, proc.stderr
-    assert "pre-flight: late answered healthy" in proc.stderr
-    assert "switching back to r2" in proc.stderr and "rolled back" in proc.stderr
-    assert "crashing at boot on purpose" in proc.stderr, "the tail of shared/logs/error.log is shown"
+    assert "switching current: r2 -> late (slot green -> blue)" in proc.stderr and "late failed its bake" in proc.stderr
+    assert "switching back to r2 (slot green, still warm)" in proc.stderr and "rolled back" in proc.stderr
+    assert "crashing at boot on purpose (mode=crash-loop-after)" in proc.stderr, "the tail of shared/logs/error.log is shown"
     assert os.readlink(host.root / "current") == "releases/r2"
     assert host.serving_release() == "r2"
     listing = host.list_json()
     assert listing["current"] == "r2" and listing["previous"] == "r1"
     assert (host.root / ".deploy" / "bad" / "late").exists()
-    assert pm2_names(host) == ["cognivern-agent"]
+    assert pm2_names(host) == ["cognivern-agent-green"]
     assert host.log_lines()[-1][1:3] == ["activate", "late"] and host.log_lines()[-1][5] == "rolled-back(exit=1)"
 
 
@@ -495,7 +495,7 @@ def test_backup_and_restore(serving: ReleaseHost) -> None:
 def test_list_json_states_and_status(switched: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
     host = switched
     host.install("crash", *artifacts["crash"])
-    assert host.run("activate", "crash").returncode == 1  # refused by pre-flight: marked bad
+    assert host.run("activate", "crash").returncode == 1  # refused at its start: marked bad
     host.install("r3", *artifacts["r3"])
     (host.root / "releases" / "stale").mkdir()
     (host.root / "releases" / "stale" / ".cognivern-unfinished").touch()

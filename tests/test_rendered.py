@@ -47,6 +47,7 @@ def test_nginx_site_passes_nginx_t(nginx: PrivateNginx, values: dict[str, object
     s = settings(**values)
     text = render_nginx_site(s)
     (nginx.sites_enabled / "site.conf").write_text(text)
+    nginx.write_upstream(s)
     result = nginx.test_config()
     assert result.returncode == 0, result.stderr
     assert "server_tokens off;" in text
@@ -54,7 +55,9 @@ def test_nginx_site_passes_nginx_t(nginx: PrivateNginx, values: dict[str, object
 
 
 def test_nginx_t_catches_a_broken_site(nginx: PrivateNginx) -> None:
-    (nginx.sites_enabled / "site.conf").write_text(render_nginx_site(settings()).replace("keepalive 32;", "keepalive;"))
+    broken = render_nginx_site(settings()).replace("client_max_body_size 10m;", "client_max_body_size;")
+    (nginx.sites_enabled / "site.conf").write_text(broken)
+    nginx.write_upstream(settings())
     assert nginx.test_config().returncode != 0
 
 
@@ -94,6 +97,7 @@ def test_tls_sites_pass_nginx_t(
     name = site_file_name(s.app_name)
     http = render_nginx_site(s, domain=domain, acme_webroot="/var/www/letsencrypt")
     (nginx.sites_enabled / f"{name}.conf").write_text(http)
+    nginx.write_upstream(s)
     assert "location ^~ /.well-known/acme-challenge/ {" in http and "root /var/www/letsencrypt;" in http
     assert http.count(f"include {https_redirect_snippet(name).removesuffix('.conf')}[.]conf;") == 2
     if https_live:
@@ -118,19 +122,22 @@ def test_tls_sites_pass_nginx_t(
 def test_http_site_without_domain_has_no_tls_parts() -> None:
     text = render_nginx_site(settings())
     assert text == render_nginx_site(settings(), domain=None)
-    assert "acme-challenge" not in text and "include" not in text and "\n\n\n" not in text
+    includes = [line.strip() for line in text.splitlines() if "include" in line and not line.lstrip().startswith("#")]
+    assert includes == ["include sites-available/cognivern-agent.upstream;"], "only the upstream file, no https redirect"
+    assert "acme-challenge" not in text and "\n\n\n" not in text
 
 
 def test_tls_site_without_certificate_fails_nginx_t(nginx: PrivateNginx, tmp_path: Path) -> None:
     """Why tls.sh installs the HTTPS block only after certbot succeeded."""
     s = settings()
     (nginx.sites_enabled / "site.conf").write_text(render_nginx_site(s, domain="api.example.com"))
+    nginx.write_upstream(s)
     (nginx.sites_enabled / "site.tls.conf").write_text(render_nginx_tls_site(s, "api.example.com", letsencrypt_dir=str(tmp_path)))
     result = nginx.test_config()
     assert result.returncode != 0 and "fullchain.pem" in result.stderr
 
 
-def node_apps(tmp_path: Path, text: str) -> list[dict[str, object]]:
+def node_apps(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> list[dict[str, object]]:
     path = tmp_path / "ecosystem.config.cjs"
     path.write_text(text)
     check = subprocess.run(["node", "--check", str(path)], capture_output=True, text=True)
@@ -140,6 +147,7 @@ def node_apps(tmp_path: Path, text: str) -> list[dict[str, object]]:
         capture_output=True,
         text=True,
         check=True,
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", **(env or {})},
     )
     apps = json.loads(out.stdout)
     assert isinstance(apps, list)
@@ -148,19 +156,57 @@ def node_apps(tmp_path: Path, text: str) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("agents", [False, True])
 def test_ecosystem_is_valid_node_with_expected_apps(tmp_path: Path, agents: bool) -> None:
-    s = settings(agentsEnabled="true" if agents else "false", instances="2", waitReady="true", secretEnv={"GROQ_API_KEY": "gsk-secret"})
+    root = tmp_path / "root"
+    (root / "config").mkdir(parents=True)
+    (root / "shared").mkdir()
+    (root / "shared" / ".env").write_text("PORT=4000\nFIXTURE=x\n")
+    (root / "config" / "slots").write_text("live=green\nblue=r1\ngreen=r2\nagent=r2\n")
+    s = settings(
+        root=str(root),
+        port="4000",
+        agentsEnabled="true" if agents else "false",
+        instances="2",
+        waitReady="true",
+        secretEnv={"GROQ_API_KEY": "gsk-secret"},
+    )
     text = render_ecosystem(s)
-    apps = node_apps(tmp_path, text)
+    apps = node_apps(tmp_path, text, {"PORT": "4000", "FIXTURE": "x"})  # what run.sh exports from shared/.env
     names = [a["name"] for a in apps]
-    assert names == ([s.app_name, AGENT_NAME] if agents else [s.app_name])
-    main = apps[0]
-    assert main["exec_mode"] == "cluster" and main["instances"] == 2 and main["wait_ready"] is True
-    assert main["script"] == "./dist/index.js"
+    slots = [f"{s.app_name}-blue", f"{s.app_name}-green"]
+    assert names == ([*slots, AGENT_NAME] if agents else slots)
+    blue, green = apps[0], apps[1]
+    for main in (blue, green):
+        assert main["exec_mode"] == "cluster" and main["instances"] == 2 and main["wait_ready"] is True
+        assert main["script"] == "./dist/index.js"
+    assert blue["cwd"] == f"{s.root}/releases/r1" and green["cwd"] == f"{s.root}/releases/r2"
+    assert blue["env"] == {"NODE_ENV": "production", "PORT": "4000", "FIXTURE": "x"}
+    assert green["env"] == {"NODE_ENV": "production", "PORT": "4001", "FIXTURE": "x"}, "the slot's PORT wins over shared/.env's"
+    if agents:
+        assert apps[2]["cwd"] == f"{s.root}/releases/r2" and apps[2]["env"] == {"NODE_ENV": "production", "PORT": "4000", "FIXTURE": "x"}
     for app in apps:
-        assert app["cwd"] == f"{s.root}/current"
-        assert app["env"] == {"NODE_ENV": "production"}
         assert str(app["out_file"]).startswith(f"{s.root}/shared/logs/")
     assert "gsk-secret" not in text, "secrets never reach the ecosystem file"
+
+
+def test_ecosystem_without_a_slots_file_runs_blue_and_the_agent_on_current(tmp_path: Path) -> None:
+    """A host prepared before the slots: the next run.sh starts blue where the single app was."""
+    root = tmp_path / "root"
+    (root / "releases" / "r0").mkdir(parents=True)
+    (root / "current").symlink_to("releases/r0")
+    s = settings(root=str(root), agentsEnabled="true")
+    apps = node_apps(tmp_path, render_ecosystem(s))
+    assert [(a["name"], a["cwd"]) for a in apps] == [
+        (f"{s.app_name}-blue", f"{s.root}/releases/r0"),
+        (AGENT_NAME, f"{s.root}/releases/r0"),
+    ]
+
+
+def test_ecosystem_ignores_a_slot_value_that_is_not_a_release_id(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "slots").write_text("live=blue\nblue=../../etc\ngreen=\nagent=r1\n")
+    apps = node_apps(tmp_path, render_ecosystem(settings(root=str(root))))
+    assert apps == []
 
 
 def shell_scripts() -> list[str]:

@@ -153,7 +153,7 @@ def test_01_a_fresh_host_is_prepared_and_v1_goes_live(stack: Stack) -> None:
     assert stack.current() == V1
     assert (root / "incoming" / f"cognivern-{V1}.tar.gz").exists()
     assert [p.name for p in host.nginx.sites_enabled.iterdir()] == ["cognivern-agent.conf"]
-    assert stack.pm2_apps() == {"cognivern-agent": "online"}
+    assert stack.pm2_apps() == {"cognivern-agent-blue": "online"}
     # the secret .env travels on stdin, never in a command string
     assert not [c for c in report.commands if "secret-one" in c]
 
@@ -204,7 +204,7 @@ def test_05_a_broken_v3_fails_the_run_while_v1_keeps_serving(stack: Stack) -> No
         report = stack.up(release=V3, artifact=artifact, check=False)
         time.sleep(0.3)
     assert isinstance(report.error, CommandError), report.summary()
-    assert "activate" in str(report.error) and "pre-flight" in report.error.stderr
+    assert "activate" in str(report.error) and "did not start healthy in slot green" in report.error.stderr
     ops = report.ops()
     assert ops["cognivern-test-release-upload"] == "create" and ops["cognivern-test-release-install"] == "replace"
     assert ops["cognivern-test-release-activate"] == "failed"
@@ -246,11 +246,11 @@ def test_06b_the_changed_secret_reaches_the_running_app(stack: Stack) -> None:
 def test_07_agents_enabled_starts_and_stops_the_forecasting_agent(stack: Stack) -> None:
     report = stack.up(agentsEnabled=True)
     assert report.ops()["cognivern-test-ecosystem"] == "update" and report.ops()["cognivern-test-env"] == "update"
-    assert stack.pm2_apps() == {"cognivern-agent": "online", "forecasting-agent": "online"}
+    assert stack.pm2_apps() == {"cognivern-agent-blue": "online", "forecasting-agent": "online"}
     assert "AGENTS_ENABLED=true" in (stack.host.root / "shared" / ".env").read_text()
 
     stack.up(agentsEnabled=False)
-    assert stack.pm2_apps() == {"cognivern-agent": "online"}
+    assert stack.pm2_apps() == {"cognivern-agent-blue": "online"}
     assert "AGENTS_ENABLED=false" in (stack.host.root / "shared" / ".env").read_text()
 
 

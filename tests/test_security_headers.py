@@ -58,16 +58,18 @@ def settings(upstream: int, nginx: PrivateNginx, **values: Any) -> Settings:
     return parse_settings(cfg.get)
 
 
-def serve(nginx: PrivateNginx, *sites: str) -> None:
+def serve(nginx: PrivateNginx, *sites: str, upstream: Settings) -> None:
     for index, text in enumerate(sites):
         (nginx.sites_enabled / f"site{index}.conf").write_text(text)
+    nginx.write_upstream(upstream)
     result = nginx.test_config()
     assert result.returncode == 0, result.stderr
     nginx.start()
 
 
 def test_one_server_facing_the_world_sends_security_headers_and_only_the_peer_as_forwarded_for(nginx: PrivateNginx, upstream: int) -> None:
-    serve(nginx, render_nginx_site(settings(upstream, nginx)))
+    s = settings(upstream, nginx)
+    serve(nginx, render_nginx_site(s), upstream=s)
     response = httpx.get(nginx.url("/"), headers={"X-Forwarded-For": SPOOFED}, timeout=10)
     assert response.status_code == 200
     assert response.json() == {"x-forwarded-for": "127.0.0.1"}, "a client's own X-Forwarded-For must not reach the app"
@@ -78,7 +80,8 @@ def test_one_server_facing_the_world_sends_security_headers_and_only_the_peer_as
 
 
 def test_behind_a_balancer_its_forwarded_for_is_kept(nginx: PrivateNginx, upstream: int) -> None:
-    serve(nginx, render_nginx_site(settings(upstream, nginx, host="", hosts=["192.0.2.10", "192.0.2.11"])))
+    s = settings(upstream, nginx, host="", hosts=["192.0.2.10", "192.0.2.11"])
+    serve(nginx, render_nginx_site(s), upstream=s)
     response = httpx.get(nginx.url("/"), headers={"X-Forwarded-For": SPOOFED}, timeout=10)
     assert response.json() == {"x-forwarded-for": f"{SPOOFED}, 127.0.0.1"}
     assert response.headers["X-Content-Type-Options"] == "nosniff"
@@ -88,7 +91,8 @@ def test_behind_a_balancer_its_forwarded_for_is_kept(nginx: PrivateNginx, upstre
 def test_the_frame_policy_is_configurable(
     nginx: PrivateNginx, upstream: int, policy: str, frame_options: str | None, csp: str | None
 ) -> None:
-    serve(nginx, render_nginx_site(settings(upstream, nginx, framePolicy=policy)))
+    s = settings(upstream, nginx, framePolicy=policy)
+    serve(nginx, render_nginx_site(s), upstream=s)
     response = httpx.get(nginx.url("/"), timeout=10)
     assert response.headers.get("X-Frame-Options") == frame_options
     assert response.headers.get("Content-Security-Policy") == csp
@@ -97,7 +101,8 @@ def test_the_frame_policy_is_configurable(
 
 def test_a_balancer_terminating_tls_gets_hsts_and_the_headers_together(nginx: PrivateNginx, upstream: int) -> None:
     """Control for nginx's add_header inheritance: HSTS and the security headers share one block."""
-    serve(nginx, render_nginx_site(settings(upstream, nginx), hsts=True))
+    s = settings(upstream, nginx)
+    serve(nginx, render_nginx_site(s, hsts=True), upstream=s)
     response = httpx.get(nginx.url("/"), timeout=10)
     assert response.headers["Strict-Transport-Security"].startswith("max-age=")
     assert response.headers["X-Frame-Options"] == "SAMEORIGIN"
@@ -114,7 +119,7 @@ def test_the_https_site_sends_hsts_and_the_headers_and_only_the_peer_as_forwarde
     s = settings(upstream, nginx, domain=DOMAIN, acmeEmail="ops@example.com")
     https_port = free_port()
     tls = render_nginx_tls_site(s, DOMAIN, https_listen=[f"127.0.0.1:{https_port}"], letsencrypt_dir=str(tmp_path), http2=False)
-    serve(nginx, render_nginx_site(s, domain=DOMAIN, acme_webroot=str(tmp_path / "webroot")), tls)
+    serve(nginx, render_nginx_site(s, domain=DOMAIN, acme_webroot=str(tmp_path / "webroot")), tls, upstream=s)
     with httpx.Client(verify=False, timeout=10) as client:  # noqa: S501 (a throwaway self-signed certificate)
         response = client.get(f"https://127.0.0.1:{https_port}/", headers={"Host": DOMAIN, "X-Forwarded-For": SPOOFED})
     assert response.json() == {"x-forwarded-for": "127.0.0.1"}

@@ -32,6 +32,8 @@ NGINX_SITE = HERE / "nginx-site.sh"
 TLS = HERE / "tls.sh"
 RUN_SH = HERE / "run.sh"
 RELEASE_TOOL = RELEASE_DIR / "cognivern-release.sh"
+PM2_HELPER = RELEASE_DIR / "cognivern-pm2.cjs"
+HELPER_MARKER = "#--- cognivern-pm2.cjs ---"
 VERSIONS = HERE / "versions.env"
 
 
@@ -43,6 +45,11 @@ def pinned_versions() -> dict[str, str]:
             key, _, value = line.partition("=")
             out[key] = value
     return out
+
+
+def release_tool_bundle() -> str:
+    """provision.sh's stdin: the release tool, then (after a marker line) its PM2 query helper."""
+    return f"{RELEASE_TOOL.read_text().rstrip(chr(10))}\n{HELPER_MARKER}\n{PM2_HELPER.read_text()}"
 
 
 def provision_args(s: Settings) -> list[str]:
@@ -106,7 +113,7 @@ class Host(pulumi.ComponentResource):
         provision = command(
             "provision",
             script_command(PROVISION, provision_args(s), sudo=sudo),
-            RELEASE_TOOL.read_text(),
+            release_tool_bundle(),
             [],
         )
         run_script = put("run-script", f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), [provision], reload=True)
@@ -129,7 +136,7 @@ class Host(pulumi.ComponentResource):
         tls_domain = s.domain if s.certbot_tls else None
         nginx = command(
             "nginx-site",
-            script_command(NGINX_SITE, ["--name", site], sudo=sudo),
+            script_command(NGINX_SITE, ["--name", site, "--upstream-port", str(s.port)], sudo=sudo),
             render_nginx_site(s, domain=tls_domain, hsts=s.balancer_tls),
             [provision],
         )

@@ -2,7 +2,21 @@
 // shared/run.sh exports shared/.env (set -a) before calling PM2. Naming those variables in each
 // app's `env` is what makes `pm2 startOrReload --update-env` hand their *current* values to the
 // app: PM2 7 otherwise keeps the environment the app was first started with.
+//
+// Blue/green: the app runs as two PM2 apps, <appName>-blue on `port` and <appName>-green on
+// `port`+1, each in the release directory it was started on. Which release each slot runs (an empty
+// slot is not listed, so PM2 runs only what is listed) and which release the agent runs come from
+// the slots file, written only by cognivern-release (root's, world-readable: the app cannot change
+// it). A host without it (prepared before the slots) runs blue and the agent on `current`.
 const fs = require('fs');
+const path = require('path');
+
+const SLOTS_FILE = {{ slots_file }};
+const RELEASES = {{ releases }};
+const CURRENT = {{ current }};
+const APP_NAME = {{ app_name }};
+const PORT = {{ port }};
+const RELEASE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 function sharedEnv() {
   let text = '';
@@ -21,8 +35,39 @@ function sharedEnv() {
   return env;
 }
 
-const apps = {{ apps }};
+function readSlots() {
+  const slots = {};
+  try {
+    for (const line of fs.readFileSync(SLOTS_FILE, 'utf8').split('\n')) {
+      const match = /^(live|blue|green|agent)=(.*)$/.exec(line);
+      if (match) slots[match[1]] = match[2];
+    }
+    return slots;
+  } catch (err) {
+    let current = '';
+    try {
+      current = path.basename(fs.readlinkSync(CURRENT));
+    } catch (e) {
+      current = '';
+    }
+    return { live: 'blue', blue: current, green: '', agent: current };
+  }
+}
 
-module.exports = {
-  apps: apps.map((app) => ({ ...app, env: { ...app.env, ...sharedEnv() } })),
-};
+function releaseDir(id) {
+  return typeof id === 'string' && RELEASE_ID.test(id) ? `${RELEASES}/${id}` : null;
+}
+
+const slotApp = {{ app }};
+const agents = {{ agents }};
+const slots = readSlots();
+const apps = [];
+for (const [slot, port] of [['blue', PORT], ['green', PORT + 1]]) {
+  const cwd = releaseDir(slots[slot]);
+  // the slot's PORT comes last: shared/.env holds the blue port for every app
+  if (cwd) apps.push({ ...slotApp, name: `${APP_NAME}-${slot}`, cwd, env: { ...slotApp.env, ...sharedEnv(), PORT: String(port) } });
+}
+const agentDir = releaseDir(slots.agent);
+if (agentDir) for (const agent of agents) apps.push({ ...agent, cwd: agentDir, env: { ...agent.env, ...sharedEnv() } });
+
+module.exports = { apps };

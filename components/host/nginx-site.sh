@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Managed by cognivern-infra. Installs the rendered nginx site from stdin (run as root):
 #
-#   bash -c "$(cat nginx-site.sh)" nginx-site --name NAME < rendered-site.conf
+#   bash -c "$(cat nginx-site.sh)" nginx-site --name NAME [--upstream-port PORT] < rendered-site.conf
+#
+# The site includes sites-available/NAME.upstream (the live blue/green slot, rewritten by
+# cognivern-release at every switch). --upstream-port creates it, pointing at PORT (the blue slot),
+# only when it is missing: running this again (a `pulumi up`) never flips the live slot.
 #
 # Writes sites-available/NAME.conf through a temp file, links sites-enabled/NAME.conf and runs
 # `nginx -t`. A failing test restores the previous site (or removes the new one) and exits
@@ -18,16 +22,22 @@ prog=nginx-site
 say() { printf '%s: %s\n' "$prog" "$*"; }
 die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
 usage() {
-    echo "usage: nginx-site --name NAME  (rendered site on stdin)" >&2
+    echo "usage: nginx-site --name NAME [--upstream-port PORT]  (rendered site on stdin)" >&2
     exit 2
 }
 
 name=""
+upstream_port=""
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --name)
             [ "$#" -ge 2 ] || { echo "$prog: --name needs a value" >&2; usage; }
             name=$2
+            shift 2
+            ;;
+        --upstream-port)
+            [ "$#" -ge 2 ] || { echo "$prog: --upstream-port needs a value" >&2; usage; }
+            upstream_port=$2
             shift 2
             ;;
         -h | --help) usage ;;
@@ -36,6 +46,11 @@ while [ "$#" -gt 0 ]; do
 done
 [ -n "$name" ] || { echo "$prog: --name is required" >&2; usage; }
 [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]] || die "--name must be 1-64 characters from A-Z a-z 0-9 . _ -, got '$name'"
+if [ -n "$upstream_port" ]; then
+    if ! [[ $upstream_port =~ ^[1-9][0-9]{0,4}$ ]] || [ "$upstream_port" -gt 65535 ]; then
+        die "--upstream-port must be a port number, got '$upstream_port'"
+    fi
+fi
 
 valid_abs_path() {
     [[ $1 =~ ^(/[A-Za-z0-9._-]+)+$ ]] || return 1
@@ -57,6 +72,19 @@ nginx_args=(-c "$conf")
 site="$available/$name.conf"
 link="$enabled/$name.conf"
 install -d -m 0755 "$available" "$enabled"
+
+# The upstream file: written when missing only (afterwards it is cognivern-release's). Same text as
+# the tool's write_upstream with no backup (tests/test_host_scripts.py compares them).
+upstream_file="$available/$name.upstream"
+created_upstream=""
+if [ -n "$upstream_port" ] && [ ! -e "$upstream_file" ]; then
+    printf '# Managed by cognivern-release: the live slot, and the other slot as backup while it runs.\nupstream %s_app {\n    server 127.0.0.1:%s;\n    keepalive 32;\n}\n' \
+        "${name//[^A-Za-z0-9_]/_}" "$upstream_port" >"$upstream_file.tmp"
+    chmod 0644 "$upstream_file.tmp"
+    mv -f "$upstream_file.tmp" "$upstream_file"
+    created_upstream=$upstream_file
+    say "$upstream_file: created (live slot 127.0.0.1:$upstream_port)"
+fi
 
 # Temp files live in sites-available (never included by nginx) with a leading dot.
 new=$(mktemp "$available/.$name.conf.new.XXXXXX")
@@ -98,6 +126,7 @@ if ! output=$(nginx -t "${nginx_args[@]}" 2>&1); then
         rm -f -- "$site"
     fi
     if [ -n "$old_link" ]; then ln -sfn "$old_link" "$link"; else rm -f -- "$link"; fi
+    [ -z "$created_upstream" ] || rm -f -- "$created_upstream"
     printf '%s\n' "$output" >&2
     die "nginx -t rejected the new $name site; previous configuration restored, nginx not reloaded"
 fi

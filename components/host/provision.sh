@@ -5,7 +5,8 @@
 #       --pm2-version X.Y.Z --pnpm-version X.Y.Z < cognivern-release.sh
 #
 # stdin: the server-side release tool, installed as $BIN_DIR/cognivern-release when it differs
-# (empty stdin or a terminal: that step is skipped). Every step prints one line, "ok (already)"
+# (empty stdin or a terminal: that step is skipped), optionally followed by a line
+# "#--- cognivern-pm2.cjs ---" and the tool's PM2 query helper, installed beside it. Every step prints one line, "ok (already)"
 # or what it changed, so a re-run on a prepared host changes nothing and says so.
 # Supported: Ubuntu 24.04, Debian 12. Nothing under R/shared is ever deleted.
 #
@@ -106,10 +107,13 @@ id -u "$ssh_user" >/dev/null 2>&1 || die "--ssh-user $ssh_user does not exist on
 tmpdir=$(mktemp -d)
 trap 'rm -rf -- "$tmpdir"' EXIT
 tool_src="$tmpdir/cognivern-release"
+helper_src="$tmpdir/cognivern-pm2.cjs"
 if [ -t 0 ]; then
     : >"$tool_src"
 else
-    cat >"$tool_src"
+    awk -v tool="$tool_src" -v helper="$helper_src" '$0 == "#--- cognivern-pm2.cjs ---" { h = 1; next }
+        { print > (h ? helper : tool) }'
+    touch "$tool_src"
 fi
 
 systemd_running() { [ -d /run/systemd/system ]; }
@@ -358,6 +362,16 @@ else
         chmod 0755 "$tmp"
         mv -f "$tmp" "$tool_dst"
         say "release tool: installed $tool_dst"
+    fi
+fi
+helper_dst="$bin_dir/cognivern-pm2.cjs"
+if [ -s "$helper_src" ]; then
+    if [ -f "$helper_dst" ] && [ "$(stat -c '%U:%G %a' "$helper_dst")" = "root:root 644" ] && cmp -s "$helper_src" "$helper_dst"; then
+        say "release tool helper: ok (already $helper_dst)"
+    else
+        install -d -m 0755 "$bin_dir"
+        install -o root -g root -m 0644 "$helper_src" "$helper_dst"
+        say "release tool helper: installed $helper_dst"
     fi
 fi
 

@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # Managed by cognivern-infra. Starts or reloads the app through PM2 with shared/.env exported
 # (plain `source` would not export KEY=value lines to PM2) and drops PM2 apps that the
-# ecosystem file no longer lists (e.g. the agent after agentsEnabled=false, or a pre-flight app
-# <APP_NAME>-preflight left behind by a cognivern-release that was killed) before `pm2 save`.
+# ecosystem file no longer lists (e.g. the agent after agentsEnabled=false, a slot the slots file
+# empties, or the single app <APP_NAME> of a host from before the blue/green slots) before
+# `pm2 save`. At boot and on `reload` that is the live slot, the warm one if kept, and the agent.
+#   run.sh [--only NAME[,NAME...]]   only start or reload those apps (cognivern-release starts one
+#                                    slot, or moves the agent, this way)
 set -euo pipefail
+
+only=()
+if [ "${1:-}" = --only ]; then
+    [[ ${2:-} =~ ^[A-Za-z0-9][A-Za-z0-9._,-]*$ ]] || { echo "run.sh: --only needs app names" >&2; exit 2; }
+    only=(--only "$2")
+fi
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 ecosystem="$root/config/ecosystem.config.cjs"
 
-if [ ! -e "$root/current" ]; then
+if [ ! -e "$root/current" ] && [ "${#only[@]}" -eq 0 ]; then
     echo "run.sh: $root/current does not exist yet; nothing to start" >&2
     exit 0
 fi
-
-set -a
-# shellcheck disable=SC1091
-. "$root/shared/.env"
-set +a
 
 # PM2's daemon is the cluster primary. With Node's default round-robin it accepts connections and
 # hands them to workers over IPC; during a reload it can hand one to a worker that is exiting, and
@@ -63,8 +67,17 @@ if [ -n "$(round_robin_daemons)" ]; then
     fi
 fi
 
-cd "$root/current"
-pm2 startOrReload "$ecosystem" --update-env
+# The daemon is started (or replaced) above, before shared/.env is exported: a daemon spawned by
+# the startOrReload below would inherit the app's variables, secrets included, into its environment.
+pm2 ping >/dev/null
+set -a
+# shellcheck disable=SC1091
+. "$root/shared/.env"
+set +a
+pm2 startOrReload "$ecosystem" "${only[@]}" --update-env
+# One app started on purpose (cognivern-release: a slot, the agent): it saves PM2's list itself
+# once the activation settles; the clean-up below is for the full start at boot or on reload.
+[ "${#only[@]}" -eq 0 ] || exit 0
 
 wanted=$(node -e 'const c = require(process.argv[1]); for (const a of c.apps) console.log(a.name);' "$ecosystem")
 while IFS= read -r running; do

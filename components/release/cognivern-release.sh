@@ -2,9 +2,12 @@
 # cognivern-release: install, activate, roll back and prune releases of the Cognivern backend.
 # Managed by cognivern-infra; installed as /usr/local/bin/cognivern-release. Run as root.
 # `cognivern-release --help` explains the commands; the layout is described in usage() below.
-# activate boots the new release under PM2 first (preflight(): same daemon, same options as the app,
-# a spare loopback port), so a release that cannot start under PM2 never reaches `current`; the
-# health gate after the switch, with its automatic switch-back, covers what only the live app shows.
+# activate is blue/green: the new release starts for real in the idle PM2 slot (APP_NAME-blue on
+# PORT, APP_NAME-green on PORT+1) while the live one serves; once healthy, nginx's upstream and
+# `current` switch to it with the old slot as nginx `backup`, and it bakes for BAKE_SECONDS. A
+# release that crashes, crash-loops or fails its health check in that window is switched back to the
+# still-warm old slot, marked bad, and the command fails. A release that never starts healthy never
+# reaches nginx or `current`.
 # The app is treated as hostile: the directories root works in are root's (ensure_layout), releases
 # are root's and read-only to the app once installed (seal_release), and whatever root must read or
 # write inside the app's own directories (shared/data, shared/logs) is done as the app (as_app).
@@ -19,6 +22,7 @@ readonly LOCK_FD=9     # the deploy lock (activate, restore, prune, reload)
 readonly INSTALL_FD=8  # the per-release install lock
 SELF=$(realpath -- "${BASH_SOURCE[0]}")
 readonly SELF
+readonly PM2Q="${SELF%/*}/cognivern-pm2.cjs"  # the PM2 queries (installed beside this tool)
 
 usage() {
     cat <<'EOF'
@@ -27,7 +31,8 @@ Usage: cognivern-release [--root DIR] COMMAND [ARGS]
 Installs and switches releases of the Cognivern backend under ROOT (--root, else
 $COGNIVERN_ROOT, else /opt/cognivern). Settings come from ROOT/config/cognivern.conf
 (APP_USER, APP_NAME, PORT, HEALTH_PATH, HEALTH_TIMEOUT, KEEP_RELEASES, DATA_BACKUPS_KEEP,
-optional PM2_HOME). Run as root; node, pnpm and pm2 run as APP_USER.
+BAKE_SECONDS, KEEP_PREVIOUS_WARM, AGENT_APPS, NGINX_CONF, NGINX_PREFIX, NGINX_UPSTREAM,
+UPSTREAM_NAME, optional PM2_HOME). Run as root; node, pnpm and pm2 run as APP_USER.
 
 Commands:
   install ID SOURCE SHA256   Verify SOURCE (a tarball path or an https:// URL) against SHA256,
@@ -35,15 +40,16 @@ Commands:
                              (shared store ROOT/cache/pnpm-store) and link .env, data, logs.
                              Installing a complete release again does nothing.
   install ID - -             Only check that ID is installed (fails with the list of releases).
-  activate [--force] ID      Back up shared/data, pre-flight ID (unless it served healthy here
-                             before, e.g. a rollback) on a spare loopback port under
-                             PM2 (a throwaway app APP_NAME-preflight in the app's daemon, with
-                             shared/.env and COGNIVERN_PREFLIGHT=1; always deleted afterwards),
-                             switch ROOT/current atomically, reload PM2 (shared/run.sh) and wait
-                             until the app is healthy on the new release; a release failing its
-                             pre-flight is refused with current untouched, one failing after the
-                             switch is switched back. Either way ID is marked bad.
-                             --force activates a release marked bad.
+  activate [--force] ID      Back up shared/data, start ID in the idle slot (APP_NAME-blue on
+                             PORT or APP_NAME-green on PORT+1; when that slot already runs ID
+                             healthy, a warm rollback, nothing starts), wait until it is healthy,
+                             switch nginx's upstream (the old slot as backup) and ROOT/current
+                             to it, then bake BAKE_SECONDS (health, PM2 restarts). After the bake
+                             the agent moves to ID and the old slot stops (kept running when
+                             KEEP_PREVIOUS_WARM=true). A release that does not start healthy is
+                             refused with nothing switched; one failing its bake is switched
+                             back to the still-warm old slot. Either way ID is marked bad and
+                             the command fails. --force activates a release marked bad.
                              The release files belong to root (read-only to the app).
                              The work runs detached from the caller (activate-worker, in a
                              session of its own, output in .deploy/runs/); activate streams it and
@@ -67,8 +73,8 @@ Commands:
 
 Emergency rollback by hand:   cognivern-release list; cognivern-release activate <older-id>
 State lives in ROOT/.deploy: lock (+ who holds it), releases.log (one line per action),
-previous, meta/<id>, bad/<id> (why a release was refused), preflight/<id>.log (its pre-flight's
-output; PM2 writes it to shared/logs/preflight/ while the pre-flight runs).
+previous, meta/<id>, bad/<id> (why a release was refused), journal (an activation under way).
+ROOT/config/slots (root's, world-readable): the release of each slot, the live slot, the agent's.
 Progress goes to stderr; `list --json` and `backup` print their result on stdout.
 Exit status: 0 success, 1 failure, 2 usage error, 3 another deploy holds the lock.
 EOF
@@ -102,11 +108,13 @@ log_action() {
 on_exit() {
     local rc=$?
     trap - EXIT
-    preflight_delete
     [ -z "${TMP_CLEANUP:-}" ] || rm -rf -- "$TMP_CLEANUP"
     [ -z "${PARTIAL:-}" ] || rm -f -- "$PARTIAL"
-    # Stopped before the switch (an error, or SIGTERM): nothing to finish or revert.
-    case ${J_PHASE:-} in backup | preflight) rm -f "$DEPLOY/journal" ;; esac
+    # Stopped before the switch (an error, or SIGTERM): stop the slot being started, nothing else changed.
+    case ${J_PHASE:-} in
+        backup) rm -f "$DEPLOY/journal" ;;
+        starting) slot_stop "$J_SLOT" && rm -f "$DEPLOY/journal" ;;
+    esac
     if [ "$rc" -ne 0 ] && [ -n "${RESTART_APP_ON_FAILURE:-}" ]; then
         say "starting the app again"
         run_app || say "warning: the app did not start again; check: $PROG status"
@@ -123,7 +131,8 @@ valid_id() {
 
 load_settings() {
     local conf="$ROOT/config/cognivern.conf"
-    unset APP_USER APP_NAME PORT HEALTH_PATH HEALTH_TIMEOUT KEEP_RELEASES DATA_BACKUPS_KEEP PM2_HOME SECRET_KEYS
+    unset APP_USER APP_NAME PORT HEALTH_PATH HEALTH_TIMEOUT KEEP_RELEASES DATA_BACKUPS_KEEP PM2_HOME SECRET_KEYS \
+        BAKE_SECONDS KEEP_PREVIOUS_WARM AGENT_APPS NGINX_CONF NGINX_PREFIX NGINX_UPSTREAM UPSTREAM_NAME
     if [ -f "$conf" ]; then
         # shellcheck disable=SC1090
         . "$conf"
@@ -135,8 +144,11 @@ load_settings() {
     HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-25}
     KEEP_RELEASES=${KEEP_RELEASES:-5}
     DATA_BACKUPS_KEEP=${DATA_BACKUPS_KEEP:-5}
+    BAKE_SECONDS=${BAKE_SECONDS:-30}
+    KEEP_PREVIOUS_WARM=${KEEP_PREVIOUS_WARM:-false}
+    load_nginx_settings "$conf"
     local n
-    for n in PORT HEALTH_TIMEOUT KEEP_RELEASES DATA_BACKUPS_KEEP; do
+    for n in PORT HEALTH_TIMEOUT KEEP_RELEASES DATA_BACKUPS_KEEP BAKE_SECONDS; do
         [[ ${!n} =~ ^[0-9]+$ ]] || die "$conf: $n must be a whole number, got '${!n}'"
     done
     [[ $HEALTH_PATH =~ ^/[A-Za-z0-9/._-]*$ ]] || die "$conf: HEALTH_PATH must be a URL path, got '$HEALTH_PATH'"
@@ -145,7 +157,28 @@ load_settings() {
     APP_UID=$(id -u "$APP_USER")
     APP_GROUP=$(id -gn "$APP_USER")
     PM2_HOME=${PM2_HOME:-$APP_HOME/.pm2}
-    HEALTH_URL="http://127.0.0.1:$PORT$HEALTH_PATH"
+    [[ $KEEP_PREVIOUS_WARM =~ ^(true|false)$ ]] || die "$conf: KEEP_PREVIOUS_WARM must be true or false"
+    [[ ${AGENT_APPS:=} =~ ^([A-Za-z0-9][A-Za-z0-9._,-]*)?$ ]] || die "$conf: AGENT_APPS must be PM2 app names"
+    [ "$PORT" -lt 65535 ] || die "$conf: PORT must be at most 65534 (the green slot listens on PORT+1)"
+}
+
+# The nginx in front of the slots, from cognivern.conf. The COGNIVERN_NGINX_* overrides that
+# nginx-site.sh honours (test hosts: a private nginx prefix) win, so both always act on one nginx.
+load_nginx_settings() {  # $1 = conf (for messages)
+    NGINX_CONF=${COGNIVERN_NGINX_CONF:-${NGINX_CONF:-/etc/nginx/nginx.conf}}
+    NGINX_PREFIX=${COGNIVERN_NGINX_PREFIX:-${NGINX_PREFIX:-}}
+    NGINX_UPSTREAM=${NGINX_UPSTREAM:-}
+    if [ -n "${COGNIVERN_NGINX_SITES_AVAILABLE:-}" ] && [ -n "$NGINX_UPSTREAM" ]; then
+        NGINX_UPSTREAM="$COGNIVERN_NGINX_SITES_AVAILABLE/${NGINX_UPSTREAM##*/}"
+    fi
+    UPSTREAM_NAME=${UPSTREAM_NAME:-${APP_NAME//[^A-Za-z0-9_]/_}_app}
+    local v
+    for v in NGINX_CONF NGINX_PREFIX NGINX_UPSTREAM; do
+        [ -z "${!v}" ] || [[ ${!v} =~ ^(/[A-Za-z0-9._-]+)+$ && /${!v}/ != */../* ]] || die "$1: $v must be an absolute path"
+    done
+    [[ $UPSTREAM_NAME =~ ^[A-Za-z0-9_]+$ ]] || die "$1: UPSTREAM_NAME must be an nginx upstream name"
+    NGINX_ARGS=(-c "$NGINX_CONF")
+    [ -z "$NGINX_PREFIX" ] || NGINX_ARGS+=(-p "$NGINX_PREFIX")
 }
 
 # Run a command as APP_USER with HOME and PM2_HOME set; lock descriptors are closed so that
@@ -197,6 +230,7 @@ ensure_layout() {  # the layout provisioning makes (parents before children)
     root_dir "$ROOT/cache" 0755
     root_dir "$ROOT/backups" 0700
     root_dir "$DEPLOY" 0700
+    root_dir "$ROOT/config" 0755
     for d in meta bad locks preflight tmp; do root_dir "$DEPLOY/$d" 0700; done
     app_dir "$ROOT/shared/data"
     app_dir "$ROOT/shared/logs"
@@ -285,7 +319,7 @@ take_install_lock() {
     flock -n "$INSTALL_FD" || { RESULT=locked; die "release $1 is being installed by another process right now"; }
 }
 
-# ---------------------------------------------------------------- health
+# ---------------------------------------------------------------- health and PM2
 
 health_ok() {  # $1 = url; true when it answers 2xx JSON with "status":"ok"
     local body
@@ -293,70 +327,201 @@ health_ok() {  # $1 = url; true when it answers 2xx JSON with "status":"ok"
     grep -Eq '"status"[[:space:]]*:[[:space:]]*"ok"' <<<"$body"
 }
 
-app_worker_pids() {  # pids of APP_NAME's online PM2 processes
-    as_app pm2 jlist 2>/dev/null | node -e '
-        let s = ""; process.stdin.on("data", d => s += d).on("end", () => {
-            let list = []; try { list = JSON.parse(s); } catch (e) { process.exit(0); }
-            for (const p of list) if (p.name === process.argv[1] && p.pm2_env && p.pm2_env.status === "online" && p.pid) console.log(p.pid);
-        });' "$APP_NAME" || true
+# Every PM2 query goes through cognivern-pm2.cjs (installed beside this tool): `pm2 jlist` of the
+# app's daemon on its stdin, one answer on stdout (see that file for the queries).
+pm2q() {  # $@ = query [app]
+    as_app pm2 jlist 2>/dev/null | node "$PM2Q" "$@" || true
 }
 
-served_by() {  # true when every online worker of APP_NAME runs from releases/$1
+app_restarts() {  # $1 = app: "<sum of restarts> <processes errored or stopped> <processes>"
+    local line
+    line=$(pm2q restarts "$1")
+    printf '%s\n' "${line:-0 0 0}"
+}
+
+served_by() {  # $1 = app, $2 = release: true when every online worker of app $1 runs from releases/$2
     local want pid n=0
-    want=$(cd "$RELEASES/$1" && pwd -P)
+    want=$(cd "$RELEASES/$2" && pwd -P)
     while IFS= read -r pid; do
         [ -n "$pid" ] || continue
         n=$((n + 1))
         [ "$(readlink "/proc/$pid/cwd" 2>/dev/null || true)" = "$want" ] || return 1
-    done < <(app_worker_pids)
+    done < <(pm2q pids "$1")
     [ "$n" -gt 0 ]
 }
 
-app_restarts() {  # "<sum of restarts> <processes errored or stopped> <processes>" for $1 (default APP_NAME)
-    # shellcheck disable=SC2016
-    as_app pm2 jlist 2>/dev/null | node -e '
-        let s = ""; process.stdin.on("data", d => s += d).on("end", () => {
-            let list = []; try { list = JSON.parse(s); } catch (e) { console.log("0 0 0"); return; }
-            let restarts = 0, down = 0, n = 0;
-            for (const p of list) { if (p.name !== process.argv[1]) continue; const e = p.pm2_env || {}; n++;
-                restarts += e.restart_time || 0; if (e.status === "errored" || e.status === "stopped") down++; }
-            console.log(`${restarts} ${down} ${n}`);
-        });' "${1:-$APP_NAME}" || echo "0 0 0"
-}
-
-# $1 = release id expected to serve, $2 = restart count before the switch (optional).
+# $1 = slot, $2 = release expected there, $3 = its restart count before (default 0).
 # Polls every ~250 ms up to HEALTH_TIMEOUT; gives up early when PM2 shows a crash loop.
-wait_healthy() {
-    local deadline=$((SECONDS + HEALTH_TIMEOUT)) n=0 restarts down
+wait_slot_healthy() {
+    local slot=$1 id=$2 base=${3:-0} app deadline=$((SECONDS + HEALTH_TIMEOUT)) n=0 restarts down count
+    app=$(slot_app "$slot")
     while [ "$SECONDS" -lt "$deadline" ]; do
-        if health_ok "$HEALTH_URL" && served_by "$1"; then
+        if health_ok "$(slot_url "$slot")" && served_by "$app" "$id"; then
             return 0
         fi
         n=$((n + 1))
-        if [ -n "${2:-}" ] && [ $((n % 4)) -eq 0 ]; then
-            read -r restarts down _ < <(app_restarts)
-            if [ "$down" -gt 0 ] || [ "$restarts" -ge $(($2 + 3)) ]; then
-                say "PM2 reports the app crash-looping (restarts $2 -> $restarts, errored/stopped: $down)"
+        if [ $((n % 4)) -eq 0 ]; then
+            read -r restarts down count < <(app_restarts "$app")
+            if [ "$count" -eq 0 ] || [ "$down" -gt 0 ] || [ "$restarts" -ge $((base + 2)) ]; then
+                say "PM2 reports $app crash-looping (restarts $base -> $restarts, errored/stopped: $down, processes: $count)"
                 return 1
             fi
         fi
         sleep 0.25
     done
+    say "$app did not answer healthy at $(slot_url "$slot") within ${HEALTH_TIMEOUT}s"
     return 1
 }
 
-run_app() {  # shared/run.sh as APP_USER (PM2 startOrReload --update-env)
+wait_healthy() {  # $1 = release that current points to: the live slot must serve it healthy
+    slots_load
+    local base
+    read -r base _ < <(app_restarts "$(slot_app "$S_LIVE")")
+    wait_slot_healthy "$S_LIVE" "$1" "$base"
+}
+
+run_app() {  # shared/run.sh as APP_USER (PM2 startOrReload --update-env); $@ = e.g. --only APP
     [ -f "$ROOT/shared/run.sh" ] || die "$ROOT/shared/run.sh is missing (provisioning installs it)"
     # PM2 opens its log files by name: a link planted at one would make every worker fail to start.
     # The app user removes such links itself (root never touches them).
     local links
     links=$(cd / && as_app find "$ROOT/shared/logs" -maxdepth 1 -type l -name '*.log' -print -delete 2>/dev/null) || true
     [ -z "$links" ] || say "warning: removed links planted at the app's log files: $(paste -sd' ' - <<<"$links")"
-    as_app bash "$ROOT/shared/run.sh" >&2
+    as_app bash "$ROOT/shared/run.sh" "$@" >&2
 }
 
 stop_app() {  # stop (not delete) the apps the ecosystem lists
     as_app pm2 stop "$ROOT/config/ecosystem.config.cjs" >&2 || true
+}
+
+# ---------------------------------------------------------------- blue/green slots
+#
+# The app runs as two PM2 apps, APP_NAME-blue on PORT and APP_NAME-green on PORT+1. ROOT/config/slots
+# (root's, world-readable; the ecosystem file reads it) says which release each slot runs (empty:
+# not running), which slot is live (nginx's upstream points at it, `current` at its release) and
+# which release the agent runs. Only this tool writes it, under the deploy lock. Missing (a host
+# prepared before the slots): blue runs current, and so does the agent.
+
+slots_load() {  # sets S_LIVE S_BLUE S_GREEN S_AGENT
+    S_LIVE=blue S_BLUE="" S_GREEN="" S_AGENT=""
+    if [ ! -f "$SLOTS_FILE" ] || [ -L "$SLOTS_FILE" ]; then
+        S_BLUE=$(current_id)
+        S_AGENT=$S_BLUE
+        return 0
+    fi
+    local key value
+    while IFS='=' read -r key value; do
+        case $key in
+            live) [[ $value =~ ^(blue|green)$ ]] && S_LIVE=$value ;;
+            blue | green | agent)
+                [[ $value =~ $ID_RE ]] || continue
+                printf -v "S_${key^^}" '%s' "$value"
+                ;;
+        esac
+    done <"$SLOTS_FILE"
+}
+
+slots_save() {
+    printf 'live=%s\nblue=%s\ngreen=%s\nagent=%s\n' "$S_LIVE" "$S_BLUE" "$S_GREEN" "$S_AGENT" >"$SLOTS_FILE.tmp"
+    chmod 0644 "$SLOTS_FILE.tmp"
+    mv -f "$SLOTS_FILE.tmp" "$SLOTS_FILE"
+}
+
+slot_get() { if [ "$1" = blue ]; then printf '%s' "$S_BLUE"; else printf '%s' "$S_GREEN"; fi; }
+slot_set() { if [ "$1" = blue ]; then S_BLUE=$2; else S_GREEN=$2; fi; }
+other_slot() { if [ "$1" = blue ]; then printf green; else printf blue; fi; }
+slot_port() { if [ "$1" = blue ]; then printf '%s' "$PORT"; else printf '%s' "$((PORT + 1))"; fi; }
+slot_app() { printf '%s-%s' "$APP_NAME" "$1"; }
+slot_url() { printf 'http://127.0.0.1:%s%s' "$(slot_port "$1")" "$HEALTH_PATH"; }
+
+# The processes of PM2 app $1 of this PM2_HOME (PM2 puts its pm2_env, name first, into each worker's
+# environment), in this mount namespace: what must be gone once the slot is stopped.
+slot_pids() {
+    local proc mnt
+    mnt=$(readlink /proc/self/ns/mnt)
+    for proc in /proc/[0-9]*; do
+        [ "$(stat -c %u "$proc" 2>/dev/null)" = "$APP_UID" ] || continue
+        [ "$(readlink "$proc/ns/mnt" 2>/dev/null)" = "$mnt" ] || continue
+        grep -qxzF "PM2_HOME=$PM2_HOME" "$proc/environ" 2>/dev/null || continue
+        grep -qzF "pm2_env={\"name\":\"$1\"," "$proc/environ" 2>/dev/null || continue
+        printf '%s ' "${proc#/proc/}"
+    done
+}
+
+# Stop slot $1 and empty it in the slots file. PM2 may have a restart of a crashing app under way
+# when `pm2 delete` returns (seen: a worker booting 0.2 s later), so wait for its processes to be
+# gone and end any that stay.
+slot_stop() {
+    local app n=0 pids
+    app=$(slot_app "$1")
+    slot_set "$1" ""
+    slots_save
+    as_app pm2 delete "$app" >/dev/null 2>&1 || true
+    pids=$(slot_pids "$app")
+    while [ -n "$pids" ] && [ "$n" -lt 30 ]; do
+        n=$((n + 1))
+        [ "$n" -ne 10 ] || as_app pm2 delete "$app" >/dev/null 2>&1 || true
+        sleep 0.1
+        pids=$(slot_pids "$app")
+    done
+    # shellcheck disable=SC2086 # a list of pids
+    [ -z "$pids" ] || as_app kill -KILL $pids 2>/dev/null || true
+}
+
+# A real production start of release $2 in slot $1 (not live): true once it answers healthy on the
+# slot's port from that release. The slots file names it first, so the ecosystem lists it.
+slot_start() {
+    local slot=$1 id=$2 app
+    app=$(slot_app "$slot")
+    as_app pm2 delete "$app" >/dev/null 2>&1 || true
+    slot_set "$slot" "$id"
+    slots_save
+    say "starting $id in slot $slot ($app on 127.0.0.1:$(slot_port "$slot"))"
+    run_app --only "$app" || { say "shared/run.sh could not start $app"; return 1; }
+    wait_slot_healthy "$slot" "$id" 0
+}
+
+slot_warm() {  # $1 = slot, $2 = release: true when the slot already serves that release healthy
+    [ "$(slot_get "$1")" = "$2" ] && health_ok "$(slot_url "$1")" && served_by "$(slot_app "$1")" "$2"
+}
+
+# ---------------------------------------------------------------- nginx
+
+upstream_text() {  # $1 = live port, $2 = backup port or ""; the same text nginx-site.sh creates
+    printf '# Managed by cognivern-release: the live slot, and the other slot as backup while it runs.\n'
+    printf 'upstream %s {\n    server 127.0.0.1:%s;\n' "$UPSTREAM_NAME" "$1"
+    [ -z "$2" ] || printf '    server 127.0.0.1:%s backup;\n' "$2"
+    printf '    keepalive 32;\n}\n'
+}
+
+nginx_reload() {
+    if [ -z "$NGINX_PREFIX" ] && [ -d /run/systemd/system ]; then
+        systemctl reload nginx
+    else
+        nginx "${NGINX_ARGS[@]}" -s reload
+    fi
+}
+
+# Point nginx at 127.0.0.1:$1 (the other slot $2 as backup when given): write the upstream file,
+# `nginx -t`, graceful reload. A failing test puts the previous file back and reloads nothing, so
+# the old upstream keeps serving. No upstream file configured: nothing to do (the slot's port is it).
+nginx_upstream() {
+    [ -n "$NGINX_UPSTREAM" ] || return 0
+    local new="$NGINX_UPSTREAM.new" saved="$DEPLOY/tmp/upstream.previous" had=0 out
+    [ ! -L "$NGINX_UPSTREAM" ] || die "$NGINX_UPSTREAM is a symbolic link; refusing to write through it"
+    upstream_text "$1" "${2:-}" >"$new"
+    chmod 0644 "$new"
+    if [ -f "$NGINX_UPSTREAM" ]; then cp -p "$NGINX_UPSTREAM" "$saved" && had=1; fi
+    mv -f "$new" "$NGINX_UPSTREAM"
+    if out=$(nginx "${NGINX_ARGS[@]}" -t 2>&1) && out=$(nginx_reload 2>&1); then
+        rm -f "$saved"
+        say "nginx: upstream 127.0.0.1:$1${2:+ (backup 127.0.0.1:$2)}, reloaded"
+        return 0
+    fi
+    if [ "$had" -eq 1 ]; then mv -f "$saved" "$NGINX_UPSTREAM"; else rm -f "$NGINX_UPSTREAM"; fi
+    printf '  nginx: %s\n' "${out//$'\n'/$'\n'  nginx: }" >&2
+    say "error: nginx refused the new upstream (nginx -t or reload failed): $NGINX_UPSTREAM is restored and the old upstream is still serving"
+    return 1
 }
 
 # Secret values (cognivern:secretEnv) replaced by *** in anything the tool prints from the app's
@@ -601,122 +766,6 @@ or set cognivern:release to one of the releases listed above."
     say "release $id installed"
 }
 
-# ---------------------------------------------------------------- activate
-
-free_port() {
-    node -e 'const s = require("net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });'
-}
-
-# The pre-flight PM2 app (APP_NAME-preflight) while it may exist; on_exit deletes it, so that it
-# never outlives the tool and never reaches `pm2 save`'s dump.
-PREFLIGHT_APP=""
-PREFLIGHT_DIR=""  # its release directory (not current while it runs)
-
-# PM2 may have a restart of a crashing pre-flight under way when `pm2 delete` returns (seen: a
-# worker booting 0.2 s after the tool had ended). So wait for the pre-flight's processes to be gone
-# and end any that stay: the app user's processes working in its release directory, in this mount
-# namespace, with COGNIVERN_PREFLIGHT=1 in their environment (never the live app's workers, which
-# may run in a release of the same path on another host of a test pool, or on this one later).
-preflight_delete() {
-    [ -n "${PREFLIGHT_APP:-}" ] || return 0
-    as_app pm2 delete "$PREFLIGHT_APP" >/dev/null 2>&1 || true
-    if [ -n "$PREFLIGHT_DIR" ]; then
-        local n=0 pids
-        pids=$(preflight_pids "$PREFLIGHT_DIR")
-        while [ -n "$pids" ] && [ "$n" -lt 30 ]; do
-            n=$((n + 1))
-            [ "$n" -ne 10 ] || as_app pm2 delete "$PREFLIGHT_APP" >/dev/null 2>&1 || true
-            sleep 0.1
-            pids=$(preflight_pids "$PREFLIGHT_DIR")
-        done
-        # shellcheck disable=SC2086 # a list of pids
-        [ -z "$pids" ] || as_app kill -KILL $pids 2>/dev/null || true
-    fi
-    PREFLIGHT_APP="" PREFLIGHT_DIR=""
-}
-
-preflight_pids() {  # the pre-flight processes working in $1
-    local proc want mnt
-    want=$(cd "$1" 2>/dev/null && pwd -P) || return 0
-    mnt=$(readlink /proc/self/ns/mnt)
-    for proc in /proc/[0-9]*; do
-        [ "$(stat -c %u "$proc" 2>/dev/null)" = "$APP_UID" ] || continue
-        [ "$(readlink "$proc/cwd" 2>/dev/null)" = "$want" ] || continue
-        [ "$(readlink "$proc/ns/mnt" 2>/dev/null)" = "$mnt" ] || continue
-        grep -qxz 'COGNIVERN_PREFLIGHT=1' "$proc/environ" 2>/dev/null || continue
-        printf '%s ' "${proc#/proc/}"
-    done
-}
-
-# Start releases/$1 under PM2 (the app's daemon, as APP_USER) as a throwaway cluster app on a spare
-# loopback port and wait for a healthy answer; a release that only fails under PM2 is caught here,
-# before current is switched. The deploy lock guarantees one pre-flight at a time (fixed name).
-preflight() {
-    local id=$1 dir="$RELEASES/$1" name="$APP_NAME-preflight" port log work deadline out why="" n=0 ok=1
-    local restarts down count
-    port=$(free_port)
-    log="$DEPLOY/preflight/$id.log"
-    : >"$log"
-    # PM2 runs as APP_USER, which cannot reach ROOT/.deploy (0700 root): its app file and log go into
-    # shared/logs/preflight/ (the app user's; outside logrotate's shared/logs/*.log) and the output is
-    # copied into $log afterwards. Touched only as APP_USER: root never follows a link planted there.
-    work="$ROOT/shared/logs/preflight"
-    say "pre-flight: starting $id under PM2 as $name on 127.0.0.1:$port"
-    # A daemon spawned by `pm2 start` inherits that command's environment; start it plainly first,
-    # from a directory APP_USER can enter: PM2 spawns its daemon in the caller's working directory,
-    # and from root's home (SSH) that fails with EACCES, leaving the spawn to `pm2 start` below.
-    (cd "$ROOT" && as_app pm2 ping >/dev/null 2>&1) || die "PM2's daemon for $PM2_HOME does not answer (pm2 ping as $APP_USER failed; see $PM2_HOME/pm2.log)"
-    PREFLIGHT_APP=$name PREFLIGHT_DIR=$dir
-    as_app pm2 delete "$name" >/dev/null 2>&1 || true  # left over by a run that was killed
-    deadline=$((SECONDS + HEALTH_TIMEOUT))
-    # shared/.env is exported, as run.sh does. The app file's `env` adds PORT, NODE_ENV (default
-    # production), COGNIVERN_PREFLIGHT=1 and AGENTS_ENABLED=false (the contract: a pre-flight boot
-    # runs no migrations, jobs or agents; it shares the live shared/data with the serving release)
-    # for this app only, never for the CLI or daemon; a link the app left at its work directory is
-    # removed by the app user itself. It takes
-    # wait_ready, listen_timeout and kill_timeout from APP_NAME's entry in the ecosystem file.
-    # shellcheck disable=SC2016
-    if ! out=$(cd "$dir" && as_app bash -c 'set -e; set -a; [ ! -r "$1" ] || . "$1"; set +a
-        [ ! -L "$2" ] || rm -f -- "$2"
-        mkdir -p -m 0750 "$2"; : >"$2/$6.log"
-        node -e '"'"'
-            const [eco, appName, name, id, dir, port, work] = process.argv.slice(1);
-            let apps = [];
-            try { apps = require(eco).apps || []; } catch (e) { console.error(`pre-flight: cannot read ${eco}: ${e.message}`); }
-            const a = apps.find((x) => x.name === appName) || {};
-            const app = { name, script: `${dir}/dist/index.js`, cwd: dir, exec_mode: "cluster", instances: 1,
-                merge_logs: true, out_file: `${work}/${id}.log`, error_file: `${work}/${id}.log`,
-                env: { PORT: port, NODE_ENV: process.env.NODE_ENV || "production", COGNIVERN_PREFLIGHT: "1", AGENTS_ENABLED: "false" } };
-            for (const k of ["wait_ready", "listen_timeout", "kill_timeout"]) if (a[k] !== undefined) app[k] = a[k];
-            require("fs").writeFileSync(`${work}/${id}.json`, JSON.stringify({ apps: [app] }, null, 2) + "\n");
-        '"'"' "$3" "$4" "$5" "$6" "$7" "$8" "$2"
-        exec pm2 start "$2/$6.json"' preflight "$ROOT/shared/.env" "$work" "$ROOT/config/ecosystem.config.cjs" \
-        "$APP_NAME" "$name" "$id" "$dir" "$port" 2>&1); then
-        why="pm2 start failed: $(tail -n 5 <<<"$out" | mask_secrets)"
-    fi
-    while [ -z "$why" ] && [ "$SECONDS" -lt "$deadline" ]; do
-        if health_ok "http://127.0.0.1:$port$HEALTH_PATH"; then ok=0; break; fi
-        n=$((n + 1))
-        if [ $((n % 4)) -eq 0 ]; then
-            read -r restarts down count < <(app_restarts "$name")
-            if [ "$count" -eq 0 ] || [ "$down" -gt 0 ] || [ "$restarts" -ge 2 ]; then
-                why="PM2 reports it crash-looping (restarts: $restarts, errored/stopped: $down, processes: $count)"
-                break
-            fi
-        fi
-        sleep 0.25
-    done
-    preflight_delete
-    as_app cat "$work/$id.log" >>"$log" 2>/dev/null || true
-    as_app rm -f "$work/$id.log" "$work/$id.json" || true
-    if [ "$ok" -ne 0 ]; then
-        say "pre-flight of $id failed: ${why:-no healthy answer from $HEALTH_PATH within ${HEALTH_TIMEOUT}s}; its output:"
-        tail -n 30 "$log" | mask_secrets >&2 || true
-        return 1
-    fi
-    say "pre-flight: $id answered healthy"
-}
-
 # ---------------------------------------------------------------- activate: detached and journaled
 #
 # An activation must end with the new release confirmed healthy or `current` back on the previous
@@ -777,155 +826,258 @@ journal_write() {  # key=value lines, replaced atomically
     mv -f "$DEPLOY/journal.tmp" "$DEPLOY/journal"
 }
 
+# Phases: backup, starting (the idle slot boots; nginx and current untouched), switched (nginx and
+# current on the new slot, the bake runs), reverting (going back to the old slot), finishing (the
+# bake passed: the agent moves, the old slot stops).
 J_PHASE=""
 journal_phase() {  # $1 = phase; the other fields stay
     J_PHASE=$1
-    journal_write "id=$J_ID" "from=$J_FROM" "prev=$J_PREV" "pid=$$" "phase=$1"
+    journal_write "id=$J_ID" "from=$J_FROM" "prev=$J_PREV" "slot=$J_SLOT" "from_slot=$J_FROM_SLOT" "pid=$$" "phase=$1"
 }
 
 journal_get() {  # $1 = key
     sed -n "s/^$1=//p" "$DEPLOY/journal" | head -n 1
 }
 
-# Called with the deploy lock held. A journal means a worker died mid-activation (the lock is
-# free only once it is gone): delete its pre-flight app; if it had switched, keep the new release
-# when it is (or becomes) healthy, else go back to the release it came from.
+record_previous() {  # $1 = release to record as previous ("" : none)
+    if [ -n "$1" ]; then printf '%s\n' "$1" >"$DEPLOY/previous"; else rm -f "$DEPLOY/previous"; fi
+}
+
+# Called with the deploy lock held. A journal means a worker died mid-activation (the lock is free
+# only once it is gone). Before the switch: the half-started slot is stopped, nothing else changed.
+# During the bake: an interrupted bake is not a passed one, so nginx goes back to the old slot while
+# it still answers healthy (the release is not marked bad: nothing proved it bad); with no old slot
+# to go back to, the new release stays if it is healthy. Reverting or finishing: done again.
 recover_activation() {
     [ -f "$DEPLOY/journal" ] || return 0
-    local id from prev phase cur
+    local id from prev slot from_slot phase
     id=$(journal_get id) from=$(journal_get from) prev=$(journal_get prev) phase=$(journal_get phase)
-    [[ $id =~ $ID_RE ]] || { say "warning: unreadable activation journal removed"; rm -f "$DEPLOY/journal"; return 0; }
+    slot=$(journal_get slot) from_slot=$(journal_get from_slot)
+    if ! [[ $id =~ $ID_RE && $slot =~ ^(blue|green)$ ]]; then
+        say "warning: unreadable activation journal removed"
+        rm -f "$DEPLOY/journal"
+        return 0
+    fi
     [ -z "$from" ] || [[ $from =~ $ID_RE ]] || from=""
     [ -z "$prev" ] || [[ $prev =~ $ID_RE ]] || prev=""
+    [[ $from_slot =~ ^(blue|green)$ ]] || from_slot=""
     say "recovering the activation of $id that was interrupted ($phase, pid $(journal_get pid))"
-    cur=$(current_id)
-    PREFLIGHT_APP="$APP_NAME-preflight" PREFLIGHT_DIR=""
-    [ "$cur" = "$id" ] || PREFLIGHT_DIR="$RELEASES/$id"  # (not while the release serves from there)
-    preflight_delete
-    if [ "$phase" = switching ] && [ "$cur" = "$id" ]; then
-        run_app || true
-        if wait_healthy "$id"; then
-            mark_served "$id"
-            say "recovered: $id is live and healthy"
-        elif [ -n "$from" ] && [ -d "$RELEASES/$from" ]; then
-            switch_back "$from" "$prev"
-        else
-            stop_first_deploy
-        fi
-    elif [ "$phase" = reverting ] && [ -n "$from" ] && [ -d "$RELEASES/$from" ]; then
-        switch_back "$from" "$prev"
-    else
-        say "recovered: current (${cur:-none}) was not switched"
-    fi
+    slots_load
+    case $phase in
+        starting) if [ "$S_LIVE" != "$slot" ] || [ "$(current_id)" != "$id" ]; then slot_stop "$slot"; fi ;;
+        switched | reverting)
+            if [ -n "$from_slot" ] && [ -n "$from" ] && slot_warm "$from_slot" "$from"; then
+                revert_switch "$slot" "$id" "$from_slot" "$from" "$prev" || true
+            elif wait_slot_healthy "$slot" "$id"; then
+                finish_activation "$slot" "$id" "$from_slot"
+            else
+                first_deploy_failed "$slot"
+            fi
+            ;;
+        finishing) finish_activation "$slot" "$id" "$from_slot" ;;
+        *) say "recovered: current ($(current_id)) was not switched" ;;
+    esac
     rm -f "$DEPLOY/journal"
     printf '%s recover %s %s - %s\n' "$(iso_now)" "$id" "$(invoking_user)" "$phase" >>"$DEPLOY/releases.log"
 }
 
-switch_back() {  # $1 = release to go back to, $2 = the previous release to record; true when healthy
-    say "switching back to $1"
-    switch_current "$1"
-    if [ -n "$2" ]; then printf '%s\n' "$2" >"$DEPLOY/previous"; else rm -f "$DEPLOY/previous"; fi
-    run_app || true
-    if wait_healthy "$1"; then
-        say "rolled back: $1 is serving and healthy again"
+# The switch: nginx to slot $1 (release $2), with slot $3 (the one switched away from, "" for none)
+# as backup while it runs; then current and the slots file follow, so current = what nginx serves.
+switch_to() {
+    local backup=""
+    [ -z "$3" ] || [ -z "$(slot_get "$3")" ] || backup=$(slot_port "$3")
+    nginx_upstream "$(slot_port "$1")" "$backup" || return 1
+    switch_current "$2"
+    S_LIVE=$1
+    slots_save
+}
+
+# The revert: slot $1 (release $2) failed its bake; nginx, current and previous go back to slot $3
+# (release $4, still warm), previous to $5, and the failed slot stops. True when $4 answers healthy.
+revert_switch() {
+    journal_phase reverting
+    say "switching back to $4 (slot $3, still warm)"
+    nginx_upstream "$(slot_port "$3")" "" || say "error: nginx still points at slot $1 with $3 as backup"
+    switch_current "$4"
+    record_previous "$5"
+    S_LIVE=$3
+    slot_stop "$1"
+    as_app pm2 save --force >/dev/null 2>&1 || true
+    if wait_slot_healthy "$3" "$4"; then
+        say "rolled back: $4 is serving and healthy again"
         return 0
     fi
-    say "error: rolled back to $1 but it is NOT healthy either; check: $PROG status"
+    say "error: rolled back to $4 but it is NOT healthy either; check: $PROG status"
     return 1
 }
 
-stop_first_deploy() {  # nothing to go back to: stop the app's PM2 processes, remove current
+# Nothing to go back to (a first deploy failed): stop every app, remove current.
+first_deploy_failed() {  # $1 = the slot that ran it
     say "this was the first deploy: stopping the app's PM2 processes and removing current"
-    as_app pm2 delete "$ROOT/config/ecosystem.config.cjs" >&2 || true
+    slot_stop "$1"
+    S_AGENT=""
+    slots_save
+    as_app pm2 delete "$ROOT/config/ecosystem.config.cjs" >&2 2>/dev/null || true
     as_app pm2 save --force >/dev/null 2>&1 || true
     rm -f "$ROOT/current"
     say "no release is running now; current does not exist"
 }
 
-cmd_activate_worker() {
-    parse_activate_args "$@"
-    local id=$ACT_ID force=$ACT_FORCE
-    ACTION_ID=$id
-    [ ! -f "$DEPLOY/meta/$id" ] || ACTION_SHA=$(sed -n 's/^sha256=//p' "$DEPLOY/meta/$id")
-    ensure_layout
-    take_deploy_lock activate "$id" 0
+# The bake: slot $1 (release $2) serves for BAKE_SECONDS with the old slot as nginx backup. Fails
+# (BAKE_WHY) when PM2 restarts it or shows it down, or when HEALTH_PATH fails twice in a row.
+BAKE_WHY=""
+bake() {
+    local app base restarts down count fails=0 end
+    app=$(slot_app "$1")
+    read -r base _ < <(app_restarts "$app")
+    end=$(($(date +%s%3N) + BAKE_SECONDS * 1000))
+    say "bake: watching $2 in slot $1 for ${BAKE_SECONDS}s (health, PM2 restarts); the previous slot stays warm as nginx backup"
+    while [ "$(date +%s%3N)" -lt "$end" ]; do
+        read -r restarts down count < <(app_restarts "$app")
+        if [ "$count" -eq 0 ] || [ "$down" -gt 0 ] || [ "$restarts" -gt "$base" ]; then
+            BAKE_WHY="PM2 restarted or lost it (restarts $base -> $restarts, errored/stopped: $down, processes: $count)"
+            return 1
+        fi
+        if health_ok "$(slot_url "$1")"; then fails=0; else fails=$((fails + 1)); fi
+        if [ "$fails" -ge 2 ]; then
+            BAKE_WHY="$(slot_url "$1") did not answer ok twice in a row"
+            return 1
+        fi
+        sleep 0.25
+    done
+    say "bake: $2 stayed healthy for ${BAKE_SECONDS}s"
+}
 
+# After the bake: the agent moves to release $2 (deleted, then started there: it never runs twice),
+# and the old slot $3 stops unless KEEP_PREVIOUS_WARM. Done again by recovery, so idempotent.
+finish_activation() {
+    journal_phase finishing
+    local agent_app
+    S_AGENT=$2
+    slots_save
+    if [ -n "$AGENT_APPS" ]; then
+        say "agent: moving $AGENT_APPS to $2 (the bake passed)"
+        for agent_app in ${AGENT_APPS//,/ }; do as_app pm2 delete "$agent_app" >/dev/null 2>&1 || true; done
+        run_app --only "$AGENT_APPS" || say "warning: the agent did not start on $2; check: $PROG status"
+    fi
+    if [ -n "$3" ] && [ -n "$(slot_get "$3")" ]; then
+        if [ "$KEEP_PREVIOUS_WARM" = true ]; then
+            say "keeping $(slot_get "$3") warm in slot $3 (keepPreviousWarm): a rollback to it is a switch"
+        else
+            # The upstream keeps the stopped slot's `backup` line: nginx only tries it when the live
+            # slot fails, and every nginx reload closes idle client keep-alive connections (a
+            # request sent at that instant meets a closed socket), so one reload per switch is all.
+            say "stopping slot $3 ($(slot_get "$3"))"
+            slot_stop "$3"
+        fi
+    fi
+    as_app pm2 save --force >/dev/null 2>&1 || true
+}
+
+activation_checks() {  # $1 = id, $2 = force: refuse a missing, unfinished or bad release
+    local id=$1
     [ -d "$RELEASES/$id" ] || { RESULT=missing; die "release $id is not installed; installed releases: $(complete_list_text)"; }
     release_complete "$id" || { RESULT=unfinished; die "release $id is unfinished (install it again)"; }
-    if is_bad "$id" && [ "$force" -ne 1 ]; then
+    if is_bad "$id" && [ "$2" -ne 1 ]; then
         RESULT=refused-bad
         die "release $id is marked bad ($(sed -n 's/^reason=//p' "$DEPLOY/bad/$id")); deploy a fixed build under a new id, or use activate --force $id"
     fi
-
     if ! release_sealed "$id"; then
         say "release $id has files the app could change (installed by an older version); making it root's"
         seal_release "$id"
     fi
+}
 
-    local cur prev
-    cur=$(current_id)
-    prev=$(previous_id)
-    J_ID=$id J_FROM=$cur J_PREV=$prev
-    if [ "$cur" = "$id" ]; then
-        say "release $id is already current; making sure it runs"
-        run_app || true
-        if wait_healthy "$id"; then
-            RESULT=already-current
-            say "release $id is current and healthy"
-            return 0
-        fi
-        show_error_log
-        die "release $id is current but not healthy at $HEALTH_URL"
+already_current() {  # $1 = id, current and live: make sure it runs
+    say "release $1 is already current; making sure it runs"
+    run_app || true
+    if wait_healthy "$1"; then
+        RESULT=already-current
+        say "release $1 is current and healthy"
+        return 0
     fi
+    show_error_log
+    die "release $1 is current but not healthy at $(slot_url "$S_LIVE")"
+}
 
+start_failed() {  # slot $1 could not start release $2: nothing was switched
+    J_PHASE=""
+    show_error_log
+    mark_bad "$2" "did not start healthy in slot $1"
+    slot_stop "$1"
+    as_app pm2 save --force >/dev/null 2>&1 || true
+    RESULT=start-failed
+    rm -f "$DEPLOY/journal"
+    say "current (${J_FROM:-none}) was not switched; nginx still serves it"
+    exit 1
+}
+
+switch_refused() {  # nginx refused the switch to slot $1: stop it, nothing else changed
+    slot_stop "$1"
+    as_app pm2 save --force >/dev/null 2>&1 || true
+    record_previous "$J_PREV"
+    RESULT=nginx-refused
+    rm -f "$DEPLOY/journal"
+    die "the switch to $2 was refused by nginx; ${J_FROM:-no release} still serves (the release is not marked bad)"
+}
+
+bake_failed() {  # slot $1 (release $2) failed its bake; back to slot $3 (release $4) if there is one
+    say "release $2 failed its bake: $BAKE_WHY"
+    show_error_log
+    if [ -n "$3" ]; then
+        mark_bad "$2" "failed its bake: $BAKE_WHY"
+        if revert_switch "$1" "$2" "$3" "$4" "$J_PREV"; then RESULT=rolled-back; else RESULT=rollback-unhealthy; fi
+    else
+        mark_bad "$2" "failed its bake (first deploy): $BAKE_WHY"
+        first_deploy_failed "$1"
+        RESULT="first-deploy-failed"
+    fi
+    rm -f "$DEPLOY/journal"
+    exit 1
+}
+
+cmd_activate_worker() {
+    parse_activate_args "$@"
+    local id=$ACT_ID force=$ACT_FORCE cur live idle started
+    ACTION_ID=$id
+    [ ! -f "$DEPLOY/meta/$id" ] || ACTION_SHA=$(sed -n 's/^sha256=//p' "$DEPLOY/meta/$id")
+    ensure_layout
+    take_deploy_lock activate "$id" 0
+    activation_checks "$id" "$force"
+    cur=$(current_id)
+    slots_load
+    live=$S_LIVE
+    if [ -n "$cur" ] && [ "$(slot_get "$live")" = "$cur" ]; then
+        if [ "$cur" = "$id" ]; then already_current "$id"; return 0; fi
+    else
+        live=""  # nothing serves: a first deploy (or one after a failed first deploy)
+    fi
+    idle=blue
+    [ -z "$live" ] || idle=$(other_slot "$live")
+    J_ID=$id J_FROM=$cur J_PREV=$(previous_id) J_SLOT=$idle J_FROM_SLOT=$live
     journal_phase backup
     if [ "$DATA_BACKUPS_KEEP" -gt 0 ]; then
         data_backup "before-$id"
         say "backed up shared/data to $BACKUP_PATH"
     fi
-    journal_phase preflight
-
-    # A release that has served healthy here before (a rollback) skips the pre-flight: it costs a
-    # PM2 start (~0.6 s) and proves nothing new; the health gate after the switch still guards it.
-    local served_before=""
-    [ ! -f "$DEPLOY/meta/$id" ] || served_before=$(sed -n 's/^served_healthy=//p' "$DEPLOY/meta/$id" | tail -n 1)
-    if [ -n "$served_before" ] && [ "$force" -ne 1 ]; then
-        say "pre-flight: skipped ($id served healthy here before, last at $served_before)"
-    elif ! preflight "$id"; then
-        mark_bad "$id" "pre-flight failed"
-        RESULT=preflight-failed
-        rm -f "$DEPLOY/journal"
-        exit 1
-    fi
-
-    journal_phase switching
-    if [ -n "$cur" ]; then printf '%s\n' "$cur" >"$DEPLOY/previous"; fi
-    say "switching current: ${cur:-none} -> $id"
-    local started=$SECONDS base_restarts
-    read -r base_restarts _ < <(app_restarts)
-    switch_current "$id"
-    if run_app && wait_healthy "$id" "$base_restarts"; then
-        [ "$force" -ne 1 ] || rm -f "$DEPLOY/bad/$id"
-        mark_served "$id"
-        rm -f "$DEPLOY/journal"
-        RESULT=activated
-        say "release $id is live and healthy after $((SECONDS - started))s (previous: ${cur:-none})"
-        return 0
-    fi
-
-    say "release $id did not become healthy at $HEALTH_URL within ${HEALTH_TIMEOUT}s"
-    show_error_log
-    journal_phase reverting
-    if [ -n "$cur" ] && [ -d "$RELEASES/$cur" ]; then
-        mark_bad "$id" "not healthy after switch"
-        if switch_back "$cur" "$prev"; then RESULT=rolled-back; else RESULT=rollback-unhealthy; fi
+    journal_phase starting
+    started=$SECONDS
+    if slot_warm "$idle" "$id"; then
+        say "release $id is warm in slot $idle: switching without a start"
     else
-        mark_bad "$id" "not healthy after switch (first deploy)"
-        stop_first_deploy
-        RESULT="first-deploy-failed"
+        slot_start "$idle" "$id" || start_failed "$idle" "$id"
     fi
+    journal_phase switched
+    record_previous "$cur"
+    say "switching current: ${cur:-none} -> $id (slot ${live:-none} -> $idle)"
+    switch_to "$idle" "$id" "$live" || switch_refused "$idle" "$id"
+    bake "$idle" "$id" || bake_failed "$idle" "$id" "$live" "$cur"
+    finish_activation "$idle" "$id" "$live"
+    [ "$force" -ne 1 ] || rm -f "$DEPLOY/bad/$id"
+    mark_served "$id"
     rm -f "$DEPLOY/journal"
-    exit 1
+    RESULT=activated
+    say "release $id is live and healthy after $((SECONDS - started))s (previous: ${cur:-none})"
 }
 
 # ---------------------------------------------------------------- prune
@@ -1037,25 +1189,25 @@ cmd_list() {
 
 cmd_status() {
     [ $# -eq 0 ] || usage_error "usage: status"
-    local cur prev body
+    local cur prev body slot id url
     cur=$(current_id)
     prev=$(previous_id)
+    slots_load
     printf 'root:     %s\ncurrent:  %s\nprevious: %s\n' "$ROOT" "${cur:-none}" "${prev:-none}"
+    for slot in blue green; do
+        id=$(slot_get "$slot")
+        printf '%-9s %s on 127.0.0.1:%s%s\n' "$slot:" "${id:-(stopped)}" "$(slot_port "$slot")" "$([ "$slot" != "$S_LIVE" ] || printf ' (live: nginx serves it)')"
+    done
+    printf 'agent:    %s\n' "${S_AGENT:-none}"
     printf 'pm2 (PM2_HOME %s):\n' "$PM2_HOME"
-    # shellcheck disable=SC2016
-    as_app pm2 jlist 2>/dev/null | node -e '
-        let s = ""; process.stdin.on("data", d => s += d).on("end", () => {
-            let list = []; try { list = JSON.parse(s); } catch (e) { console.log("  (pm2 not answering)"); return; }
-            if (!list.length) console.log("  (no processes)");
-            for (const p of list) { const e = p.pm2_env || {};
-                console.log(`  ${p.name} #${p.pm_id} pid=${p.pid} ${e.status} restarts=${e.restart_time} mode=${e.exec_mode}`); }
-        });' || printf '  (pm2 not available)\n'
-    if body=$(curl -sS --max-time 3 "$HEALTH_URL" 2>&1); then
-        printf 'health:   %s -> %s\n' "$HEALTH_URL" "${body:0:300}"
+    pm2q status
+    url=$(slot_url "$S_LIVE")
+    if body=$(curl -sS --max-time 3 "$url" 2>&1); then
+        printf 'health:   %s -> %s\n' "$url" "${body:0:300}"
     else
-        printf 'health:   %s -> no answer (%s)\n' "$HEALTH_URL" "${body:0:200}"
+        printf 'health:   %s -> no answer (%s)\n' "$url" "${body:0:200}"
     fi
-    if [ -n "$cur" ] && served_by "$cur"; then printf 'workers:  all on %s\n' "$cur"; fi
+    if [ -n "$cur" ] && served_by "$(slot_app "$S_LIVE")" "$cur"; then printf 'workers:  all on %s\n' "$cur"; fi
 }
 
 # ---------------------------------------------------------------- backup, restore, reload
@@ -1190,6 +1342,7 @@ main() {
     ROOT=${ROOT%/}
     RELEASES="$ROOT/releases"
     DEPLOY="$ROOT/.deploy"
+    SLOTS_FILE="$ROOT/config/slots"
     UNFINISHED=".cognivern-unfinished"
     local cmd=$1
     shift

@@ -16,9 +16,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from components.host import PROVISION, PUT_FILE, RELEASE_TOOL, RUN_SH, provision_args
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, RUN_SH, provision_args, release_tool_bundle, site_name
 from components.remote import script_command
-from components.render import render_ecosystem, render_env, render_release_conf
+from components.render import NginxTarget, render_ecosystem, render_env, render_nginx_site, render_release_conf
 from components.settings import Settings
 from tests.support.release_host import build_release_tarball
 from tests.support.target_host import SYSTEM_PATH, TargetHost, end_user_processes
@@ -35,13 +35,13 @@ class HardenedHost:
         self.tmp = tmp
         self.root = target.root
         self.user = target.app_user
-        self.config: dict[str, object] = {"healthTimeout": 10, "waitReady": True, "listenTimeoutMs": 4000, **config}
+        self.config: dict[str, object] = {"healthTimeout": 10, "waitReady": True, "listenTimeoutMs": 4000, "bakeSeconds": 2, **config}
         self.settings: Settings = target.settings(**self.config)
         self.env_serial = 0
 
     # -- the program's steps ---------------------------------------------------------------
     def provision(self) -> subprocess.CompletedProcess[str]:
-        return self.target.run(script_command(PROVISION, provision_args(self.settings)), stdin=RELEASE_TOOL.read_text())
+        return self.target.run(script_command(PROVISION, provision_args(self.settings)), stdin=release_tool_bundle())
 
     def put(self, dest: str, mode: str, owner: str, content: str, reload: bool = False) -> subprocess.CompletedProcess[str]:
         argv = ["--dest", dest, "--mode", mode, "--owner", owner] + (["--reload-root", str(self.root)] if reload else [])
@@ -53,15 +53,27 @@ class HardenedHost:
             f"{s.root}/shared/.env", "0600", f"{s.app_user}:{s.app_user}", render_env({**s.stack_env, **extra}, s.secret_env), reload=True
         )
 
+    @property
+    def front_port(self) -> int:
+        """The host's nginx site: where clients reach whichever slot is live."""
+        return self.target.nginx.port
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.front_port}{path}"
+
     def prepare(self) -> None:
-        """provision + the runtime files, as `pulumi up` does before any release."""
+        """provision + the runtime files + the nginx site, as `pulumi up` does before any release."""
         s = self.settings
+        nginx = self.target.nginx
+        target = NginxTarget(conf=str(nginx.conf_path), prefix=str(nginx.prefix))
+        site = script_command(NGINX_SITE, ["--name", site_name(s.app_name), "--upstream-port", str(s.port)])
         for result in (
             self.provision(),
             self.put(f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), reload=True),
-            self.put(f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s)),
+            self.put(f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s, target)),
             self.put(f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), reload=True),
             self.put_env(),
+            self.target.run(site, stdin=render_nginx_site(s)),
         ):
             assert result.returncode == 0, result.stdout + result.stderr
 
@@ -82,8 +94,8 @@ class HardenedHost:
         assert result.returncode == 0, f"cognivern-release {' '.join(args)}: exit {result.returncode}\n{result.stderr}"
         return result
 
-    def install(self, release_id: str, mode: str = "ok") -> subprocess.CompletedProcess[str]:
-        tarball, sha = build_release_tarball(self.tmp / "artifacts", release_id, mode)
+    def install(self, release_id: str, mode: str = "ok", **fixture: object) -> subprocess.CompletedProcess[str]:
+        tarball, sha = build_release_tarball(self.tmp / "artifacts", release_id, mode, **fixture)
         dest = self.root / "incoming" / tarball.name
         shutil.copy(tarball, dest)
         return self.tool("install", release_id, str(dest), sha)

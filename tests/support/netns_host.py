@@ -53,7 +53,7 @@ from tests.support.target_host import _config_string, node_major
 SUBNET_PREFIX = "10.213.0."  # a /30 per host out of 10.213.0.0/24, on our own veth pairs only
 SSH_PORT = 22  # inside each namespace: one sshPort for the whole stack
 SITE_PORT = 8080  # each host's nginx site (nginxListen), on all of its namespace's addresses
-APP_PORT = 3000  # the app on 127.0.0.1 inside each namespace (cognivern:port)
+APP_PORT = 3000  # the app on 127.0.0.1 inside each namespace (cognivern:port; the green slot on 3001)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -312,6 +312,7 @@ class NetnsHosts(DisposableHost):
             "port": APP_PORT,
             "nodeMajor": node_major(),
             "nginxListen": [str(SITE_PORT)],
+            "bakeSeconds": 3,  # each server bakes before the next one starts (short: the suite's time)
         }
         raw.update(values)
         return {k: _config_string(v) for k, v in raw.items() if v is not None}

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from components.render import render_upstream, upstream_include
+from components.settings import Settings
 from tests.support.helpers import free_port, wait_for_port
 
 NGINX = "/usr/sbin/nginx"
@@ -97,6 +99,13 @@ http {{
             "COGNIVERN_NGINX_SITES_AVAILABLE": str(self.sites_available),
             "COGNIVERN_NGINX_SITES_ENABLED": str(self.sites_enabled),
         }
+
+    def write_upstream(self, s: Settings, live_port: int | None = None) -> Path:
+        """The upstream file a site rendered for `s` includes (the blue slot on s.port unless told),
+        as nginx-site.sh creates it on a real host."""
+        path = self.prefix / upstream_include(s.app_name)
+        path.write_text(render_upstream(s, s.port if live_port is None else live_port))
+        return path
 
     def argv(self, *args: str) -> list[str]:
         return [NGINX, "-p", str(self.prefix), "-c", str(self.conf_path), *args]

@@ -2,7 +2,9 @@
 
 `ReleaseHost` lays out a temp ROOT the way provisioning does, renders conf/ecosystem/.env with
 components.render from a real `Settings`, gives PM2 a private home (PM2_HOME in cognivern.conf),
-and runs the tool. Used by tests/test_release_tool.py and bench/release_bench.py.
+puts a private nginx in front of the two slots (the rendered site on `front_port`, the upstream
+file the tool switches), and runs the tool. `url()` goes through nginx, as clients do.
+Used by tests/test_release_tool.py and bench/release_bench.py.
 """
 
 from __future__ import annotations
@@ -25,9 +27,19 @@ from typing import Any
 import httpx
 
 from components.release import sha256_file
-from components.render import render_ecosystem, render_env, render_release_conf
+from components.render import (
+    NginxTarget,
+    render_ecosystem,
+    render_env,
+    render_nginx_site,
+    render_release_conf,
+    render_upstream,
+    site_file_name,
+    upstream_include,
+)
 from components.settings import Settings, parse_settings
-from tests.support.helpers import DisposableHost, end_user_processes, free_port, port_open, run_pm2
+from tests.support.helpers import DisposableHost, end_user_processes, free_port_pair, port_open, run_pm2
+from tests.support.nginx import PrivateNginx
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "components" / "release" / "cognivern-release.sh"
@@ -98,9 +110,10 @@ class ReleaseHost(DisposableHost):
     """
 
     user: str = APP_USER
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port_pair)
     extra_config: Mapping[str, str] = field(default_factory=dict)
     root: Path = field(init=False)
+    nginx: PrivateNginx = field(init=False)
     pm2_home: Path = field(init=False)
     settings: Settings = field(init=False)
     tool = TOOL  # the release tool it runs (bench/release_bench.py gives one from an older commit)
@@ -109,6 +122,8 @@ class ReleaseHost(DisposableHost):
         self.root = Path(tempfile.mkdtemp(prefix="cgv_root_", dir="/tmp"))
         os.chmod(self.root, 0o755)  # noqa: S103 - the app user must reach its releases
         self.pm2_home = self.root / "pm2-home"
+        self._upstreams: dict[Path, str] = {}
+        self.nginx = PrivateNginx()
         config = {
             "release": "fixture-1",
             "host": "127.0.0.1",
@@ -119,6 +134,8 @@ class ReleaseHost(DisposableHost):
             "listenTimeoutMs": "4000",
             "killTimeoutMs": "3000",
             "healthTimeout": "10",
+            "bakeSeconds": "2",
+            "nginxListen": json.dumps([f"127.0.0.1:{self.nginx.port}"]),
             "keepReleases": "3",
             "dataBackupsKeep": "3",
             "env": json.dumps({"FIXTURE_ECHO": "hello-from-env"}),
@@ -128,6 +145,7 @@ class ReleaseHost(DisposableHost):
         self.settings = parse_settings(config.get)
         self.config = config  # what `settings` was parsed from (a bench renders an older commit's files from it)
         self.layout()
+        self.nginx.start()  # (users that never call start(), such as the benches, get it too)
 
     # -- layout, like provisioning -------------------------------------------------------
     def layout(self) -> None:
@@ -142,7 +160,8 @@ class ReleaseHost(DisposableHost):
         os.chown(self.pm2_home, *own)
         s = self.settings
         (self.root / "config" / "ecosystem.config.cjs").write_text(render_ecosystem(s))
-        conf = render_release_conf(s) + f"PM2_HOME={self.pm2_home}\n"
+        target = NginxTarget(conf=str(self.nginx.conf_path), prefix=str(self.nginx.prefix))
+        conf = render_release_conf(s, target) + f"PM2_HOME={self.pm2_home}\n"
         (self.root / "config" / "cognivern.conf").write_text(conf)
         env = self.root / "shared" / ".env"
         env.write_text(render_env(s.stack_env, s.secret_env))
@@ -150,6 +169,38 @@ class ReleaseHost(DisposableHost):
         env.chmod(0o600)
         shutil.copy(RUN_SH, self.root / "shared" / "run.sh")
         (self.root / "shared" / "run.sh").chmod(0o755)
+        name = site_file_name(s.app_name)
+        (self.nginx.sites_available / f"{name}.conf").write_text(render_nginx_site(s))
+        (self.nginx.sites_enabled / f"{name}.conf").symlink_to(self.nginx.sites_available / f"{name}.conf")
+        self.upstream_file.write_text(render_upstream(s, s.port))
+
+    def set_conf(self, **values: str) -> None:
+        """Override settings in config/cognivern.conf (later lines win when the tool sources it)."""
+        with (self.root / "config" / "cognivern.conf").open("a") as conf:
+            conf.writelines(f"{key}={value}\n" for key, value in values.items())
+
+    @property
+    def upstream_file(self) -> Path:
+        """The nginx upstream file the tool rewrites at each switch."""
+        return self.nginx.prefix / upstream_include(self.settings.app_name)
+
+    def _start(self) -> None:
+        self.nginx.start()
+
+    @property
+    def front_port(self) -> int:
+        """nginx's port: where clients reach whichever slot is live."""
+        return self.nginx.port
+
+    def slots(self) -> dict[str, str]:
+        """ROOT/config/slots as a dict (live, blue, green, agent); empty before the first activation."""
+        path = self.root / "config" / "slots"
+        if not path.exists():
+            return {}
+        return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+    def slot_port(self, slot: str) -> int:
+        return self.port if slot == "blue" else self.port + 1
 
     # -- the tool ------------------------------------------------------------------------
     def run(
@@ -199,7 +250,7 @@ class ReleaseHost(DisposableHost):
 
     # -- the app -------------------------------------------------------------------------
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://127.0.0.1:{self.front_port}{path}"
 
     def get_json(self, path: str, timeout: float = 3) -> tuple[int, dict[str, object]]:
         r = httpx.get(self.url(path), timeout=timeout)
@@ -227,7 +278,7 @@ class ReleaseHost(DisposableHost):
         if any((self.pm2_home / f).exists() for f in ("pm2.pid", "rpc.sock")):
             self.pm2("kill")
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and port_open(self.port):
+        while time.monotonic() < deadline and (port_open(self.port) or port_open(self.port + 1)):
             time.sleep(0.1)
 
     def snapshot(self) -> Path:
@@ -235,6 +286,7 @@ class ReleaseHost(DisposableHost):
         self.stop_pm2()
         snap = Path(tempfile.mkdtemp(prefix="cgv_snap_", dir="/tmp"))
         subprocess.run(["cp", "-a", f"{self.root}/.", str(snap)], check=True)
+        self._upstreams[snap] = self.upstream_file.read_text()
         return snap
 
     def restore(self, snap: Path) -> None:
@@ -247,11 +299,15 @@ class ReleaseHost(DisposableHost):
             else:
                 child.unlink()
         subprocess.run(["cp", "-a", f"{snap}/.", str(self.root)], check=True)
+        self.upstream_file.write_text(self._upstreams[snap])
+        if self.nginx.master_pid is not None:
+            self.nginx.reload()
 
     # -- teardown ------------------------------------------------------------------------
     def cleanup(self) -> None:
         """Kill this host's PM2 daemon (and its apps); remove the temp root."""
         self.stop_pm2()
+        self.nginx.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
     stop = cleanup

@@ -26,9 +26,9 @@ class DeployStack:
         self.engine = Engine(tmp / "state")
         self.settings: dict[str, Any] = {**FIXTURE_SETTINGS, **settings}
 
-    def artifact(self, release: str, mode: str = "ok") -> str:
+    def artifact(self, release: str, mode: str = "ok", **fixture: object) -> str:
         """The fixture app as `cognivern-<release>.tar.gz` with its .sha256, as scripts/build-artifact leaves it."""
-        path, sha = build_release_tarball(self.tmp / "artifacts", release, mode)
+        path, sha = build_release_tarball(self.tmp / "artifacts", release, mode, **fixture)
         path.with_name(path.name + ".sha256").write_text(f"{sha}  {path.name}\n")
         return str(path)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from components.settings import Settings, parse_settings
-from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, free_port, run_pm2, user_pids
+from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, free_port_pair, run_pm2, user_pids
 from tests.support.nginx import PrivateNginx
 from tests.support.sshd import LocalSshd
 
@@ -60,7 +60,7 @@ class TargetHost(DisposableHost):
         self.app_user = app_user or f"cvt{uuid.uuid4().hex[:8]}"
         self.app_home = Path("/home") / self.app_user
         self.pm2_home = self.app_home / ".pm2"
-        self.app_port = free_port()
+        self.app_port = free_port_pair()  # blue on it, green on +1
         self.start_nginx = start_nginx
         self.nginx = PrivateNginx(autostart=False)
         self.sshd: LocalSshd | None = None
@@ -144,6 +144,7 @@ class TargetHost(DisposableHost):
             "port": self.app_port,
             "nodeMajor": node_major(),
             "nginxListen": [f"127.0.0.1:{self.nginx.port}"],
+            "bakeSeconds": 2,  # short bakes: the suite's time budget (the mechanism is the same)
         }
         raw.update(values)
         return {k: _config_string(v) for k, v in raw.items() if v is not None}
