@@ -26,13 +26,14 @@ nginx (tests/support), and the same fixture app (tests/fixtures/app). 8 HTTP cli
   loop-10s    a release that lives 10 s, then crash-loops (crash-loop-after): inside the bake
   flip-4s     a release whose /health answers 500 from 4 s after it listens (health-flip); its
               other routes keep answering, so clients see no failure: only the end state differs
-Per run: failed/total requests; time from the command's start to the first response from the new
-release (a) or the rolled-back-to one (cold, warm), and for the broken rows to the first response
-from the previous release after the last failure or the last answer of the broken one (0: clients
-never saw either; "never": still not back at the end); the command's wall time; the peak RSS
-(sum over the app user's processes, sampled every 100 ms from /proc) while it runs; what it left:
-exit status and the release that answers at the end. A row whose failure comes after the command
-may return (crash-4s, loop-10s, flip-4s) keeps the load on until --bake + 5 s after the start, for both.
+Per run: failed/total requests (and how many were retried once, see Load); time from the
+command's start to the first response from the new release (a) or the rolled-back-to one (cold,
+warm), and for the broken rows to the first response from the previous release after the last
+failure or the last answer of the broken one (0: clients never saw either; "never": still not back
+at the end); the command's wall time; the peak RSS (sum over the app user's processes, sampled
+every 100 ms from /proc) while it runs; what it left: exit status and the release that answers at
+the end. A row whose failure comes after the command may return (crash-4s, loop-10s, flip-4s)
+keeps the load on until --bake + 5 s after the start, for both designs.
 Also: `install` with a warm store (lockfile unchanged) vs an empty store (this checkout's tool).
 Everything it starts (nginx, PM2 daemons, the app users it created, the baseline tree) is removed.
 """
@@ -64,6 +65,9 @@ BASE = "base"
 class Load:
     """CLIENTS threads doing GET /release through nginx; every non-2xx or error is a failed request.
 
+    A kept-alive connection that nginx closes before any byte of the answer (it closes idle ones when
+    it reloads) is retried once on a new connection, as HTTP/1.1 clients do for idempotent requests
+    (RFC 9112 9.3.1; tests/support/load.py does the same); `retried` counts those, for both designs.
     first_seen: release -> time.monotonic() of its first good response; last_failure: when the last
     failed request was sent (None if none); events: (sent, done, good, release) of every request.
     bench/engine_bench.py derives its time-to-healthy from first_seen and last_failure.
@@ -76,6 +80,7 @@ class Load:
     served: dict[str, int] = field(default_factory=dict)
     first_seen: dict[str, float] = field(default_factory=dict)
     last_failure: float | None = None
+    retried: int = 0
     events: list[tuple[float, float, bool, str | None]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -85,12 +90,7 @@ class Load:
         with httpx.Client(timeout=5) as client:
             while not self._stop.is_set():
                 sent = time.monotonic()
-                try:
-                    r = client.get(self.url)
-                    good, what = 200 <= r.status_code < 300, f"http {r.status_code}"
-                    release = str(r.json().get("release", "?")) if good else None
-                except (httpx.HTTPError, ValueError) as exc:
-                    good, what, release = False, type(exc).__name__, None
+                good, what, release = self._get(client)
                 now = time.monotonic()
                 with self._lock:
                     self.events.append((sent, now, good, release))
@@ -103,6 +103,21 @@ class Load:
                         self.last_failure = sent
                         self.errors[what] = self.errors.get(what, 0) + 1
                 time.sleep(0.01)
+
+    def _get(self, client: httpx.Client) -> tuple[bool, str, str | None]:
+        for attempt in (1, 2):
+            try:
+                r = client.get(self.url)
+                good = 200 <= r.status_code < 300
+                return good, f"http {r.status_code}", str(r.json().get("release", "?")) if good else None
+            except httpx.RemoteProtocolError as exc:  # closed before any answer: a reused connection
+                if attempt == 2:
+                    return False, type(exc).__name__, None
+                with self._lock:
+                    self.retried += 1
+            except (httpx.HTTPError, ValueError) as exc:
+                return False, type(exc).__name__, None
+        raise AssertionError("unreachable")
 
     def __enter__(self) -> Load:
         self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(CLIENTS)]
@@ -231,6 +246,7 @@ def measure(design: Design, row: Row, new: str, target: str, observe: float) -> 
     return {
         "failed": load.failed,
         "requests": load.ok + load.failed,
+        "retried": load.retried,
         "wall_seconds": round(wall, 2),
         **figures,
         "rss_mb": rss.peak_mb(),
@@ -278,6 +294,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "runs": len(runs),
         "median_failed": harness.median(r["failed"] for r in runs),
         "median_requests": harness.median(r["requests"] for r in runs),
+        "median_retried": harness.median(r["retried"] for r in runs),
         "median_first_response_seconds": harness.median(firsts) if None not in firsts else None,
         "median_wall_seconds": harness.median(r["wall_seconds"] for r in runs),
         "median_peak_rss_mb": harness.median(r["rss_mb"].get("peak_total") for r in runs),
@@ -299,7 +316,8 @@ def table_rows(designs: list[Design], results: dict[str, dict[str, list[dict[str
                 [
                     row.title if n == 0 else "",
                     d.label,
-                    f"{harness.fmt(s['median_failed'], digits=0)} / {harness.fmt(s['median_requests'], digits=0)}",
+                    f"{harness.fmt(s['median_failed'], digits=0)} / {harness.fmt(s['median_requests'], digits=0)}"
+                    + (f" ({s['median_retried']:.0f} retried)" if s["median_retried"] else ""),
                     first,
                     harness.fmt(s["median_wall_seconds"], " s"),
                     f"{harness.fmt(s['median_peak_rss_mb'], digits=0)} ({harness.fmt(s['median_peak_app_rss_mb'], digits=0)})",
