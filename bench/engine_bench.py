@@ -11,8 +11,10 @@ GET /release through the host's nginx:
   a  `pulumi up` of a new release (config change: release + artifact)
   b  rollback to the base release by config alone (no artifact)
   c  a release crashing at boot: the run fails, the base release keeps serving
-  c2 a release that fails only under PM2: the pre-flight (under PM2 too) refuses it, the run fails
-  c3 a release that fails only after the switch (passes pre-flight): the run fails after the revert
+  c2 a release that fails only under PM2: its slot start (a PM2 start) fails, the run fails
+  c3 a release that fails except in a pre-flight (fixture mode crash-after-preflight): the blue/green
+     tool has no pre-flight, so its slot start fails like c2 (before f6380ad's design was replaced,
+     it passed the pre-flight and failed after the switch; bench/release_bench.py compares the two)
 Per run: failed requests, wall time of the engine run (start to return), and time to healthy as
 the clients see it: a/b the first response from the requested release (the fixture's /release
 names it), c/c2/c3 when the last failed request was sent (0: never down). Install step time with a warm store comes
@@ -57,7 +59,7 @@ TITLES = {
     "b": "b  rollback by config alone",
     "c": "c  broken: crashes at boot",
     "c2": "c2 broken: fails only under PM2",
-    "c3": "c3 broken: fails after the switch",
+    "c3": "c3 broken: fails but in a pre-flight",
 }
 BROKEN = (("c", "crash"), ("c2", "crash-under-pm2"), ("c3", "crash-after-preflight"))  # scenario, fixture mode
 BASE = "eb-base"
@@ -331,7 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         # -- the document's procedure on the same host, over the same SSH, same nginx and load
         host.kill_pm2()
         time.sleep(0.5)
-        doc = SshDocProcedure(host, host.settings(release=BASE))
+        doc_settings = host.settings(release=BASE)
+        # The document runs one app on `port`: point the upstream the tool switches back at it (the
+        # tool may have left the green slot, port+1, live).
+        host.nginx.write_upstream(doc_settings)
+        host.nginx.reload()
+        doc = SshDocProcedure(host, doc_settings)
         doc_base = "doc-base"
         if not doc.full(doc_base, Path(stack.artifact(doc_base))):
             raise RuntimeError("the document's procedure could not start its base release")
