@@ -1,6 +1,6 @@
 """Failed requests, time to first response and peak memory of an activation: this checkout's tool vs today's design.
 
-    venv/bin/python -m bench.release_bench [--repeat 3] [--bake 15] [--out reports/release-bench.json] [--budget 1800]
+    venv/bin/python -m bench.release_bench [--repeat 3] [--bake 15] [--rows a,cold,...] [--out reports/release-bench.json] [--budget 1800]
 
 Runs as root on loopback only. Two designs (bench/release_designs.py) run in the same bench, row by
 row, so the noise of a shared machine falls on both alike:
@@ -259,16 +259,20 @@ def measure(design: Design, row: Row, new: str, target: str, observe: float) -> 
     }
 
 
+def release_of(row: Row, i: int) -> str:
+    """The release a row activates (a) or rolls back from (cold, warm): new<i>; a broken one: <row><i>."""
+    return f"new{i}" if row.mode in (None, "ok") else f"{row.key}{i}"
+
+
 def run_row(design: Design, row: Row, i: int, observe: float) -> dict[str, Any]:
-    """One row on one design. BASE serves before every row but `cold` (after `a`), and after every row
-    but `a`: a broken release a design kept is replaced by BASE again (unmeasured) before the next row."""
-    new = f"new{i}" if row.mode in (None, "ok") else f"{row.key}{i}"
-    if row.key == "a":
-        design.keep_previous_warm(False)
-    elif row.key == "warm":
-        design.keep_previous_warm(True)
-        if design.activate(new).returncode != 0:  # forward again, unmeasured: BASE's slot stays warm
-            raise RuntimeError(f"{design.label}: re-activating {new} failed before the warm rollback")
+    """One row on one design. BASE serves before every row but `cold` right after `a`, and after every
+    row but `a`: a rollback row first activates new<i> unmeasured unless it serves (for `warm` with
+    keepPreviousWarm, so BASE's slot stays warm), and a broken release a design kept is replaced by
+    BASE again (unmeasured) before the next row."""
+    new = release_of(row, i)
+    design.keep_previous_warm(row.key == "warm")
+    if row.mode is None and design.host.current() != new and design.activate(new).returncode != 0:
+        raise RuntimeError(f"{design.label}: activating {new} failed before the {row.key} rollback")
     result = measure(design, row, new, new if row.key == "a" else BASE, observe)
     result["reset_to_base"] = row.key != "a" and (design.host.current() != BASE or result["answers_at_end"] != BASE)
     if result["reset_to_base"] and design.activate(BASE).returncode != 0:
@@ -357,8 +361,12 @@ def designs_for(bake: int, tree: BaselineTree) -> list[Design]:
 def main(argv: list[str] | None = None) -> int:
     def extra(p: Any) -> None:
         p.add_argument("--bake", type=int, default=15, help="bakeSeconds of the blue/green design (long enough for loop-10s)")
+        p.add_argument("--rows", default=",".join(r.key for r in ROWS), help="the rows to run, comma-separated (default: all)")
 
     args, budget = harness.start(__doc__, "release-bench", budget=1800, extra=extra, argv=argv)
+    rows = [r for r in ROWS if r.key in args.rows.split(",")]
+    if {r.key for r in rows} != set(args.rows.split(",")):
+        raise SystemExit(f"--rows: choose from {', '.join(r.key for r in ROWS)}")
     observe = args.bake + 5.0
     work = Path(tempfile.mkdtemp(prefix="cgv-release-bench-"))
     tree = BaselineTree()
@@ -371,10 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         results = {d.key: {r.key: [] for r in ROWS} for d in designs}
         tarballs: dict[str, tuple[Path, str]] = {}
 
-        def install(d: Design, rid: str, mode: str) -> None:
+        def install(d: Design, rid: str, mode: str) -> None:  # once per design and release
             if rid not in tarballs:
                 tarballs[rid] = build_release_tarball(work, rid, mode)
-            d.host.install(rid, *tarballs[rid])
+            if not (d.host.root / "releases" / rid).exists():
+                d.host.install(rid, *tarballs[rid])
 
         for d in designs:
             d.start()
@@ -383,13 +392,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"{d.label}: the base release did not start")
             budget.say(f"{d.label}: nginx :{d.nginx.port} -> app :{d.host.port}, user {d.user}; base release live")
         for i in range(args.repeat):
-            for row in ROWS:
+            for row in rows:
                 if budget.exceeded():
                     complete = False
                     break
                 for d in designs:
-                    if row.mode is not None:
-                        install(d, f"new{i}" if row.mode == "ok" else f"{row.key}{i}", row.mode)
+                    install(d, release_of(row, i), row.mode or "ok")
                     r = run_row(d, row, i, observe)
                     results[d.key][row.key].append(r)
                     budget.say(f"{d.key} {row.key} #{i}: { ({k: v for k, v in r.items() if k not in ('served', 'tool_tail')}) }")
