@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     designs: list[Design] = []
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     installs: dict[str, list[float]] = {}
-    complete = True
+    complete, error = True, ""
     try:
         designs = designs_for(args.bake, tree)
         results = {d.key: {r.key: [] for r in ROWS} for d in designs}
@@ -403,9 +403,9 @@ def main(argv: list[str] | None = None) -> int:
                     budget.say(f"{d.key} {row.key} #{i}: { ({k: v for k, v in r.items() if k not in ('served', 'tool_tail')}) }")
         if complete:
             installs = timed_installs(designs[-1], work, args.repeat, budget)
-    except harness.BudgetExceededError as exc:
-        complete = False
-        budget.say(str(exc))
+    except Exception as exc:  # a run that dies (budget, a host fault) still reports what it measured
+        complete, error = False, f"{type(exc).__name__}: {exc}"
+        budget.say(f"stopped: {error}")
     finally:
         for d in designs:
             d.stop()
@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "observe_seconds_late_rows": observe,
         "baseline_commit": BASELINE,
         "complete": complete,
+        "error": error,
         "designs": {d.key: d.describe() for d in designs},
         "summary": {k: {row: summarise(runs) for row, runs in rows.items() if runs} for k, rows in results.items()},
         "install_median_seconds": {k: harness.median(v) for k, v in installs.items()},
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         ["row", "design", "failed / total", "first response", "wall", "peak RSS MB (app)", "end state"],
         table_rows(designs, results),
         title=f"Release benchmark: {CLIENTS} clients through nginx, medians of {args.repeat} runs, bake {args.bake} s"
-        + ("" if complete else " (INCOMPLETE: --budget ran out)"),
+        + ("" if complete else " (INCOMPLETE: stopped early, see the end)"),
     )
     if installs:
         harness.print_table(
@@ -441,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     harness.write_json(args.out, report)
-    print(f"(wall time {report['wall_seconds']} s)")
-    return 0
+    print(f"(wall time {report['wall_seconds']} s)" + (f"\nstopped early: {error}" if error else ""))
+    return 1 if error and not error.startswith("BudgetExceededError") else 0
 
 
 if __name__ == "__main__":
