@@ -52,7 +52,7 @@ pytestmark = pytest.mark.needs_root("it runs the release tool as root")
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HardenedHost]:
-    # no bake: this module is about the backups taken before each of its 20 activations
+    # no bake: this module is about the backups taken before each of its 20 activations (cold starts)
     with hardened_host(tmp_path_factory.mktemp("backup-live"), dataBackupsKeep=ACTIVATIONS + 5, healthTimeout=25, bakeSeconds=0) as h:
         for rid in ("r1", "r2"):
             assert h.install(rid).returncode == 0

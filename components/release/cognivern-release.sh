@@ -55,19 +55,23 @@ Commands:
                              session of its own, output in .deploy/runs/); activate streams it and
                              returns its status, and an SSH drop does not stop it. A worker that
                              is killed leaves .deploy/journal: the next command that takes the
-                             deploy lock finishes (healthy) or reverts that activation first.
+                             deploy lock settles it first (a slot still starting is stopped; an
+                             interrupted bake goes back to the still-warm old slot; a revert or
+                             finish is done again).
   prune [--keep N]           Remove old releases, keeping the newest N (default KEEP_RELEASES,
                              N >= 2) plus current and previous; removes abandoned unfinished ones.
   list [--json]              Releases newest first: id, install time, size, state
                              (current, previous, bad, unfinished, installed).
-  status                     Current and previous release, PM2 processes, health answer.
+  status                     Current and previous release, what each slot runs and which is
+                             live, the agent's release, PM2 processes, the live slot's health.
   backup                     Archive shared/data into ROOT/backups/data (read by the app user, so
                              while the app writes; a file changed while read is kept as read,
                              with a warning); prints the path.
   restore BACKUP             Stop the app, back up shared/data, replace it from BACKUP (a path
                              or a file name in ROOT/backups/data; links must stay inside data/),
                              start the app again (also when the restore fails) and check health.
-  reload                     Run shared/run.sh (after .env or ecosystem changes) and check health.
+  reload                     Run shared/run.sh (after .env or ecosystem changes: the live slot,
+                             the warm one if kept, the agent) and check the live slot's health.
   logs [-f] [--err] [-n N]   The app's PM2 logs (shared/logs/out.log, error.log), read as the
                              app user.
 
@@ -862,6 +866,7 @@ recover_activation() {
     [ -z "$prev" ] || [[ $prev =~ $ID_RE ]] || prev=""
     [[ $from_slot =~ ^(blue|green)$ ]] || from_slot=""
     say "recovering the activation of $id that was interrupted ($phase, pid $(journal_get pid))"
+    J_ID=$id J_FROM=$from J_PREV=$prev J_SLOT=$slot J_FROM_SLOT=$from_slot  # journal_phase goes on from here
     slots_load
     case $phase in
         starting) if [ "$S_LIVE" != "$slot" ] || [ "$(current_id)" != "$id" ]; then slot_stop "$slot"; fi ;;
@@ -1055,16 +1060,17 @@ cmd_activate_worker() {
     idle=blue
     [ -z "$live" ] || idle=$(other_slot "$live")
     J_ID=$id J_FROM=$cur J_PREV=$(previous_id) J_SLOT=$idle J_FROM_SLOT=$live
-    journal_phase backup
-    if [ "$DATA_BACKUPS_KEEP" -gt 0 ]; then
-        data_backup "before-$id"
-        say "backed up shared/data to $BACKUP_PATH"
-    fi
-    journal_phase starting
     started=$SECONDS
     if slot_warm "$idle" "$id"; then
+        # no data backup: nothing new starts against shared/data (the warm slot runs on it already)
         say "release $id is warm in slot $idle: switching without a start"
     else
+        journal_phase backup
+        if [ "$DATA_BACKUPS_KEEP" -gt 0 ]; then
+            data_backup "before-$id"
+            say "backed up shared/data to $BACKUP_PATH"
+        fi
+        journal_phase starting
         slot_start "$idle" "$id" || start_failed "$idle" "$id"
     fi
     journal_phase switched
