@@ -1,6 +1,6 @@
 """Stalled requests during `pm2 reload` with Node's round-robin cluster primary vs NODE_CLUSTER_SCHED_POLICY=none.
 
-    venv/bin/python -m bench.cluster_policy [--reloads 16] [--out reports/cluster-policy.json]
+    venv/bin/python -m bench.cluster_policy [--repeat 16] [--out reports/cluster-policy.json] [--budget 900]
 
 Why the program starts PM2's daemon with NODE_CLUSTER_SCHED_POLICY=none (components/host/run.sh):
 PM2's daemon is the cluster primary; with Node's default round-robin it accepts each connection
@@ -12,21 +12,17 @@ policy differs. Runs as root on loopback; everything it starts is stopped, its u
 
 from __future__ import annotations
 
-import argparse
-import json
 import pwd
-import statistics
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from components.render import render_nginx_site
-from tests.support.nginx import PrivateNginx
+from bench import harness
+from components.render import slot_apps
 from tests.support.release_host import ReleaseHost, build_release_tarball, ensure_app_user, remove_app_user
 
 USER = "cgv-policy"
@@ -55,7 +51,7 @@ def pm2(host: ReleaseHost, policy: str, *args: str) -> None:
     subprocess.run(argv, capture_output=True, check=True, timeout=60, cwd="/")
 
 
-def measure(host: ReleaseHost, url: str, policy: str, reloads: int) -> dict[str, Any]:
+def measure(host: ReleaseHost, url: str, policy: str, reloads: int, budget: harness.Budget) -> dict[str, Any]:
     """Start a fresh daemon with `policy`, then `pm2 reload` the app `reloads` times under load."""
     pm2(host, policy, "kill")
     ecosystem = str(host.root / "config" / "ecosystem.config.cjs")
@@ -69,8 +65,9 @@ def measure(host: ReleaseHost, url: str, policy: str, reloads: int) -> dict[str,
     durations = []
     try:
         for _ in range(reloads):
+            budget.check()
             started = time.monotonic()
-            pm2(host, policy, "reload", host.settings.app_name)
+            pm2(host, policy, "reload", slot_apps(host.settings)[0])  # the blue slot: the ecosystem's only app here
             durations.append(time.monotonic() - started)
             time.sleep(1)
     finally:
@@ -87,40 +84,43 @@ def measure(host: ReleaseHost, url: str, policy: str, reloads: int) -> dict[str,
         "stalled": sum(1 for seconds, outcome in results if outcome != "ok" and seconds >= TIMEOUT - 0.1),
         "failures": {kind: failed.count(kind) for kind in sorted(set(failed))},
         "slowest_ok_seconds": round(max((s for s, o in results if o == "ok"), default=0.0), 3),
-        "median_reload_seconds": round(statistics.median(durations), 2),
+        "median_reload_seconds": round(harness.median(durations) or 0.0, 2),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--reloads", type=int, default=16, help="reloads per policy")
-    parser.add_argument("--out", type=Path, default=Path("reports/cluster-policy.json"))
-    args = parser.parse_args(argv)
+    args, budget = harness.start(__doc__, "cluster-policy", repeat=16, alias="--reloads", budget=900, argv=argv)
     ensure_app_user(USER)
-    nginx = PrivateNginx(autostart=False)
-    host = ReleaseHost(user=USER, extra_config={"nginxListen": json.dumps([f"127.0.0.1:{nginx.port}"])})
+    host = ReleaseHost(user=USER)  # its private nginx serves the rendered site, upstream on the blue slot
     rows = []
     try:
-        (nginx.sites_enabled / "cognivern.conf").write_text(render_nginx_site(host.settings))
-        nginx.start()
+        host.start()
         host.install("r1", *build_release_tarball(host.root / "art", "r1"))
-        (host.root / "current").symlink_to("releases/r1")
+        (host.root / "current").symlink_to("releases/r1")  # no slots file: the ecosystem runs blue on current
         for policy in ("rr", "none"):
-            rows.append(measure(host, nginx.url("/release"), policy, args.reloads))
-            print(f"[bench] {rows[-1]}", file=sys.stderr, flush=True)
+            rows.append(measure(host, host.url("/release"), policy, args.repeat, budget))
+            budget.say(str(rows[-1]))
     finally:
         host.stop()
-        nginx.stop()
         remove_app_user(USER)
-    print(f"\npm2 reload under load ({CLIENTS} clients through nginx, {TIMEOUT:.0f} s client timeout)")
-    print(f"{'NODE_CLUSTER_SCHED_POLICY':<26}| {'reloads':>7} | {'requests':>8} | {'failed':>6} | {'stalled':>7} | {'median reload':>13}")
-    print("-" * 26 + "+" + "-" * 9 + "+" + "-" * 10 + "+" + "-" * 8 + "+" + "-" * 9 + "+" + "-" * 14)
-    for r in rows:
-        label = "rr (Node's default)" if r["policy"] == "rr" else "none (the program's)"
-        counts = f"{r['reloads']:>7} | {r['requests']:>8} | {r['failed']:>6} | {r['stalled']:>7}"
-        print(f"{label:<26}| {counts} | {r['median_reload_seconds']:>12}s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"clients": CLIENTS, "timeout_seconds": TIMEOUT, "runs": rows}, indent=2) + "\n")
+    labels = {"rr": "rr (Node's default)", "none": "none (the program's)"}
+    harness.print_table(
+        ["NODE_CLUSTER_SCHED_POLICY", "reloads", "requests", "failed", "stalled", "median reload"],
+        [
+            [
+                labels[r["policy"]],
+                str(r["reloads"]),
+                str(r["requests"]),
+                str(r["failed"]),
+                str(r["stalled"]),
+                f"{r['median_reload_seconds']}s",
+            ]
+            for r in rows
+        ],
+        title=f"pm2 reload under load ({CLIENTS} clients through nginx, {TIMEOUT:.0f} s client timeout)",
+        align="<>>>>>",
+    )
+    harness.write_json(args.out, {"clients": CLIENTS, "timeout_seconds": TIMEOUT, "runs": rows})
     return 0
 
 

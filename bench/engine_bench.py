@@ -1,6 +1,6 @@
 """Failed requests and time-to-healthy of `pulumi up` on the engine path vs the ops document's procedure.
 
-    venv/bin/python -m bench.engine_bench [--repeat 3] [--out reports/engine-bench.json]
+    venv/bin/python -m bench.engine_bench [--repeat 3] [--out reports/engine-bench.json] [--budget 1200]
 
 Runs as root on loopback only. The real `__main__.py` is driven by the test-only engine stand-in
 (tests/engine, `Engine.up`) over real OpenSSH against a disposable TargetHost (private sshd, private
@@ -11,8 +11,10 @@ GET /release through the host's nginx:
   a  `pulumi up` of a new release (config change: release + artifact)
   b  rollback to the base release by config alone (no artifact)
   c  a release crashing at boot: the run fails, the base release keeps serving
-  c2 a release that fails only under PM2: the pre-flight (under PM2 too) refuses it, the run fails
-  c3 a release that fails only after the switch (passes pre-flight): the run fails after the revert
+  c2 a release that fails only under PM2: its slot start (a PM2 start) fails, the run fails
+  c3 a release that fails except in a pre-flight (fixture mode crash-after-preflight): the blue/green
+     tool has no pre-flight, so its slot start fails like c2 (before f6380ad's design was replaced,
+     it passed the pre-flight and failed after the switch; bench/release_bench.py compares the two)
 Per run: failed requests, wall time of the engine run (start to return), and time to healthy as
 the clients see it: a/b the first response from the requested release (the fixture's /release
 names it), c/c2/c3 when the last failed request was sent (0: never down). Install step time with a warm store comes
@@ -20,31 +22,32 @@ from (a); the same `pulumi up` after emptying the store gives the empty-store fi
 
 The baseline, in the same run on the same host and load, is the document's procedure over the same
 SSH connection (root, same sshd and key): upload the tarball (`cat >` over ssh), unpack into
-releases/<id>, `pnpm install --prod` (as the app user, its default store), then bench/release_bench's
-DocProcedure: `ln -sfn`, `pm2 startOrRestart` of the document's ecosystem (its own PM2_HOME) and
-the curl health loop (5 tries; sleep shortened from 5 s to 1 s). Rollback (b) is the switch alone
-(the release is on the server); a broken release (c/c2/c3) is followed at once by the document's
+releases/<id>, `pnpm install --prod` (as the app user, its default store), then DocProcedure:
+`ln -sfn`, `pm2 startOrRestart` of the document's ecosystem (its own PM2_HOME) and the curl
+health loop (5 tries; sleep shortened from 5 s to 1 s). Rollback (b) is the switch alone (the
+release is on the server); a broken release (c/c2/c3) is followed at once by the document's
 manual rollback. The program's PM2 is stopped before the baseline starts. Everything started is
 stopped and the test user removed at the end (TargetHost cleanup).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import pwd
 import shutil
-import statistics
-import sys
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
-from bench.release_bench import CLIENTS, DOC_RETRIES, DOC_SLEEP, DocProcedure, Load
+from bench import harness
+from bench.harness import median
+from bench.release_bench import CLIENTS, Load
 from components.settings import Settings
 from tests.engine import RunReport
 from tests.support.target_host import SYSTEM_PATH, TargetHost
@@ -56,17 +59,84 @@ TITLES = {
     "b": "b  rollback by config alone",
     "c": "c  broken: crashes at boot",
     "c2": "c2 broken: fails only under PM2",
-    "c3": "c3 broken: fails after the switch",
+    "c3": "c3 broken: fails but in a pre-flight",
 }
 BROKEN = (("c", "crash"), ("c2", "crash-under-pm2"), ("c3", "crash-after-preflight"))  # scenario, fixture mode
 BASE = "eb-base"
 SETTLE = 1.0  # seconds of load before and after each measured command
 STEP_NAMES = ("release-upload", "release-install", "release-activate")
+DOC_RETRIES, DOC_SLEEP = 5, 1  # the document's loop: 5 tries, sleep 5 s (shortened to 1 s here)
+
+
+class DocHost(Protocol):
+    """What DocProcedure needs of a host (here a TargetHost view, _DocView)."""
+
+    @property
+    def root(self) -> Path: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def settings(self) -> Settings: ...
+
+
+class DocProcedure:
+    """The document's deploy on the same ROOT: ln -sfn, pm2 startOrRestart, curl loop with sleeps."""
+
+    def __init__(self, host: DocHost) -> None:
+        self.host = host
+        self.home = pwd.getpwnam(host.user).pw_dir
+        self.pm2_home = host.root / "pm2-doc"
+        self.pm2_home.mkdir(exist_ok=True)
+        shutil.chown(self.pm2_home, host.user, host.user)
+        self.ecosystem = host.root / "config" / "doc-ecosystem.config.cjs"
+        logs = host.root / "shared" / "logs"
+        app = {
+            "name": host.settings.app_name,
+            "script": "./dist/index.js",
+            "cwd": f"{host.root}/current",  # the document cds into current; explicit here so PM2 follows the link
+            "instances": 1,
+            "exec_mode": "cluster",
+            # the document's run.sh `source`s .env, which exports nothing: PORT is given here instead
+            "env": {"NODE_ENV": "production", "PORT": str(host.port)},
+            "error_file": f"{logs}/doc-error.log",
+            "out_file": f"{logs}/doc-out.log",
+            "log_date_format": "YYYY-MM-DD HH:mm:ss",
+            "max_memory_restart": "1G",
+        }
+        self.ecosystem.write_text(f"module.exports = {{ apps: [{json.dumps(app)}] }};\n")
+        self.script = host.root / "doc-deploy.sh"
+        self.script.write_text(
+            f"""#!/bin/bash
+# The document's steps 4-6 (symlink, PM2 restart, health check loop), as root with PM2 as the app user.
+ln -sfn "{host.root}/releases/$1" "{host.root}/current"
+cd "{host.root}/current" && runuser -u {host.user} -- env HOME="{self.home}" PM2_HOME="{self.pm2_home}" \\
+    pm2 startOrRestart "{self.ecosystem}" >/dev/null 2>&1
+for i in $(seq 1 {DOC_RETRIES}); do
+  if curl -f -s "http://localhost:{host.port}{host.settings.health_path}" > /dev/null; then
+    echo "Health check passed"; exit 0
+  fi
+  sleep {DOC_SLEEP}
+done
+echo "Health check failed after {DOC_RETRIES} attempts"; exit 1
+"""
+        )
+
+    def deploy(self, release_id: str) -> bool:
+        return subprocess.run(["bash", str(self.script), release_id], capture_output=True, timeout=120).returncode == 0
+
+    def kill(self) -> None:
+        subprocess.run(
+            ["runuser", "-u", self.host.user, "--", "env", f"HOME={self.home}", f"PM2_HOME={self.pm2_home}", "pm2", "kill"],
+            capture_output=True,
+            timeout=60,
+        )
 
 
 @dataclass(frozen=True)
 class _DocView:
-    """The TargetHost as bench.release_bench.DocHost sees a host."""
+    """The TargetHost as DocHost sees a host."""
 
     root: Path
     user: str
@@ -77,7 +147,7 @@ class _DocView:
 class SshDocProcedure(DocProcedure):
     """The document's procedure, every step run over the TargetHost's SSH (root, same sshd and key).
 
-    Steps 4-6 (ln -sfn, pm2 startOrRestart, curl loop) are release_bench's DocProcedure script,
+    Steps 4-6 (ln -sfn, pm2 startOrRestart, curl loop) are DocProcedure's script,
     written into ROOT as a deploy script on the server would be; steps 1-3 (upload, unpack,
     pnpm install --prod) are added here.
     """
@@ -156,10 +226,6 @@ def step_durations(report: RunReport) -> dict[str, float]:
     return out
 
 
-def median(values: list[float]) -> float | None:
-    return float(statistics.median(values)) if values else None
-
-
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     healthy = [r["healthy_seconds"] for r in runs if r["healthy_seconds"] is not None]
     return {
@@ -178,23 +244,8 @@ def cell(s: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario (medians are quoted)")
-    parser.add_argument("--out", type=Path, default=Path("reports/engine-bench.json"))
-    parser.add_argument("--max-seconds", type=int, default=1200, help="give up (and clean up) after this long")
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be >= 1")
-
-    began = time.monotonic()
-
-    def say(msg: str) -> None:
-        print(f"[engine-bench {time.monotonic() - began:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    def check_budget() -> None:
-        if time.monotonic() - began > args.max_seconds:
-            raise TimeoutError(f"benchmark exceeded --max-seconds {args.max_seconds}")
-
+    args, budget = harness.start(__doc__, "engine-bench", argv=argv)
+    say, check_budget = budget.say, budget.check
     results: dict[str, Any] = {
         "engine": {s: [] for s in SCENARIOS},
         "doc": {s: [] for s in SCENARIOS},
@@ -282,7 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         # -- the document's procedure on the same host, over the same SSH, same nginx and load
         host.kill_pm2()
         time.sleep(0.5)
-        doc = SshDocProcedure(host, host.settings(release=BASE))
+        doc_settings = host.settings(release=BASE)
+        # The document runs one app on `port`: point the upstream the tool switches back at it (the
+        # tool may have left the green slot, port+1, live).
+        host.nginx.write_upstream(doc_settings)
+        host.nginx.reload()
+        doc = SshDocProcedure(host, doc_settings)
         doc_base = "doc-base"
         if not doc.full(doc_base, Path(stack.artifact(doc_base))):
             raise RuntimeError("the document's procedure could not start its base release")
@@ -344,28 +400,26 @@ def main(argv: list[str] | None = None) -> int:
         "engine_step_median_seconds_a": step_medians,
         "install_median_seconds": installs,
         "runs": results,
-        "wall_seconds": round(time.monotonic() - began, 1),
+        "wall_seconds": round(budget.elapsed(), 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
-
-    print(
-        f"\nEngine-path benchmark: {CLIENTS} clients through the host's nginx, medians of {args.repeat} runs"
-        "\n(failed / requests, run wall time, time to healthy: a/b first response from the new release,"
-        " c/c2/c3 last failed request sent)"
-    )
-    print(f"{'scenario':<36}| {'pulumi up (engine stand-in, SSH)':<34}| {'document procedure over SSH (sleep 1 s)':<40}")
-    print("-" * 36 + "+" + "-" * 35 + "+" + "-" * 41)
-    for s in SCENARIOS:
-        print(f"{TITLES[s]:<36}| {cell(summary['engine'][s]):<34}| {cell(summary['doc'][s]):<40}")
-    print(f"{'first deploy (prepare host + base)':<36}| {extra['first_deploy_seconds']:.1f} s (once, no load)")
-    print(f"{'up with no change':<36}| {extra['no_change_up_seconds']:.1f} s (nothing executed)")
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in step_medians.items() if v is not None)
-    print(f"{'engine steps in (a)':<36}| {steps}")
-    warm, fresh = installs["warm"], installs["fresh"]
-    print(f"{'install step, warm store':<36}| {'-' if warm is None else f'{warm:.1f} s'}")
-    print(f"{'install step, empty store (no load)':<36}| {'-' if fresh is None else f'{fresh:.1f} s'}")
-    print(f"\nJSON: {args.out}  (wall time {out['wall_seconds']} s)")
+    rows = [[TITLES[s], cell(summary["engine"][s]), cell(summary["doc"][s])] for s in SCENARIOS]
+    rows += [
+        ["first deploy (prepare host + base)", f"{extra['first_deploy_seconds']:.1f} s (once, no load)", ""],
+        ["up with no change", f"{extra['no_change_up_seconds']:.1f} s (nothing executed)", ""],
+        ["engine steps in (a)", steps, ""],
+        ["install step, warm store", harness.fmt(installs["warm"], " s"), ""],
+        ["install step, empty store (no load)", harness.fmt(installs["fresh"], " s"), ""],
+    ]
+    harness.print_table(
+        ["scenario", "pulumi up (engine stand-in, SSH)", "document procedure over SSH (sleep 1 s)"],
+        rows,
+        title=f"Engine-path benchmark: {CLIENTS} clients through the host's nginx, medians of {args.repeat} runs"
+        "\n(failed / requests, run wall time, time to healthy: a/b first response from the new release,"
+        " c/c2/c3 last failed request sent)",
+    )
+    harness.write_json(args.out, out)
+    print(f"(wall time {out['wall_seconds']} s)")
     return 0
 
 

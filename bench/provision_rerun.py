@@ -1,48 +1,44 @@
 """How long provisioning takes on a host that is already prepared (issue: "re-running changes nothing and takes seconds").
 
-    venv/bin/python -m bench.provision_rerun [--runs 5] [--out reports/provision-rerun.json]
+    venv/bin/python -m bench.provision_rerun [--repeat 5] [--out reports/provision-rerun.json] [--budget 600]
 
 Runs the program's exact provisioning command (components.remote.script_command on provision.sh,
-release tool on stdin) over SSH against a disposable TargetHost: once to prepare, then `--runs`
+release tool on stdin) over SSH against a disposable TargetHost: once to prepare, then `--repeat`
 more times, and reports the median re-run. Loopback only; the host is torn down afterwards.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
 import time
-from pathlib import Path
 
+from bench import harness
 from components.host import PROVISION, provision_args, release_tool_bundle
 from components.remote import script_command
 from tests.support.target_host import TargetHost
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("reports/provision-rerun.json"))
-    args = parser.parse_args(argv)
+    args, budget = harness.start(__doc__, "provision-rerun", repeat=5, alias="--runs", budget=600, argv=argv)
     with TargetHost() as host:
         argv_ = provision_args(host.settings())
         command, tool = script_command(PROVISION, argv_), release_tool_bundle()
         times = []
-        for _ in range(args.runs + 1):
+        for _ in range(args.repeat + 1):
+            budget.check()
             started = time.monotonic()
             last = host.run(command, stdin=tool, check=True)
             times.append(round(time.monotonic() - started, 3))
     changed = [line for line in last.stdout.splitlines() if "ok (" not in line and "skipped" not in line and not line.endswith(": done")]
-    result = {"first_seconds": times[0], "rerun_seconds": times[1:], "rerun_median_seconds": statistics.median(times[1:])}
-    result["last_rerun_changed"] = changed
-    print(f"{'provision':<22}| seconds")
-    print(f"{'first run':<22}| {times[0]:.2f}")
-    print(f"{'re-run (median of ' + str(args.runs) + ')':<22}| {result['rerun_median_seconds']:.2f}")
-    print(f"{'changed on last re-run':<22}| {changed or 'nothing'}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    rerun = harness.median(times[1:])
+    result = {"first_seconds": times[0], "rerun_seconds": times[1:], "rerun_median_seconds": rerun, "last_rerun_changed": changed}
+    rows = [
+        ["first run", harness.fmt(times[0], digits=2)],
+        [f"re-run (median of {args.repeat})", harness.fmt(rerun, digits=2)],
+        ["changed on last re-run", str(changed or "nothing")],
+    ]
+    harness.print_table(["provision", "seconds"], rows)
+    harness.write_json(args.out, result)
     return 0
 
 

@@ -1,65 +1,76 @@
-"""Failed requests and time-to-healthy of cognivern-release vs the ops document's procedure.
+"""Failed requests, time to first response and peak memory of an activation: this checkout's tool vs today's design.
 
-    venv/bin/python -m bench.release_bench [--repeat 3] [--out reports/release-bench.json]
+    venv/bin/python -m bench.release_bench [--repeat 3] [--bake 15] [--rows a,cold,...] [--out reports/release-bench.json] [--budget 1800]
 
-Runs as root on loopback only: a private nginx (tests/support/nginx.py) in front of the fixture app
-(tests/fixtures/app) on a temp ROOT laid out like provisioning, 8 concurrent HTTP clients through
-nginx while a scenario runs:
-  a  a new release              b  rollback to the previous release
-  c  a release crashing at boot
-  c2 a release that fails only under PM2 (the pre-flight runs under PM2 too and refuses it)
-  c3 a release that fails only after the switch (passes pre-flight; reverted automatically)
-The baseline is the document's procedure on the same app, nginx and load: `ln -sfn` the current
-link, `pm2 startOrRestart` of a document-style ecosystem (cluster, 1 instance, no wait_ready, PM2's
-default listen/kill timeouts), then its curl health loop (5 tries; the sleep is shortened from 5 s
-to 1 s). The document has no automatic handling of a broken release, so for c/c2/c3 the baseline is
-followed at once by its manual rollback (the same procedure with the previous release).
-Also: `cognivern-release install` with a warm store (lockfile unchanged) vs an empty store.
-Everything it starts (nginx, PM2 daemons, the app user it created) is stopped/removed at the end.
+Runs as root on loopback only. Two designs (bench/release_designs.py) run in the same bench, row by
+row, so the noise of a shared machine falls on both alike:
+  today     cognivern-release as of commit f6380ad (one PM2 app, throwaway pre-flight, switch,
+            health gate, automatic revert), with that commit's ecosystem, conf, run.sh and nginx
+            site, taken from git at bench time;
+  checkout  this checkout's tool (issue 14: blue/green slots behind nginx, a bake window with
+            automatic revert, keepPreviousWarm), with --bake as bakeSeconds.
+Each design has its own temp ROOT laid out like provisioning, app user, PM2 daemon and private
+nginx (tests/support), and the same fixture app (tests/fixtures/app). 8 HTTP clients do GET
+/release through that nginx while a row runs; every error or non-2xx is a failed request. Rows:
+  a           a good release
+  cold        rollback to the release before, its slot stopped (keepPreviousWarm false)
+  warm        rollback to the release before while its slot still runs (keepPreviousWarm true;
+              today has no slot: the same rollback as cold)
+  crash       a release that crashes at boot
+  unhealthy   a release whose /health answers 500
+  c2          a release that crashes at boot only under PM2
+  c3          a release that crashes at boot except in today's pre-flight (fixture mode
+              crash-after-preflight): today it passes the pre-flight and fails after the switch; a
+              blue/green slot start is the production start, so there it is a crash at boot
+  crash-4s    a release that crashes 4 s after it listens, on every boot (crash-after)
+  loop-10s    a release that lives 10 s, then crash-loops (crash-loop-after): inside the bake
+  flip-4s     a release whose /health answers 500 from 4 s after it listens (health-flip); its
+              other routes keep answering, so clients see no failure: only the end state differs
+Per run: failed/total requests (and how many were retried once, see Load); time from the
+command's start to the first response from the new release (a) or the rolled-back-to one (cold,
+warm), and for the broken rows to the first response from the previous release after the last
+failure or the last answer of the broken one (0: clients never saw either; "never": still not back
+at the end); the command's wall time; the peak RSS (sum over the app user's processes, sampled
+every 100 ms from /proc) while it runs; what it left: exit status and the release that answers at
+the end. A row whose failure comes after the command may return (crash-4s, loop-10s, flip-4s)
+keeps the load on until --bake + 5 s after the start, for both designs.
+Also: `install` with a warm store (lockfile unchanged) vs an empty store (this checkout's tool).
+Everything it starts (nginx, PM2 daemons, the app users it created, the baseline tree) is removed.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import pwd
+import os
 import shutil
-import statistics
-import subprocess
-import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 
-from components.render import render_nginx_site
-from components.settings import Settings
-from tests.support.nginx import PrivateNginx
-from tests.support.release_host import ReleaseHost, build_release_tarball, ensure_app_user, remove_app_user
+from bench import harness
+from bench.release_designs import BASELINE, BaselineTree, Design, Today
+from tests.support.release_host import build_release_tarball
 
-BENCH_USER = "cgv-bench"
 CLIENTS = 8
-SCENARIOS = ("a", "b", "c", "c2", "c3")
-TITLES = {
-    "a": "a  new release",
-    "b": "b  rollback",
-    "c": "c  broken: crashes at boot",
-    "c2": "c2 broken: fails only under PM2",
-    "c3": "c3 broken: fails after the switch",
-}
-DOC_RETRIES, DOC_SLEEP = 5, 1  # the document's loop: 5 tries, sleep 5 s (shortened to 1 s here)
+SETTLE = 1.0  # seconds of load before and after each measured command
+BASE = "base"
 
 
 @dataclass
 class Load:
-    """CLIENTS threads doing GET /release through nginx; every non-2xx or error is a failure.
+    """CLIENTS threads doing GET /release through nginx; every non-2xx or error is a failed request.
 
+    A kept-alive connection that nginx closes before any byte of the answer (it closes idle ones when
+    it reloads) is retried once on a new connection, as HTTP/1.1 clients do for idempotent requests
+    (RFC 9112 9.3.1; tests/support/load.py does the same); `retried` counts those, for both designs.
     first_seen: release -> time.monotonic() of its first good response; last_failure: when the last
-    failed request was sent (None if none). bench/engine_bench.py derives time-to-healthy from them.
+    failed request was sent (None if none); events: (sent, done, good, release) of every request.
+    bench/engine_bench.py derives its time-to-healthy from first_seen and last_failure.
     """
 
     url: str
@@ -69,6 +80,8 @@ class Load:
     served: dict[str, int] = field(default_factory=dict)
     first_seen: dict[str, float] = field(default_factory=dict)
     last_failure: float | None = None
+    retried: int = 0
+    events: list[tuple[float, float, bool, str | None]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -77,14 +90,10 @@ class Load:
         with httpx.Client(timeout=5) as client:
             while not self._stop.is_set():
                 sent = time.monotonic()
-                try:
-                    r = client.get(self.url)
-                    good, what = 200 <= r.status_code < 300, f"http {r.status_code}"
-                    release = r.json().get("release", "?") if good else None
-                except (httpx.HTTPError, ValueError) as exc:
-                    good, what, release = False, type(exc).__name__, None
+                good, what, release = self._get(client)
                 now = time.monotonic()
                 with self._lock:
+                    self.events.append((sent, now, good, release))
                     if good:
                         self.ok += 1
                         self.served[str(release)] = self.served.get(str(release), 0) + 1
@@ -94,6 +103,21 @@ class Load:
                         self.last_failure = sent
                         self.errors[what] = self.errors.get(what, 0) + 1
                 time.sleep(0.01)
+
+    def _get(self, client: httpx.Client) -> tuple[bool, str, str | None]:
+        for attempt in (1, 2):
+            try:
+                r = client.get(self.url)
+                good = 200 <= r.status_code < 300
+                return good, f"http {r.status_code}", str(r.json().get("release", "?")) if good else None
+            except httpx.RemoteProtocolError as exc:  # closed before any answer: a reused connection
+                if attempt == 2:
+                    return False, type(exc).__name__, None
+                with self._lock:
+                    self.retried += 1
+            except (httpx.HTTPError, ValueError) as exc:
+                return False, type(exc).__name__, None
+        raise AssertionError("unreachable")
 
     def __enter__(self) -> Load:
         self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(CLIENTS)]
@@ -107,247 +131,319 @@ class Load:
             t.join(timeout=10)
 
 
-def measure(load_url: str, action: Callable[[str], bool], release_id: str, settle: float = 1.0) -> dict[str, Any]:
-    """Run `action(release_id)` under load; seconds = from its start to its return (it returns once healthy)."""
-    with Load(load_url) as load:
-        time.sleep(settle)
-        start = time.monotonic()
-        success = action(release_id)
-        seconds = time.monotonic() - start
-        time.sleep(settle)
+class RssSampler:
+    """Every `interval` s, the summed VmRSS (kB) of `uid`'s processes, and of those that run the app.
+
+    An app process is one whose command line names a release's dist/index.js (PM2's cluster
+    workers, the pre-flight's included); the rest are PM2's daemon and CLI calls and the tool's helpers.
+    """
+
+    def __init__(self, uid: int, interval: float = 0.1) -> None:
+        self.uid = uid
+        self.interval = interval
+        self.samples: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> tuple[int, int]:
+        total = app = 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                if entry.stat().st_uid != self.uid:
+                    continue
+                status = Path(entry.path, "status").read_text()
+                cmdline = Path(entry.path, "cmdline").read_bytes()
+            except OSError:
+                continue  # gone meanwhile
+            rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+            total += rss
+            if b"/dist/index.js" in cmdline:
+                app += rss
+        return total, app
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self.sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def peak_mb(self) -> dict[str, float]:
+        if not self.samples:
+            return {}
+        first = self.samples[0]
+        top = max(self.samples)
+        return {
+            "before_total": round(first[0] / 1024, 1),
+            "before_app": round(first[1] / 1024, 1),
+            "peak_total": round(top[0] / 1024, 1),
+            "peak_app": round(max(s[1] for s in self.samples) / 1024, 1),
+        }
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    title: str
+    mode: str | None  # fixture mode of the new release; None: a rollback to BASE
+    late: bool = False  # its failure may come after the command returned: keep the load on for --bake + 5 s
+
+
+ROWS = (
+    Row("a", "a good release", "ok"),
+    Row("cold", "rollback, cold (slot stopped)", None),
+    Row("warm", "rollback, warm (keepPreviousWarm)", None),
+    Row("crash", "crashes at boot", "crash"),
+    Row("unhealthy", "/health answers 500", "unhealthy"),
+    Row("c2", "c2 crashes at boot only under PM2", "crash-under-pm2"),
+    Row("c3", "c3 fails only after today's switch", "crash-after-preflight"),
+    Row("crash-4s", "crashes 4 s after boot", "crash-after", late=True),
+    Row("loop-10s", "crash loop after 10 s (in the bake)", "crash-loop-after", late=True),
+    Row("flip-4s", "/health 500 from 4 s after boot", "health-flip", late=True),
+)
+
+
+def analyse(load: Load, start: float, new: str, target: str, broken: bool) -> dict[str, Any]:
+    """Seconds from `start` to the first response of `target` (see the module doc) and who answers at the end."""
+    after = [e for e in load.events if e[0] >= start]
+    if broken:
+        marks = [sent for sent, _, good, rel in after if not good or rel == new]
+        last = max(marks, default=None)
+        back = [done for sent, done, good, rel in after if good and rel == target and (last is None or sent > last)]
+        first: float | None = 0.0 if last is None else (min(back) - start if back else None)
+    else:
+        seen = [done for _, done, good, rel in after if good and rel == target]
+        first = min(seen) - start if seen else None
+    answered = [e for e in after if e[2]]
     return {
-        "seconds": round(seconds, 2),
-        "failed": load.failed,
-        "requests": load.ok + load.failed,
-        "command_ok": success,
-        "errors": load.errors,
-        "served": load.served,
+        "first_response_seconds": None if first is None else round(first, 2),
+        "last_failure_seconds": None if load.last_failure is None else round(load.last_failure - start, 2),
+        "answers_at_end": max(answered, key=lambda e: e[1])[3] if answered else None,
     }
 
 
-class DocHost(Protocol):
-    """What DocProcedure needs of a host: ReleaseHost here, a TargetHost view in bench/engine_bench.py."""
-
-    @property
-    def root(self) -> Path: ...
-    @property
-    def user(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def settings(self) -> Settings: ...
-
-
-class DocProcedure:
-    """The document's deploy on the same ROOT: ln -sfn, pm2 startOrRestart, curl loop with sleeps."""
-
-    def __init__(self, host: DocHost) -> None:
-        self.host = host
-        self.home = pwd.getpwnam(host.user).pw_dir
-        self.pm2_home = host.root / "pm2-doc"
-        self.pm2_home.mkdir(exist_ok=True)
-        shutil.chown(self.pm2_home, host.user, host.user)
-        self.ecosystem = host.root / "config" / "doc-ecosystem.config.cjs"
-        logs = host.root / "shared" / "logs"
-        app = {
-            "name": host.settings.app_name,
-            "script": "./dist/index.js",
-            "cwd": f"{host.root}/current",  # the document cds into current; explicit here so PM2 follows the link
-            "instances": 1,
-            "exec_mode": "cluster",
-            # the document's run.sh `source`s .env, which exports nothing: PORT is given here instead
-            "env": {"NODE_ENV": "production", "PORT": str(host.port)},
-            "error_file": f"{logs}/doc-error.log",
-            "out_file": f"{logs}/doc-out.log",
-            "log_date_format": "YYYY-MM-DD HH:mm:ss",
-            "max_memory_restart": "1G",
-        }
-        self.ecosystem.write_text(f"module.exports = {{ apps: [{json.dumps(app)}] }};\n")
-        self.script = host.root / "doc-deploy.sh"
-        self.script.write_text(
-            f"""#!/bin/bash
-# The document's steps 4-6 (symlink, PM2 restart, health check loop), as root with PM2 as the app user.
-ln -sfn "{host.root}/releases/$1" "{host.root}/current"
-cd "{host.root}/current" && runuser -u {host.user} -- env HOME="{self.home}" PM2_HOME="{self.pm2_home}" \\
-    pm2 startOrRestart "{self.ecosystem}" >/dev/null 2>&1
-for i in $(seq 1 {DOC_RETRIES}); do
-  if curl -f -s "http://localhost:{host.port}{host.settings.health_path}" > /dev/null; then
-    echo "Health check passed"; exit 0
-  fi
-  sleep {DOC_SLEEP}
-done
-echo "Health check failed after {DOC_RETRIES} attempts"; exit 1
-"""
-        )
-
-    def deploy(self, release_id: str) -> bool:
-        return subprocess.run(["bash", str(self.script), release_id], capture_output=True, timeout=120).returncode == 0
-
-    def kill(self) -> None:
-        subprocess.run(
-            ["runuser", "-u", self.host.user, "--", "env", f"HOME={self.home}", f"PM2_HOME={self.pm2_home}", "pm2", "kill"],
-            capture_output=True,
-            timeout=60,
-        )
+def measure(design: Design, row: Row, new: str, target: str, observe: float) -> dict[str, Any]:
+    """Activate `new` (or roll back to BASE) under load; the figures of one run."""
+    broken = row.mode not in (None, "ok")
+    with Load(design.nginx.url("/release")) as load:
+        time.sleep(SETTLE)
+        with RssSampler(design.uid) as rss:
+            start = time.monotonic()
+            proc = design.activate(BASE if row.mode is None else new)
+            wall = time.monotonic() - start
+            time.sleep(max(SETTLE, (start + observe - time.monotonic()) if row.late else 0))
+    figures = analyse(load, start, new, target, broken)
+    current = design.host.current()
+    expected = (proc.returncode != 0 if broken else proc.returncode == 0) and figures["answers_at_end"] == target == current
+    return {
+        "failed": load.failed,
+        "requests": load.ok + load.failed,
+        "retried": load.retried,
+        "wall_seconds": round(wall, 2),
+        **figures,
+        "rss_mb": rss.peak_mb(),
+        "exit": proc.returncode,
+        "current": current,
+        "as_designed": expected,
+        "errors": load.errors,
+        "served": load.served,
+        "tool_tail": [line for line in proc.stderr.splitlines() if line.startswith("cognivern-release:")][-3:],
+    }
 
 
-def median(runs: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(r[key] for r in runs))
+def release_of(row: Row, i: int) -> str:
+    """The release a row activates (a) or rolls back from (cold, warm): new<i>; a broken one: <row><i>."""
+    return f"new{i}" if row.mode in (None, "ok") else f"{row.key}{i}"
+
+
+def run_row(design: Design, row: Row, i: int, observe: float) -> dict[str, Any]:
+    """One row on one design. BASE serves before every row but `cold` right after `a`, and after every
+    row but `a`: a rollback row first activates new<i> unmeasured unless it serves (for `warm` with
+    keepPreviousWarm, so BASE's slot stays warm), and a broken release a design kept is replaced by
+    BASE again (unmeasured) before the next row."""
+    new = release_of(row, i)
+    design.keep_previous_warm(row.key == "warm")
+    if row.mode is None and design.host.current() != new and design.activate(new).returncode != 0:
+        raise RuntimeError(f"{design.label}: activating {new} failed before the {row.key} rollback")
+    result = measure(design, row, new, new if row.key == "a" else BASE, observe)
+    result["reset_to_base"] = row.key != "a" and (design.host.current() != BASE or result["answers_at_end"] != BASE)
+    if result["reset_to_base"] and design.activate(BASE).returncode != 0:
+        raise RuntimeError(f"{design.label}: could not bring {BASE} back after {row.key} #{i}")
+    return result
+
+
+def outcome(runs: list[dict[str, Any]], new_label: str) -> str:
+    """The most common end state of a row's runs: exit status and who answers at the end."""
+
+    def one(r: dict[str, Any]) -> str:
+        end = r["answers_at_end"]
+        who = "base" if end == BASE else ("nothing" if end is None else new_label)
+        return f"exit {r['exit']}, {who} answers" + ("" if r["as_designed"] else " (!)")
+
+    common, n = Counter(one(r) for r in runs).most_common(1)[0]
+    return common if n == len(runs) else f"{common} ({n}/{len(runs)})"
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    firsts = [r["first_response_seconds"] for r in runs]
+    return {
+        "runs": len(runs),
+        "median_failed": harness.median(r["failed"] for r in runs),
+        "median_requests": harness.median(r["requests"] for r in runs),
+        "median_retried": harness.median(r["retried"] for r in runs),
+        "median_first_response_seconds": harness.median(firsts) if None not in firsts else None,
+        "median_wall_seconds": harness.median(r["wall_seconds"] for r in runs),
+        "median_peak_rss_mb": harness.median(r["rss_mb"].get("peak_total") for r in runs),
+        "median_peak_app_rss_mb": harness.median(r["rss_mb"].get("peak_app") for r in runs),
+        "all_as_designed": all(r["as_designed"] for r in runs),
+    }
+
+
+def table_rows(designs: list[Design], results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[list[str]]:
+    rows = []
+    for row in ROWS:
+        for n, d in enumerate(designs):
+            runs = results[d.key][row.key]
+            if not runs:
+                continue
+            s = summarise(runs)
+            first = "never" if s["median_first_response_seconds"] is None else harness.fmt(s["median_first_response_seconds"], " s", 2)
+            rows.append(
+                [
+                    row.title if n == 0 else "",
+                    d.label,
+                    f"{harness.fmt(s['median_failed'], digits=0)} / {harness.fmt(s['median_requests'], digits=0)}"
+                    + (f" ({s['median_retried']:.0f} retried)" if s["median_retried"] else ""),
+                    first,
+                    harness.fmt(s["median_wall_seconds"], " s"),
+                    f"{harness.fmt(s['median_peak_rss_mb'], digits=0)} ({harness.fmt(s['median_peak_app_rss_mb'], digits=0)})",
+                    outcome(runs, "new" if row.mode in (None, "ok") else "broken"),
+                ]
+            )
+    return rows
+
+
+def timed_installs(design: Design, work: Path, repeat: int, budget: harness.Budget) -> dict[str, list[float]]:
+    """`install` seconds with the store warm (same lockfile), then with it emptied (no load)."""
+    host = design.host
+    out: dict[str, list[float]] = {"warm": [], "fresh": []}
+
+    def timed(rid: str) -> float:
+        tarball, sha = build_release_tarball(work, rid)
+        incoming = host.upload(tarball)
+        start = time.monotonic()
+        host.ok("install", rid, str(incoming), sha)
+        return round(time.monotonic() - start, 2)
+
+    for i in range(repeat):
+        budget.check()
+        out["warm"].append(timed(f"warm{i}"))
+        shutil.rmtree(host.root / "cache" / "pnpm-store", ignore_errors=True)
+        shutil.rmtree(Path(os.path.expanduser(f"~{design.user}")) / ".cache" / "pnpm", ignore_errors=True)
+        out["fresh"].append(timed(f"fresh{i}"))
+        budget.say(f"install #{i}: warm {out['warm'][-1]} s, empty store {out['fresh'][-1]} s")
+    return out
+
+
+def designs_for(bake: int, tree: BaselineTree) -> list[Design]:
+    config = {"healthTimeout": "15", "bakeSeconds": str(bake)}
+    return [Today(config, tree), Design(config)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario (medians are quoted)")
-    parser.add_argument("--out", type=Path, default=Path("reports/release-bench.json"))
-    parser.add_argument("--max-seconds", type=int, default=1200, help="give up (and clean up) after this long")
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be >= 1")
+    def extra(p: Any) -> None:
+        p.add_argument("--bake", type=int, default=15, help="bakeSeconds of the blue/green design (long enough for loop-10s)")
+        p.add_argument("--rows", default=",".join(r.key for r in ROWS), help="the rows to run, comma-separated (default: all)")
 
-    began = time.monotonic()
-
-    def check_budget() -> None:
-        if time.monotonic() - began > args.max_seconds:
-            raise TimeoutError(f"benchmark exceeded --max-seconds {args.max_seconds}")
-
-    created_user = False
+    args, budget = harness.start(__doc__, "release-bench", budget=1800, extra=extra, argv=argv)
+    rows = [r for r in ROWS if r.key in args.rows.split(",")]
+    if {r.key for r in rows} != set(args.rows.split(",")):
+        raise SystemExit(f"--rows: choose from {', '.join(r.key for r in ROWS)}")
+    observe = args.bake + 5.0
+    work = Path(tempfile.mkdtemp(prefix="cgv-release-bench-"))
+    tree = BaselineTree()
+    designs: list[Design] = []
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    installs: dict[str, list[float]] = {}
+    complete, error = True, ""
     try:
-        pwd.getpwnam(BENCH_USER)
-    except KeyError:
-        created_user = True
-    ensure_app_user(BENCH_USER)
-    nginx = PrivateNginx(autostart=False)
-    host = ReleaseHost(user=BENCH_USER, extra_config={"nginxListen": json.dumps([f"127.0.0.1:{nginx.port}"]), "healthTimeout": "15"})
-    doc = DocProcedure(host)
-    work = host.root / "bench-artifacts"
-    results: dict[str, Any] = {"tool": {s: [] for s in SCENARIOS}, "doc": {s: [] for s in SCENARIOS}, "install": {"warm": [], "fresh": []}}
-    load_url = nginx.url("/release")
+        designs = designs_for(args.bake, tree)
+        results = {d.key: {r.key: [] for r in ROWS} for d in designs}
+        tarballs: dict[str, tuple[Path, str]] = {}
 
-    def say(msg: str) -> None:
-        print(f"[bench {time.monotonic() - began:6.1f}s] {msg}", file=sys.stderr, flush=True)
+        def install(d: Design, rid: str, mode: str) -> None:  # once per design and release
+            if rid not in tarballs:
+                tarballs[rid] = build_release_tarball(work, rid, mode)
+            if not (d.host.root / "releases" / rid).exists():
+                d.host.install(rid, *tarballs[rid])
 
-    try:
-        (nginx.sites_enabled / "cognivern.conf").write_text(render_nginx_site(host.settings))
-        nginx.start()
-
-        def release(rid: str, mode: str = "ok") -> str:
-            host.install(rid, *build_release_tarball(work, rid, mode))
-            return rid
-
-        def timed_install(rid: str) -> float:
-            tarball, sha = build_release_tarball(work, rid)
-            incoming = host.upload(tarball)
-            start = time.monotonic()
-            host.ok("install", rid, str(incoming), sha)
-            return round(time.monotonic() - start, 2)
-
-        def tool_activates(rid: str) -> bool:
-            return host.run("activate", rid).returncode == 0
-
-        def tool_refuses(rid: str) -> bool:
-            return host.run("activate", rid).returncode == 1 and host.current() == previous
-
-        def doc_fails_then_rolls_back(rid: str) -> bool:
-            return (not doc.deploy(rid)) and doc.deploy(previous)
-
-        base = release("base")
-        host.ok("activate", base)
-        previous = base
-        say(f"nginx on 127.0.0.1:{nginx.port} -> app on 127.0.0.1:{host.port}; base release live")
-
+        for d in designs:
+            d.start()
+            install(d, BASE, "ok")
+            if d.activate(BASE).returncode != 0:
+                raise RuntimeError(f"{d.label}: the base release did not start")
+            budget.say(f"{d.label}: nginx :{d.nginx.port} -> app :{d.host.port}, user {d.user}; base release live")
         for i in range(args.repeat):
-            check_budget()
-            rid = f"new{i}"
-            results["install"]["warm"].append(timed_install(rid))
-            r = measure(load_url, tool_activates, rid)
-            results["tool"]["a"].append(r)
-            say(f"tool a #{i}: {r}")
-            r = measure(load_url, tool_activates, previous)
-            results["tool"]["b"].append(r)
-            say(f"tool b #{i}: {r}")
-            crash = release(f"crash{i}", "crash")
-            r = measure(load_url, tool_refuses, crash)
-            results["tool"]["c"].append(r)
-            say(f"tool c #{i}: {r}")
-            pm2crash = release(f"pm2crash{i}", "crash-under-pm2")
-            r = measure(load_url, tool_refuses, pm2crash)
-            results["tool"]["c2"].append(r)
-            say(f"tool c2 #{i}: {r}")
-            late = release(f"late{i}", "crash-after-preflight")
-            r = measure(load_url, tool_refuses, late)
-            results["tool"]["c3"].append(r)
-            say(f"tool c3 #{i}: {r}")
-
-        for i in range(args.repeat):
-            check_budget()
-            store = host.root / "cache" / "pnpm-store"
-            shutil.rmtree(store)
-            shutil.rmtree(Path(pwd.getpwnam(BENCH_USER).pw_dir) / ".cache" / "pnpm", ignore_errors=True)
-            results["install"]["fresh"].append(timed_install(f"fresh{i}"))
-            say(f"fresh install #{i}: {results['install']['fresh'][-1]}s")
-
-        # the document's procedure, same app/nginx/load, its own PM2 daemon
-        host.pm2("kill")
-        time.sleep(0.5)
-        if not doc.deploy(previous):
-            raise RuntimeError("the document's procedure could not start the base release")
-        for i in range(args.repeat):
-            check_budget()
-            new = f"new{i}"
-            r = measure(load_url, doc.deploy, new)
-            results["doc"]["a"].append(r)
-            say(f"doc a #{i}: {r}")
-            r = measure(load_url, doc.deploy, previous)
-            results["doc"]["b"].append(r)
-            say(f"doc b #{i}: {r}")
-            for key, bad in (("c", f"crash{i}"), ("c2", f"pm2crash{i}"), ("c3", f"late{i}")):
-                r = measure(load_url, doc_fails_then_rolls_back, bad)
-                results["doc"][key].append(r)
-                say(f"doc {key} #{i}: {r}")
+            for row in rows:
+                if budget.exceeded():
+                    complete = False
+                    break
+                for d in designs:
+                    install(d, release_of(row, i), row.mode or "ok")
+                    r = run_row(d, row, i, observe)
+                    results[d.key][row.key].append(r)
+                    budget.say(f"{d.key} {row.key} #{i}: { ({k: v for k, v in r.items() if k not in ('served', 'tool_tail')}) }")
+        if complete:
+            installs = timed_installs(designs[-1], work, args.repeat, budget)
+    except Exception as exc:  # a run that dies (budget, a host fault) still reports what it measured
+        complete, error = False, f"{type(exc).__name__}: {exc}"
+        budget.say(f"stopped: {error}")
     finally:
-        doc.kill()
-        host.stop()
-        nginx.stop()
-        if created_user:
-            remove_app_user(BENCH_USER)
+        for d in designs:
+            d.stop()
+        tree.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
 
-    summary = {
-        side: {
-            s: {
-                "median_failed": median(runs, "failed"),
-                "median_requests": median(runs, "requests"),
-                "median_seconds": median(runs, "seconds"),
-                "all_commands_as_expected": all(r["command_ok"] for r in runs),
-            }
-            for s, runs in results[side].items()
-        }
-        for side in ("tool", "doc")
-    }
-    installs = {k: float(statistics.median(v)) for k, v in results["install"].items()}
     report = {
         "clients": CLIENTS,
         "repeat": args.repeat,
-        "doc_health_loop": {"retries": DOC_RETRIES, "sleep_seconds": DOC_SLEEP, "document_sleep_seconds": 5},
-        "summary": summary,
-        "install_median_seconds": installs,
+        "bake_seconds": args.bake,
+        "observe_seconds_late_rows": observe,
+        "baseline_commit": BASELINE,
+        "complete": complete,
+        "error": error,
+        "designs": {d.key: d.describe() for d in designs},
+        "summary": {k: {row: summarise(runs) for row, runs in rows.items() if runs} for k, rows in results.items()},
+        "install_median_seconds": {k: harness.median(v) for k, v in installs.items()},
         "runs": results,
-        "wall_seconds": round(time.monotonic() - began, 1),
+        "installs": installs,
+        "wall_seconds": round(budget.elapsed(), 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-
-    print(f"\nRelease benchmark: {CLIENTS} clients through nginx, medians of {args.repeat} runs (failed / requests, seconds to healthy)")
-    print(f"{'scenario':<34}| {'cognivern-release':<28}| {'document procedure (sleep 1 s)':<30}")
-    print("-" * 34 + "+" + "-" * 29 + "+" + "-" * 31)
-    for s in SCENARIOS:
-        t, d = summary["tool"][s], summary["doc"][s]
-        tool_cell = f"{t['median_failed']:.0f} / {t['median_requests']:.0f}, {t['median_seconds']:.1f} s"
-        doc_cell = f"{d['median_failed']:.0f} / {d['median_requests']:.0f}, {d['median_seconds']:.1f} s"
-        print(f"{TITLES[s]:<34}| {tool_cell:<28}| {doc_cell:<30}")
-    print(f"{'install, warm store (same lockfile)':<34}| {installs['warm']:.1f} s")
-    print(f"{'install, empty store':<34}| {installs['fresh']:.1f} s")
-    print(f"\nJSON: {args.out}  (wall time {report['wall_seconds']} s)")
-    return 0
+    harness.print_table(
+        ["row", "design", "failed / total", "first response", "wall", "peak RSS MB (app)", "end state"],
+        table_rows(designs, results),
+        title=f"Release benchmark: {CLIENTS} clients through nginx, medians of {args.repeat} runs, bake {args.bake} s"
+        + ("" if complete else " (INCOMPLETE: stopped early, see the end)"),
+    )
+    if installs:
+        harness.print_table(
+            ["install (this checkout's tool)", "seconds"],
+            [
+                ["warm store (same lockfile)", harness.fmt(report["install_median_seconds"]["warm"], " s")],
+                ["empty store", harness.fmt(report["install_median_seconds"]["fresh"], " s")],
+            ],
+        )
+    harness.write_json(args.out, report)
+    print(f"(wall time {report['wall_seconds']} s)" + (f"\nstopped early: {error}" if error else ""))
+    return 1 if error and not error.startswith("BudgetExceededError") else 0
 
 
 if __name__ == "__main__":

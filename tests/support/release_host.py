@@ -116,6 +116,7 @@ class ReleaseHost(DisposableHost):
     nginx: PrivateNginx = field(init=False)
     pm2_home: Path = field(init=False)
     settings: Settings = field(init=False)
+    tool = TOOL  # the release tool it runs (bench/release_bench.py gives one from an older commit)
 
     def __post_init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="cgv_root_", dir="/tmp"))
@@ -142,6 +143,7 @@ class ReleaseHost(DisposableHost):
             **self.extra_config,
         }
         self.settings = parse_settings(config.get)
+        self.config = config  # what `settings` was parsed from (a bench renders an older commit's files from it)
         self.layout()
         self.nginx.start()  # (users that never call start(), such as the benches, get it too)
 
@@ -205,7 +207,7 @@ class ReleaseHost(DisposableHost):
         self, *args: str, timeout: float = 120, env: Mapping[str, str] | None = None, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["bash", str(TOOL), "--root", str(self.root), *args],
+            ["bash", str(self.tool), "--root", str(self.root), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -216,7 +218,7 @@ class ReleaseHost(DisposableHost):
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            ["bash", str(TOOL), "--root", str(self.root), *args],
+            ["bash", str(self.tool), "--root", str(self.root), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
