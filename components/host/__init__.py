@@ -73,66 +73,23 @@ class Host(pulumi.ComponentResource):
     def __init__(self, name: str, args: HostArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("cognivern:index:Host", name, {}, opts)
         s = args.settings
-        sudo = s.ssh_user != "root"
-        conn = args.connection
-
-        def command(
-            role: str, create: str, stdin: pulumi.Input[str], depends_on: list[pulumi.Resource], secret: bool = False
-        ) -> remote.Command:
-            opts = pulumi.ResourceOptions(parent=self, depends_on=depends_on)
-            if secret:
-                opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(additional_secret_outputs=["stdout", "stderr"]))
-            return remote.Command(
-                f"{name}-{role}",
-                connection=conn,
-                create=create,
-                stdin=stdin,
-                logging=remote.Logging.NONE if secret else remote.Logging.STDOUT_AND_STDERR,
-                add_previous_output_in_env=False,
-                opts=opts,
-            )
-
-        def put(
-            role: str,
-            dest: str,
-            mode: str,
-            owner: str,
-            content: pulumi.Input[str],
-            deps: list[pulumi.Resource],
-            *,
-            reload: bool = False,
-            secret: bool = False,
-        ) -> remote.Command:
-            argv = ["--dest", dest, "--mode", mode, "--owner", owner] + (["--reload-root", s.root] if reload else [])
-            return command(role, script_command(PUT_FILE, argv, sudo=sudo), content, deps, secret)
-
-        provision = command(
-            "provision",
-            script_command(PROVISION, provision_args(s), sudo=sudo),
-            release_tool_bundle(),
-            [],
+        self._name, self._connection, self._sudo, self._root = name, args.connection, s.ssh_user != "root", s.root
+        provision = self._command("provision", script_command(PROVISION, provision_args(s), sudo=self._sudo), release_tool_bundle(), [])
+        run_script = self._put("run-script", f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), [provision], reload=True)
+        release_conf = self._put(
+            "release-conf", f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s), [provision]
         )
-        run_script = put("run-script", f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), [provision], reload=True)
-        release_conf = put("release-conf", f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s), [provision])
-        ecosystem = put(
+        ecosystem = self._put(
             "ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [run_script], reload=True
         )
         env_text = pulumi.Output.secret(render_env(s.stack_env, s.secret_env))
-        env = put(
-            "env",
-            f"{s.root}/shared/.env",
-            "0600",
-            f"{s.app_user}:{s.app_user}",
-            env_text,
-            [run_script, ecosystem],
-            reload=True,
-            secret=True,
-        )
+        owner = f"{s.app_user}:{s.app_user}"
+        env = self._put("env", f"{s.root}/shared/.env", "0600", owner, env_text, [run_script, ecosystem], reload=True, secret=True)
         site = site_name(s.app_name)
         tls_domain = s.domain if s.certbot_tls else None
-        nginx = command(
+        nginx = self._command(
             "nginx-site",
-            script_command(NGINX_SITE, ["--name", site, "--upstream-port", str(s.port)], sudo=sudo),
+            script_command(NGINX_SITE, ["--name", site, "--upstream-port", str(s.port)], sudo=self._sudo),
             render_nginx_site(s, domain=tls_domain, hsts=s.balancer_tls),
             [provision],
         )
@@ -141,7 +98,40 @@ class Host(pulumi.ComponentResource):
             # health gate uses 127.0.0.1, so a Let's Encrypt outage never holds back a release.
             assert s.acme_email is not None
             argv = ["--name", site, "--domain", tls_domain, "--email", s.acme_email, "--server", s.acme_server]
-            command("tls", script_command(TLS, argv, sudo=sudo), render_nginx_tls_site(s, tls_domain), [nginx])
+            self._command("tls", script_command(TLS, argv, sudo=self._sudo), render_nginx_tls_site(s, tls_domain), [nginx])
 
         self.ready = [provision, run_script, release_conf, ecosystem, env, nginx]
         self.register_outputs({})
+
+    def _command(
+        self, role: str, create: str, stdin: pulumi.Input[str], depends_on: list[pulumi.Resource], secret: bool = False
+    ) -> remote.Command:
+        """A child command; one that carries a secret logs nothing and keeps its output secret."""
+        opts = pulumi.ResourceOptions(parent=self, depends_on=depends_on)
+        if secret:
+            opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(additional_secret_outputs=["stdout", "stderr"]))
+        return remote.Command(
+            f"{self._name}-{role}",
+            connection=self._connection,
+            create=create,
+            stdin=stdin,
+            logging=remote.Logging.NONE if secret else remote.Logging.STDOUT_AND_STDERR,
+            add_previous_output_in_env=False,
+            opts=opts,
+        )
+
+    def _put(
+        self,
+        role: str,
+        dest: str,
+        mode: str,
+        owner: str,
+        content: pulumi.Input[str],
+        deps: list[pulumi.Resource],
+        *,
+        reload: bool = False,
+        secret: bool = False,
+    ) -> remote.Command:
+        """put-file.sh: the content travels on stdin, never in the command line."""
+        argv = ["--dest", dest, "--mode", mode, "--owner", owner] + (["--reload-root", self._root] if reload else [])
+        return self._command(role, script_command(PUT_FILE, argv, sudo=self._sudo), content, deps, secret)

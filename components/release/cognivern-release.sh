@@ -156,10 +156,10 @@ load_settings() {
         [[ ${!n} =~ ^[0-9]+$ ]] || die "$conf: $n must be a whole number, got '${!n}'"
     done
     [[ $HEALTH_PATH =~ ^/[A-Za-z0-9/._-]*$ ]] || die "$conf: HEALTH_PATH must be a URL path, got '$HEALTH_PATH'"
-    APP_HOME=$(getent passwd "$APP_USER" | cut -d: -f6) || true
+    # One lookup (not id -u / id -gn: every fork counts on the warm-rollback path); the group by number.
+    APP_HOME="" APP_UID="" APP_GROUP=""
+    IFS=: read -r _ _ APP_UID APP_GROUP _ APP_HOME _ < <(getent passwd "$APP_USER" || true) || true
     [ -n "$APP_HOME" ] || die "app user '$APP_USER' does not exist (provisioning creates it)"
-    APP_UID=$(id -u "$APP_USER")
-    APP_GROUP=$(id -gn "$APP_USER")
     PM2_HOME=${PM2_HOME:-$APP_HOME/.pm2}
     [[ $KEEP_PREVIOUS_WARM =~ ^(true|false)$ ]] || die "$conf: KEEP_PREVIOUS_WARM must be true or false"
     [[ ${AGENT_APPS:=} =~ ^([A-Za-z0-9][A-Za-z0-9._,-]*)?$ ]] || die "$conf: AGENT_APPS must be PM2 app names"
@@ -190,7 +190,7 @@ load_nginx_settings() {  # $1 = conf (for messages)
 # NODE_CLUSTER_SCHED_POLICY=none: whichever pm2 call starts PM2's daemon (the cluster primary)
 # must give it this, or Node's round-robin hands connections to exiting workers (see run.sh).
 as_app() {
-    if [ "$(id -u)" = "$APP_UID" ]; then
+    if [ "$EUID" = "$APP_UID" ]; then
         env HOME="$APP_HOME" PM2_HOME="$PM2_HOME" PATH="$PATH" NODE_CLUSTER_SCHED_POLICY=none "$@" 8>&- 9>&-
     else
         runuser -u "$APP_USER" -- env HOME="$APP_HOME" PM2_HOME="$PM2_HOME" PATH="$PATH" NODE_CLUSTER_SCHED_POLICY=none "$@" 8>&- 9>&-
@@ -206,7 +206,7 @@ root_dir() {  # path mode
     if [ ! -d "$path" ]; then
         [ ! -e "$path" ] || die "$path exists but is not a directory"
         mkdir -m "$mode" "$path"
-    elif [ "$(id -u)" = 0 ] && [ "$(stat -c '%u %a' "$path")" != "0 ${mode#0}" ]; then
+    elif [ "$EUID" = 0 ] && [ "$(stat -c '%u %a' "$path")" != "0 ${mode#0}" ]; then
         chown -h root:root "$path"
         chmod "$mode" "$path"
     fi
@@ -219,7 +219,7 @@ app_dir() {  # path
     [ ! -L "$path" ] || die "$path is a symbolic link where the app's directory belongs; refusing to work through it"
     [ ! -e "$path" ] || [ -d "$path" ] || die "$path exists but is not a directory"
     [ -d "$path" ] && return 0
-    if [ "$(id -u)" = 0 ]; then
+    if [ "$EUID" = 0 ]; then
         install -d -o "$APP_USER" -g "$APP_GROUP" -m 0750 "$path"
     else
         mkdir -m 0750 "$path"
@@ -489,8 +489,11 @@ slot_start() {
     wait_slot_healthy "$slot" "$id" 0
 }
 
-slot_warm() {  # $1 = slot, $2 = release: true when the slot already serves that release healthy
-    [ "$(slot_get "$1")" = "$2" ] && health_ok "$(slot_url "$1")" && served_by "$(slot_app "$1")" "$2"
+# $1 = slot, $2 = release: true when the slots file says the slot runs that release and it answers
+# healthy. No PM2 query here: one costs 0.3-1 s of CPU, and a warm rollback must reach its first
+# request within 0.5 s; the bake's first check proves that the slot's workers run from releases/$2.
+slot_warm() {
+    [ "$(slot_get "$1")" = "$2" ] && health_ok "$(slot_url "$1")"
 }
 
 # ---------------------------------------------------------------- nginx
@@ -652,14 +655,14 @@ check_members() {  # $1 = tarball, $2 = allowed top-level prefix regex ('' = any
 # and chmod -R skips the links it meets. Also takes over releases installed by older versions.
 seal_release() {  # $1 = id
     local dir="$RELEASES/$1"
-    [ "$(id -u)" = 0 ] || return 0
+    [ "$EUID" = 0 ] || return 0
     if [ -L "$dir" ] || [ ! -d "$dir" ]; then die "$dir is not a directory"; fi
     chown -R -P root:root "$dir"
     chmod -R u+rwX,go+rX,go-w "$dir"
 }
 
 release_sealed() {  # true when nothing in releases/$1 belongs to anyone but root or is writable by others
-    [ "$(id -u)" = 0 ] || return 0
+    [ "$EUID" = 0 ] || return 0
     [ -z "$(find "$RELEASES/$1" \( ! -user root -o -perm /022 \) ! -type l -print -quit)" ]
 }
 
@@ -743,7 +746,7 @@ install_dependencies() {  # $1 = id
     # into the app-writable store. seal_release then makes all of it root's and read-only.
     say "installing production dependencies (pnpm, store $ROOT/cache/pnpm-store)"
     rm -rf -- "$dir/node_modules"
-    if [ "$(id -u)" = 0 ]; then install -d -o "$APP_USER" -g "$APP_GROUP" -m 0755 "$dir/node_modules"; fi
+    if [ "$EUID" = 0 ]; then install -d -o "$APP_USER" -g "$APP_GROUP" -m 0755 "$dir/node_modules"; fi
     if ! (cd "$dir" && as_app env CI=true pnpm install --prod --frozen-lockfile --prefer-offline \
         --package-import-method=copy --store-dir "$ROOT/cache/pnpm-store" --reporter=append-only >&2); then
         die "pnpm install failed for release $1 (left unfinished; install it again to retry)"
@@ -969,6 +972,10 @@ bake() {
     [ "$base" != - ] || base=0
     end=$(($(date +%s%3N) + BAKE_SECONDS * 1000))
     say "bake: watching $2 in slot $1 for ${BAKE_SECONDS}s (health, PM2 restarts); the previous slot stays warm as nginx backup"
+    if ! served_by "$app" "$2"; then
+        BAKE_WHY="slot $1's workers do not run from releases/$2 (PM2 changed behind the slots file?)"
+        return 1
+    fi
     while [ "$(date +%s%3N)" -lt "$end" ]; do
         read -r restarts down count < <(app_restarts "$app")
         if [ "$restarts" != - ] && { [ "$count" -eq 0 ] || [ "$down" -gt 0 ] || [ "$restarts" -gt "$base" ]; }; then
