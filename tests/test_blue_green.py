@@ -209,3 +209,22 @@ def test_a_warm_rollback_switches_without_starting_anything(live_r1: ReleaseHost
     same = next(p["pid"] for p in json.loads(h.pm2("jlist").stdout) if p["name"] == "cognivern-agent-blue")
     assert same == blue_pid, "the warm slot served as it was: nothing restarted"
     assert h.slots() == {"live": "blue", "blue": "r1", "green": "r2", "agent": "r1"}
+
+
+def test_a_warm_slot_that_does_not_run_the_release_the_slots_file_names_fails_its_bake(live_r1: ReleaseHost, tmp_path: Path) -> None:
+    """The warm switch trusts the slots file and a health answer (no PM2 query before it); the bake's
+    first check proves the slot's workers run from that release, else nginx goes back at once."""
+    h = live_r1
+    h.set_conf(KEEP_PREVIOUS_WARM="true", BAKE_SECONDS="2")
+    h.ok("activate", "r2")  # r1 warm in blue, r2 live in green
+    slots = h.root / "config" / "slots"
+    slots.write_text(slots.read_text().replace("blue=r1", "blue=r3"))  # blue claims r3; its workers run r1
+    assert h.slots()["blue"] == "r3"
+    h.install("r3", *build_release_tarball(tmp_path, "r3"))
+    with load(h) as clients:
+        proc = h.run("activate", "r3")
+    assert proc.returncode != 0, proc.stderr
+    assert "release r3 is warm in slot blue: switching without a start" in proc.stderr
+    assert "do not run from releases/r3" in proc.stderr
+    assert clients.failures == []
+    assert h.current() == "r2" and h.serving_release() == "r2"
