@@ -64,11 +64,14 @@ def test_nodesource_key_is_checked_by_fingerprint(tmp_path: Path) -> None:
     home.mkdir(mode=0o700)
     gpg = ["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
     make_key = [*gpg, "--quick-gen-key", "Test Key <test@example.invalid>", "ed25519", "sign", "never"]
-    subprocess.run(make_key, check=True, capture_output=True)
-    listing = subprocess.run([*gpg, "--with-colons", "--list-keys"], capture_output=True, text=True, check=True).stdout
-    want = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
-    armored = tmp_path / "key.asc"
-    armored.write_text(subprocess.run([*gpg, "--armor", "--export"], capture_output=True, text=True, check=True).stdout)
+    try:
+        subprocess.run(make_key, check=True, capture_output=True)
+        listing = subprocess.run([*gpg, "--with-colons", "--list-keys"], capture_output=True, text=True, check=True).stdout
+        want = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+        armored = tmp_path / "key.asc"
+        armored.write_text(subprocess.run([*gpg, "--armor", "--export"], capture_output=True, text=True, check=True).stdout)
+    finally:  # generating the key started a gpg-agent for this home: nothing outlives the test
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
     got = subprocess.run(
         ["bash", "-c", function.group(0) + 'key_fingerprints "$1"', "check", str(armored)],
         capture_output=True,
