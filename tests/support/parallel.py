@@ -28,15 +28,16 @@ from xdist.scheduler import LoadFileScheduling
 SPLIT = {"test_release_tool": 2}
 SECONDS = {
     "test_release_tool": 240,
+    "test_blue_green": 200,
     "test_activation_kill": 90,
     "test_scenarios": 90,
     "test_multi_server": 90,
-    "test_backup_live": 60,
+    "test_backup_live": 200,
     "test_tls": 60,
     "test_masking": 60,
     "test_host_scripts": 45,
     "test_newcomer": 40,
-    "test_hardening": 40,
+    "test_hardening": 120,
     "test_preflight_contract": 40,
     "test_real_cli": 30,
 }
