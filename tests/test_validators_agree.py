@@ -52,6 +52,7 @@ PAIRS: dict[str, tuple[Callable[[str], bool], Path, str]] = {
     "sha256": (lambda v: settings.SHA256_RE.fullmatch(v) is not None, RELEASE_TOOL, "[[ $v =~ $SHA_RE ]]"),
     "user": (lambda v: settings.USER_RE.fullmatch(v) is not None, LIB, 'valid_user "$v"'),
     "abs-path": (settings.abs_path, LIB, 'valid_abs_path "$v"'),
+    "abs-path-release-tool": (settings.abs_path, RELEASE_TOOL, 'valid_abs_path "$v"'),
     "site-name": (lambda v: SITE_NAME_RE.fullmatch(v) is not None, LIB, 'valid_site_name "$v"'),
 }
 

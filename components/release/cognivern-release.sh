@@ -129,6 +129,11 @@ on_exit() {
 
 # ---------------------------------------------------------------- settings and helpers
 
+valid_abs_path() {  # lib.sh's rule (settings.abs_path), which the tool cannot source on the server
+    [[ $1 =~ ^(/[A-Za-z0-9._-]+)+$ ]] || return 1
+    [[ /$1/ != */./* && /$1/ != */../* ]]
+}
+
 valid_id() {
     [[ $1 =~ $ID_RE ]] || usage_error "invalid release id '$1': 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
 }
@@ -178,7 +183,7 @@ load_nginx_settings() {  # $1 = conf (for messages)
     UPSTREAM_NAME=${UPSTREAM_NAME:-${APP_NAME//[^A-Za-z0-9_]/_}_app}
     local v
     for v in NGINX_CONF NGINX_PREFIX NGINX_UPSTREAM; do
-        [ -z "${!v}" ] || [[ ${!v} =~ ^(/[A-Za-z0-9._-]+)+$ && /${!v}/ != */../* ]] || die "$1: $v must be an absolute path"
+        [ -z "${!v}" ] || valid_abs_path "${!v}" || die "$1: $v must be an absolute, normalised path"
     done
     [[ $UPSTREAM_NAME =~ ^[A-Za-z0-9_]+$ ]] || die "$1: UPSTREAM_NAME must be an nginx upstream name"
     NGINX_ARGS=(-c "$NGINX_CONF")
