@@ -908,7 +908,7 @@ recover_activation() {
     case $phase in
         starting) if [ "$S_LIVE" != "$slot" ] || [ "$(current_id)" != "$id" ]; then slot_stop "$slot"; fi ;;
         switched | reverting)
-            if [ -n "$from_slot" ] && [ -n "$from" ] && slot_warm "$from_slot" "$from"; then
+            if [ -n "$from_slot" ] && [ -n "$from" ] && slot_warm "$from_slot" "$from" && served_by "$(slot_app "$from_slot")" "$from"; then
                 revert_switch "$slot" "$id" "$from_slot" "$from" "$prev" || true
             elif wait_slot_healthy "$slot" "$id"; then
                 finish_activation "$slot" "$id" "$from_slot"
