@@ -7,7 +7,9 @@ modules). `DisposableHost` is the start/cleanup contract of TargetHost, NetnsHos
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,18 +32,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The slot pairs come from below the kernel's ephemeral range: a port from there (free_port, and the
+# local end of every outgoing connection: load clients, nginx's upstream keep-alive, ssh) can be
+# handed out again at any moment, and a green slot port (P+1) is idle for most of a module's life.
+# Seen: a green slot crash-looping on EADDRINUSE while four workers ran. Between test processes, a
+# pair is reserved by an flock held until the process exits.
+PAIR_LOCKS = Path("/run/lock/cognivern-test-ports")
+_held_pairs: list[int] = []  # lock file descriptors, kept open for the life of this process
+
+
+def _pair_range() -> range:
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    return range(max(10000, low - 12000), low - 1, 2) if low > 11002 else range(high + 1 + (high % 2), 65534, 2)
+
+
 def free_port_pair() -> int:
-    """A loopback port P such that P and P+1 are both free right now (the blue and green slots)."""
-    for _ in range(50):
-        port = free_port()
-        if port < 65535 and not port_open(port + 1):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no two consecutive free loopback ports found")
+    """A loopback port P such that P and P+1 are free (the blue and green slots), outside the
+    ephemeral range and reserved against every other test process until this one exits."""
+    PAIR_LOCKS.mkdir(parents=True, exist_ok=True)
+    candidates = list(_pair_range())
+    for port in random.sample(candidates, min(200, len(candidates))):
+        if port_open(port) or port_open(port + 1):
+            continue
+        fd = os.open(PAIR_LOCKS / str(port), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _held_pairs.append(fd)
+        return port
+    raise RuntimeError("no free pair of loopback ports below the ephemeral range")
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
