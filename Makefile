@@ -63,6 +63,7 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.engine_bench --out reports/engine-bench.json
 	$(VENV)/bin/python -m bench.cluster_policy --out reports/cluster-policy.json
 	$(VENV)/bin/python -m bench.provision_rerun --out reports/provision-rerun.json
+	$(VENV)/bin/python -m bench.pm2_calls --out reports/pm2-calls.json
 
 ## the Pulumi CLI at tools/pulumi/VERSION, built from Go modules into .tools/bin (cached per version)
 pulumi-cli:

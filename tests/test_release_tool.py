@@ -16,6 +16,7 @@ import os
 import pwd
 import re
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -513,6 +514,33 @@ def test_list_json_states_and_status(switched: ReleaseHost, artifacts: dict[str,
     text = host.ok("list").stdout + host.ok("status").stdout
     assert "current:  r2" in text and '"status":"ok"' in text and "online" in text
     assert SECRET_VALUE not in text + str(listing)
+
+
+def test_pm2_questions_go_through_pm2s_cli_when_its_rpc_modules_are_not_found(serving: ReleaseHost) -> None:
+    """cognivern-pm2.cjs exits 3 when the first `pm2` on PATH has no pm2-axon beside it (another PM2
+    layout): the tool then asks `pm2 jlist`, and the answers are the same as over the RPC socket."""
+    real = shutil.which("pm2")
+    assert real
+    shim = Path(tempfile.mkdtemp(prefix="cgv-pm2-shim-"))  # the app user runs it: not under root's 0700 tmp
+    try:
+        shim.chmod(0o755)
+        calls = shim / "calls"
+        calls.touch(mode=0o666)
+        calls.chmod(0o666)
+        (shim / "pm2").write_text(f'#!/bin/sh\necho "$1" >>{calls}\nexec {real} "$@"\n')
+        (shim / "pm2").chmod(0o755)
+        slow = serving.run("status", env={"PATH": f"{shim}:{os.environ['PATH']}"})
+        fast = serving.run("status")
+        assert slow.returncode == 0 and fast.returncode == 0, slow.stderr + fast.stderr
+        asked = calls.read_text().split()
+    finally:
+        shutil.rmtree(shim, ignore_errors=True)
+
+    def pm2_lines(out: str) -> list[str]:
+        return [line for line in out.splitlines() if line.startswith("  cognivern-agent")]
+
+    assert "jlist" in asked, asked
+    assert pm2_lines(slow.stdout) == pm2_lines(fast.stdout) and "online" in "".join(pm2_lines(fast.stdout)), fast.stdout
 
 
 def test_prune_keeps_current_previous_and_installs_in_progress(switched: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
