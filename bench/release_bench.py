@@ -54,6 +54,7 @@ import httpx
 
 from bench import harness
 from bench.release_designs import BASELINE, BaselineTree, Design, Today
+from tests.support.load import CLOSED_BEFORE_ANSWER
 from tests.support.release_host import build_release_tarball
 
 CLIENTS = 8
@@ -65,8 +66,8 @@ BASE = "base"
 class Load:
     """CLIENTS threads doing GET /release through nginx; every non-2xx or error is a failed request.
 
-    A kept-alive connection that nginx closes before any byte of the answer (it closes idle ones when
-    it reloads) is retried once on a new connection, as HTTP/1.1 clients do for idempotent requests
+    A kept-alive connection that nginx closes (or resets) before any byte of the answer (it closes
+    idle ones when it reloads) is retried once on a new connection, as HTTP/1.1 clients do for idempotent requests
     (RFC 9112 9.3.1; tests/support/load.py does the same); `retried` counts those, for both designs.
     first_seen: release -> time.monotonic() of its first good response; last_failure: when the last
     failed request was sent (None if none); events: (sent, done, good, release) of every request.
@@ -110,7 +111,7 @@ class Load:
                 r = client.get(self.url)
                 good = 200 <= r.status_code < 300
                 return good, f"http {r.status_code}", str(r.json().get("release", "?")) if good else None
-            except httpx.RemoteProtocolError as exc:  # closed before any answer: a reused connection
+            except CLOSED_BEFORE_ANSWER as exc:  # closed or reset before any answer: a reused connection
                 if attempt == 2:
                     return False, type(exc).__name__, None
                 with self._lock:
