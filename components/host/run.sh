@@ -69,7 +69,7 @@ fi
 
 # The daemon is started (or replaced) above, before shared/.env is exported: a daemon spawned by
 # the startOrReload below would inherit the app's variables, secrets included, into its environment.
-# When one already listens, `pm2 ping` (0.3-1 s of CPU, PM2's whole CLI) is skipped.
+# When one already listens, `pm2 ping` (0.2-1 s of CPU, PM2's whole CLI) is skipped.
 if [ -z "$(god_pids)" ] || [ ! -S "$pm2_home/rpc.sock" ]; then
     pm2 ping >/dev/null
 fi

@@ -13,9 +13,9 @@
 //   delete NAME    (from PM2 itself only) deletes app NAME like `pm2 delete NAME`; prints the count
 //
 // Without stdin input (no --stdin) the script sends PM2's own `getMonitorData` call (what `pm2
-// jlist` sends) to $PM2_HOME/rpc.sock with the RPC modules of the pm2 package found on PATH. That
-// costs about a tenth of the CPU of `pm2 jlist`, which loads all of PM2's CLI (0.3-1 s of CPU a
-// call), and the bake asks every 250 ms. Exit 3 means "ask `pm2 jlist` instead": no pm2 package
+// jlist` sends) to $PM2_HOME/rpc.sock with the RPC modules of the pm2 package found on PATH: about
+// a third of the CPU of `pm2 jlist`, which loads all of PM2's CLI (bench/pm2_calls.py: 0.09 s
+// against 0.28 s on an idle machine, more on a busy one), and the tool asks all through a bake. Exit 3 means "ask `pm2 jlist` instead": no pm2 package
 // with those modules, or no daemon listening (`pm2 jlist` starts one, as before).
 const fs = require('fs');
 const path = require('path');
