@@ -4,6 +4,11 @@
         ...activate...
     assert load.failures == []
 
+The pause after each request is 50 ms by default: 8 clients make about 160 requests a second,
+enough for every switch and reload to meet requests in flight, at 0.2 of a core (20 ms: 375 a
+second at 0.45 of a core, which the suite's 4 workers on 2 cores could not spare; the benches
+measure with their own, busier clients).
+
 Each client keeps one HTTP/1.1 connection (httpx.Client) and cycles through the URLs; an answer is
 "ok" (200, and for /release the serving release is recorded), "HTTP <code>" or "error <type>".
 
@@ -32,7 +37,7 @@ CLOSED_BEFORE_ANSWER = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteE
 
 
 class Load:
-    def __init__(self, urls: Sequence[str], clients: int = 8, pause: float = 0.02, retry: bool = True) -> None:
+    def __init__(self, urls: Sequence[str], clients: int = 8, pause: float = 0.05, retry: bool = True) -> None:
         self.urls = list(urls)
         self.pause = pause
         self.attempts = (1, 2) if retry else (1,)
