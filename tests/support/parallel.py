@@ -25,7 +25,7 @@ import pytest
 from xdist.remote import Producer
 from xdist.scheduler import LoadFileScheduling
 
-SPLIT = {"test_release_tool": 2}
+SPLIT = {"test_release_tool": 2, "test_blue_green": 2}
 SECONDS = {
     "test_release_tool": 240,
     "test_blue_green": 200,
