@@ -4,7 +4,8 @@ The helper asks PM2's daemon over $PM2_HOME/rpc.sock (what `pm2 jlist` and `pm2 
 instead of loading PM2's whole CLI for each question (bench/pm2_calls.py: the CPU of each way). A
 private PM2 daemon (temp PM2_HOME, root's, killed at the end) runs two `sleep` apps; every query
 must give the same answer both ways, `delete` must remove exactly one app, and whatever cannot be
-asked this way must exit 3 (the tool then uses the CLI) or give no answer, never a wrong one.
+asked this way must exit 3 (no RPC modules: the tool uses the CLI), exit 4 (no daemon) or give no
+answer, never a wrong one.
 Run: venv/bin/pytest tests/test_pm2_helper.py
 """
 
@@ -80,11 +81,12 @@ def test_delete_removes_that_app_and_stops_its_processes_only(daemon: Daemon) ->
     assert (again.returncode, again.stdout) == (0, "0\n")
 
 
-def test_without_a_daemon_it_exits_3_for_the_cli_to_take_over(tmp_path: Path) -> None:
+def test_without_a_daemon_it_exits_4_and_starts_none(tmp_path: Path) -> None:
+    """No daemon, no app: the tool then skips a delete, and asks `pm2 jlist` for a query."""
     empty = Daemon(tmp_path)
     for query in (("restarts", "two"), ("names",), ("delete", "two")):
         proc = empty.helper(*query)
-        assert (proc.returncode, proc.stdout) == (3, ""), query
+        assert (proc.returncode, proc.stdout) == (4, ""), query
     assert not (tmp_path / "pm2.pid").exists(), "asking never starts a daemon"
 
 

@@ -15,8 +15,8 @@
 // Without stdin input (no --stdin) the script sends PM2's own `getMonitorData` call (what `pm2
 // jlist` sends) to $PM2_HOME/rpc.sock with the RPC modules of the pm2 package found on PATH: about
 // a third of the CPU of `pm2 jlist`, which loads all of PM2's CLI (bench/pm2_calls.py: 0.09 s
-// against 0.28 s on an idle machine, more on a busy one), and the tool asks all through a bake. Exit 3 means "ask `pm2 jlist` instead": no pm2 package
-// with those modules, or no daemon listening (`pm2 jlist` starts one, as before).
+// against 0.28 s on an idle machine, more on a busy one), and the tool asks all through a bake.
+// Exit 3: no pm2 package with those modules (ask `pm2 jlist` instead). Exit 4: no daemon listens.
 const fs = require('fs');
 const path = require('path');
 
@@ -67,17 +67,18 @@ function rpcModules() {
   return null;
 }
 
-// PM2's RPC socket, connected: resolves to call(method, ...args) -> Promise, or to null when
-// nothing listens there or the modules are missing (exit 3: the caller uses PM2's CLI instead).
+// PM2's RPC socket, connected: resolves to call(method, ...args) -> Promise; to 'missing' without
+// the modules (exit 3: the caller uses PM2's CLI instead), to 'down' when nothing listens there
+// (exit 4: no daemon, so no app runs; `pm2 jlist` would start a daemon to say so).
 function connect() {
   const home = process.env.PM2_HOME || path.join(process.env.HOME || '', '.pm2');
   const mods = rpcModules();
-  if (!mods) return Promise.resolve(null);
+  if (!mods) return Promise.resolve('missing');
   const req = mods.axon.socket('req');
   const client = new mods.rpc.Client(req);
   return new Promise((resolve) => {
-    client.sock.once('reconnect attempt', () => resolve(null)); // nothing listens (no daemon)
-    client.sock.once('error', () => resolve(null));
+    client.sock.once('reconnect attempt', () => resolve('down')); // nothing listens (no daemon)
+    client.sock.once('error', () => resolve('down'));
     client.sock.once('connect', () => resolve((method, ...args) => new Promise((ok, fail) => {
       client.call(method, ...args, (err, res) => (err ? fail(err) : ok(res)));
     })));
@@ -97,7 +98,8 @@ async function deleteApp(call) {
 // delete waits for the processes to stop (PM2's kill_timeout), then the CLI takes over.
 async function viaDaemon() {
   const call = await connect();
-  if (!call) process.exit(3);
+  if (call === 'missing') process.exit(3);
+  if (call === 'down') process.exit(4);
   const limit = setTimeout(() => {
     if (query === 'delete') process.exit(3);
     print(null);

@@ -337,20 +337,24 @@ health_ok() {  # $1 = url; true when it answers 2xx JSON with "status":"ok" (pol
 }
 
 # Every PM2 query goes through cognivern-pm2.cjs (installed beside this tool), one answer on stdout
-# (see that file for the queries). It asks the app's PM2 daemon over PM2's RPC socket, a tenth of
-# the CPU of `pm2 jlist` (the bake asks 4 times a second); exit 3: ask through `pm2 jlist`.
+# (see that file for the queries). It asks the app's PM2 daemon over PM2's RPC socket, a third of
+# the CPU of `pm2 jlist`; exit 3 (no RPC modules) or 4 (no daemon): ask through `pm2 jlist`.
 pm2q() {  # $@ = query [app]
     local out rc=0
     out=$(cd / && as_app node "$PM2Q" "$@" 2>/dev/null) || rc=$?
-    if [ "$rc" -eq 3 ]; then
+    if [ "$rc" -eq 3 ] || [ "$rc" -eq 4 ]; then
         as_app pm2 jlist 2>/dev/null | node "$PM2Q" "$@" --stdin || true
     elif [ -n "$out" ]; then
         printf '%s\n' "$out"
     fi
 }
 
-pm2_delete() {  # $1 = app: PM2 stops and forgets it; through PM2's RPC socket (pm2q), else `pm2 delete`
-    (cd / && as_app node "$PM2Q" delete "$1" >/dev/null 2>&1) || as_app pm2 delete "$1" >/dev/null 2>&1 || true
+# $1 = app: PM2 stops and forgets it, through PM2's RPC socket (see pm2q). No daemon (exit 4): no
+# app to delete (`pm2 delete` would start a daemon first). Otherwise on failure, `pm2 delete`.
+pm2_delete() {
+    local rc=0
+    (cd / && as_app node "$PM2Q" delete "$1" >/dev/null 2>&1) || rc=$?
+    [ "$rc" -eq 0 ] || [ "$rc" -eq 4 ] || as_app pm2 delete "$1" >/dev/null 2>&1 || true
 }
 
 # $1 = app: "<sum of restarts> <processes errored or stopped> <processes>", or "- - -" when PM2 gave
@@ -497,9 +501,7 @@ slot_stop() {
 slot_start() {
     local slot=$1 id=$2 app
     app=$(slot_app "$slot")
-    # Normally stopped already (slot_stop); a leftover would be reloaded in its old directory.
-    # Each pm2 CLI call costs 0.2-1 s of CPU: delete only unless PM2 says it has no such app.
-    [ "$(app_restarts "$app")" = "0 0 0" ] || pm2_delete "$app"
+    pm2_delete "$app"  # normally gone already (slot_stop); a leftover would reload in its old directory
     slot_set "$slot" "$id"
     slots_save
     say "starting $id in slot $slot ($app on 127.0.0.1:$(slot_port "$slot"))"
