@@ -13,9 +13,9 @@
 //   delete NAME    (from PM2 itself only) deletes app NAME like `pm2 delete NAME`; prints the count
 //
 // Without stdin input (no --stdin) the script sends PM2's own `getMonitorData` call (what `pm2
-// jlist` sends) to $PM2_HOME/rpc.sock with the RPC modules of the pm2 package found on PATH: about
-// a third of the CPU of `pm2 jlist`, which loads all of PM2's CLI (bench/pm2_calls.py: 0.09 s
-// against 0.28 s on an idle machine, more on a busy one), and the tool asks all through a bake.
+// jlist` sends) to $PM2_HOME/rpc.sock with the RPC modules of the pm2 package found on PATH: less
+// than half the CPU of `pm2 jlist`, which loads all of PM2's CLI (bench/pm2_calls.py: 0.09-0.12 s
+// against 0.24-0.28 s on an idle machine, more on a busy one), and the tool asks all through a bake.
 // Exit 3: no pm2 package with those modules (ask `pm2 jlist` instead). Exit 4: no daemon listens.
 const fs = require('fs');
 const path = require('path');
@@ -46,7 +46,8 @@ function answer(list) {
   return [];
 }
 
-// PM2's RPC client modules (bundled under modules/ since PM2 6, node_modules/ before), or null.
+// PM2's RPC client modules, or null: PM2 7.0.4 bundles them under modules/; node_modules/ is tried
+// too, for other layouts.
 function rpcModules() {
   for (const dir of (process.env.PATH || '').split(':')) {
     let pkg;

@@ -337,8 +337,8 @@ health_ok() {  # $1 = url; true when it answers 2xx JSON with "status":"ok" (pol
 }
 
 # Every PM2 query goes through cognivern-pm2.cjs (installed beside this tool), one answer on stdout
-# (see that file for the queries). It asks the app's PM2 daemon over PM2's RPC socket, a third of
-# the CPU of `pm2 jlist`; exit 3 (no RPC modules) or 4 (no daemon): ask through `pm2 jlist`.
+# (see that file for the queries). It asks the app's PM2 daemon over PM2's RPC socket, less than
+# half the CPU of `pm2 jlist`; exit 3 (no RPC modules) or 4 (no daemon): ask through `pm2 jlist`.
 pm2q() {  # $@ = query [app]
     local out rc=0
     out=$(cd / && as_app node "$PM2Q" "$@" 2>/dev/null) || rc=$?
