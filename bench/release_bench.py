@@ -67,8 +67,9 @@ class Load:
     """CLIENTS threads doing GET /release through nginx; every non-2xx or error is a failed request.
 
     A kept-alive connection that nginx closes (or resets) before any byte of the answer (it closes
-    idle ones when it reloads) is retried once on a new connection, as HTTP/1.1 clients do for idempotent requests
-    (RFC 9112 9.3.1; tests/support/load.py does the same); `retried` counts those, for both designs.
+    idle ones when it reloads) is retried once on a new connection, as HTTP/1.1 clients do for
+    idempotent requests (RFC 9112 9.3.1; tests/support/load.py does the same); `retried` counts
+    those, for both designs.
     first_seen: release -> time.monotonic() of its first good response; last_failure: when the last
     failed request was sent (None if none); events: (sent, done, good, release) of every request.
     bench/engine_bench.py derives its time-to-healthy from first_seen and last_failure.

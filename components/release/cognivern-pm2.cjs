@@ -101,17 +101,17 @@ async function viaDaemon() {
   const call = await connect();
   if (call === 'missing') process.exit(3);
   if (call === 'down') process.exit(4);
-  const limit = setTimeout(() => {
+  const giveUp = () => {
     if (query === 'delete') process.exit(3);
     print(null);
     process.exit(0);
-  }, query === 'delete' ? 60000 : 3000);
+  };
+  const limit = setTimeout(giveUp, query === 'delete' ? 60000 : 3000);
   try {
     if (query === 'delete') await deleteApp(call);
     else print(await call('getMonitorData', {}));
   } catch (err) {
-    if (query === 'delete') process.exit(3);
-    print(null);
+    giveUp();
   }
   clearTimeout(limit);
   process.exit(0);
