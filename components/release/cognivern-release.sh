@@ -357,15 +357,6 @@ pm2_delete() {
     [ "$rc" -eq 0 ] || [ "$rc" -eq 4 ] || as_app pm2 delete "$1" >/dev/null 2>&1 || true
 }
 
-# $1 = app: "<sum of restarts> <processes errored or stopped> <processes>", or "- - -" when PM2 gave
-# no readable answer (a busy daemon): callers skip that sample rather than call the app dead.
-app_restarts() {
-    local line
-    line=$(pm2q restarts "$1")
-    [[ $line =~ ^[0-9]+\ [0-9]+\ [0-9]+$ ]] || line="- - -"
-    printf '%s\n' "$line"
-}
-
 served_by() {  # $1 = app, $2 = release: true when every online worker of app $1 runs from releases/$2
     local want pid n=0
     want=$(cd "$RELEASES/$2" && pwd -P)
@@ -377,35 +368,38 @@ served_by() {  # $1 = app, $2 = release: true when every online worker of app $1
     [ "$n" -gt 0 ]
 }
 
-# $1 = slot, $2 = release expected there, $3 = its restart count before (default 0).
-# Polls every ~250 ms up to HEALTH_TIMEOUT; gives up early when PM2 shows a crash loop.
+# $1 = healthy|bake, then its arguments: the verdict line of the slot watcher (cognivern-pm2.cjs,
+# "Watching a slot"), which asks the slot's health and PM2 from one process for the whole wait or
+# bake. The tool's pid goes last: the watcher stops when the tool is gone.
+watch_slot() {
+    local out
+    out=$(cd / && as_app node "$PM2Q" "$@" "$$" 2>/dev/null) || true
+    printf '%s\n' "$out"
+}
+
+# $1 = slot, $2 = release expected there, $3 = its restart count before (default 0; "-": PM2's count
+# now). Waits up to HEALTH_TIMEOUT until the slot answers healthy from that release (every ~250 ms);
+# gives up early when PM2 shows a crash loop (2 restarts more than $3, or a process errored/stopped).
 wait_slot_healthy() {
-    local slot=$1 id=$2 base=${3:-0} app deadline=$((SECONDS + HEALTH_TIMEOUT)) n=0 restarts down count
+    local slot=$1 id=$2 base=${3:-0} app dir verdict
     app=$(slot_app "$slot")
-    while [ "$SECONDS" -lt "$deadline" ]; do
-        if health_ok "$(slot_url "$slot")" && served_by "$app" "$id"; then
-            return 0
-        fi
-        n=$((n + 1))
-        if [ $((n % 4)) -eq 0 ]; then
-            read -r restarts down count < <(app_restarts "$app")
-            if [ "$restarts" != - ] && { [ "$count" -eq 0 ] || [ "$down" -gt 0 ] || [ "$restarts" -ge $((base + 2)) ]; }; then
-                say "PM2 reports $app crash-looping (restarts $base -> $restarts, errored/stopped: $down, processes: $count)"
-                return 1
-            fi
-        fi
-        sleep 0.25
-    done
-    say "$app did not answer healthy at $(slot_url "$slot") within ${HEALTH_TIMEOUT}s"
+    dir=$(cd "$RELEASES/$id" 2>/dev/null && pwd -P) || { say "release $id is not installed"; return 1; }
+    verdict=$(watch_slot healthy "$app" "$(slot_url "$slot")" "$HEALTH_TIMEOUT" "$dir" "$base")
+    if [ "$verdict" = ok ]; then
+        return 0
+    elif [[ $verdict =~ ^crash\ ([0-9]+)\ ([0-9]+)\ ([0-9]+)\ ([0-9]+)$ ]]; then
+        say "PM2 reports $app crash-looping (restarts ${BASH_REMATCH[1]} -> ${BASH_REMATCH[2]}, errored/stopped: ${BASH_REMATCH[3]}, processes: ${BASH_REMATCH[4]})"
+    elif [ "$verdict" = timeout ]; then
+        say "$app did not answer healthy at $(slot_url "$slot") within ${HEALTH_TIMEOUT}s"
+    else
+        say "the health watch of $app ended without a verdict; taking $app as not healthy"
+    fi
     return 1
 }
 
 wait_healthy() {  # $1 = release that current points to: the live slot must serve it healthy
     slots_load
-    local base
-    read -r base _ < <(app_restarts "$(slot_app "$S_LIVE")")
-    [ "$base" != - ] || base=0
-    wait_slot_healthy "$S_LIVE" "$1" "$base"
+    wait_slot_healthy "$S_LIVE" "$1" -
 }
 
 run_app() {  # shared/run.sh as APP_USER (PM2 startOrReload --update-env); $@ = e.g. --only APP
@@ -982,38 +976,28 @@ first_deploy_failed() {  # $1 = the slot that ran it
 
 # The bake: slot $1 (release $2) serves for BAKE_SECONDS with the old slot as nginx backup. Fails
 # (BAKE_WHY) when PM2 restarts it or shows it down, or when HEALTH_PATH fails three times in a row
-# (one slow answer on a busy host is not a failure; a sick app answers 500 at once).
+# (one slow answer on a busy host is not a failure; a sick app answers 500 at once). The watcher
+# asks PM2 once a second and the health every 250 ms (cognivern-pm2.cjs, "Watching a slot").
 BAKE_WHY=""
 bake() {
-    local app base restarts down count fails=0 end n=0
+    local app dir verdict
     app=$(slot_app "$1")
-    read -r base _ < <(app_restarts "$app")
-    [ "$base" != - ] || read -r base _ < <(app_restarts "$app")
-    [ "$base" != - ] || base=0
-    end=$(($(date +%s%3N) + BAKE_SECONDS * 1000))
+    dir=$(cd "$RELEASES/$2" && pwd -P)
     say "bake: watching $2 in slot $1 for ${BAKE_SECONDS}s (health, PM2 restarts); the previous slot stays warm as nginx backup"
-    if ! served_by "$app" "$2"; then
+    verdict=$(watch_slot bake "$app" "$(slot_url "$1")" "$BAKE_SECONDS" "$dir")
+    if [ "$verdict" = ok ]; then
+        say "bake: $2 stayed healthy for ${BAKE_SECONDS}s"
+        return 0
+    elif [ "$verdict" = stale ]; then
         BAKE_WHY="slot $1's workers do not run from releases/$2 (PM2 changed behind the slots file?)"
-        return 1
+    elif [[ $verdict =~ ^restarts\ ([0-9]+)\ ([0-9]+)\ ([0-9]+)\ ([0-9]+)$ ]]; then
+        BAKE_WHY="PM2 restarted or lost it (restarts ${BASH_REMATCH[1]} -> ${BASH_REMATCH[2]}, errored/stopped: ${BASH_REMATCH[3]}, processes: ${BASH_REMATCH[4]})"
+    elif [ "$verdict" = sick ]; then
+        BAKE_WHY="$(slot_url "$1") did not answer ok three times in a row"
+    else
+        BAKE_WHY="the bake watcher ended without a verdict"
     fi
-    # PM2's counters only grow and its statuses stay, so asking once a second misses nothing; the
-    # health check every 250 ms sees a dead slot sooner (nginx sends its requests to the backup).
-    while [ "$(date +%s%3N)" -lt "$end" ]; do
-        if [ $((n++ % 4)) -eq 0 ]; then
-            read -r restarts down count < <(app_restarts "$app")
-            if [ "$restarts" != - ] && { [ "$count" -eq 0 ] || [ "$down" -gt 0 ] || [ "$restarts" -gt "$base" ]; }; then
-                BAKE_WHY="PM2 restarted or lost it (restarts $base -> $restarts, errored/stopped: $down, processes: $count)"
-                return 1
-            fi
-        fi
-        if health_ok "$(slot_url "$1")"; then fails=0; else fails=$((fails + 1)); fi
-        if [ "$fails" -ge 3 ]; then
-            BAKE_WHY="$(slot_url "$1") did not answer ok three times in a row"
-            return 1
-        fi
-        sleep 0.25
-    done
-    say "bake: $2 stayed healthy for ${BAKE_SECONDS}s"
+    return 1
 }
 
 # After the bake: the agent moves to release $2 (deleted, then started there: it never runs twice),
