@@ -10,6 +10,8 @@ asks for what is missing and nothing else.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import io
 import json
 import re
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -437,6 +440,106 @@ def test_init_without_a_terminal_asks_for_non_interactive(clone: Clone) -> None:
     stand_in(clone.bin / "pulumi")
     result = clone.run("scripts/init", stdin="")
     assert result.returncode == 2 and "--non-interactive" in result.stderr
+
+
+def test_init_reads_the_config_once_and_a_second_run_only_reads(clone: Clone) -> None:
+    """One `config --json --show-secrets` per run, not a `config get` per key (each pulumi-local call costs ~0.6 s of CPU)."""
+    stand_in(clone.bin / "pulumi")
+    assert init_non_interactive(clone).returncode == 0
+    first = [c["argv"][:2] for c in clone.calls() if c["argv"][:1] == ["config"]]
+    assert first[0] == ["config", "--json"] and set(map(tuple, first[1:])) == {("config", "set")}, first
+    before = len(clone.calls())
+    second = init_non_interactive(clone)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("ok (already") == 3 + len(SECRETS)  # stack, token, key, each secret: read from that one call
+    config = [c["argv"] for c in clone.calls()[before:] if c["argv"][:1] == ["config"]]
+    assert config == [["config", "--json", "--show-secrets", "--stack", "prod"]]
+    argv = " ".join(a for c in clone.calls() for a in c["argv"])
+    assert not [s for s in (TOKEN, *(f"value-of-{n}" for n in SECRETS)) if s in argv]
+
+
+@pytest.fixture(scope="module")
+def init_script() -> Iterator[Any]:
+    """scripts/init as a module, to check what its Stack makes of `config --json` without running a CLI."""
+    loader = importlib.machinery.SourceFileLoader("cognivern_init", str(REPO / "scripts" / "init"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))  # type: ignore[arg-type]
+    sys.modules[loader.name] = module  # its dataclass looks itself up there
+    loader.exec_module(module)
+    yield module
+    del sys.modules[loader.name]
+
+
+# as the real CLI (v3.274) prints `config --json --show-secrets`: project defaults included, objectValue for structures
+CONFIG_JSON = {
+    "cognivern:host": {"value": "", "secret": False},
+    "cognivern:hosts": {"value": "[]", "objectValue": [], "secret": False},
+    "cognivern:release": {"value": "20261128120000-abc1234", "secret": False},
+    "cognivern:servers": {"value": "1", "secret": False},
+    "cognivern:secretEnv": {"value": '{"EMPTY":"","G":"g-secret"}', "objectValue": {"EMPTY": "", "G": "g-secret"}, "secret": True},
+    "hcloud:token": {"value": "t-secret", "secret": True},
+}
+SECRET = object()  # get refuses: init keeps no secret's value
+
+
+def stack_answering(init_script: Any, code: int, stdout: str, stderr: str = "") -> tuple[Any, list[tuple[tuple[str, ...], str | None]]]:
+    stack, calls = init_script.Stack("prod"), []
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        calls.append((args, stdin))
+        reading = args[:2] == ("config", "--json")
+        return subprocess.CompletedProcess(args, code if reading else 0, stdout if reading else "", stderr if reading else "")
+
+    stack.run = run
+    return stack, calls
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "is_set", "value"),
+    [
+        ("cognivern:host", False, False, None),  # Pulumi.yaml's default "" is not a setting
+        ("cognivern:hosts", False, True, "[]"),
+        ("cognivern:release", False, True, "20261128120000-abc1234"),
+        ("cognivern:servers", False, True, "1"),
+        ("cognivern:artifact", False, False, None),  # not in the output at all
+        ("hcloud:token", False, True, SECRET),
+        ("cognivern:secretEnv.G", True, True, SECRET),
+        ("cognivern:secretEnv.EMPTY", True, False, None),
+        ("cognivern:secretEnv.MISSING", True, False, None),
+        ("cognivern:hosts.x", True, False, None),
+    ],
+)
+def test_init_answers_from_one_config_read(init_script: Any, key: str, path: bool, is_set: bool, value: object) -> None:
+    stack, calls = stack_answering(init_script, 0, json.dumps(CONFIG_JSON))
+    assert stack.is_set(key, path=path) is is_set
+    if value is SECRET:
+        with pytest.raises(init_script.InitError, match="secret"):
+            stack.get(key, path=path)
+    else:
+        assert stack.get(key, path=path) == value
+    assert calls == [(("config", "--json", "--show-secrets"), None)]
+    assert "g-secret" not in repr(vars(stack)) and "t-secret" not in repr(vars(stack))  # only "is set" is kept
+
+
+def test_init_set_updates_what_it_read_and_keeps_no_secret(init_script: Any) -> None:
+    stack, calls = stack_answering(init_script, 0, json.dumps(CONFIG_JSON))
+    assert not stack.is_set("cognivern:secretEnv.R", path=True)
+    stack.set("cognivern:secretEnv.R", "r-secret", secret=True, path=True)
+    stack.set("cognivern:release", "20261129080000-0123456")
+    stack.set("cognivern:sshPrivateKey", "k-secret", secret=True)
+    assert stack.is_set("cognivern:secretEnv.R", path=True) and stack.is_set("cognivern:secretEnv.G", path=True)
+    assert stack.is_set("cognivern:sshPrivateKey") and stack.get("cognivern:release") == "20261129080000-0123456"
+    assert "r-secret" not in repr(vars(stack)) and "k-secret" not in repr(vars(stack))
+    assert [c[0][:2] for c in calls].count(("config", "--json")) == 1
+    assert not [args for args, _ in calls if "r-secret" in args or "k-secret" in args]  # on stdin
+
+
+@pytest.mark.parametrize(("code", "stdout"), [(255, "t-secret"), (0, "t-secret is no JSON"), (0, '{"hcloud:token": {"secret": true}}')])
+def test_init_config_read_errors_never_show_its_output(init_script: Any, code: int, stdout: str) -> None:
+    stack, _ = stack_answering(init_script, code, stdout, "error: incorrect passphrase")
+    with pytest.raises(init_script.InitError) as err:
+        stack.is_set("hcloud:token")
+    assert "t-secret" not in str(err.value)
+    assert ("incorrect passphrase" in str(err.value)) is (code != 0)
 
 
 # --- the whole walkthrough, as the README tells it ---

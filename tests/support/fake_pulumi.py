@@ -7,7 +7,10 @@ of the PULUMI_CONFIG_PASSPHRASE_FILE contents). Like the real CLI it keeps stack
 `Pulumi.<stack>.yaml` in the project folder (secrets as ciphertext, `encryptionsalt` on stack
 creation), answers `config get` with Pulumi.yaml's declared defaults for keys the stack lacks,
 refuses a secret under another passphrase, and reads a missing `config set` value from stdin.
-So a command that would change a tracked file does change it here.
+`config --json [--show-secrets]` prints every key like Pulumi v3 (checked against the real CLI):
+{"value": str, "secret": bool} plus "objectValue" for a structured value, the project defaults
+included; without --show-secrets a secret, or a structured value holding one, is only
+{"secret": true}. So a command that would change a tracked file does change it here.
 
 Usage: `python fake_pulumi.py ARGS...`; tests put a `pulumi` wrapper that runs it on PATH.
 """
@@ -100,16 +103,16 @@ def check_passphrase(stack: str, data: dict[str, Any]) -> None:
 def parse(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Positional words and the flags this stand-in understands."""
     words: list[str] = []
-    flags: dict[str, Any] = {"secret": False, "path": False, "stack": None, "json": False}
+    flags: dict[str, Any] = {"secret": False, "path": False, "stack": None, "json": False, "show-secrets": False}
     it = iter(argv)
     for arg in it:
         if arg in ("--stack", "-s"):
             flags["stack"] = next(it)
         elif arg.startswith("--stack="):
             flags["stack"] = arg.split("=", 1)[1]
-        elif arg in ("--secret", "--path", "--json"):
+        elif arg in ("--secret", "--path", "--json", "--show-secrets"):
             flags[arg[2:]] = True
-        elif arg in ("--plaintext", "--non-interactive", "--yes", "-y", "--diff", "--skip-preview", "--show-secrets"):
+        elif arg in ("--plaintext", "--non-interactive", "--yes", "-y", "--diff", "--skip-preview"):
             pass
         elif arg == "--file":
             flags["file"] = next(it)
@@ -127,8 +130,12 @@ def project_defaults() -> dict[str, Any]:
     return {f"{PROJECT}:{k}": v["default"] for k, v in declared.items() if isinstance(v, dict) and "default" in v}
 
 
+def merged(data: dict[str, Any]) -> dict[str, Any]:
+    return {**project_defaults(), **data.get("config", {})}
+
+
 def get_path(data: dict[str, Any], key: str, path: bool) -> Any:
-    config = {**project_defaults(), **data.get("config", {})}
+    config = merged(data)
     if not path:
         return config.get(key)
     namespace_key, _, rest = key.partition(".")
@@ -151,12 +158,48 @@ def set_path(data: dict[str, Any], key: str, value: Any, path: bool) -> None:
     node[parts[-1]] = value
 
 
-def reveal(value: Any) -> str:
-    if isinstance(value, dict) and "secure" in value:
+def is_secure(value: Any) -> bool:
+    return isinstance(value, dict) and "secure" in value
+
+
+def holds_secret(value: Any) -> bool:
+    if is_secure(value):
+        return True
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return any(holds_secret(v) for v in children)
+
+
+def decrypt(value: Any) -> Any:
+    if is_secure(value):
         return base64.b64decode(value["secure"].removeprefix("v1:")).decode()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, dict):
+        return {k: decrypt(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decrypt(v) for v in value]
+    return value
+
+
+def reveal(value: Any) -> str:
+    """A value as the CLI prints it: strings as they are, anything else (secrets decrypted) as compact JSON like Go's."""
+    plain = decrypt(value)
+    return plain if isinstance(plain, str) else json.dumps(plain, separators=(",", ":"), sort_keys=True)
+
+
+def config_json(name: str, data: dict[str, Any], show_secrets: bool) -> dict[str, Any]:
+    """`config --json [--show-secrets]`: every key, sorted, stack values over Pulumi.yaml's defaults."""
+    entries: dict[str, Any] = {}
+    for key, value in sorted(merged(data).items()):
+        secret = holds_secret(value)
+        if secret and not show_secrets:
+            entries[key] = {"secret": True}
+            continue
+        if secret:
+            check_passphrase(name, data)
+        entry: dict[str, Any] = {"value": reveal(value)}
+        if isinstance(value, (dict, list)) and not is_secure(value):
+            entry["objectValue"] = decrypt(value)
+        entries[key] = {**entry, "secret": secret}
+    return entries
 
 
 def run(argv: list[str]) -> tuple[int, str | None]:
@@ -179,6 +222,10 @@ def run(argv: list[str]) -> tuple[int, str | None]:
     if words[:2] == ["stack", "select"]:
         name = words[2] if len(words) > 2 else stack
         return 0, require_stack(name)
+    if words == ["config"] and flags["json"]:
+        name = require_stack(stack)
+        print(json.dumps(config_json(name, load_stack_config(name), flags["show-secrets"]), indent=2))
+        return 0, name
     if words[:1] == ["config"] and len(words) >= 2:
         name = require_stack(stack)
         data = load_stack_config(name)
@@ -189,7 +236,7 @@ def run(argv: list[str]) -> tuple[int, str | None]:
             value = get_path(data, key, flags["path"])
             if value is None:
                 raise CliError(f"configuration key '{key}' not found for stack '{name}'")
-            if isinstance(value, dict) and "secure" in value:
+            if holds_secret(value):
                 check_passphrase(name, data)
             print(reveal(value))
             return 0, name
