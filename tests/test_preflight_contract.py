@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.support.hardened_host import HardenedHost, hardened_host
+from tests.support.helpers import user_pids
 
 AGENT = "forecasting-agent"
 
@@ -82,13 +83,19 @@ def _processes_in(release_dir: Path) -> list[int]:
 
 
 def _agent_cwds(host: HardenedHost) -> list[str]:
-    """Release directories of the agent processes PM2 has online (there must never be two)."""
-    out = host.as_app("env", f"PM2_HOME=/home/{host.user}/.pm2", "pm2", "jlist", check=False).stdout
-    try:
-        apps = json.loads(out)
-    except ValueError:
-        return []
-    return [os.path.realpath(p["pm2_env"]["pm_cwd"]) for p in apps if p["name"] == AGENT and p["pm2_env"].get("status") == "online"]
+    """Working directories of the agent's processes (there must never be two). Read from /proc, not
+    from `pm2 jlist`: sampled every 50 ms through an activation, the CLI kept a core busy. PM2 names
+    the app in each process's environment: `name=` in fork mode, `pm2_env={"name":...` in cluster mode."""
+    marks = (f"name={AGENT}".encode(), f'pm2_env={{"name":"{AGENT}",'.encode())
+    cwds = []
+    for pid in user_pids(host.user):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if any(entry == marks[0] or entry.startswith(marks[1]) for entry in environ):
+                cwds.append(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:
+            continue  # gone meanwhile
+    return cwds
 
 
 class AgentWatch:
