@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.support.hardened_host import HardenedHost, hardened_host
+from tests.support.helpers import http_get
 from tests.support.load import Load
 
 pytestmark = pytest.mark.needs_root("it kills the release tool as root")
@@ -118,7 +118,7 @@ def test_a_killed_activation_converges_on_the_next_run(host: HardenedHost, point
         if killed_at == target:  # killed after the switch: the journal made the next run finish it first
             assert f"recovering the activation of {target} that was interrupted (switched" in again.stderr, again.stderr
         assert host.current() == target
-        assert httpx.get(host.url("/release"), timeout=5).json()["release"] == target
+        assert http_get(host.url("/release"), timeout=5).json()["release"] == target
     assert len(_pm2_names(host)) == 1, "only the live slot runs"
     assert not (host.root / ".deploy" / "journal").exists()
     print(f"\nkill {point}: current at the kill {killed_at}; next run ok; requests {len(load.results)}, failed {len(load.failures)}")

@@ -29,7 +29,7 @@ from components.remote import script_command
 from components.render import render_nginx_site, render_upstream, site_name
 from components.settings import Settings
 from tests.support.fs import manifest
-from tests.support.helpers import wait_until
+from tests.support.helpers import http_get, wait_until
 from tests.support.target_host import TargetHost
 
 FAKE_TOOL = '#!/usr/bin/env bash\n# stand-in for cognivern-release\necho "cognivern-release $*" >>"${COGNIVERN_TOOL_LOG:-/dev/null}"\n'
@@ -251,7 +251,7 @@ def test_provision_rejects_bad_arguments(host: TargetHost, first_run: object, ar
 
 # ---------------------------------------------------------------------------- nginx-site
 def get(url: str, **kwargs: object) -> httpx.Response:
-    return httpx.get(url, timeout=5, **kwargs)  # type: ignore[arg-type]
+    return http_get(url, timeout=5, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

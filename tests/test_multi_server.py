@@ -25,10 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.engine import CommandError, RunReport, Step
+from tests.support.helpers import http_get
 from tests.support.load import Load
 from tests.support.netns_host import SITE_PORT, NetnsHosts
 from tests.support.nginx import PrivateNginx
@@ -71,7 +71,7 @@ class Stack(DeployStack):
         self.balancer = balancer
 
     def through_balancer(self) -> str:
-        response = httpx.get(self.balancer.url("/release"), timeout=5)
+        response = http_get(self.balancer.url("/release"), timeout=5)
         assert response.status_code == 200, response.text
         return str(response.json()["release"])
 
@@ -122,7 +122,7 @@ class History:
     def _v1(self) -> dict[str, Any]:
         stack = self.stack
         report = stack.up(release=V1, artifact=stack.artifact(V1))
-        health = [httpx.get(h.url("/health"), timeout=5).json()["status"] for h in stack.pool.hosts]
+        health = [http_get(h.url("/health"), timeout=5).json()["status"] for h in stack.pool.hosts]
         pid_files = [(h.home / ".pm2" / "pm2.pid").exists() for h in stack.pool.hosts]
         seen = {"report": report, "currents": stack.currents(), "health": health, "pid_files": pid_files}
         return {**seen, "balancer": stack.through_balancer()}

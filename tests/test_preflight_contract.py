@@ -19,11 +19,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.support.hardened_host import HardenedHost, hardened_host
-from tests.support.helpers import user_pids
+from tests.support.helpers import http_get, user_pids
 
 AGENT = "forecasting-agent"
 
@@ -124,7 +123,7 @@ class AgentWatch:
 def test_every_slot_gets_the_production_env_and_no_preflight_marker(host: HardenedHost) -> None:
     env_file = (host.root / "shared" / ".env").read_text()
     assert "AGENTS_ENABLED=true" in env_file.replace("'", "")
-    body = httpx.get(host.url("/release"), timeout=5).json()
+    body = http_get(host.url("/release"), timeout=5).json()
     assert body["env"]["AGENTS_ENABLED"] == "true", "the live slot gets the .env value"
     out = (host.root / "shared" / "logs" / "out.log").read_text()
     assert "pre-flight boot" not in out, "no throwaway pre-flight boot any more: the start in the idle slot is the real one"

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from components.release import sha256_file
-from tests.support.helpers import wait_until
+from tests.support.helpers import http_get, http_post, wait_until
 from tests.support.release_host import (
     SECRET_VALUE,
     ReleaseHost,
@@ -94,7 +94,7 @@ def host(installed: tuple[ReleaseHost, Path]) -> ReleaseHost:
 def serving(host: ReleaseHost) -> ReleaseHost:
     """r1 activated (first deploy) and serving, one post in shared/data."""
     host.ok("activate", "r1")
-    assert httpx.post(host.url("/data"), content="first", timeout=3).status_code == 201
+    assert http_post(host.url("/data"), content="first", timeout=3).status_code == 201
     return host
 
 
@@ -109,7 +109,7 @@ def hammer(h: ReleaseHost, stop: threading.Event, results: list[str]) -> None:
     """GET /health on the app port on a fresh connection each time; records 'ok' or the failure."""
     while not stop.is_set():
         try:
-            r = httpx.get(h.url("/health"), timeout=5, headers={"connection": "close"})
+            r = http_get(h.url("/health"), timeout=5, headers={"connection": "close"})
             results.append("ok" if r.status_code == 200 else f"http {r.status_code}")
         except httpx.HTTPError as exc:
             results.append(f"error {type(exc).__name__}")
@@ -218,7 +218,7 @@ def test_first_activation_serves_with_shared_env_and_data(host: ReleaseHost) -> 
     assert status == 200 and body["release"] == "r1"
     assert body["env"] == {"FIXTURE_ECHO": "hello-from-env", "NODE_ENV": "production", "AGENTS_ENABLED": "false"}
     assert host.get_json("/health")[1]["status"] == "ok"
-    r = httpx.post(host.url("/data"), content="first", timeout=3)
+    r = http_post(host.url("/data"), content="first", timeout=3)
     assert r.status_code == 201
     assert "first" in (host.root / "shared" / "data" / "posts.jsonl").read_text()
     assert SECRET_VALUE not in proc.stderr + proc.stdout
@@ -473,12 +473,12 @@ def test_second_activation_fails_fast_naming_the_holder(serving: ReleaseHost) ->
 
 def test_backup_and_restore(serving: ReleaseHost) -> None:
     host = serving
-    assert httpx.post(host.url("/data"), content="kept", timeout=3).status_code == 201
+    assert http_post(host.url("/data"), content="kept", timeout=3).status_code == 201
     proc = host.ok("backup")
     backup = Path(proc.stdout.strip())
     assert backup.is_file() and backup.parent == host.root / "backups" / "data"
     saved = host.data_digest()
-    assert httpx.post(host.url("/data"), content="after-backup", timeout=3).status_code == 201
+    assert http_post(host.url("/data"), content="after-backup", timeout=3).status_code == 201
     assert host.data_digest() != saved
     host.ok("restore", backup.name)
     assert host.data_digest() == saved
@@ -486,7 +486,7 @@ def test_backup_and_restore(serving: ReleaseHost) -> None:
     assert posts.stat().st_uid == pwd.getpwnam(host.user).pw_uid
     assert host.serving_release() == "r1"
     # the app writes to the restored directory, through the release's data link
-    assert httpx.post(host.url("/data"), content="after-restore", timeout=3).status_code == 201
+    assert http_post(host.url("/data"), content="after-restore", timeout=3).status_code == 201
     assert "after-restore" in posts.read_text()
     assert any("before-restore" in p.name for p in backup.parent.iterdir())
     assert len(list(backup.parent.glob("data-*.tar.gz"))) <= 3, "DATA_BACKUPS_KEEP=3"
@@ -597,7 +597,7 @@ def test_failed_first_deploy_leaves_no_current(host: ReleaseHost, artifacts: dic
     assert "cognivern-agent" not in host.pm2("jlist").stdout, "the app's PM2 processes are gone"
     for port in (host.port, host.port + 1):  # neither slot listens (nginx in front answers 502)
         with pytest.raises(httpx.ConnectError):
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+            http_get(f"http://127.0.0.1:{port}/health", timeout=2)
     listing = host.list_json()
     assert listing["current"] is None and listing["previous"] is None
     assert {r["id"]: r["state"] for r in listing["releases"]} == {"late": "bad", "r1": "installed", "r2": "installed"}

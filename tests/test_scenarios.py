@@ -27,7 +27,7 @@ from pulumi import RunError
 
 from components.settings import SECRET_KEYS
 from tests.engine import CommandError
-from tests.support.helpers import run_pm2
+from tests.support.helpers import http_client, http_get, run_pm2
 from tests.support.program import REPO
 from tests.support.stack import DeployStack
 from tests.support.story import Story
@@ -49,7 +49,7 @@ class Stack(DeployStack):
 
     # -- the host
     def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.host.nginx.url(path), timeout=5)
+        return http_get(self.host.nginx.url(path), timeout=5)
 
     def serving(self) -> dict[str, Any]:
         response = self.get("/release")
@@ -113,7 +113,7 @@ class Poller:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with httpx.Client(timeout=5) as client:
+        with http_client(timeout=5) as client:
             while not self._stop.is_set():
                 try:
                     r = client.get(self.url)

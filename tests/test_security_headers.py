@@ -19,6 +19,7 @@ import pytest
 
 from components.render import render_nginx_site, render_nginx_tls_site
 from components.settings import Settings, parse_settings
+from tests.support.helpers import http_get
 from tests.support.nginx import PrivateNginx
 from tests.support.sshd import free_port
 
@@ -70,7 +71,7 @@ def serve(nginx: PrivateNginx, *sites: str, upstream: Settings) -> None:
 def test_one_server_facing_the_world_sends_security_headers_and_only_the_peer_as_forwarded_for(nginx: PrivateNginx, upstream: int) -> None:
     s = settings(upstream, nginx)
     serve(nginx, render_nginx_site(s), upstream=s)
-    response = httpx.get(nginx.url("/"), headers={"X-Forwarded-For": SPOOFED}, timeout=10)
+    response = http_get(nginx.url("/"), headers={"X-Forwarded-For": SPOOFED}, timeout=10)
     assert response.status_code == 200
     assert response.json() == {"x-forwarded-for": "127.0.0.1"}, "a client's own X-Forwarded-For must not reach the app"
     assert response.headers["X-Content-Type-Options"] == "nosniff"
@@ -82,7 +83,7 @@ def test_one_server_facing_the_world_sends_security_headers_and_only_the_peer_as
 def test_behind_a_balancer_its_forwarded_for_is_kept(nginx: PrivateNginx, upstream: int) -> None:
     s = settings(upstream, nginx, host="", hosts=["192.0.2.10", "192.0.2.11"])
     serve(nginx, render_nginx_site(s), upstream=s)
-    response = httpx.get(nginx.url("/"), headers={"X-Forwarded-For": SPOOFED}, timeout=10)
+    response = http_get(nginx.url("/"), headers={"X-Forwarded-For": SPOOFED}, timeout=10)
     assert response.json() == {"x-forwarded-for": f"{SPOOFED}, 127.0.0.1"}
     assert response.headers["X-Content-Type-Options"] == "nosniff"
 
@@ -93,7 +94,7 @@ def test_the_frame_policy_is_configurable(
 ) -> None:
     s = settings(upstream, nginx, framePolicy=policy)
     serve(nginx, render_nginx_site(s), upstream=s)
-    response = httpx.get(nginx.url("/"), timeout=10)
+    response = http_get(nginx.url("/"), timeout=10)
     assert response.headers.get("X-Frame-Options") == frame_options
     assert response.headers.get("Content-Security-Policy") == csp
     assert response.headers["X-Content-Type-Options"] == "nosniff"
@@ -103,7 +104,7 @@ def test_a_balancer_terminating_tls_gets_hsts_and_the_headers_together(nginx: Pr
     """Control for nginx's add_header inheritance: HSTS and the security headers share one block."""
     s = settings(upstream, nginx)
     serve(nginx, render_nginx_site(s, hsts=True), upstream=s)
-    response = httpx.get(nginx.url("/"), timeout=10)
+    response = http_get(nginx.url("/"), timeout=10)
     assert response.headers["Strict-Transport-Security"].startswith("max-age=")
     assert response.headers["X-Frame-Options"] == "SAMEORIGIN"
 

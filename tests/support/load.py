@@ -32,6 +32,8 @@ from collections.abc import Sequence
 
 import httpx
 
+from tests.support.helpers import http_client
+
 # What a request on a kept-alive connection meets when the server closes it first (see above).
 CLOSED_BEFORE_ANSWER = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
@@ -48,7 +50,7 @@ class Load:
         self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(clients)]
 
     def _client(self, n: int) -> None:
-        with httpx.Client(timeout=10) as client:
+        with http_client(timeout=10) as client:
             while not self._stop.is_set():
                 url = self.urls[n % len(self.urls)]
                 n += 1

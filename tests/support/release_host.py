@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from components.release import sha256_file
 from components.render import (
     NginxTarget,
@@ -38,7 +36,7 @@ from components.render import (
     upstream_include,
 )
 from components.settings import Settings, parse_settings
-from tests.support.helpers import DisposableHost, end_user_processes, free_port_pair, port_open, run_pm2
+from tests.support.helpers import DisposableHost, end_user_processes, free_port_pair, http_get, port_open, run_pm2
 from tests.support.nginx import PrivateNginx
 
 REPO = Path(__file__).resolve().parents[2]
@@ -253,7 +251,7 @@ class ReleaseHost(DisposableHost):
         return f"http://127.0.0.1:{self.front_port}{path}"
 
     def get_json(self, path: str, timeout: float = 3) -> tuple[int, dict[str, object]]:
-        r = httpx.get(self.url(path), timeout=timeout)
+        r = http_get(self.url(path), timeout=timeout)
         return r.status_code, r.json()
 
     def serving_release(self) -> str:
