@@ -7,6 +7,7 @@ log is the order in which the engine ran things. See tests/engine/ENGINE.md.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.engine import CommandError, Engine, EngineError, RunFailedError, UnsupportedError
+from tests.engine.engine import Connection, go_client_kex
 from tests.support.sshd import LocalSshd
 
 PROGRAM = """
@@ -226,3 +228,24 @@ def test_hcloud_resources_are_refused_before_anything_runs(tmp_path: Path) -> No
     assert isinstance(report.error, UnsupportedError) and "hcloud" in str(report.error)
     assert report.commands == []
     assert engine.state()["resources"] == {}
+
+
+def test_connections_negotiate_the_key_exchange_the_go_client_would(sshd: LocalSshd) -> None:
+    """pulumi-command's Go client offers no sntrup761x25519 (OpenSSH's first choice): against this
+    OpenSSH server it gets curve25519-sha256, and so must the stand-in's ssh."""
+    conn = Connection(
+        host="127.0.0.1",
+        port=sshd.port,
+        user=sshd.user,
+        private_key=sshd.private_key,
+        host_key=sshd.host_key,
+        per_dial_timeout=10,
+        dial_error_limit=1,
+    )
+    with conn.options() as opts:
+        proc = subprocess.run(
+            ["ssh", *opts, "-v", "-p", str(sshd.port), f"{sshd.user}@127.0.0.1", "true"], capture_output=True, text=True, timeout=30
+        )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kex: algorithm: curve25519-sha256\n" in proc.stderr
+    assert go_client_kex().split(",")[0] in {"mlkem768x25519-sha256", "curve25519-sha256"}

@@ -225,6 +225,8 @@ class LocalSshd:
             "ConnectTimeout=10",
             "-o",
             "LogLevel=ERROR",
+            "-o",
+            "KexAlgorithms=curve25519-sha256",  # OpenSSH's default sntrup761x25519: 0.1 s of CPU a connection, 0.015 s
             *options,
             f"{user or self.user}@127.0.0.1",
         ]
