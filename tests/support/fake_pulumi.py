@@ -25,7 +25,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+
+def yaml() -> Any:
+    """PyYAML, imported only by the calls that read or write YAML (35 ms: `version` and `stack
+    select`, most of the suite's calls, need none)."""
+    import yaml as module
+
+    return module
+
 
 VERSION = os.environ.get("FAKE_PULUMI_VERSION", "3.274.1")
 PROJECT = "cognivern"
@@ -72,12 +79,12 @@ def stack_file(stack: str) -> Path:
 
 def load_stack_config(stack: str) -> dict[str, Any]:
     path = stack_file(stack)
-    data = yaml.safe_load(path.read_text()) if path.exists() else None
+    data = yaml().safe_load(path.read_text()) if path.exists() else None
     return data if isinstance(data, dict) else {}
 
 
 def save_stack_config(stack: str, data: dict[str, Any]) -> None:
-    stack_file(stack).write_text(yaml.safe_dump(data, sort_keys=False))
+    stack_file(stack).write_text(yaml().safe_dump(data, sort_keys=False))
 
 
 def require_stack(stack: str | None) -> str:
@@ -126,7 +133,7 @@ def parse(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
 def project_defaults() -> dict[str, Any]:
     """Declared defaults of Pulumi.yaml, merged under the stack's values like the CLI does (pkg/workspace mergeConfig)."""
     path = Path.cwd() / "Pulumi.yaml"
-    declared = (yaml.safe_load(path.read_text()) or {}).get("config", {}) if path.exists() else {}
+    declared = (yaml().safe_load(path.read_text()) or {}).get("config", {}) if path.exists() else {}
     return {f"{PROJECT}:{k}": v["default"] for k, v in declared.items() if isinstance(v, dict) and "default" in v}
 
 
