@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -229,3 +230,21 @@ def test_watcher_without_a_daemon_sees_no_app(tmp_path: Path) -> None:
     assert empty.watch("healthy", "web", url, "10", str(tmp_path), "0").stdout == "crash 0 0 0 0\n"
     assert empty.watch("bake", "web", url, "10", str(tmp_path)).stdout == "stale\n"
     assert not (tmp_path / "pm2.pid").exists(), "watching never starts a daemon"
+
+
+def test_a_daemon_that_does_not_answer_hangs_nothing(daemon: Daemon) -> None:
+    """PM2's daemon stopped (SIGSTOP: it holds its socket, answers nothing): a query gives no
+    answer within its 3 s, the bake says PM2 did not answer, the wait ends at its deadline."""
+    god = int((Path(daemon.env["PM2_HOME"]) / "pm2.pid").read_text())
+    url = f"http://127.0.0.1:{daemon.port}/health"
+    os.kill(god, signal.SIGSTOP)
+    try:
+        query = daemon.helper("pids", "web")
+        bake = daemon.watch("bake", "web", url, "2", str(daemon.web_dir))
+        healthy = daemon.watch("healthy", "web", url, "2", str(daemon.web_dir), "0")
+    finally:
+        os.kill(god, signal.SIGCONT)
+    assert (query.returncode, query.stdout) == (0, "")
+    assert bake.stdout == "unanswered\n"
+    assert healthy.stdout == "timeout\n"
+    assert daemon.helper("pids", "web").stdout.strip(), "it answers again once it runs"

@@ -104,17 +104,18 @@ async function deleteApp(call) {
 }
 
 // A query must answer within 3 s (a busy daemon: no answer, the caller skips that sample); a
-// delete waits for the processes to stop (PM2's kill_timeout), then the CLI takes over.
+// delete waits for the processes to stop (PM2's kill_timeout), then the CLI takes over. The time
+// counts from before the connection: a daemon that accepts none must not hang the tool.
 async function viaDaemon() {
-  const call = await connect();
-  if (call === 'missing') process.exit(3);
-  if (call === 'down') process.exit(4);
   const giveUp = () => {
     if (query === 'delete') process.exit(3);
     print(null);
     process.exit(0);
   };
   const limit = setTimeout(giveUp, query === 'delete' ? 60000 : 3000);
+  const call = await connect();
+  if (call === 'missing') process.exit(3);
+  if (call === 'down') process.exit(4);
   try {
     if (query === 'delete') await deleteApp(call);
     else print(await call('getMonitorData', {}));
@@ -136,7 +137,8 @@ async function viaDaemon() {
 //            least BASE B + 2, or D processes errored/stopped, or C = 0 processes), "timeout" after
 //            SECONDS. BASE "-": PM2's restart count at the start.
 //   bake:    "ok" after SECONDS, "stale" (its workers do not run from DIR), "restarts B R D C" (PM2
-//            restarted or lost it: restarts B at the start, R now), "sick" (3 failed checks in a row).
+//            restarted or lost it: restarts B at the start, R now), "sick" (3 failed checks in a row),
+//            "unanswered" (PM2 gave no readable answer at the start, three times).
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // GET url on a new connection (like curl): true for a 2xx answer whose body has "status":"ok",
@@ -158,8 +160,10 @@ function healthOk(url) {
 }
 
 // PM2's process list, or null when no readable answer came within 3 s (the caller skips that
-// sample). Without RPC modules, through `pm2 jlist`; no daemon: no processes.
+// sample; `busy`: the daemon took no connection within 3 s). Without RPC modules, through
+// `pm2 jlist`; no daemon: no processes.
 async function processList(call) {
+  if (call === 'busy') return null;
   if (call === 'down') return [];
   if (call === 'missing') {
     const out = require('child_process').spawnSync('pm2', ['jlist'], { encoding: 'utf8', timeout: 10000 });
@@ -210,10 +214,11 @@ async function waitHealthy(call, [name, url, seconds, dir, baseArg]) {
 // nothing; the health check every 250 ms sees a dead slot sooner (nginx sends its requests to the
 // backup meanwhile). One slow answer on a busy host is not a failure; a sick app answers 500 at once.
 async function bake(call, [name, url, seconds, dir]) {
-  const first = (await processList(call)) || (await processList(call));
-  const base = first ? restartsOf(first, name).restarts : 0;
+  const first = (await processList(call)) || (await processList(call)) || (await processList(call));
+  if (!first) return 'unanswered';
+  const base = restartsOf(first, name).restarts;
   const end = Date.now() + Number(seconds) * 1000;
-  if (!servedFrom(first || (await processList(call)), name, dir)) return 'stale';
+  if (!servedFrom(first, name, dir)) return 'stale';
   let fails = 0;
   for (let n = 0; Date.now() < end; n++) {
     if (n % 4 === 0) {
@@ -239,7 +244,7 @@ async function watch(mode, args) {
     }
   };
   setInterval(() => alive() || process.exit(1), 500).unref();
-  const call = await connect();
+  const call = await Promise.race([connect(), sleep(3000).then(() => 'busy')]);
   console.log(await (mode === 'bake' ? bake(call, args) : waitHealthy(call, args)));
   process.exit(0);
 }

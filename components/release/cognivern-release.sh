@@ -994,6 +994,8 @@ bake() {
         BAKE_WHY="PM2 restarted or lost it (restarts ${BASH_REMATCH[1]} -> ${BASH_REMATCH[2]}, errored/stopped: ${BASH_REMATCH[3]}, processes: ${BASH_REMATCH[4]})"
     elif [ "$verdict" = sick ]; then
         BAKE_WHY="$(slot_url "$1") did not answer ok three times in a row"
+    elif [ "$verdict" = unanswered ]; then
+        BAKE_WHY="PM2 gave no readable answer (its daemon busy or hung), so the bake could not watch it"
     else
         BAKE_WHY="the bake watcher ended without a verdict"
     fi
