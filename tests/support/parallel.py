@@ -8,7 +8,7 @@ here so that the schedule is reproducible from the seed:
   to unit k mod N). Each unit builds the module's fixtures again on its worker; that is only
   correct for modules whose hosts take a unique app user, ROOT, ports and temp dirs (checked
   for every module listed), so two units can run at the same time.
-- Units are queued slowest first (SECONDS: rough serial times, tests/README.md), so a long module
+- Units are queued slowest first (SECONDS: a module's worker seconds in a measured `make test`), so a long module
   never starts last while the other workers sit idle. Modules not listed keep the seeded order.
 
 Which modules run at the same time on which worker depends on timing, not on the seed: the
