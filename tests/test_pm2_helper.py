@@ -113,15 +113,23 @@ def test_without_a_daemon_it_exits_4_and_starts_none(tmp_path: Path) -> None:
     assert not (tmp_path / "pm2.pid").exists(), "asking never starts a daemon"
 
 
-def test_without_pm2s_rpc_modules_it_exits_3(daemon: Daemon, tmp_path: Path) -> None:
-    """The first `pm2` on PATH decides where the modules are: a wrapper elsewhere has none."""
+def pm2_elsewhere(tmp_path: Path) -> tuple[str, Path]:
+    """(PATH, log): a `pm2` wrapper first on PATH, away from PM2's package (so without its RPC
+    modules), that logs its arguments and runs the real one."""
     real = shutil.which("pm2")
     assert real
+    log = tmp_path / "asked"
     wrapper = tmp_path / "bin" / "pm2"
     wrapper.parent.mkdir()
-    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >>{log}\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
-    proc = daemon.helper("status", PATH=f"{wrapper.parent}:{os.environ['PATH']}")
+    return f"{wrapper.parent}:{os.environ['PATH']}", log
+
+
+def test_without_pm2s_rpc_modules_it_exits_3(daemon: Daemon, tmp_path: Path) -> None:
+    """The first `pm2` on PATH decides where the modules are: a wrapper elsewhere has none."""
+    path, _ = pm2_elsewhere(tmp_path)
+    proc = daemon.helper("status", PATH=path)
     assert (proc.returncode, proc.stdout) == (3, "")
 
 
@@ -211,15 +219,9 @@ def test_watcher_stops_when_the_tool_is_gone(daemon: Daemon) -> None:
 
 
 def test_watcher_without_rpc_modules_asks_pm2_jlist(daemon: Daemon, tmp_path: Path) -> None:
-    real = shutil.which("pm2")
-    assert real
-    log = tmp_path / "asked"
-    wrapper = tmp_path / "bin" / "pm2"
-    wrapper.parent.mkdir()
-    wrapper.write_text(f'#!/bin/sh\necho "$*" >>{log}\nexec {real} "$@"\n')
-    wrapper.chmod(0o755)
+    path, log = pm2_elsewhere(tmp_path)
     url = f"http://127.0.0.1:{daemon.port}/health"
-    proc = daemon.watch("healthy", "web", url, "10", str(daemon.web_dir), "-", PATH=f"{wrapper.parent}:{os.environ['PATH']}")
+    proc = daemon.watch("healthy", "web", url, "10", str(daemon.web_dir), "-", PATH=path)
     assert (proc.returncode, proc.stdout) == (0, "ok\n"), proc.stderr
     assert "jlist" in log.read_text().split()
 

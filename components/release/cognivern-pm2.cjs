@@ -3,8 +3,8 @@
 // PM2's state:
 //   node cognivern-pm2.cjs QUERY [NAME]             asks the app's PM2 daemon itself (see below)
 //   pm2 jlist | node cognivern-pm2.cjs QUERY [NAME]  the same answer from `pm2 jlist` on stdin
-// An unreadable answer gives no output (pids) or a placeholder line (status), never an error: the
-// tool treats it as "not running".
+// An unreadable answer (a busy daemon, broken JSON) gives no output (pids) or a placeholder line
+// (status), never an error.
 //   pids NAME      pids of NAME's online processes, one a line
 //   status         one line per process, for `cognivern-release status`
 //   delete NAME    (from PM2 itself only) deletes app NAME like `pm2 delete NAME`; prints the count
@@ -25,6 +25,16 @@ const fromStdin = process.argv.includes('--stdin');
 const [query, arg] = process.argv.slice(2).filter((a) => a !== '--stdin');
 
 const env = (p) => p.pm2_env || {};
+
+// `pm2 jlist`'s output as a process list, or null when it is not one
+function parseList(text) {
+  try {
+    const list = JSON.parse(text);
+    return Array.isArray(list) ? list : null;
+  } catch (err) {
+    return null;
+  }
+}
 
 // App `name`'s sum of restarts, processes errored or stopped, and processes
 function restartsOf(list, name) {
@@ -103,7 +113,7 @@ async function deleteApp(call) {
   console.log(ids.length);
 }
 
-// A query must answer within 3 s (a busy daemon: no answer, the caller skips that sample); a
+// A query must answer within 3 s (a busy daemon: no answer); a
 // delete waits for the processes to stop (PM2's kill_timeout), then the CLI takes over. The time
 // counts from before the connection: a daemon that accepts none must not hang the tool.
 async function viaDaemon() {
@@ -166,13 +176,7 @@ async function processList(call) {
   if (call === 'busy') return null;
   if (call === 'down') return [];
   if (call === 'missing') {
-    const out = require('child_process').spawnSync('pm2', ['jlist'], { encoding: 'utf8', timeout: 10000 });
-    try {
-      const list = JSON.parse(out.stdout);
-      return Array.isArray(list) ? list : null;
-    } catch (err) {
-      return null;
-    }
+    return parseList(require('child_process').spawnSync('pm2', ['jlist'], { encoding: 'utf8', timeout: 10000 }).stdout);
   }
   const answered = call('getMonitorData', {}).then((list) => (Array.isArray(list) ? list : null), () => null);
   return Promise.race([answered, sleep(3000).then(() => null)]);
@@ -263,15 +267,7 @@ if (query === 'healthy' || query === 'bake') {
   let text = '';
   process.stdin.setEncoding('utf8');
   process.stdin.on('data', (d) => { text += d; });
-  process.stdin.on('end', () => {
-    let list = null;
-    try {
-      list = JSON.parse(text);
-    } catch (err) {
-      list = null;
-    }
-    print(list);
-  });
+  process.stdin.on('end', () => print(parseList(text)));
 } else {
   viaDaemon();
 }

@@ -330,7 +330,7 @@ take_install_lock() {
 
 # ---------------------------------------------------------------- health and PM2
 
-health_ok() {  # $1 = url; true when it answers 2xx JSON with "status":"ok" (polled: one fork, curl)
+health_ok() {  # $1 = url; true when it answers 2xx JSON with "status":"ok" (the watcher's rule too)
     local body ok='"status"[[:space:]]*:[[:space:]]*"ok"'
     body=$(curl -fsS --max-time 2 "$1" 2>/dev/null) || return 1
     [[ $body =~ $ok ]]
@@ -357,9 +357,11 @@ pm2_delete() {
     [ "$rc" -eq 0 ] || [ "$rc" -eq 4 ] || as_app pm2 delete "$1" >/dev/null 2>&1 || true
 }
 
+release_dir() { (cd "$RELEASES/$1" 2>/dev/null && pwd -P); }  # $1 = id: its directory, links resolved
+
 served_by() {  # $1 = app, $2 = release: true when every online worker of app $1 runs from releases/$2
     local want pid n=0
-    want=$(cd "$RELEASES/$2" && pwd -P)
+    want=$(release_dir "$2")
     while IFS= read -r pid; do
         [ -n "$pid" ] || continue
         n=$((n + 1))
@@ -383,7 +385,7 @@ watch_slot() {
 wait_slot_healthy() {
     local slot=$1 id=$2 base=${3:-0} app dir verdict
     app=$(slot_app "$slot")
-    dir=$(cd "$RELEASES/$id" 2>/dev/null && pwd -P) || { say "release $id is not installed"; return 1; }
+    dir=$(release_dir "$id") || { say "release $id is not installed"; return 1; }
     verdict=$(watch_slot healthy "$app" "$(slot_url "$slot")" "$HEALTH_TIMEOUT" "$dir" "$base")
     if [ "$verdict" = ok ]; then
         return 0
@@ -505,7 +507,8 @@ slot_start() {
 
 # $1 = slot, $2 = release: true when the slots file says the slot runs that release and it answers
 # healthy. No PM2 query here (0.1 s even over the RPC socket, 0.3-1 s through the CLI): a warm
-# rollback must reach its first request within 0.5 s; the bake's first check proves that the slot's workers run from releases/$2.
+# rollback must reach its first request within 0.5 s; the bake's first check proves that the
+# slot's workers run from releases/$2.
 slot_warm() {
     [ "$(slot_get "$1")" = "$2" ] && health_ok "$(slot_url "$1")"
 }
@@ -982,7 +985,7 @@ BAKE_WHY=""
 bake() {
     local app dir verdict
     app=$(slot_app "$1")
-    dir=$(cd "$RELEASES/$2" && pwd -P)
+    dir=$(release_dir "$2")
     say "bake: watching $2 in slot $1 for ${BAKE_SECONDS}s (health, PM2 restarts); the previous slot stays warm as nginx backup"
     verdict=$(watch_slot bake "$app" "$(slot_url "$1")" "$BAKE_SECONDS" "$dir")
     if [ "$verdict" = ok ]; then
