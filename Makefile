@@ -5,7 +5,7 @@ VENV := venv
 STACK ?= prod
 
 .DEFAULT_GOAL := help
-.PHONY: help init deploy preview test lint bench cli-check stack-check pulumi-cli
+.PHONY: help init deploy preview test lint bench cli-check stack-check pulumi-tools
 
 ## list the targets
 help:
@@ -65,6 +65,8 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.provision_rerun --out reports/provision-rerun.json
 	$(VENV)/bin/python -m bench.pm2_calls --out reports/pm2-calls.json
 
-## the Pulumi CLI at tools/pulumi/VERSION, built from Go modules into .tools/bin (cached per version)
-pulumi-cli:
+# The CLI from Go modules; pulumi-resource-command and the Python language host from their source tarballs in
+# ../shared/third_party (or COGNIVERN_THIRD_PARTY). Users need none of it: the official CLI does this (README).
+## the real engine for tests and CI (CLI + language host + command provider) into .tools/bin, cached
+pulumi-tools:
 	tools/pulumi/build.sh

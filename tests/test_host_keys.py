@@ -268,7 +268,7 @@ def test_the_engine_stand_in_creates_the_key_once_and_keeps_it(tmp_path: Path) -
     assert again.ops() == {"server-host-key": "same"} and again.outputs["publicKey"] == public
 
 
-# ---------------------------------------------------------------- the real engine (make pulumi-cli)
+# ---------------------------------------------------------------- the real engine (make pulumi-tools)
 
 
 def test_the_real_engine_creates_the_key_once_keeps_it_and_encrypts_its_private_half(tmp_path: Path) -> None:

@@ -559,7 +559,7 @@ def test_fresh_machine_from_clone_to_deploy(clone: Clone, app_checkout: Path) ->
     assert (up["backend"], up["stack"], up["passphrase"]) == (f"file://{clone.root}/.pulumi-state", "prod", clone.passphrase_id())
 
 
-# --- the same set-up against the real CLI (built by `make pulumi-cli`) ---
+# --- the same set-up against the real CLI (built by `make pulumi-tools`) ---
 
 
 def test_init_against_the_real_cli(clone: Clone) -> None:
