@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,7 +92,8 @@ class Step:
     diffs: list[str] = field(default_factory=list)
     error: str | None = None
     done: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # from its start to its outputs, as the event log showed them (~50 ms resolution)
+    started: float = 0.0  # seconds after the run began
 
 
 class RunFailedError(Exception):
@@ -166,6 +168,24 @@ class RunReport:
         return "\n".join(lines)
 
 
+SECRET_SIG = ("4dabf18193072939515e22adb298388d", "1b47061264138c4ac30d75fd1eb44270")  # the state's secret marker
+
+
+def is_secret(value: Any) -> bool:
+    """A value the state stores encrypted (`{SIG_KEY: SECRET_SIG, "ciphertext": ...}`)."""
+    return isinstance(value, dict) and value.get(SECRET_SIG[0]) == SECRET_SIG[1]
+
+
+def mask_secrets(value: Any) -> Any:
+    if is_secret(value):
+        return "[secret]"
+    if isinstance(value, dict):
+        return {k: mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    return value
+
+
 def _message(diag: Mapping[str, Any]) -> str:
     return str(diag.get("message", "")).strip()
 
@@ -185,8 +205,8 @@ def _commands(op: str, new: Mapping[str, Any] | None) -> list[str]:
     return []
 
 
-def parse_events(lines: Iterable[str]) -> tuple[list[Step], dict[str, Any], list[str], list[str], dict[str, Any]]:
-    """The engine's event log -> (steps, stack outputs, warnings, errors, summary event)."""
+def parse_events(lines: Iterable[tuple[float, str]]) -> tuple[list[Step], dict[str, Any], list[str], list[str], dict[str, Any]]:
+    """The engine's event log, each line with the second it arrived -> (steps, stack outputs, warnings, errors, summary)."""
     steps: list[Step] = []
     by_urn: dict[str, Step] = {}
     outputs: dict[str, Any] = {}
@@ -194,11 +214,10 @@ def parse_events(lines: Iterable[str]) -> tuple[list[Step], dict[str, Any], list
     errors: list[str] = []
     summary: dict[str, Any] = {}
     started: dict[str, float] = {}
-    for line in lines:
+    for stamp, line in lines:
         if not line.strip():
             continue
         event = json.loads(line)
-        stamp = float(event.get("timestamp", 0))
         if "resourcePreEvent" in event or "resOutputsEvent" in event:
             meta = event.get("resourcePreEvent", event.get("resOutputsEvent"))["metadata"]
             urn, raw_op = meta["urn"], meta["op"]
@@ -216,6 +235,7 @@ def parse_events(lines: Iterable[str]) -> tuple[list[Step], dict[str, Any], list
             if "resourcePreEvent" in event:
                 step = Step(urn, meta["type"], urn.rsplit("::", 1)[-1], op, len(steps), raw_op, _commands(op, meta.get("new")))
                 step.diffs = list(meta.get("diffs") or [])
+                step.started = stamp
                 steps.append(step)
                 by_urn[key] = by_urn[urn] = step
                 started[key] = stamp
@@ -236,6 +256,49 @@ def parse_events(lines: Iterable[str]) -> tuple[list[Step], dict[str, Any], list
         elif "summaryEvent" in event:
             summary = event["summaryEvent"]
     return steps, outputs, warnings, errors, summary
+
+
+class EventTail:
+    """Reads the event log while the CLI writes it, stamping each line with when it arrived.
+
+    The events' own timestamps are whole seconds; step durations and "how long until" figures need
+    better, so a thread polls the file every 50 ms for the whole run.
+    """
+
+    def __init__(self, path: Path, started: float) -> None:
+        self.path, self.started = path, started
+        self.lines: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._pending = ""
+        self._offset = 0
+
+    def _read(self) -> None:
+        try:
+            with self.path.open() as f:
+                f.seek(self._offset)
+                chunk = f.read()
+                self._offset = f.tell()
+        except FileNotFoundError:
+            return
+        now = time.monotonic() - self.started
+        *complete, self._pending = (self._pending + chunk).split("\n")
+        self.lines.extend((now, line) for line in complete)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._read()
+
+    def __enter__(self) -> EventTail:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._read()
+        if self._pending.strip():
+            self.lines.append((time.monotonic() - self.started, self._pending))
 
 
 class RealEngine:
@@ -319,10 +382,10 @@ class RealEngine:
         self._runs += 1
         log = self.workdir / f"events-{self._runs:03d}-{command}.jsonl"
         started = time.monotonic()
-        done = self.cli(command, *args, "--non-interactive", "--event-log", str(log), check=False)
+        with EventTail(log, started) as tail:
+            done = self.cli(command, *args, "--non-interactive", "--event-log", str(log), check=False)
         seconds = time.monotonic() - started
-        lines = log.read_text().splitlines() if log.exists() else []
-        steps, outputs, warnings, errors, summary = parse_events(lines)
+        steps, outputs, warnings, errors, summary = parse_events(tail.lines)
         if done.returncode != 0 and not errors:
             errors = [done.stderr.strip() or done.stdout.strip()]  # the CLI refused before the engine ran
         report = RunReport(command, done.returncode, done.stdout + done.stderr, steps, outputs, warnings, errors, summary, seconds)
@@ -356,10 +419,17 @@ class RealEngine:
         exported: dict[str, Any] = json.loads(self.cli("stack", "export").stdout)
         return exported
 
-    def resources(self) -> dict[str, dict[str, Any]]:
-        """Resource name -> its state entry (inputs, outputs, ...), custom resources only."""
+    def resources(self, *, pending_deletes: bool = False, masked: bool = False) -> dict[str, dict[str, Any]]:
+        """Resource name -> its state entry (inputs, outputs, ...), custom resources only.
+
+        A replacement whose run failed keeps the old copy in state marked `delete` (deleted at the
+        end of the next successful run): those entries only with `pending_deletes=True`. `masked`:
+        every secret value as "[secret]" (each checkpoint encrypts it anew, with a fresh nonce).
+        """
         found = self.export()["deployment"].get("resources") or []
-        return {r["urn"].rsplit("::", 1)[-1]: r for r in found if r.get("custom") and not r["type"].startswith("pulumi:providers:")}
+        custom = [r for r in found if r.get("custom") and not r["type"].startswith("pulumi:providers:")]
+        entries = {r["urn"].rsplit("::", 1)[-1]: r for r in custom if bool(r.get("delete")) == pending_deletes}
+        return mask_secrets(entries) if masked else entries
 
     def raw_state(self) -> str:
         """Every file of the file:// backend, concatenated (checkpoints, backups, history)."""

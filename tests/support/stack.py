@@ -1,4 +1,4 @@
-"""A stack driven by the engine stand-in, its config evolving like `pulumi config set`.
+"""A stack deployed by the real engine (tests/support/real_engine.py), its config evolving like `pulumi config set`.
 
 Shared by the deploy scenarios (one TargetHost), the several-servers test (NetnsHosts behind a
 balancer) and bench/engine_bench.py: each subclass adds views of its own hosts.
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from components.settings import SECRET_KEYS
-from tests.engine import Engine, RunReport
+from tests.support.real_engine import RealEngine, RunReport
 from tests.support.release_host import build_release_tarball
 
 # Fixture-friendly PM2 and health timings: the fixture app signals `ready` and shuts down in ms.
@@ -23,7 +23,7 @@ class DeployStack:
         """`host_config(**settings)` turns the stack's settings into config pointing at the test host(s)."""
         self.host_config = host_config
         self.tmp = tmp
-        self.engine = Engine(tmp / "state")
+        self.engine = RealEngine(tmp / "engine")
         self.settings: dict[str, Any] = {**FIXTURE_SETTINGS, **settings}
 
     def artifact(self, release: str, mode: str = "ok", **fixture: object) -> str:
@@ -38,9 +38,14 @@ class DeployStack:
         return self.host_config(**{k: v for k, v in self.settings.items() if v is not None})
 
     def up(self, *, check: bool = True, **changes: Any) -> RunReport:
-        report = self.engine.up(self.config(**changes), secret_keys=SECRET_KEYS, check=check)
-        assert report.dependency_violations == []
-        return report
+        return readable(self.engine.up(self.config(**changes), secret_keys=SECRET_KEYS, check=check))
 
-    def preview(self) -> RunReport:
-        return self.engine.preview(self.config(), secret_keys=SECRET_KEYS)
+    def preview(self, **changes: Any) -> RunReport:
+        """`pulumi preview --diff` of the config after `changes` (kept, like a `config set` before a preview)."""
+        return readable(self.engine.preview(self.config(**changes), secret_keys=SECRET_KEYS))
+
+
+def readable(report: RunReport) -> RunReport:
+    """Every run, passed or failed, reads as the engine's and the tool's messages: no Python traceback."""
+    assert "Traceback (most recent call last)" not in report.output and "KeyboardInterrupt" not in report.output, report.output
+    return report
