@@ -58,8 +58,13 @@ Commands:
                              deploy lock settles it first (a slot still starting is stopped; an
                              interrupted bake goes back to the still-warm old slot; a revert or
                              finish is done again).
-  prune [--keep N]           Remove old releases, keeping the newest N (default KEEP_RELEASES,
-                             N >= 2) plus current and previous; removes abandoned unfinished ones.
+  deploy ID SOURCE SHA256    What `pulumi up` runs on a server for a release, in one command:
+                             install (SOURCE `-`: ID must be installed), activate ID, prune,
+                             then `list --json` on stdout. Stops at the first step that fails.
+  prune [--keep N]           Remove old releases, keeping the newest N (N >= 2) plus current and
+                             previous; removes abandoned unfinished ones. N is remembered: a
+                             prune without --keep (and deploy's) keeps the last N given (before
+                             any: KEEP_RELEASES, default 5).
   list [--json]              Releases newest first: id, install time, size, state
                              (current, previous, bad, unfinished, installed).
   status                     Current and previous release, what each slot runs and which is
@@ -1045,16 +1050,29 @@ activation_checks() {  # $1 = id, $2 = force: refuse a missing, unfinished or ba
     fi
 }
 
-already_current() {  # $1 = id, current and live: make sure it runs
-    say "release $1 is already current; making sure it runs"
+# $1 = id, current and live. Healthy: nothing to do, no process touched (a `pulumi up` that only
+# confirms the release, or an emergency rollback the stack now follows). Not healthy: one reload of
+# the apps (shared/run.sh), then the health gate. Either way it says which case it took.
+already_current() {
+    local url i
+    url=$(slot_url "$S_LIVE")
+    for i in 1 2 3; do
+        if health_ok "$url"; then
+            RESULT=already-current
+            say "release $1 is already current and healthy at $url; nothing to do"
+            return 0
+        fi
+        [ "$i" -eq 3 ] || sleep 0.5
+    done
+    say "release $1 is already current but not healthy at $url; reloading it"
     run_app || true
     if wait_healthy "$1"; then
-        RESULT=already-current
-        say "release $1 is current and healthy"
+        RESULT=already-current-reloaded
+        say "release $1 was not healthy; reloaded, it is healthy now"
         return 0
     fi
     show_error_log
-    die "release $1 is current but not healthy at $(slot_url "$S_LIVE")"
+    die "release $1 is current but not healthy at $url, even after a reload"
 }
 
 start_failed() {  # slot $1 could not start release $2: nothing was switched
@@ -1138,24 +1156,54 @@ cmd_activate_worker() {
     say "release $id is live and healthy after $((SECONDS - started))s (previous: ${cur:-none})"
 }
 
+# ---------------------------------------------------------------- deploy
+
+# One SSH command per server and release (each step is its own tool run, so each keeps its own line
+# in releases.log and its own lock). Progress goes to stderr; stdout holds only the final list.
+cmd_deploy() {
+    [ $# -eq 3 ] || usage_error "usage: deploy ID SOURCE SHA256 (or: deploy ID - -)"
+    valid_id "$1"
+    local self=("$BASH" "$SELF" --root "$ROOT")
+    "${self[@]}" install "$@" >&2 || exit $?
+    "${self[@]}" activate "$1" >&2 || exit $?
+    "${self[@]}" prune >&2 || exit $?
+    "${self[@]}" list --json
+}
+
 # ---------------------------------------------------------------- prune
 
+# How many releases `prune` keeps when not told: the last --keep given (the stack's keepReleases, sent
+# by its own prune command), else KEEP_RELEASES from cognivern.conf (hosts set up before), else 5.
+recorded_keep() {
+    local keep=""
+    [ -f "$DEPLOY/keep-releases" ] && keep=$(head -n1 "$DEPLOY/keep-releases")
+    if [[ $keep =~ ^[0-9]+$ ]] && [ "$keep" -ge 2 ]; then printf '%s' "$keep"; else printf '%s' "$KEEP_RELEASES"; fi
+}
+
 cmd_prune() {
-    local keep=$KEEP_RELEASES
+    local keep="" given=0
     while [ $# -gt 0 ]; do
         case $1 in
             --keep)
                 [ $# -ge 2 ] || usage_error "prune: --keep needs a number"
-                keep=$2
+                keep=$2 given=1
                 shift 2
                 ;;
-            --keep=*) keep=${1#--keep=}; shift ;;
+            --keep=*) keep=${1#--keep=} given=1; shift ;;
             *) usage_error "usage: prune [--keep N]" ;;
         esac
     done
-    if ! [[ $keep =~ ^[0-9]+$ ]] || [ "$keep" -lt 2 ]; then usage_error "prune: --keep must be a whole number >= 2, got '$keep'"; fi
+    if [ "$given" -eq 1 ] && { ! [[ $keep =~ ^[0-9]+$ ]] || [ "$keep" -lt 2 ]; }; then
+        usage_error "prune: --keep must be a whole number >= 2, got '$keep'"
+    fi
     ensure_layout
     take_deploy_lock prune - 0
+    if [ "$given" -eq 1 ]; then
+        printf '%s\n' "$keep" >"$DEPLOY/keep-releases.tmp"
+        mv -f "$DEPLOY/keep-releases.tmp" "$DEPLOY/keep-releases"
+    else
+        keep=$(recorded_keep)
+    fi
 
     local cur prev id n=0 removed=0 d
     cur=$(current_id)
@@ -1405,7 +1453,7 @@ main() {
     local cmd=$1
     shift
     case $cmd in
-        install | activate | activate-worker | prune | backup | restore | reload) ;;
+        install | activate | activate-worker | deploy | prune | backup | restore | reload) ;;
         list | status | logs) ;;
         *) usage_error "unknown command '$cmd'" ;;
     esac
@@ -1422,6 +1470,7 @@ main() {
         install) cmd_install "$@" ;;
         activate) cmd_activate "$@" ;;
         activate-worker) cmd_activate_worker "$@" ;;
+        deploy) cmd_deploy "$@" ;;
         prune) cmd_prune "$@" ;;
         list) cmd_list "$@" ;;
         status) cmd_status "$@" ;;
