@@ -55,6 +55,14 @@ def slot_apps(s: Settings) -> list[str]:
     return [f"{s.app_name}-{slot}" for slot in SLOTS]
 
 
+ENV_PRELOAD = HOST_DIR / "env-preload.cjs"
+
+
+def env_preload_path(root: str) -> str:
+    """Where env-preload.cjs is installed (root's, readable by the app): every app process loads it."""
+    return f"{root}/config/env-preload.cjs"
+
+
 def render_ecosystem(s: Settings) -> str:
     """PM2 ecosystem: two cluster-mode slots (blue/green) and the agent, placed by the slots file."""
     logs = f"{s.root}/shared/logs"
@@ -64,6 +72,7 @@ def render_ecosystem(s: Settings) -> str:
         "merge_logs": True,
         "max_memory_restart": "1G",
         "kill_timeout": s.kill_timeout_ms,
+        "node_args": ["--require", env_preload_path(s.root)],
     }
     app = {
         "script": "./dist/index.js",
@@ -273,7 +282,6 @@ def render_release_conf(s: Settings, nginx: NginxTarget = SYSTEM_NGINX) -> str:
         "PORT": str(s.port),
         "HEALTH_PATH": s.health_path,
         "HEALTH_TIMEOUT": str(s.health_timeout),
-        "KEEP_RELEASES": str(s.keep_releases),
         "DATA_BACKUPS_KEEP": str(s.data_backups_keep),
         "BAKE_SECONDS": str(s.bake_seconds),
         "KEEP_PREVIOUS_WARM": "true" if s.keep_previous_warm else "false",

@@ -28,16 +28,27 @@ from components.host import NGINX_SITE, PROVISION, PUT_FILE, provision_args
 from components.remote import script_command
 from components.render import render_nginx_site, render_upstream, site_name
 from components.settings import Settings
+from components.tool import HELPER_MARKER, INSTALL_TOOL
 from tests.support.fs import manifest
 from tests.support.helpers import http_get, wait_until
 from tests.support.target_host import TargetHost
 
 FAKE_TOOL = '#!/usr/bin/env bash\n# stand-in for cognivern-release\necho "cognivern-release $*" >>"${COGNIVERN_TOOL_LOG:-/dev/null}"\n'
+FAKE_HELPER = "'use strict'; // stand-in for cognivern-pm2.cjs\n"
+
+
+def tool_bundle(tool: str = FAKE_TOOL, helper: str = FAKE_HELPER) -> str:
+    """install-tool.sh's stdin, as components.tool.release_tool_bundle makes it."""
+    return f"{tool.rstrip(chr(10))}\n{HELPER_MARKER}\n{helper}"
 
 
 # ---------------------------------------------------------------------------- helpers
 def provision_cmd(s: Settings) -> str:
     return script_command(PROVISION, provision_args(s))
+
+
+def install_tool_cmd() -> str:
+    return script_command(INSTALL_TOOL, [])
 
 
 def put_cmd(dest: str, mode: str, owner: str, reload_root: str | None = None) -> str:
@@ -105,8 +116,10 @@ def first_run(host: TargetHost) -> subprocess.CompletedProcess[str]:
     (host.nginx.sites_enabled / "default").write_text("server { listen 127.0.0.1:9; server_name distro-default; }\n")
     assert host.sshd is not None
     assert host.sshd.auth_methods() >= {"publickey", "password"}
-    result = host.run(provision_cmd(host.settings()), stdin=FAKE_TOOL)
+    result = host.run(provision_cmd(host.settings()))
     assert result.returncode == 0, result.stderr + result.stdout
+    tool = host.run(install_tool_cmd(), stdin=tool_bundle())
+    assert tool.returncode == 0, tool.stderr + tool.stdout
     return result  # provision.sh returns once the reloaded sshd listens again (test below)
 
 
@@ -152,12 +165,34 @@ def test_provision_prepares_user_and_layout(host: TargetHost, first_run: subproc
     assert "provision: cloud-init: ok (did not run on this boot; not waiting)" in lines
 
 
-def test_provision_installs_release_tool_and_logrotate(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
-    tool = host.bin_dir / "cognivern-release"
-    assert tool.read_text() == FAKE_TOOL
-    assert owner_mode(tool) == ("root", "root", "0o755")
+def test_install_tool_installs_the_tool_and_its_helper_by_rename_only_when_they_differ(
+    host: TargetHost, first_run: subprocess.CompletedProcess[str]
+) -> None:
+    tool, helper = host.bin_dir / "cognivern-release", host.bin_dir / "cognivern-pm2.cjs"
+    assert not [line for line in first_run.stdout.splitlines() if "release tool" in line], "provisioning installs no tool"
+    assert tool.read_text() == FAKE_TOOL and owner_mode(tool) == ("root", "root", "0o755")
+    assert helper.read_text() == FAKE_HELPER and owner_mode(helper) == ("root", "root", "0o644")
     # PATH on the host (SetEnv) finds it by name, as the release component calls it.
     assert host.run("command -v cognivern-release").stdout.strip() == str(tool)
+    inode = tool.stat().st_ino
+    again = host.run(install_tool_cmd(), stdin=tool_bundle())
+    assert again.returncode == 0 and again.stdout.splitlines() == [
+        f"install-tool: release tool: ok (already {tool})",
+        f"install-tool: release tool helper: ok (already {helper})",
+    ], again.stdout
+    edited = FAKE_TOOL + "# edited\n"
+    changed = host.run(install_tool_cmd(), stdin=tool_bundle(edited))
+    assert f"install-tool: release tool: installed {tool}" in changed.stdout and "helper: ok (already" in changed.stdout
+    assert tool.read_text() == edited and tool.stat().st_ino != inode, "replaced by rename: a run under way keeps its file"
+    assert not [p for p in host.bin_dir.iterdir() if p.name.startswith(".")], "no temporary file left"
+    for bad, message in ((FAKE_TOOL, "no PM2 helper on stdin"), (tool_bundle("echo no shebang\n"), "does not start with #!")):
+        refused = host.run(install_tool_cmd(), stdin=bad)
+        assert refused.returncode != 0 and message in refused.stderr
+    assert tool.read_text() == edited
+    assert host.run(install_tool_cmd(), stdin=tool_bundle()).returncode == 0
+
+
+def test_provision_installs_logrotate(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
     conf = host.logrotate_dir / "cognivern"
     text = conf.read_text()
     assert f"{host.root}/shared/logs/*.log {{" in text
@@ -188,7 +223,7 @@ def test_provision_returns_only_once_the_reloaded_sshd_accepts_connections() -> 
     with TargetHost(sshd_reexec_delay=2) as host:
         assert host.sshd is not None and host.sshd.auth_methods() >= {"publickey", "password"}
         pid = host.sshd.pid
-        result = host.run(provision_cmd(host.settings()), stdin=FAKE_TOOL)
+        result = host.run(provision_cmd(host.settings()))
         assert result.returncode == 0, result.stderr + result.stdout
         assert f"sshd (pid {pid}) reloaded" in result.stdout
         after = host.run("true", retries=0)
@@ -206,7 +241,7 @@ def test_provision_second_run_changes_nothing(host: TargetHost, first_run: subpr
     watched = (host.root, host.bin_dir, host.logrotate_dir, host.sshd.dropin_dir, host.nginx.sites_enabled, host.app_home)
     before = manifest(*watched)
     sshd_config = host.sshd.config_path.stat().st_mtime_ns
-    again = host.run(provision_cmd(host.settings()), stdin=FAKE_TOOL)
+    again = host.run(provision_cmd(host.settings()))
     assert again.returncode == 0, again.stderr
     assert manifest(*watched) == before
     assert host.sshd.config_path.stat().st_mtime_ns == sshd_config
@@ -218,7 +253,7 @@ def test_provision_second_run_changes_nothing(host: TargetHost, first_run: subpr
 def test_provision_keeps_shared_content(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
     data = host.root / "shared/data/usage.json"
     data.write_text("{}")
-    assert host.run(provision_cmd(host.settings()), stdin="").returncode == 0
+    assert host.run(provision_cmd(host.settings())).returncode == 0
     assert data.read_text() == "{}"
     data.unlink()
 

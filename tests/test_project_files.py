@@ -93,6 +93,9 @@ def test_release_tool_defaults_are_the_program_defaults() -> None:
     fallbacks = dict(re.findall(r"^    ([A-Z_]+)=\$\{\1:-([^}]*)\}$", tool, re.MULTILINE))
     written = dict(line.split("=", 1) for line in render_release_conf(parse_settings(BASE.get)).splitlines()[1:])
     written.pop("SECRET_KEYS")
+    # keepReleases is the argument of the stack's prune command, no longer in the file (a prune
+    # remembers it); the tool's own fallback, for a host that never got one, is the same default
+    assert fallbacks.pop("KEEP_RELEASES") == str(parse_settings(BASE.get).keep_releases)
     # The nginx keys have no stack default to fall back to: without NGINX_UPSTREAM (a host set up
     # before blue/green) the tool switches no upstream; the nginx paths and the upstream's name are
     # derived (COGNIVERN_NGINX_* overrides, APP_NAME), and AGENT_APPS is empty when unset.

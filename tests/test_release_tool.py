@@ -285,7 +285,9 @@ def test_reactivating_current_when_it_is_not_healthy_reloads_it(switched: Releas
     assert host.log_lines()[-1][5] == "already-current-reloaded"
 
 
-def test_deploy_is_install_activate_prune_and_the_list_in_one_command(switched: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
+def test_deploy_is_install_activate_prune_and_the_list_in_one_command(
+    switched: ReleaseHost, artifacts: dict[str, tuple[Path, str]]
+) -> None:
     """`pulumi up` runs one command per server and release; prune keeps the last --keep it was given."""
     host = switched
     host.ok("prune", "--keep", "2")

@@ -18,6 +18,9 @@ const APP_NAME = {{ app_name }};
 const PORT = {{ port }};
 const RELEASE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
+// The variables of shared/.env with their exported values, each marked, and the list of their
+// names: env-preload.cjs drops from the app any marked variable that is no longer listed (PM2 keeps
+// a variable removed from .env through every reload; see that file).
 function sharedEnv() {
   let text = '';
   try {
@@ -26,12 +29,16 @@ function sharedEnv() {
     return {};
   }
   const env = {};
+  const names = [];
   for (const line of text.split('\n')) {
     const match = /^([A-Za-z_][A-Za-z0-9_]*)=/.exec(line);
     if (match && Object.prototype.hasOwnProperty.call(process.env, match[1])) {
       env[match[1]] = process.env[match[1]];
+      env[`COGNIVERN_ENV_KEY_${match[1]}`] = '1';
+      names.push(match[1]);
     }
   }
+  env.COGNIVERN_ENV_KEYS = names.join(' ');
   return env;
 }
 

@@ -2,12 +2,11 @@
 # Managed by cognivern-infra. Idempotent host preparation for the Cognivern backend (run as root).
 #
 #   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --node-major N --ssh-user S \
-#       --pm2-version X.Y.Z --pnpm-version X.Y.Z < cognivern-release.sh
+#       --pm2-version X.Y.Z --pnpm-version X.Y.Z
 #
-# stdin: the server-side release tool, installed as $BIN_DIR/cognivern-release when it differs
-# (empty stdin or a terminal: that step is skipped), optionally followed by a line
-# "#--- cognivern-pm2.cjs ---" and the tool's PM2 query helper, installed beside it. Every step prints one line, "ok (already)"
-# or what it changed, so a re-run on a prepared host changes nothing and says so.
+# Every step prints one line, "ok (already)" or what it changed, so a re-run on a prepared host
+# changes nothing and says so. The release tool is not installed here but by its own command
+# (components/tool/install-tool.sh), so an edit of the tool never re-runs provisioning.
 # Supported: Ubuntu 24.04, Debian 12. Nothing under R/shared is ever deleted.
 #
 # The app user is treated as hostile: the directories root works in (R, releases/, shared/,
@@ -16,7 +15,7 @@
 # An existing account is taken as the app user only when it has the shape this script gives one
 # (home /home/U, own group, no other groups, no password): never a system or a login account.
 #
-# Overrides (test hosts): COGNIVERN_BIN_DIR (/usr/local/bin), COGNIVERN_LOGROTATE_DIR
+# Overrides (test hosts): COGNIVERN_LOGROTATE_DIR
 # (/etc/logrotate.d), COGNIVERN_SSHD_CONFIG (/etc/ssh/sshd_config; the drop-in goes into its
 # sibling sshd_config.d/), COGNIVERN_SSHD_PIDFILE (reload by SIGHUP when systemd is not running),
 # COGNIVERN_NGINX_SITES_ENABLED (/etc/nginx/sites-enabled), COGNIVERN_NGINX_CONF and
@@ -26,7 +25,7 @@ set -euo pipefail
 umask 022
 
 script_init provision "usage: provision --root ABS_PATH --app-user USER --node-major N --ssh-user USER
-                 --pm2-version X.Y.Z --pnpm-version X.Y.Z  (release tool on stdin)"
+                 --pm2-version X.Y.Z --pnpm-version X.Y.Z"
 
 # ---------------------------------------------------------------------------- arguments
 root="" app_user="" node_major="" ssh_user="" pm2_version="" pnpm_version=""
@@ -52,31 +51,20 @@ valid_user "$ssh_user" || die "--ssh-user must be a Linux user name (a-z 0-9 _ -
 [[ $pm2_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pm2-version must be X.Y.Z, got '$pm2_version'"
 [[ $pnpm_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pnpm-version must be X.Y.Z, got '$pnpm_version'"
 
-bin_dir=${COGNIVERN_BIN_DIR:-/usr/local/bin}
 logrotate_dir=${COGNIVERN_LOGROTATE_DIR:-/etc/logrotate.d}
 sshd_config=${COGNIVERN_SSHD_CONFIG:-/etc/ssh/sshd_config}
 sshd_pidfile=${COGNIVERN_SSHD_PIDFILE:-}
 sites_enabled=${COGNIVERN_NGINX_SITES_ENABLED:-/etc/nginx/sites-enabled}
 nginx_conf=${COGNIVERN_NGINX_CONF:-/etc/nginx/nginx.conf}
 nginx_prefix=${COGNIVERN_NGINX_PREFIX:-}
-require_abs_paths bin_dir logrotate_dir sshd_config sites_enabled nginx_conf
+require_abs_paths logrotate_dir sshd_config sites_enabled nginx_conf
 [ -z "$sshd_pidfile" ] || valid_abs_path "$sshd_pidfile" || die "COGNIVERN_SSHD_PIDFILE must be an absolute path"
 [ -z "$nginx_prefix" ] || valid_abs_path "$nginx_prefix" || die "COGNIVERN_NGINX_PREFIX must be an absolute path"
 [ "$(id -u)" -eq 0 ] || die "must run as root (the program prefixes sudo -n for a non-root SSH user)"
 id -u "$ssh_user" >/dev/null 2>&1 || die "--ssh-user $ssh_user does not exist on this host"
 
-# Read the release tool now, before anything changes (and before apt could touch stdin).
 tmpdir=$(mktemp -d)
 trap 'rm -rf -- "$tmpdir"' EXIT
-tool_src="$tmpdir/cognivern-release"
-helper_src="$tmpdir/cognivern-pm2.cjs"
-if [ -t 0 ]; then
-    : >"$tool_src"
-else
-    awk -v tool="$tool_src" -v helper="$helper_src" '$0 == "#--- cognivern-pm2.cjs ---" { h = 1; next }
-        { print > (h ? helper : tool) }'
-    touch "$tool_src"
-fi
 
 systemd_running() { [ -d /run/systemd/system ]; }
 
@@ -295,37 +283,6 @@ if systemd_running; then
     fi
 else
     say "pm2 startup: skipped (systemd is not running on this host)"
-fi
-
-# ---------------------------------------------------------------------------- release tool
-tool_dst="$bin_dir/cognivern-release"
-if [ ! -s "$tool_src" ]; then
-    say "release tool: skipped (nothing on stdin)"
-else
-    [ "$(head -c 2 "$tool_src")" = '#!' ] || die "the release tool on stdin does not start with #!"
-    ok_mode=0
-    if [ -f "$tool_dst" ] && [ "$(stat -c '%U:%G %a' "$tool_dst")" = "root:root 755" ]; then ok_mode=1; fi
-    if [ "$ok_mode" -eq 1 ] && cmp -s "$tool_src" "$tool_dst"; then
-        say "release tool: ok (already $tool_dst)"
-    else
-        install -d -m 0755 "$bin_dir"
-        tmp=$(mktemp "$bin_dir/.cognivern-release.XXXXXX")
-        cat "$tool_src" >"$tmp"
-        chown root:root "$tmp"
-        chmod 0755 "$tmp"
-        mv -f "$tmp" "$tool_dst"
-        say "release tool: installed $tool_dst"
-    fi
-fi
-helper_dst="$bin_dir/cognivern-pm2.cjs"
-if [ -s "$helper_src" ]; then
-    if [ -f "$helper_dst" ] && [ "$(stat -c '%U:%G %a' "$helper_dst")" = "root:root 644" ] && cmp -s "$helper_src" "$helper_dst"; then
-        say "release tool helper: ok (already $helper_dst)"
-    else
-        install -d -m 0755 "$bin_dir"
-        install -o root -g root -m 0644 "$helper_src" "$helper_dst"
-        say "release tool helper: installed $helper_dst"
-    fi
 fi
 
 # ---------------------------------------------------------------------------- logrotate

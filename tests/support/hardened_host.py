@@ -16,10 +16,20 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, RUN_SH, provision_args, release_tool_bundle
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, RUN_SH, provision_args
 from components.remote import script_command
-from components.render import NginxTarget, render_ecosystem, render_env, render_nginx_site, render_release_conf, site_name
+from components.render import (
+    ENV_PRELOAD,
+    NginxTarget,
+    env_preload_path,
+    render_ecosystem,
+    render_env,
+    render_nginx_site,
+    render_release_conf,
+    site_name,
+)
 from components.settings import Settings
+from components.tool import INSTALL_TOOL, release_tool_bundle
 from tests.support.release_host import build_release_tarball
 from tests.support.target_host import SYSTEM_PATH, TargetHost, end_user_processes
 
@@ -41,7 +51,13 @@ class HardenedHost:
 
     # -- the program's steps ---------------------------------------------------------------
     def provision(self) -> subprocess.CompletedProcess[str]:
-        return self.target.run(script_command(PROVISION, provision_args(self.settings)), stdin=release_tool_bundle())
+        """provision.sh, then the release tool's own install (the program's two commands): provisioning's
+        result, or the install's when that failed."""
+        provisioned = self.target.run(script_command(PROVISION, provision_args(self.settings)))
+        if provisioned.returncode != 0:
+            return provisioned
+        tool = self.target.run(script_command(INSTALL_TOOL, []), stdin=release_tool_bundle())
+        return provisioned if tool.returncode == 0 else tool
 
     def put(self, dest: str, mode: str, owner: str, content: str, reload: bool = False) -> subprocess.CompletedProcess[str]:
         argv = ["--dest", dest, "--mode", mode, "--owner", owner] + (["--reload-root", str(self.root)] if reload else [])
@@ -71,6 +87,7 @@ class HardenedHost:
             self.provision(),
             self.put(f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), reload=True),
             self.put(f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s, target)),
+            self.put(env_preload_path(s.root), "0644", "root:root", ENV_PRELOAD.read_text()),
             self.put(f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), reload=True),
             self.put_env(),
             self.target.run(site, stdin=render_nginx_site(s)),

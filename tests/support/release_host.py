@@ -26,7 +26,9 @@ from typing import Any
 
 from components.release import sha256_file
 from components.render import (
+    ENV_PRELOAD,
     NginxTarget,
+    env_preload_path,
     render_ecosystem,
     render_env,
     render_nginx_site,
@@ -157,6 +159,7 @@ class ReleaseHost(DisposableHost):
         self.pm2_home.mkdir(exist_ok=True)
         os.chown(self.pm2_home, *own)
         s = self.settings
+        shutil.copy(ENV_PRELOAD, env_preload_path(s.root))  # every app process loads it (the ecosystem's node_args)
         (self.root / "config" / "ecosystem.config.cjs").write_text(render_ecosystem(s))
         target = NginxTarget(conf=str(self.nginx.conf_path), prefix=str(self.nginx.prefix))
         conf = render_release_conf(s, target) + f"PM2_HOME={self.pm2_home}\n"
