@@ -6,9 +6,9 @@
 A golden is what a reviewer reads on the pull request, minus what differs from run to run:
 - the values a test host picks (temp paths, ports, the unique app user, the Node major, host keys)
   are replaced by `<NAME>` placeholders the test names (`Run.values`, longest value first);
-- sha256 digests (a fixture artifact is rebuilt on each run) become `<SHA256-n>` and the short
-  asset hashes the engine prints `<HASH-n>`, numbered by first appearance, so a diff still shows
-  which digest stayed and which changed;
+- sha256 digests (a fixture artifact is rebuilt on each run) become `<SHA256-n>` (one the CLI cut
+  short, `<SHA256-n>...`) and the short asset hashes the engine prints `<HASH-n>`, numbered by
+  first appearance, so a diff still shows which digest stayed and which changed;
 - a command's id suffix (`[id=NAME1a2b3c4d]`) and the default provider's UUID are dropped;
 - `warning:` lines are left out: the same ones (unset .env.example variables, the plugin found on
   PATH) follow every preview and are tested where they are made;
@@ -33,6 +33,7 @@ UPDATE = os.environ.get("GOLDEN_UPDATE") == "1"
 
 _SHA256 = re.compile(r"\b[0-9a-f]{64}\b")
 _ASSET_HASH = re.compile(r"(asset\(file:)([0-9a-f]{7})(\))")
+_TRUNCATED_HEX = re.compile(r"\b([0-9a-f]{6,63})\.\.\.")
 _ID = re.compile(r"^(\s*\[id=)[^\]]*\]\n", re.MULTILINE)
 _PROVIDER = re.compile(r"(::default_[0-9_]+)::[0-9a-f-]{36}\]")
 # A resource block starts at its operation marker (`~ `, `+ `, `- `, `+-`, `-+` or none) and type,
@@ -83,6 +84,23 @@ def _sort_blocks(body: str) -> str:
     return head + "".join(sorted(blocks, key=key)) + tail
 
 
+def _truncated_digests(text: str) -> str:
+    """A digest the CLI cut short (`4eac397..."`): the placeholder of the full digest it starts."""
+    full = {m.group(0): None for m in _SHA256.finditer(text)}
+    seen: dict[str, int] = {}
+    for digest in full:
+        seen.setdefault(digest, len(seen) + 1)
+
+    def sub(m: re.Match[str]) -> str:
+        prefix = m.group(1)
+        for digest, n in seen.items():
+            if digest.startswith(prefix):
+                return f"<SHA256-{n}>..."
+        return "<HEX>..."
+
+    return _TRUNCATED_HEX.sub(sub, text)
+
+
 def normalise(text: str, run: Run) -> str:
     """The preview as a golden: see the module docstring for every change made."""
     lines = [line for line in text.splitlines() if not line.startswith("warning:")]
@@ -90,6 +108,7 @@ def normalise(text: str, run: Run) -> str:
     for value, placeholder in sorted(run.values.items(), key=lambda item: -len(item[0])):
         if value:
             out = out.replace(value, placeholder)
+    out = _truncated_digests(out)
     out = _number(_SHA256, out, "SHA256")
     out = _number(_ASSET_HASH, out, "HASH", group=2)
     out = _ID.sub(r"", out)
