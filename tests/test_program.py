@@ -739,4 +739,5 @@ def test_existing_server_without_artifact_keeps_the_server_side_check() -> None:
     hosts = run_program({**EXISTING, "release": "v0"}, preview=True)
     assert hosts.get("cognivern-prod-release-activate").inputs["create"].endswith("deploy v0 - -")
     several = run_servers(2, release="v0")[0]
-    assert several.get("cognivern-prod-1-release-install").inputs["create"].endswith("install v0 - -")
+    install = several.get("cognivern-prod-1-release-install")
+    assert install.inputs["create"].endswith("install v0 - -") and install.inputs["update"] == "true", "a new pin installs nothing"

@@ -11,7 +11,7 @@ every install, server i's for server i-1's. A failed health gate stops the rollo
 The release id and the artifact digest are the `triggers` of install and activate, so changing
 `cognivern:release` replaces them: the new release's commands run, the old resources are dropped
 (create-before-delete). Any other change to the activation (its connection, the wording of its
-command) runs only its `update`, `list --json`: nothing switches. `prune --keep N` is a command of
+command) runs only its `update`, `list --json`: nothing switches; to an install, nothing. `prune --keep N` is a command of
 its own, so keepReleases never touches the activation (the tool remembers N for deploy's prune).
 No command has a `delete`: destroying or replacing a release resource never removes a release
 directory or undoes the newer activation.
@@ -30,7 +30,7 @@ from typing import Any
 import pulumi
 from pulumi_command import remote
 
-from components.remote import tool_command
+from components.remote import NOTHING, tool_command
 
 TOOL = "cognivern-release"
 
@@ -191,7 +191,8 @@ class Release(pulumi.ComponentResource):
 
         self.install = None
         if args.install_first:
-            self.install = self._command("install", self._checked(self._tool("install", *self._source)), self._before, triggers=True)
+            install = self._checked(self._tool("install", *self._source))
+            self.install = self._command("install", install, self._before, triggers=True, update=NOTHING)
             self._before = [self.install]
         if not defer_activation:
             self.activate()
