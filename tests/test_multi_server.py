@@ -156,7 +156,6 @@ class History:
             report = stack.up(release=V1, artifact=None)
         return {"report": report, "load": load, "currents": stack.currents(), "balancer": stack.through_balancer()}
 
-
     def _repin_server_2(self) -> dict[str, Any]:
         """Server 2's host key pinned anew (its comment changed): only server 2's commands are concerned."""
         stack = self.stack
