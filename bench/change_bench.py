@@ -1,34 +1,37 @@
-"""The user's clock per change (issue 22): the real `pulumi up` of each change, beside the same work run directly.
+"""The user's clock per change (issue 22): the real `pulumi up` of each change, before and after the new
+boundaries in the same run, beside the same work run directly.
 
-    venv/bin/python -m bench.change_bench [--repeat 3] [--out reports/change-bench.json] [--budget 2400]
+    venv/bin/python -m bench.change_bench [--repeat 3] [--out reports/change-bench.json] [--budget 3600]
 
-Runs as root on loopback only: one TargetHost (private sshd, nginx, ROOT, unique app user) and one
-stack of this program deployed by the real engine (tests/support/real_engine.py, as the tests run
-it), existing-host mode, the fixture app, bakeSeconds 0, CLIENTS clients on GET /release through
-the host's nginx, 10 ms between requests. Every row is run --repeat times; medians are quoted.
+Runs as root on loopback only: two TargetHosts (private sshd, nginx, ROOT, unique app user), each
+with one stack deployed by the real engine (tests/support/real_engine.py, as the tests run it),
+existing-host mode, the fixture app, bakeSeconds 0, CLIENTS clients on GET /release through the
+host's nginx, 10 ms between requests. "before" runs the program of commit BEFORE (the layout before
+issue 22, tests/test_upgrade.py takes it from git), "now" this checkout's; every row runs on one,
+then on the other, so both meet the same machine load. Every row is run --repeat times; medians.
 
 Per run: `wall` (from the start of `pulumi up --yes --skip-preview` to its return), `first` (from
-that start to the first response of the target release: release rows only), failed/total requests,
-and the engine's steps that were not `same` with their seconds (from each step's start to its
-outputs, as the engine's event log shows them).
+that start to the first response of the target release: release rows only), failed requests, whether
+an app process was restarted (PM2 pids and restart counters before and after), and the engine's
+steps that were not `same`, with their seconds (from each step's start to its outputs).
 
 Rows (each from the state the one before left):
   noop            nothing changed: the engine's floor
-  new-release     a new release, its slot cold: upload + one `deploy` command
-  rollback-cold   back to the release before, not running any more: one `deploy ID - -`
+  new-release     a new release, its slot cold
+  rollback-cold   back to the release before, not running any more
   rollback-warm   the same with keepPreviousWarm (the release before still runs in the other slot)
-  keep-releases   keepReleases 5 <-> 6: the prune command
-  bake-health     bakeSeconds 0 <-> 1: the config file
-  nginx           framePolicy same-origin <-> deny: the site, nginx -t, a reload
-  env-value       a secretEnv value rotated: .env, one graceful reload
-  tool-edit       the release tool edited (a comment appended): the tool's install
-  host-key-pin    hostKey re-pinned (its comment changed): every command's connection
-"Direct" is the same work without the engine, in the same run on the same host, over one SSH
-connection each (the test harness's OpenSSH client): the release rows as `cat > incoming/...` plus
-`cognivern-release deploy` (new) or `deploy ID - -` (rollbacks), timed the same way; the config rows
-as the one host command the engine ran (prune, put-file, nginx-site, install-tool). At rest
-(no request for 2 s), the app user's RSS is sampled with one app copy (after rollback-cold) and
-with two (after rollback-warm): the keepPreviousWarm memory figure.
+  keep-releases   keepReleases 5 <-> 6
+  bake-health     bakeSeconds 0 <-> 1
+  nginx           framePolicy same-origin <-> deny
+  env-value       a secretEnv value rotated
+  tool-edit       the release tool edited (a comment appended)
+  host-key-pin    hostKey re-pinned (its comment changed)
+"direct" is the same work without the engine, on the "now" host, over one SSH connection each (the
+test harness's OpenSSH client): the release rows as `cat > incoming/...` plus `cognivern-release
+deploy` (new) or `deploy ID - -` (rollbacks), timed the same way; the config rows as the one host
+command the engine runs now (prune, put-file, nginx-site, install-tool). At rest (no request for
+2 s), the app user's RSS is sampled with one app copy (after rollback-cold) and with two (after
+rollback-warm): the keepPreviousWarm memory figure.
 """
 
 from __future__ import annotations
@@ -50,11 +53,12 @@ from components.host import NGINX_SITE
 from components.remote import PUT_FILE, script_command
 from components.render import render_env, render_nginx_site, render_release_conf, site_name
 from components.settings import Settings, parse_settings
-from components.tool import INSTALL_TOOL, RELEASE_TOOL, release_tool_bundle
+from components.tool import INSTALL_TOOL, release_tool_bundle
 from tests.support.load import Load
 from tests.support.real_engine import RunReport
 from tests.support.target_host import TargetHost
 from tests.test_boundaries import Stack
+from tests.test_upgrade import BEFORE, OldStack, checkout
 
 CLIENTS = 2
 RELEASE_ROWS = ("new-release", "rollback-cold", "rollback-warm")
@@ -78,13 +82,14 @@ def engine_steps(report: RunReport) -> dict[str, float]:
     return out
 
 
-class Bench:
-    def __init__(self, host: TargetHost, stack: Stack) -> None:
-        self.host, self.stack = host, stack
+class Side:
+    """One stack on its own TargetHost, measured under the same load as the other side."""
+
+    def __init__(self, name: str, host: TargetHost, stack: Stack, runs: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+        self.name, self.host, self.stack, self.runs = name, host, stack, runs
         self.urls = [host.nginx.url("/release")]
-        self.runs: dict[str, dict[str, list[dict[str, Any]]]] = {"engine": {}, "direct": {}}
-        self.rest: dict[str, list[float]] = {"one_copy_mb": [], "two_copies_mb": []}
         self.uid = pwd.getpwnam(host.app_user).pw_uid
+        self.rest: dict[str, list[float]] = {"one_copy_mb": [], "two_copies_mb": []}
 
     def timed(self, side: str, row: str, target: str | None, action: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         with Load(self.urls, clients=CLIENTS, pause=0.01) as load:
@@ -103,19 +108,24 @@ class Bench:
             "requests": len(load.results),
             **result,
         }
-        self.runs[side].setdefault(row, []).append(run)
+        self.runs.setdefault(side, {}).setdefault(row, []).append(run)
         return run
 
-    # -- the engine
     def up(self, row: str, target: str | None = None, **changes: Any) -> dict[str, Any]:
+        """The engine's `pulumi up` of this side's program, timed; `restarted`: an app process was."""
+        pm2 = self.stack.pm2()
+
         def action() -> dict[str, Any]:
             report = self.stack.up(**changes)
             return {"ok": report.ok, "steps": engine_steps(report)}
 
-        return self.timed("engine", row, target, action)
+        run = self.timed(self.name, row, target, action)
+        run["restarted"] = self.stack.pm2() != pm2
+        return run
 
-    # -- the same work without it
     def ssh(self, row: str, target: str | None, *commands: tuple[str, str | bytes | None]) -> dict[str, Any]:
+        """The same work without the engine: the host commands over SSH, timed."""
+
         def action() -> dict[str, Any]:
             ok = all(self.host.run(cmd, stdin, timeout=300).returncode == 0 for cmd, stdin in commands)
             return {"ok": ok}
@@ -131,52 +141,59 @@ class Bench:
         self.rest[key].append(round(statistics.median(samples) / 1024, 1))
 
 
-def one_round(b: Bench, i: int, say: Callable[[str], None]) -> None:
-    stack, host = b.stack, b.host
+def release_rows(side: Side, i: int, say: Callable[[str], None], direct: bool) -> None:
+    stack, host = side.stack, side.host
     current = str(stack.settings["release"])
-    new, direct, warm = f"cb-new{i}", f"cb-direct{i}", f"cb-warm{i}"
-    say(f"round {i}: new-release {b.up('new-release', new, release=new, artifact=stack.artifact(new))}")
-    say(f"round {i}: rollback-cold {b.up('rollback-cold', current, release=current, artifact=None)}")
-    b.at_rest("one_copy_mb")
-    tarball = Path(stack.artifact(direct))
-    sha = tarball.with_name(tarball.name + ".sha256").read_text().split()[0]
-    incoming = f"{host.root}/incoming/{tarball.name}"
-    upload, deploy = (f"cat > {incoming}", tarball.read_bytes()), (b.tool("deploy", direct, incoming, sha), None)
-    say(f"round {i}: direct new-release {b.ssh('new-release', direct, upload, deploy)}")
-    say(f"round {i}: direct rollback-cold {b.ssh('rollback-cold', current, (b.tool('deploy', current, '-', '-'), None))}")
+    new, other, warm = f"cb-new{i}", f"cb-direct{i}", f"cb-warm{i}"
+    say(f"{side.name} {i}: new-release {side.up('new-release', new, release=new, artifact=stack.artifact(new))}")
+    say(f"{side.name} {i}: rollback-cold {side.up('rollback-cold', current, release=current, artifact=None)}")
+    side.at_rest("one_copy_mb")
+    if direct:
+        tarball = Path(stack.artifact(other))
+        sha = tarball.with_name(tarball.name + ".sha256").read_text().split()[0]
+        incoming = f"{host.root}/incoming/{tarball.name}"
+        upload, deploy = (f"cat > {incoming}", tarball.read_bytes()), (side.tool("deploy", other, incoming, sha), None)
+        say(f"direct {i}: new-release {side.ssh('new-release', other, upload, deploy)}")
+        say(f"direct {i}: rollback-cold {side.ssh('rollback-cold', current, (side.tool('deploy', current, '-', '-'), None))}")
     stack.up(keepPreviousWarm=True)
     stack.up(release=warm, artifact=stack.artifact(warm))  # `current` stays warm in the other slot
-    say(f"round {i}: rollback-warm {b.up('rollback-warm', current, release=current, artifact=None)}")
-    b.at_rest("two_copies_mb")
-    say(f"round {i}: direct rollback-warm {b.ssh('rollback-warm', warm, (b.tool('deploy', warm, '-', '-'), None))}")
-    host.run(b.tool("deploy", current, "-", "-"), check=True)  # back in line with the stack
+    say(f"{side.name} {i}: rollback-warm {side.up('rollback-warm', current, release=current, artifact=None)}")
+    side.at_rest("two_copies_mb")
+    if direct:
+        say(f"direct {i}: rollback-warm {side.ssh('rollback-warm', warm, (side.tool('deploy', warm, '-', '-'), None))}")
+        host.run(side.tool("deploy", current, "-", "-"), check=True)  # back in line with the stack
     stack.up(keepPreviousWarm=False)
 
+
+def config_rows(side: Side, i: int, say: Callable[[str], None], direct: bool) -> None:
+    stack, host = side.stack, side.host
     s = settings_of(stack)
-    say(f"round {i}: noop {b.up('noop')}")
+    say(f"{side.name} {i}: noop {side.up('noop')}")
     keep = 6 if i % 2 == 0 else 5
-    say(f"round {i}: keep-releases {b.up('keep-releases', keepReleases=keep)}")
-    b.ssh("keep-releases", None, (b.tool("prune", "--keep", str(keep)), None))
+    say(f"{side.name} {i}: keep-releases {side.up('keep-releases', keepReleases=keep)}")
     bake = 1 if i % 2 == 0 else 0
-    say(f"round {i}: bake-health {b.up('bake-health', bakeSeconds=bake)}")
+    say(f"{side.name} {i}: bake-health {side.up('bake-health', bakeSeconds=bake)}")
+    policy = "deny" if i % 2 == 0 else "same-origin"
+    say(f"{side.name} {i}: nginx {side.up('nginx', framePolicy=policy)}")
+    say(f"{side.name} {i}: env-value {side.up('env-value', secretEnv={'FIXTURE_ECHO': f'rotated-{i}'})}")
+    tool = stack.engine.project / "components" / "release" / "cognivern-release.sh"
+    stack.engine.edit("components/release/cognivern-release.sh", tool.read_text() + f"# change_bench round {i}\n")
+    say(f"{side.name} {i}: tool-edit {side.up('tool-edit')}")
+    assert host.sshd is not None
+    say(f"{side.name} {i}: host-key-pin {side.up('host-key-pin', hostKey=f'{host.sshd.host_key} pin-{i}')}")
+    if not direct:
+        return
+    side.ssh("keep-releases", None, (side.tool("prune", "--keep", str(keep)), None))
     conf = f"{host.root}/config/cognivern.conf"
     put_conf = script_command(PUT_FILE, ["--dest", conf, "--mode", "0644", "--owner", "root:root"])
-    b.ssh("bake-health", None, (put_conf, render_release_conf(settings_of(stack, bakeSeconds=1 - bake))))
-    policy = "deny" if i % 2 == 0 else "same-origin"
-    say(f"round {i}: nginx {b.up('nginx', framePolicy=policy)}")
+    side.ssh("bake-health", None, (put_conf, render_release_conf(settings_of(stack, bakeSeconds=1 - bake))))
     site = script_command(NGINX_SITE, ["--name", site_name(s.app_name), "--upstream-port", str(s.port)])
-    b.ssh("nginx", None, (site, render_nginx_site(settings_of(stack, framePolicy="same-origin" if i % 2 == 0 else "deny"))))
-    say(f"round {i}: env-value {b.up('env-value', secretEnv={'FIXTURE_ECHO': f'rotated-{i}'})}")
+    side.ssh("nginx", None, (site, render_nginx_site(settings_of(stack, framePolicy="same-origin" if i % 2 == 0 else "deny"))))
     env_dest = f"{host.root}/shared/.env"
-    put_env = script_command(
-        PUT_FILE, ["--dest", env_dest, "--mode", "0600", "--owner", f"{s.app_user}:{s.app_user}", "--reload-root", str(host.root)]
-    )
-    b.ssh("env-value", None, (put_env, render_env(s.stack_env, {"FIXTURE_ECHO": f"direct-{i}"})))
-    stack.engine.edit("components/release/cognivern-release.sh", RELEASE_TOOL.read_text() + f"# change_bench round {i}\n")
-    say(f"round {i}: tool-edit {b.up('tool-edit')}")
-    b.ssh("tool-edit", None, (script_command(INSTALL_TOOL, []), release_tool_bundle()))
-    assert host.sshd is not None
-    say(f"round {i}: host-key-pin {b.up('host-key-pin', hostKey=f'{host.sshd.host_key} pin-{i}')}")
+    owner = f"{s.app_user}:{s.app_user}"
+    put_env = script_command(PUT_FILE, ["--dest", env_dest, "--mode", "0600", "--owner", owner, "--reload-root", str(host.root)])
+    side.ssh("env-value", None, (put_env, render_env(s.stack_env, {"FIXTURE_ECHO": f"direct-{i}"})))
+    side.ssh("tool-edit", None, (script_command(INSTALL_TOOL, []), release_tool_bundle()))
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -189,17 +206,23 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "median_first": median(r["first"] for r in runs) if all(r["first"] is not None for r in runs) else None,
         "failed": sum(r["failed"] for r in runs),
         "requests": sum(r["requests"] for r in runs),
+        "restarted": sum(1 for r in runs if r.get("restarted")),
+        "runs": len(runs),
         "all_ok": all(r["ok"] for r in runs),
         "median_steps": {n: median(v) for n, v in steps.items()},
     }
 
 
 def cell(s: dict[str, Any] | None, clock: bool) -> str:
-    """`1.23 s, 0/812 failed` (clock: the time to the first response, else the wall time); (!) when a run went wrong."""
+    """`1.23 s, 0 failed` (clock: the time to the first response, else the wall time); `restarted k/n` when
+    app processes were; (!) when a run went wrong."""
     if s is None:
         return ""
     value = s["median_first"] if clock else s["median_wall"]
-    return f"{harness.fmt(value, ' s', 2)}, {s['failed']}/{s['requests']} failed" + ("" if s["all_ok"] else " (!)")
+    text = f"{harness.fmt(value, ' s', 2)}, {s['failed']} failed"
+    if s.get("restarted"):
+        text += f", restarted {s['restarted']}/{s['runs']}"
+    return text + ("" if s["all_ok"] else " (!)")
 
 
 def settings_of(stack: Stack, **override: Any) -> Settings:
@@ -209,52 +232,61 @@ def settings_of(stack: Stack, **override: Any) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, budget = harness.start(__doc__, "change-bench", budget=2400, argv=argv)
+    args, budget = harness.start(__doc__, "change-bench", budget=3600, argv=argv)
     tmp = Path(tempfile.mkdtemp(prefix="cgv-change-bench-"))
-    host = TargetHost()
-    bench: Bench | None = None
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    hosts = [TargetHost(), TargetHost()]
+    sides: list[Side] = []
     try:
-        host.start()
-        stack = Stack(host, tmp)
-        stack.settings.update(bakeSeconds=0)
-        base = "cb-base"
-        stack.up(release=base, artifact=stack.artifact(base))
-        bench = Bench(host, stack)
+        for host in hosts:
+            host.start()
+        before = OldStack(hosts[0], tmp / "before", checkout(BEFORE, tmp / "before-program"))
+        now = Stack(hosts[1], tmp / "now")
+        for name, host, stack in (("before", hosts[0], before), ("now", hosts[1], now)):
+            stack.settings.update(bakeSeconds=0)
+            stack.up(release="cb-base", artifact=stack.artifact("cb-base"))
+            sides.append(Side(name, host, stack, runs))
         for i in range(args.repeat):
             budget.check()
-            one_round(bench, i, budget.say)
+            for side in sides:  # the two layouts one after the other, row by row: the same load for both
+                release_rows(side, i, budget.say, direct=side.name == "now")
+            for side in sides:
+                config_rows(side, i, budget.say, direct=side.name == "now")
     finally:
-        host.cleanup()
-    assert bench is not None
-    out: dict[str, Any] = {"clients": CLIENTS, "repeat": args.repeat, "bake_seconds": 0, "load_average": os.getloadavg()}
-    out["summary"] = {side: {row: summary(runs) for row, runs in rows.items()} for side, rows in bench.runs.items()}
-    out["at_rest_rss_mb"] = {k: median(v) for k, v in bench.rest.items()}
-    out["runs"] = bench.runs
+        for host in hosts:
+            host.cleanup()
+    out: dict[str, Any] = {"clients": CLIENTS, "repeat": args.repeat, "bake_seconds": 0, "before": BEFORE}
+    out["load_average_at_end"] = os.getloadavg()
+    out["summary"] = {side: {row: summary(r) for row, r in rows.items()} for side, rows in runs.items()}
+    out["at_rest_rss_mb"] = {side.name: {k: median(v) for k, v in side.rest.items()} for side in sides}
+    out["runs"] = runs
     rows = []
     for row in (*CONFIG_ROWS[:1], *RELEASE_ROWS, *CONFIG_ROWS[1:]):
-        engine = out["summary"]["engine"].get(row)
-        direct = out["summary"]["direct"].get(row)
         clock = row in RELEASE_ROWS
+        now_s = out["summary"]["now"].get(row)
         goal = GOALS.get(row)
-        steps = ", ".join(f"{n} {v:.2f}" for n, v in (engine or {}).get("median_steps", {}).items())
         rows.append(
             [
                 row,
-                cell(engine, clock=False),
-                cell(engine, clock=True) if clock else "",
-                cell(direct, clock=clock),
-                "" if goal is None else f"≤ {goal} s",
-                steps,
+                cell(out["summary"]["before"].get(row), clock=False),
+                cell(now_s, clock=False),
+                cell(out["summary"]["before"].get(row), clock=True) if clock else "",
+                cell(now_s, clock=True) if clock else "",
+                cell(out["summary"].get("direct", {}).get(row), clock=clock),
+                "" if goal is None else f"{goal} s",
+                ", ".join(f"{n} {v:.2f}" for n, v in (now_s or {}).get("median_steps", {}).items()),
             ]
         )
     harness.print_table(
-        ["change", "pulumi up: wall", "pulumi up: first response", "direct (first response / wall)", "goal", "engine steps (s)"],
+        ["change", "before: wall", "now: wall", "before: first resp.", "now: first resp.", "direct", "goal", "now: engine steps (s)"],
         rows,
-        title=f"pulumi up per change (real engine), medians of {args.repeat}, {CLIENTS} clients, bakeSeconds 0,"
-        f" load average at the end {out['load_average'][0]:.1f}",
+        title=f"pulumi up per change (real engine), {BEFORE[:7]} (before) and this checkout (now) on two hosts, row by row;"
+        f" medians of {args.repeat}, {CLIENTS} clients, bakeSeconds 0; load average at the end {out['load_average_at_end'][0]:.1f}",
     )
-    rest = out["at_rest_rss_mb"]
-    print(f"app user's RSS at rest: one app copy {rest['one_copy_mb']} MB, two (keepPreviousWarm) {rest['two_copies_mb']} MB")
+    for name, rest in out["at_rest_rss_mb"].items():
+        print(
+            f"{name}: the app user's RSS at rest, one app copy {rest['one_copy_mb']} MB, two (keepPreviousWarm) {rest['two_copies_mb']} MB"
+        )
     harness.write_json(args.out, {**out, "wall_seconds": round(budget.elapsed(), 1)})
     return 0
 
