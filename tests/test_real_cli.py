@@ -10,7 +10,6 @@ Pulumi.yaml's defaults: tests/test_project_defaults.py; the whole program: tests
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +39,9 @@ def project(tmp_path: Path) -> PulumiProject:
     return PulumiProject(tmp_path)
 
 
-def test_the_cli_is_the_pinned_build() -> None:
-    version = subprocess.run([str(pulumi_binary()), "version"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-    assert version == f"v{VERSION}"
+def test_the_cli_is_the_pinned_build(project: PulumiProject) -> None:
+    assert pulumi_binary() == project.binary
+    assert project.run("version").stdout.strip() == f"v{VERSION}"  # (its env: a private PULUMI_HOME, no log in root's)
 
 
 def test_main_reads_settings_with_the_call_the_inline_program_uses() -> None:
