@@ -310,6 +310,16 @@ take_deploy_lock() {  # $1 = action, $2 = id, $3 = seconds to wait (0: fail at o
     local wait_opt=(-n)
     [ "$3" -eq 0 ] || wait_opt=(-w "$3")
     exec 9>>"$lockfile"
+    if ! flock -n "$LOCK_FD"; then
+        holder=$(cat "$lockfile" 2>/dev/null || true)
+        # The same activation asked for again: its deploy lost the connection (or `pulumi up` was
+        # killed) while the detached worker went on. Waiting for that worker, then answering as
+        # usual (already current, or the release's verdict), is what makes the re-run converge.
+        if [ "$1" = activate ] && [[ " $holder " == *" action=activate id=$2 "* ]]; then
+            say "the activation of $2 is already under way ($holder); waiting for it to finish"
+            wait_opt=(-w "$((HEALTH_TIMEOUT + BAKE_SECONDS + 120))")
+        fi
+    fi
     if ! flock "${wait_opt[@]}" "$LOCK_FD"; then
         holder=$(cat "$lockfile" 2>/dev/null || true)
         [ -n "$holder" ] || holder="(holder is just starting)"
