@@ -7,6 +7,7 @@ provision prepares it, then nginx-site and put-file run against the prepared hos
 from __future__ import annotations
 
 import base64
+import dataclasses
 import grp
 import hashlib
 import json
@@ -247,6 +248,39 @@ def test_provision_rejects_bad_arguments(host: TargetHost, first_run: object, ar
     assert message in result.stderr
     assert result.stdout == ""
     assert not Path(str(host.root) + "-bad").exists()
+
+
+# Parents of ROOT that another user could write (or swap): provisioning refuses ROOT below each one.
+# name -> (how the parent is made inside the host's base directory, root's 0755)
+UNTRUSTED_PARENTS = {
+    "sticky-world-writable": "mkdir -m 1777 {p}",  # what /tmp, /var/tmp and /dev/shm are
+    "world-writable": "mkdir -m 0777 {p}",
+    "group-writable": "mkdir -m 0775 {p}",
+    "owned-by-a-user": "mkdir -m 0755 {p} && chown nobody {p}",
+    "a-link": "mkdir -m 0755 {p}.real && ln -s {p}.real {p}",
+}
+
+
+@pytest.mark.parametrize("parent", sorted(UNTRUSTED_PARENTS))
+@pytest.mark.parametrize("depth", ["child", "grandchild"])
+def test_provision_refuses_a_root_below_a_directory_others_can_write(host: TargetHost, first_run: object, parent: str, depth: str) -> None:
+    made = host.base / f"parent-{parent}"
+    subprocess.run(["sh", "-c", UNTRUSTED_PARENTS[parent].format(p=made)], check=True)
+    try:
+        root = made / "cognivern" if depth == "child" else made / "missing" / "cognivern"
+        result = host.run(provision_cmd(dataclasses.replace(host.settings(), root=str(root))), stdin="")
+        assert result.returncode != 0
+        assert f"--root {root} is under {made}" in result.stderr and "not root's alone" in result.stderr, result.stderr
+        assert result.stdout == "" and not root.exists() and not (made / "missing").exists()
+    finally:
+        subprocess.run(["rm", "-rf", "--", str(made), f"{made}.real"], check=True)
+
+
+def test_provision_accepts_a_root_whose_parents_are_roots_alone(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    """Control for the test above: the host's own ROOT sits below root's 0755 directories (/srv/...)."""
+    assert first_run.returncode == 0
+    assert stat.S_IMODE(host.base.stat().st_mode) == 0o755 and host.base.stat().st_uid == 0
+    assert "not root's alone" not in first_run.stderr
 
 
 # ---------------------------------------------------------------------------- nginx-site

@@ -44,6 +44,15 @@ system_path() {
     return 1
 }
 ! system_path "$root" || die "--root $root is a system directory (or inside one); use a directory of its own such as /opt/cognivern"
+# ROOT's parents must be root's alone: under a directory another user can write (a sticky /tmp
+# included, and any other such directory settings.SHARED_TEMP_DIRS does not name) that user could
+# create ROOT first or swap it, and temp cleanup could delete releases and data. Parents that do not
+# exist yet are created by root below, 0755.
+root_parent=$(dirname "$root")
+while [ ! -e "$root_parent" ] && [ ! -L "$root_parent" ]; do root_parent=$(dirname "$root_parent"); done
+bad_parent=$(untrusted_dir "$root_parent")
+[ -z "$bad_parent" ] ||
+    die "--root $root is under $bad_parent ($(describe_dir "$bad_parent")), which is not root's alone: another user could create or swap it; use a directory of its own such as /opt/cognivern"
 valid_user "$app_user" || die "--app-user must be a Linux user name (a-z 0-9 _ -), got '$app_user'"
 [ "$app_user" != root ] || die "--app-user must not be root"
 valid_user "$ssh_user" || die "--ssh-user must be a Linux user name (a-z 0-9 _ -), got '$ssh_user'"

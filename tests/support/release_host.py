@@ -36,7 +36,7 @@ from components.render import (
     upstream_include,
 )
 from components.settings import Settings, parse_settings
-from tests.support.helpers import DisposableHost, end_user_processes, free_port_pair, http_get, port_open, run_pm2
+from tests.support.helpers import DisposableHost, end_user_processes, free_port_pair, http_get, port_open, root_base, run_pm2
 from tests.support.nginx import PrivateNginx
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,8 +117,7 @@ class ReleaseHost(DisposableHost):
     tool = TOOL  # the release tool it runs (bench/release_bench.py gives one from an older commit)
 
     def __post_init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="cgv_root_", dir="/tmp"))
-        os.chmod(self.root, 0o755)  # noqa: S103 - the app user must reach its releases
+        self.root = root_base("cgv_root_")
         self.pm2_home = self.root / "pm2-home"
         self._upstreams: dict[Path, str] = {}
         self.nginx = PrivateNginx()
