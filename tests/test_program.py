@@ -191,7 +191,8 @@ def test_secrets_only_travel_inside_secret_values() -> None:
     assert f"SAPIENCE_PRIVATE_KEY={SECRET_VALUE}\n" in unsecret(env.inputs["stdin"])
     assert env.inputs["logging"] == "none"
     assert {"stdout", "stderr"} <= set(env.additional_secret_outputs)
-    assert "--dest /opt/cognivern/shared/.env --mode 0600 --owner cognivern:cognivern --reload-root /opt/cognivern" in env.inputs["create"]
+    # root's, read by the app's group: the app cannot rewrite the values the release tool masks with
+    assert "--dest /opt/cognivern/shared/.env --mode 0640 --owner root:cognivern --reload-root /opt/cognivern" in env.inputs["create"]
     assert unsecret(run.get("cognivern-prod-provision").inputs["connection"])["privateKey"] == PRIVATE_KEY
 
 

@@ -52,6 +52,13 @@ def release_tool_bundle() -> str:
     return f"{RELEASE_TOOL.read_text().rstrip(chr(10))}\n{HELPER_MARKER}\n{PM2_HELPER.read_text()}"
 
 
+def env_file(s: Settings) -> tuple[str, str, str]:
+    """shared/.env's path, mode and owner: root's, readable by the app's own group (run.sh and PM2
+    read it as the app user). The app cannot rewrite it, so the release tool can trust the secret
+    values it masks the app's output with (a copy the app owned let it choose what was masked)."""
+    return f"{s.root}/shared/.env", "0640", f"root:{s.app_user}"
+
+
 def provision_args(s: Settings) -> list[str]:
     """provision.sh's arguments for these settings."""
     pins = pinned_versions()
@@ -83,8 +90,7 @@ class Host(pulumi.ComponentResource):
             "ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [run_script], reload=True
         )
         env_text = pulumi.Output.secret(render_env(s.stack_env, s.secret_env))
-        owner = f"{s.app_user}:{s.app_user}"
-        env = self._put("env", f"{s.root}/shared/.env", "0600", owner, env_text, [run_script, ecosystem], reload=True, secret=True)
+        env = self._put("env", *env_file(s), env_text, [run_script, ecosystem], reload=True, secret=True)
         site = site_name(s.app_name)
         tls_domain = s.domain if s.certbot_tls else None
         nginx = self._command(
