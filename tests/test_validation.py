@@ -119,7 +119,17 @@ def test_node_major_is_bounded(major: str, ok: bool) -> None:
 
 
 PROVISION_SH = Path(__file__).resolve().parents[1] / "components" / "host" / "provision.sh"
-CANDIDATE_ROOTS = [*SYSTEM_ROOTS, *OWN_ROOTS, *SHARED_TEMP_ROOTS, "/var/www", "/var/www/app", "/snap", "/mnt/data/app", "/usr2", "/homework"]
+CANDIDATE_ROOTS = [
+    *SYSTEM_ROOTS,
+    *OWN_ROOTS,
+    *SHARED_TEMP_ROOTS,
+    "/var/www",
+    "/var/www/app",
+    "/snap",
+    "/mnt/data/app",
+    "/usr2",
+    "/homework",
+]
 
 
 @pytest.mark.parametrize("root", CANDIDATE_ROOTS)

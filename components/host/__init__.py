@@ -23,6 +23,7 @@ from components.render import (
     render_release_conf,
     site_name,
 )
+from components.server import metadata_filter
 from components.settings import Settings
 
 HERE = Path(__file__).resolve().parent
@@ -33,8 +34,13 @@ TLS = HERE / "tls.sh"
 RUN_SH = HERE / "run.sh"
 RELEASE_TOOL = RELEASE_DIR / "cognivern-release.sh"
 PM2_HELPER = RELEASE_DIR / "cognivern-pm2.cjs"
-HELPER_MARKER = "#--- cognivern-pm2.cjs ---"
 VERSIONS = HERE / "versions.env"
+# What provision.sh installs besides the release tool, each after a line `#--- NAME ---` on its stdin.
+BUNDLED = {
+    PM2_HELPER.name: PM2_HELPER,
+    metadata_filter.SCRIPT_NAME: metadata_filter.SCRIPT,
+    metadata_filter.UNIT_NAME: metadata_filter.UNIT,
+}
 
 
 def pinned_versions() -> dict[str, str]:
@@ -47,9 +53,13 @@ def pinned_versions() -> dict[str, str]:
     return out
 
 
-def release_tool_bundle() -> str:
-    """provision.sh's stdin: the release tool, then (after a marker line) its PM2 query helper."""
-    return f"{RELEASE_TOOL.read_text().rstrip(chr(10))}\n{HELPER_MARKER}\n{PM2_HELPER.read_text()}"
+def release_tool_bundle(tool: str | None = None) -> str:
+    """provision.sh's stdin: the release tool (`tool`: another text, for tests), then each BUNDLED
+    file after its marker line: the tool's PM2 query helper, the metadata filter and its unit."""
+    parts = [(RELEASE_TOOL.read_text() if tool is None else tool).rstrip("\n")]
+    for name, path in BUNDLED.items():
+        parts += [f"#--- {name} ---", path.read_text().rstrip("\n")]
+    return "\n".join(parts) + "\n"
 
 
 def env_file(s: Settings) -> tuple[str, str, str]:
@@ -63,7 +73,9 @@ def provision_args(s: Settings) -> list[str]:
     """provision.sh's arguments for these settings."""
     pins = pinned_versions()
     account = ["--root", s.root, "--app-user", s.app_user, "--node-major", str(s.node_major), "--ssh-user", s.ssh_user]
-    return [*account, "--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
+    # the metadata filter (components/server/metadata_filter.py) only where the program created the server
+    versions = ["--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
+    return [*account, *versions, "--metadata-filter", "yes" if s.creates_server else "no"]
 
 
 @dataclass(frozen=True)

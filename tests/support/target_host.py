@@ -40,6 +40,7 @@ class TargetHost(DisposableHost):
     root       the deployment ROOT (cognivern:root), e.g. /srv/cognivern-host-xxxx/root (not yet created)
     bin_dir    COGNIVERN_BIN_DIR (cognivern-release goes here)
     logrotate_dir  COGNIVERN_LOGROTATE_DIR
+    systemd_dir    COGNIVERN_SYSTEMD_DIR: provisioning writes its unit files there (no systemd runs here)
     app_user   unique per host ("cvt" + 8 hex), created by provision.sh, removed on cleanup
     app_home   /home/<app_user>;  pm2_home  <app_home>/.pm2
     app_port   a free loopback port for the backend (cognivern:port)
@@ -53,6 +54,7 @@ class TargetHost(DisposableHost):
         self.root = self.base / "root"
         self.bin_dir = self.base / "bin"
         self.logrotate_dir = self.base / "logrotate.d"
+        self.systemd_dir = self.base / "systemd"
         self.bin_dir.mkdir()
         self.logrotate_dir.mkdir()
         self.app_user = app_user or f"cvt{uuid.uuid4().hex[:8]}"
@@ -69,6 +71,7 @@ class TargetHost(DisposableHost):
                     "PATH": f"{self.bin_dir}:{SYSTEM_PATH}",
                     "COGNIVERN_BIN_DIR": str(self.bin_dir),
                     "COGNIVERN_LOGROTATE_DIR": str(self.logrotate_dir),
+                    "COGNIVERN_SYSTEMD_DIR": str(self.systemd_dir),
                     "COGNIVERN_SSHD_CONFIG": "{config}",
                     "COGNIVERN_SSHD_PIDFILE": "{pidfile}",
                     **self.nginx.env,
