@@ -29,13 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 BASE = {"release": "r1", "host": "192.0.2.10"}
 
 
-def settings(root: str | None = None, **values: object) -> Settings:
-    """Settings from raw values; `root` is set after validation: the tests render into tmp_path,
+def settings(**values: object) -> Settings:
+    """Settings from raw values; a `root` is set after validation: the tests render into tmp_path,
     which the settings refuse as a ROOT (it is under the sticky /tmp), and rendering does not care."""
+    root = values.pop("root", None)
     raw = {**BASE, **values}
     cfg = {k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
     parsed = parse_settings(cfg.get)
-    return parsed if root is None else dataclasses.replace(parsed, root=root)
+    return parsed if root is None else dataclasses.replace(parsed, root=str(root))
 
 
 @pytest.mark.parametrize(
