@@ -68,7 +68,7 @@ def test_01_a_fresh_host_is_prepared_and_v1_goes_live(stack: TargetStack) -> Non
     tool = host.bin_dir / "cognivern-release"
     assert tool.stat().st_mode & 0o777 == 0o755
     env = root / "shared" / ".env"
-    assert env.stat().st_mode & 0o777 == 0o600 and env.owner() == host.app_user
+    assert env.stat().st_mode & 0o777 == 0o640 and (env.owner(), env.group()) == ("root", host.app_user)  # the app reads, root writes
     assert f"FIXTURE_ECHO={SECRET}" in env.read_text()
     assert stack.current() == V1
     assert (root / "incoming" / f"cognivern-{V1}.tar.gz").exists()
