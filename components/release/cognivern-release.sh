@@ -1085,12 +1085,20 @@ activation_checks() {  # $1 = id, $2 = force: refuse a missing, unfinished or ba
     fi
 }
 
-already_current() {  # $1 = id, current and live: make sure it runs
-    say "release $1 is already current; making sure it runs"
+already_current() {  # $1 = id, current and live: reload it only when it does not answer healthy
+    # A healthy release is left alone: a PM2 reload of the only live slot is seamless only when the
+    # new worker is ready within listen_timeout (PM2 kills the old one then, ready or not), and a
+    # re-run of a deploy (a dropped connection, a killed `pulumi up`) must not risk that for nothing.
+    if health_ok "$(slot_url "$S_LIVE")" && served_by "$(slot_app "$S_LIVE")" "$1"; then
+        RESULT=already-current
+        say "release $1 is already current and healthy; nothing to do"
+        return 0
+    fi
+    say "release $1 is already current but does not answer healthy from its release; reloading it"
     run_app || true
     if wait_healthy "$1"; then
-        RESULT=already-current
-        say "release $1 is current and healthy"
+        RESULT=already-current-reloaded
+        say "release $1 is current and healthy after the reload"
         return 0
     fi
     show_error_log
