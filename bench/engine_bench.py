@@ -5,7 +5,7 @@
 Runs as root on loopback only. The real `__main__.py` is driven by the test-only engine stand-in
 (tests/engine, `Engine.up`) over real OpenSSH against a disposable TargetHost (private sshd, private
 nginx, temp ROOT, unique app user), with the stack config and fixture artifacts built exactly as
-tests/test_scenarios.py builds them (its `Stack` is imported). The host is prepared and the base
+tests/support/stack.py builds them (TargetStack). The host is prepared and the base
 release deployed once ("first deploy": timed, no load); then, with 8 concurrent HTTP clients on
 GET /release through the host's nginx:
   a  `pulumi up` of a new release (config change: release + artifact)
@@ -50,8 +50,8 @@ from bench.harness import median
 from bench.release_bench import CLIENTS, Load
 from components.settings import Settings
 from tests.support.real_engine import RunReport
+from tests.support.stack import TargetStack
 from tests.support.target_host import SYSTEM_PATH, TargetHost
-from tests.test_scenarios import Stack
 
 SCENARIOS = ("a", "b", "c", "c2", "c3")
 TITLES = {
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: SshDocProcedure | None = None
     try:
         host.start()
-        stack = Stack(host, tmp)
+        stack = TargetStack(host, tmp, secretEnv={"FIXTURE_ECHO": "bench"})
         load_url = host.nginx.url("/release")
 
         def serving() -> str | None:

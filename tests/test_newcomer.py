@@ -24,6 +24,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import json
+import os
 import platform
 import re
 import shutil
@@ -354,10 +355,10 @@ def test_deploy_checks_the_cli_first_then_builds_a_runtime_only_venv(clone: Clon
     plan = clone.run("make", "-n", "deploy").stdout.splitlines()
     assert plan[0] == "scripts/ensure-pulumi >/dev/null"
     pip = [line for line in plan if "pip install" in line]
-    assert pip == ["venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt"]
+    assert pip == ["venv/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock"]
     assert plan[-1] == "scripts/pulumi-local prod up"
     test_plan = clone.run("make", "-n", "test").stdout
-    assert "-r requirements-dev.txt" in test_plan
+    assert "--require-hashes -r requirements-dev.lock" in test_plan
 
 
 def test_bare_make_lists_the_targets(clone: Clone) -> None:
@@ -650,7 +651,11 @@ def test_fresh_machine_from_clone_to_deploy(clone: Clone, app_checkout: Path, mi
     nothing; make deploy runs the real engine and the release serves on the (existing) host."""
     env = {**clone.env, "PULUMI_CLI_URL": f"file://{mirror}", "COGNIVERN_APP": str(app_checkout)}
     env.update({name: f"value-of-{name}" for name in SECRETS})
-    (clone.root / "venv").symlink_to(REPO / "venv")  # the program's runtime (pip's business: see the make -n test above)
+    # The program's runtime is this checkout's venv (installing it is pip's business: see the `make -n` test
+    # above); the clone's lock file is dated before that venv's marker, so make finds the runtime up to date.
+    (clone.root / "venv").symlink_to(REPO / "venv")
+    marker = (REPO / "venv" / ".runtime").stat().st_mtime
+    os.utime(clone.root / "requirements.lock", (marker - 1, marker - 1))
     with TargetHost() as target:
         assert target.sshd is not None
         existing_host(clone, target)

@@ -270,12 +270,23 @@ def test_reactivating_current_and_reload_are_idempotent(switched: ReleaseHost) -
     host = switched
     backups = sorted((host.root / "backups" / "data").iterdir())
     assert backups, "switching to r2 backed up shared/data"
+    pid = host.serving_pid()
     proc = host.ok("activate", "r2")
-    assert "already current" in proc.stderr
+    assert "release r2 is already current and healthy; nothing to do" in proc.stderr
+    assert "PM2" not in proc.stderr and host.serving_pid() == pid, "a healthy current release is not reloaded"
     assert host.current() == "r2" and host.serving_release() == "r2"
     assert sorted((host.root / "backups" / "data").iterdir()) == backups, "no backup for a no-op"
     assert host.list_json()["previous"] == "r1"
     host.ok("reload")
+    assert host.serving_release() == "r2"
+
+
+def test_reactivating_a_current_release_that_does_not_answer_healthy_reloads_it(switched: ReleaseHost) -> None:
+    host = switched
+    host.pm2("stop", "all")  # the live slot answers nothing now
+    proc = host.ok("activate", "r2")
+    assert "release r2 is already current but does not answer healthy from its release; reloading it" in proc.stderr
+    assert "release r2 is current and healthy after the reload" in proc.stderr
     assert host.serving_release() == "r2"
 
 
@@ -481,6 +492,23 @@ def test_second_activation_fails_fast_naming_the_holder(serving: ReleaseHost) ->
     assert re.search(r"pid=\d+ ", second.stderr) and "action=activate id=r2" in second.stderr and "since=" in second.stderr
     assert host.serving_release() == "r2"
     assert any(f[1:3] == ["activate", "r1"] and f[5] == "locked(exit=3)" for f in host.log_lines())
+
+
+def test_the_same_activation_asked_again_waits_for_the_running_one_and_converges(serving: ReleaseHost) -> None:
+    """A re-run after a lost connection (or a killed `pulumi up`) meets its own detached worker."""
+    host = serving
+    first = host.popen("activate", "r2")
+    lock = host.root / ".deploy" / "lock"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "action=activate id=r2" not in (lock.read_text() if lock.exists() else ""):
+        time.sleep(0.02)
+    second = host.run("activate", "r2")
+    _out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert second.returncode == 0, second.stderr
+    assert "the activation of r2 is already under way" in second.stderr and "waiting for it to finish" in second.stderr
+    assert "already current" in second.stderr, second.stderr
+    assert host.serving_release() == "r2"
 
 
 # ------------------------------------------------------------------------ data

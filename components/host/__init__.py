@@ -23,6 +23,7 @@ from components.render import (
     render_release_conf,
     site_name,
 )
+from components.server import metadata_filter
 from components.settings import Settings
 
 HERE = Path(__file__).resolve().parent
@@ -33,8 +34,13 @@ TLS = HERE / "tls.sh"
 RUN_SH = HERE / "run.sh"
 RELEASE_TOOL = RELEASE_DIR / "cognivern-release.sh"
 PM2_HELPER = RELEASE_DIR / "cognivern-pm2.cjs"
-HELPER_MARKER = "#--- cognivern-pm2.cjs ---"
 VERSIONS = HERE / "versions.env"
+# What provision.sh installs besides the release tool, each after a line `#--- NAME ---` on its stdin.
+BUNDLED = {
+    PM2_HELPER.name: PM2_HELPER,
+    metadata_filter.SCRIPT_NAME: metadata_filter.SCRIPT,
+    metadata_filter.UNIT_NAME: metadata_filter.UNIT,
+}
 
 
 def pinned_versions() -> dict[str, str]:
@@ -47,16 +53,29 @@ def pinned_versions() -> dict[str, str]:
     return out
 
 
-def release_tool_bundle() -> str:
-    """provision.sh's stdin: the release tool, then (after a marker line) its PM2 query helper."""
-    return f"{RELEASE_TOOL.read_text().rstrip(chr(10))}\n{HELPER_MARKER}\n{PM2_HELPER.read_text()}"
+def release_tool_bundle(tool: str | None = None) -> str:
+    """provision.sh's stdin: the release tool (`tool`: another text, for tests), then each BUNDLED
+    file after its marker line: the tool's PM2 query helper, the metadata filter and its unit."""
+    parts = [(RELEASE_TOOL.read_text() if tool is None else tool).rstrip("\n")]
+    for name, path in BUNDLED.items():
+        parts += [f"#--- {name} ---", path.read_text().rstrip("\n")]
+    return "\n".join(parts) + "\n"
+
+
+def env_file(s: Settings) -> tuple[str, str, str]:
+    """shared/.env's path, mode and owner: root's, readable by the app's own group (run.sh and PM2
+    read it as the app user). The app cannot rewrite it, so the release tool can trust the secret
+    values it masks the app's output with (a copy the app owned let it choose what was masked)."""
+    return f"{s.root}/shared/.env", "0640", f"root:{s.app_user}"
 
 
 def provision_args(s: Settings) -> list[str]:
     """provision.sh's arguments for these settings."""
     pins = pinned_versions()
     account = ["--root", s.root, "--app-user", s.app_user, "--node-major", str(s.node_major), "--ssh-user", s.ssh_user]
-    return [*account, "--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
+    # the metadata filter (components/server/metadata_filter.py) only where the program created the server
+    versions = ["--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
+    return [*account, *versions, "--metadata-filter", "yes" if s.creates_server else "no"]
 
 
 @dataclass(frozen=True)
@@ -83,8 +102,7 @@ class Host(pulumi.ComponentResource):
             "ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [run_script], reload=True
         )
         env_text = pulumi.Output.secret(render_env(s.stack_env, s.secret_env))
-        owner = f"{s.app_user}:{s.app_user}"
-        env = self._put("env", f"{s.root}/shared/.env", "0600", owner, env_text, [run_script, ecosystem], reload=True, secret=True)
+        env = self._put("env", *env_file(s), env_text, [run_script, ecosystem], reload=True, secret=True)
         site = site_name(s.app_name)
         tls_domain = s.domain if s.certbot_tls else None
         nginx = self._command(

@@ -57,6 +57,28 @@ valid_abs_path() { # absolute, normalised (no //, ., .., trailing /), not "/", c
 }
 valid_user() { [[ $1 =~ ^[a-z_][a-z0-9_-]{0,31}$ ]]; }            # settings.USER_RE
 valid_site_name() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$ ]]; }   # render.SITE_NAME_RE (what render.site_name makes)
+# untrusted_dir DIR: the first directory from DIR up to / that is a link, not root's, or writable
+# by its group or by others (sticky or not, so /tmp, /var/tmp and /dev/shm count); nothing when
+# root alone controls the whole chain. Whoever can write a directory on the way can create or swap
+# the names under it, so a root-run step never works below such a directory (provision.sh: ROOT's
+# parents; put-file.sh: the destination's directory).
+untrusted_dir() {
+    local check=$1 uid mode
+    while :; do
+        if [ -L "$check" ] || [ ! -d "$check" ]; then
+            printf '%s\n' "$check"
+            return 0
+        fi
+        read -r uid mode < <(stat -c '%u %a' "$check")
+        if [ "$uid" != 0 ] || (((8#$mode & 8#022) != 0)); then
+            printf '%s\n' "$check"
+            return 0
+        fi
+        [ "$check" != / ] || return 0
+        check=$(dirname "$check")
+    done
+}
+describe_dir() { stat -c 'owner %U, mode %a' "$1" 2>/dev/null || echo missing; } # for messages about untrusted_dir's answer
 require_abs_paths() { # var...: each variable's value must be an absolute, normalised path
     local var
     for var; do

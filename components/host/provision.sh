@@ -2,11 +2,14 @@
 # Managed by cognivern-infra. Idempotent host preparation for the Cognivern backend (run as root).
 #
 #   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --node-major N --ssh-user S \
-#       --pm2-version X.Y.Z --pnpm-version X.Y.Z < cognivern-release.sh
+#       --pm2-version X.Y.Z --pnpm-version X.Y.Z --metadata-filter yes|no < bundle
 #
-# stdin: the server-side release tool, installed as $BIN_DIR/cognivern-release when it differs
-# (empty stdin or a terminal: that step is skipped), optionally followed by a line
-# "#--- cognivern-pm2.cjs ---" and the tool's PM2 query helper, installed beside it. Every step prints one line, "ok (already)"
+# stdin (components.host.release_tool_bundle): the server-side release tool, installed as
+# $BIN_DIR/cognivern-release when it differs (empty stdin or a terminal: that step is skipped),
+# then files after marker lines "#--- NAME ---": cognivern-pm2.cjs (the tool's PM2 query helper,
+# installed beside it), cognivern-metadata-filter and cognivern-metadata-filter.service (installed
+# with --metadata-filter yes: servers the program creates, where Hetzner's metadata service exists;
+# PM2's unit then requires that unit). Every step prints one line, "ok (already)"
 # or what it changed, so a re-run on a prepared host changes nothing and says so.
 # Supported: Ubuntu 24.04, Debian 12. Nothing under R/shared is ever deleted.
 #
@@ -20,18 +23,20 @@
 # (/etc/logrotate.d), COGNIVERN_SSHD_CONFIG (/etc/ssh/sshd_config; the drop-in goes into its
 # sibling sshd_config.d/), COGNIVERN_SSHD_PIDFILE (reload by SIGHUP when systemd is not running),
 # COGNIVERN_NGINX_SITES_ENABLED (/etc/nginx/sites-enabled), COGNIVERN_NGINX_CONF and
-# COGNIVERN_NGINX_PREFIX (nginx -c / -p for the reload after removing the distro default site).
+# COGNIVERN_NGINX_PREFIX (nginx -c / -p for the reload after removing the distro default site),
+# COGNIVERN_SYSTEMD_DIR (/etc/systemd/system; unit files are written only when systemd runs, or
+# into this directory when it is set).
 # Sent after lib.sh (say/die/usage, parse_options, the validators, apt, nginx_reload).
 set -euo pipefail
 umask 022
 
 script_init provision "usage: provision --root ABS_PATH --app-user USER --node-major N --ssh-user USER
-                 --pm2-version X.Y.Z --pnpm-version X.Y.Z  (release tool on stdin)"
+                 --pm2-version X.Y.Z --pnpm-version X.Y.Z --metadata-filter yes|no  (release tool bundle on stdin)"
 
 # ---------------------------------------------------------------------------- arguments
-root="" app_user="" node_major="" ssh_user="" pm2_version="" pnpm_version=""
-parse_options "--root --app-user --node-major --ssh-user --pm2-version --pnpm-version" "$@"
-require_options root app_user node_major ssh_user pm2_version pnpm_version
+root="" app_user="" node_major="" ssh_user="" pm2_version="" pnpm_version="" metadata_filter=""
+parse_options "--root --app-user --node-major --ssh-user --pm2-version --pnpm-version --metadata-filter" "$@"
+require_options root app_user node_major ssh_user pm2_version pnpm_version metadata_filter
 valid_abs_path "$root" || die "--root must be an absolute, normalised path such as /opt/cognivern, got '$root'"
 # The same list as components/settings.py (SYSTEM_TREES / SYSTEM_PARENTS); tests feed both one table.
 system_path() {
@@ -44,6 +49,15 @@ system_path() {
     return 1
 }
 ! system_path "$root" || die "--root $root is a system directory (or inside one); use a directory of its own such as /opt/cognivern"
+# ROOT's parents must be root's alone: under a directory another user can write (a sticky /tmp
+# included, and any other such directory settings.SHARED_TEMP_DIRS does not name) that user could
+# create ROOT first or swap it, and temp cleanup could delete releases and data. Parents that do not
+# exist yet are created by root below, 0755.
+root_parent=$(dirname "$root")
+while [ ! -e "$root_parent" ] && [ ! -L "$root_parent" ]; do root_parent=$(dirname "$root_parent"); done
+bad_parent=$(untrusted_dir "$root_parent")
+[ -z "$bad_parent" ] ||
+    die "--root $root is under $bad_parent ($(describe_dir "$bad_parent")), which is not root's alone: another user could create or swap it; use a directory of its own such as /opt/cognivern"
 valid_user "$app_user" || die "--app-user must be a Linux user name (a-z 0-9 _ -), got '$app_user'"
 [ "$app_user" != root ] || die "--app-user must not be root"
 valid_user "$ssh_user" || die "--ssh-user must be a Linux user name (a-z 0-9 _ -), got '$ssh_user'"
@@ -51,6 +65,7 @@ valid_user "$ssh_user" || die "--ssh-user must be a Linux user name (a-z 0-9 _ -
 [[ $node_major =~ ^[1-9][0-9]{0,2}$ ]] || die "--node-major must be a number such as 22, got '$node_major'"
 [[ $pm2_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pm2-version must be X.Y.Z, got '$pm2_version'"
 [[ $pnpm_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pnpm-version must be X.Y.Z, got '$pnpm_version'"
+[[ $metadata_filter =~ ^(yes|no)$ ]] || die "--metadata-filter must be yes or no, got '$metadata_filter'"
 
 bin_dir=${COGNIVERN_BIN_DIR:-/usr/local/bin}
 logrotate_dir=${COGNIVERN_LOGROTATE_DIR:-/etc/logrotate.d}
@@ -59,7 +74,8 @@ sshd_pidfile=${COGNIVERN_SSHD_PIDFILE:-}
 sites_enabled=${COGNIVERN_NGINX_SITES_ENABLED:-/etc/nginx/sites-enabled}
 nginx_conf=${COGNIVERN_NGINX_CONF:-/etc/nginx/nginx.conf}
 nginx_prefix=${COGNIVERN_NGINX_PREFIX:-}
-require_abs_paths bin_dir logrotate_dir sshd_config sites_enabled nginx_conf
+systemd_dir=${COGNIVERN_SYSTEMD_DIR:-/etc/systemd/system}
+require_abs_paths bin_dir logrotate_dir sshd_config sites_enabled nginx_conf systemd_dir
 [ -z "$sshd_pidfile" ] || valid_abs_path "$sshd_pidfile" || die "COGNIVERN_SSHD_PIDFILE must be an absolute path"
 [ -z "$nginx_prefix" ] || valid_abs_path "$nginx_prefix" || die "COGNIVERN_NGINX_PREFIX must be an absolute path"
 [ "$(id -u)" -eq 0 ] || die "must run as root (the program prefixes sudo -n for a non-root SSH user)"
@@ -70,15 +86,35 @@ tmpdir=$(mktemp -d)
 trap 'rm -rf -- "$tmpdir"' EXIT
 tool_src="$tmpdir/cognivern-release"
 helper_src="$tmpdir/cognivern-pm2.cjs"
+filter_src="$tmpdir/cognivern-metadata-filter"
+filter_unit=cognivern-metadata-filter.service
 if [ -t 0 ]; then
     : >"$tool_src"
 else
-    awk -v tool="$tool_src" -v helper="$helper_src" '$0 == "#--- cognivern-pm2.cjs ---" { h = 1; next }
-        { print > (h ? helper : tool) }'
+    # each marker line starts the next file (named by the marker), in $tmpdir
+    awk -v dir="$tmpdir" 'BEGIN { out = dir "/cognivern-release" }
+        $0 ~ /^#--- (cognivern-pm2\.cjs|cognivern-metadata-filter|cognivern-metadata-filter\.service) ---$/ {
+            out = dir "/" substr($0, 6, length($0) - 9); next }
+        { print > out }'
     touch "$tool_src"
 fi
 
+if [ "$metadata_filter" = yes ] && { [ ! -s "$filter_src" ] || [ ! -s "$tmpdir/$filter_unit" ]; }; then
+    die "--metadata-filter yes needs cognivern-metadata-filter and its unit on stdin (components.host.release_tool_bundle)"
+fi
+
 systemd_running() { [ -d /run/systemd/system ]; }
+# Unit files go where systemd reads them when it runs; a test host sets COGNIVERN_SYSTEMD_DIR to
+# have them written (and checked) without systemd.
+units_wanted() { systemd_running || [ -n "${COGNIVERN_SYSTEMD_DIR:-}" ]; }
+units_changed=0
+put_unit_file() { # path mode content: install it when it differs (units_changed=1); says nothing
+    [ "$(cat "$1" 2>/dev/null || true)" != "$3" ] || [ "$(stat -c '%U:%G %a' "$1")" != "root:root ${2#0}" ] || return 1
+    install -d -m 0755 "$(dirname "$1")"
+    printf '%s\n' "$3" >"$tmpdir/unit"
+    install -o root -g root -m "$2" "$tmpdir/unit" "$1"
+    units_changed=1
+}
 
 # ---------------------------------------------------------------------------- cloud-init
 if [ -d /run/cloud-init ] && command -v cloud-init >/dev/null 2>&1; then
@@ -110,6 +146,49 @@ if [ "${#missing[@]}" -eq 0 ]; then
 else
     apt_install "${missing[@]}"
     say "packages: installed ${missing[*]}"
+fi
+
+# ---------------------------------------------------------------------------- metadata filter
+# Servers the program creates: Hetzner's metadata service hands the user data (this server's SSH
+# host key) to any local process. cloud-init's bootcmd loads the filter at every boot, but in its
+# network stage, when PM2 may already be resurrecting the app; this unit loads it before
+# network-pre.target, and PM2's unit requires it (pm2 at boot, below). Loaded now, before anything
+# of the app's is installed; reloaded (never restarted: PM2 would restart with it) after a change.
+if [ "$metadata_filter" = yes ]; then
+    if ! command -v nft >/dev/null 2>&1 && ! command -v iptables >/dev/null 2>&1; then
+        apt_install nftables
+        say "metadata filter: installed nftables (there was no nft or iptables)"
+    fi
+    filter_changes=()
+    filter_dst="$bin_dir/cognivern-metadata-filter"
+    if [ -f "$filter_dst" ] && [ "$(stat -c '%U:%G %a' "$filter_dst")" = "root:root 755" ] && cmp -s "$filter_src" "$filter_dst"; then
+        :
+    else
+        install -d -m 0755 "$bin_dir"
+        install -o root -g root -m 0755 "$filter_src" "$filter_dst"
+        filter_changes+=("installed $filter_dst")
+    fi
+    if units_wanted; then
+        unit_text=$(<"$tmpdir/$filter_unit")
+        if put_unit_file "$systemd_dir/$filter_unit" 0644 "${unit_text//@BIN_DIR@/$bin_dir}"; then
+            filter_changes+=("wrote $systemd_dir/$filter_unit")
+        fi
+    fi
+    if ! systemd_running && [ "${#filter_changes[@]}" -eq 0 ]; then
+        say "metadata filter: ok (already installed; not loaded: systemd is not running)"
+    elif ! systemd_running; then
+        joined=$(printf '%s; ' "${filter_changes[@]}")
+        say "metadata filter: ${joined%; } (not loaded: systemd is not running)"
+    elif [ "${#filter_changes[@]}" -eq 0 ] && systemctl is-enabled --quiet "$filter_unit" && systemctl is-active --quiet "$filter_unit"; then
+        say "metadata filter: ok (already $filter_unit)"
+    else
+        [ "$units_changed" = 0 ] || systemctl daemon-reload
+        systemctl enable --quiet "$filter_unit"
+        systemctl reload-or-restart "$filter_unit" # active: ExecReload re-runs the script; else it starts
+        filter_changes+=("enabled and loaded $filter_unit")
+        joined=$(printf '%s; ' "${filter_changes[@]}")
+        say "metadata filter: ${joined%; }"
+    fi
 fi
 
 # ---------------------------------------------------------------------------- Node.js
@@ -274,27 +353,38 @@ npm_global_pin pnpm "$pnpm_version"
 npm_global_pin pm2 "$pm2_version"
 
 # ---------------------------------------------------------------------------- pm2 at boot
+pm2_unit="pm2-$app_user.service"
 if systemd_running; then
-    if [ -e "/etc/systemd/system/pm2-$app_user.service" ] && systemctl is-enabled --quiet "pm2-$app_user.service"; then
-        say "pm2 startup: ok (already enabled pm2-$app_user.service)"
+    if [ -e "/etc/systemd/system/$pm2_unit" ] && systemctl is-enabled --quiet "$pm2_unit"; then
+        say "pm2 startup: ok (already enabled $pm2_unit)"
     else
         env PATH="$PATH" pm2 startup systemd -u "$app_user" --hp "$app_home" >"$tmpdir/pm2.log" 2>&1 ||
             { cat "$tmpdir/pm2.log" >&2; die "pm2 startup systemd failed"; }
-        say "pm2 startup: enabled pm2-$app_user.service"
-    fi
-    # The daemon started at boot must schedule cluster connections like the one run.sh starts.
-    dropin="/etc/systemd/system/pm2-$app_user.service.d/cognivern.conf"
-    want=$'[Service]\nEnvironment=NODE_CLUSTER_SCHED_POLICY=none'
-    if [ "$(cat "$dropin" 2>/dev/null || true)" = "$want" ]; then
-        say "pm2 startup environment: ok (already)"
-    else
-        mkdir -p "$(dirname "$dropin")"
-        printf '%s\n' "$want" >"$dropin"
-        systemctl daemon-reload
-        say "pm2 startup environment: wrote $dropin"
+        say "pm2 startup: enabled $pm2_unit"
     fi
 else
     say "pm2 startup: skipped (systemd is not running on this host)"
+fi
+if units_wanted; then
+    units_changed=0
+    # The daemon started at boot must schedule cluster connections like the one run.sh starts.
+    dropin="$systemd_dir/$pm2_unit.d/cognivern.conf"
+    if put_unit_file "$dropin" 0644 $'[Service]\nEnvironment=NODE_CLUSTER_SCHED_POLICY=none'; then
+        say "pm2 startup environment: wrote $dropin"
+    else
+        say "pm2 startup environment: ok (already)"
+    fi
+    # The app never starts before the metadata filter (a failed filter keeps PM2 down: fail closed).
+    # Only where the filter unit is installed: on a host without it, Requires= would stop PM2 starting.
+    if [ "$metadata_filter" = yes ]; then
+        dropin="$systemd_dir/$pm2_unit.d/cognivern-metadata-filter.conf"
+        if put_unit_file "$dropin" 0644 $'[Unit]\n'"Requires=$filter_unit"$'\n'"After=$filter_unit"; then
+            say "pm2 startup order: wrote $dropin (after $filter_unit)"
+        else
+            say "pm2 startup order: ok (already after $filter_unit)"
+        fi
+    fi
+    if [ "$units_changed" = 1 ] && systemd_running; then systemctl daemon-reload; fi
 fi
 
 # ---------------------------------------------------------------------------- release tool

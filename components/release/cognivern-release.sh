@@ -310,6 +310,16 @@ take_deploy_lock() {  # $1 = action, $2 = id, $3 = seconds to wait (0: fail at o
     local wait_opt=(-n)
     [ "$3" -eq 0 ] || wait_opt=(-w "$3")
     exec 9>>"$lockfile"
+    if ! flock -n "$LOCK_FD"; then
+        holder=$(cat "$lockfile" 2>/dev/null || true)
+        # The same activation asked for again: its deploy lost the connection (or `pulumi up` was
+        # killed) while the detached worker went on. Waiting for that worker, then answering as
+        # usual (already current, or the release's verdict), is what makes the re-run converge.
+        if [ "$1" = activate ] && [[ " $holder " == *" action=activate id=$2 "* ]]; then
+            say "the activation of $2 is already under way ($holder); waiting for it to finish"
+            wait_opt=(-w "$((HEALTH_TIMEOUT + BAKE_SECONDS + 120))")
+        fi
+    fi
     if ! flock "${wait_opt[@]}" "$LOCK_FD"; then
         holder=$(cat "$lockfile" 2>/dev/null || true)
         [ -n "$holder" ] || holder="(holder is just starting)"
@@ -552,45 +562,75 @@ nginx_upstream() {
     return 1
 }
 
-# Secret values (cognivern:secretEnv) replaced by *** in anything the tool prints from the app's
-# logs: `pulumi up` shows it, and CI logs can be public. SECRET_KEYS (names only) comes from
-# cognivern.conf; the values are read from shared/.env by the app user (the file is the app's:
-# root never follows a link planted there) and reach this process on a pipe, never in argv.
-SECRET_VALUES_LOADED=0  # 1: loaded, 2: could not be read
+# Secret values (cognivern:secretEnv) replaced by *** in anything the tool prints from the app
+# (log tails, its health answer): `pulumi up` shows it, and CI logs can be public. SECRET_KEYS
+# (names only) comes from cognivern.conf; the values from shared/.env, which must be root's and
+# writable by nobody else (put-file writes it root:APP_GROUP 0640): a copy the app could write
+# would let it choose what is masked. It is read as data (render_env's KEY=<shlex.quote(value)>
+# lines, env_value), never sourced, and the values stay in this process (never in argv).
+SECRET_VALUES_LOADED=0  # 1: loaded, 2: could not be read (everything to mask is withheld)
 SECRET_VALUES=()
-readonly SECRET_VALUES_END=cognivern-secret-values-end
+env_value() {  # $1 = a value as shlex.quote wrote it: prints the value; fails on anything else
+    local s=$1 out=""
+    while [ -n "$s" ]; do
+        case $s in
+            \'*)
+                s=${s:1}
+                [[ $s == *\'* ]] || return 1
+                out+=${s%%\'*}
+                s=${s#*\'}
+                ;;
+            \"\'\"*) out+="'" && s=${s:3} ;;
+            *)
+                [[ $s =~ ^[A-Za-z0-9_@%+=:,./-]+ ]] || return 1
+                out+=${BASH_REMATCH[0]}
+                s=${s:${#BASH_REMATCH[0]}}
+                ;;
+        esac
+    done
+    printf '%s' "$out"
+}
 load_secret_values() {
     [ "$SECRET_VALUES_LOADED" = 0 ] || return 0
-    SECRET_VALUES_LOADED=1
-    local k
+    SECRET_VALUES_LOADED=2
+    local k env="$ROOT/shared/.env" fd uid mode kind line value
     for k in ${SECRET_KEYS:-}; do
         [[ $k =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "cognivern.conf: SECRET_KEYS holds an invalid name"
     done
-    [ -n "${SECRET_KEYS:-}" ] || return 0
-    # shellcheck disable=SC2016
-    mapfile -d '' -t SECRET_VALUES < <(as_app bash -c '[ -r "$1" ] || exit 1; set -a; . "$1" >/dev/null 2>&1; set +a
-        for k in $2; do [ -z "${!k:-}" ] || printf "%s\0" "${!k}"; done; printf "%s\0" "$3"' \
-        mask "$ROOT/shared/.env" "$SECRET_KEYS" "$SECRET_VALUES_END" 2>/dev/null) || true
-    # fail closed: without the end marker the values are unknown, and nothing is printed unmasked
-    if [ "${#SECRET_VALUES[@]}" -eq 0 ] || [ "${SECRET_VALUES[-1]}" != "$SECRET_VALUES_END" ]; then
-        SECRET_VALUES_LOADED=2
-        return 0
+    if [ -z "${SECRET_KEYS:-}" ]; then SECRET_VALUES_LOADED=1 && return 0; fi
+    # shared/ is root's, so no link can appear there between this check and the open
+    [ ! -L "$env" ] && { exec {fd}<"$env"; } 2>/dev/null || return 0
+    read -r uid mode kind < <(stat -L -c '%u %a %F' "/proc/$BASHPID/fd/$fd")
+    if [ "$uid" = 0 ] && (((8#$mode & 8#022) == 0)) && [[ $kind == regular* ]]; then
+        SECRET_VALUES_LOADED=1
+        while IFS= read -r line <&"$fd" || [ -n "$line" ]; do
+            [[ $line == *=* && " $SECRET_KEYS " == *" ${line%%=*} "* ]] || continue
+            if ! value=$(env_value "${line#*=}"); then SECRET_VALUES_LOADED=2 && break; fi
+            [ -z "$value" ] || SECRET_VALUES+=("$value")
+        done
     fi
-    unset 'SECRET_VALUES[-1]'
+    exec {fd}<&-
+    [ "$SECRET_VALUES_LOADED" = 1 ] || return 0
     # longest first, so a secret that contains another is masked whole
     mapfile -d '' -t SECRET_VALUES < <(for k in "${SECRET_VALUES[@]}"; do printf '%s\t%s\0' "${#k}" "$k"; done |
         sort -z -rn | cut -z -f2-) || true
 }
 
-mask_secrets() {  # stdin -> stdout, every secretEnv value replaced by ***
+# Control characters other than newline and tab (C0, DEL, and C1 as UTF-8) removed from the app's
+# text, so no escape sequence it prints reaches an operator's terminal or a CI log. Line-buffered:
+# `logs -f` streams through it.
+strip_controls() { LC_ALL=C stdbuf -oL tr -d '\000-\010\013-\037\177' | LC_ALL=C sed -u 's/\xc2[\x80-\x9f]//g'; }
+
+mask_secrets() {  # stdin (text from the app) -> stdout: control characters stripped, then every secretEnv value ***
     load_secret_values
     local line v
     if [ "$SECRET_VALUES_LOADED" = 2 ]; then
         cat >/dev/null
-        echo "(withheld: the secret values to mask it with could not be read from $ROOT/shared/.env)"
+        echo "(withheld: the secret values to mask it with could not be read from $ROOT/shared/.env, which must be root's and writable by no one else)"
         return 0
     fi
-    while IFS= read -r line || [ -n "$line" ]; do
+    # stripped first: an escape sequence inside a secret would otherwise split it past the mask
+    strip_controls | while IFS= read -r line || [ -n "$line" ]; do
         for v in "${SECRET_VALUES[@]}"; do line=${line//"$v"/***}; done
         printf '%s\n' "$line"
     done
@@ -765,7 +805,7 @@ install_dependencies() {  # $1 = id
     rm -rf -- "$dir/node_modules"
     if [ "$EUID" = 0 ]; then install -d -o "$APP_USER" -g "$APP_GROUP" -m 0755 "$dir/node_modules"; fi
     if ! (cd "$dir" && as_app env CI=true pnpm install --prod --frozen-lockfile --prefer-offline \
-        --package-import-method=copy --store-dir "$ROOT/cache/pnpm-store" --reporter=append-only >&2); then
+        --package-import-method=copy --store-dir "$ROOT/cache/pnpm-store" --reporter=append-only 2>&1 | strip_controls >&2); then
         die "pnpm install failed for release $1 (left unfinished; install it again to retry)"
     fi
 }
@@ -1045,12 +1085,20 @@ activation_checks() {  # $1 = id, $2 = force: refuse a missing, unfinished or ba
     fi
 }
 
-already_current() {  # $1 = id, current and live: make sure it runs
-    say "release $1 is already current; making sure it runs"
+already_current() {  # $1 = id, current and live: reload it only when it does not answer healthy
+    # A healthy release is left alone: a PM2 reload of the only live slot is seamless only when the
+    # new worker is ready within listen_timeout (PM2 kills the old one then, ready or not), and a
+    # re-run of a deploy (a dropped connection, a killed `pulumi up`) must not risk that for nothing.
+    if health_ok "$(slot_url "$S_LIVE")" && served_by "$(slot_app "$S_LIVE")" "$1"; then
+        RESULT=already-current
+        say "release $1 is already current and healthy; nothing to do"
+        return 0
+    fi
+    say "release $1 is already current but does not answer healthy from its release; reloading it"
     run_app || true
     if wait_healthy "$1"; then
-        RESULT=already-current
-        say "release $1 is current and healthy"
+        RESULT=already-current-reloaded
+        say "release $1 is current and healthy after the reload"
         return 0
     fi
     show_error_log
@@ -1247,7 +1295,7 @@ cmd_list() {
 
 cmd_status() {
     [ $# -eq 0 ] || usage_error "usage: status"
-    local cur prev body slot id url
+    local cur prev body slot id url answered=1
     cur=$(current_id)
     prev=$(previous_id)
     slots_load
@@ -1260,7 +1308,9 @@ cmd_status() {
     printf 'pm2 (PM2_HOME %s):\n' "$PM2_HOME"
     pm2q status
     url=$(slot_url "$S_LIVE")
-    if body=$(curl -sS --max-time 3 "$url" 2>&1); then
+    body=$(curl -sS --max-time 3 "$url" 2>&1) || answered=0
+    body=$(printf '%s\n' "$body" | mask_secrets)  # the app's answer: masked like its logs, then shortened
+    if [ "$answered" = 1 ]; then
         printf 'health:   %s -> %s\n' "$url" "${body:0:300}"
     else
         printf 'health:   %s -> no answer (%s)\n' "$url" "${body:0:200}"

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, RUN_SH, provision_args, release_tool_bundle
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, RUN_SH, env_file, provision_args, release_tool_bundle
 from components.remote import script_command
 from components.render import NginxTarget, render_ecosystem, render_env, render_nginx_site, render_release_conf, site_name
 from components.settings import Settings
@@ -49,9 +49,7 @@ class HardenedHost:
 
     def put_env(self, **extra: str) -> subprocess.CompletedProcess[str]:
         s = self.settings
-        return self.put(
-            f"{s.root}/shared/.env", "0600", f"{s.app_user}:{s.app_user}", render_env({**s.stack_env, **extra}, s.secret_env), reload=True
-        )
+        return self.put(*env_file(s), render_env({**s.stack_env, **extra}, s.secret_env), reload=True)
 
     @property
     def front_port(self) -> int:

@@ -303,6 +303,41 @@ class EventTail:
             self.lines.append((time.monotonic() - self.started, self._pending))
 
 
+class Running:
+    """A CLI run under way: `.process` (pulumi-local execs the CLI, so its pid is the CLI's), `.events()`."""
+
+    def __init__(self, command: str, argv: list[str], cwd: Path, env: Mapping[str, str], log: Path, timeout: float) -> None:
+        self.command, self.timeout = command, timeout
+        self.output_file = log.with_suffix(".out")
+        self.started = time.monotonic()
+        self.tail = EventTail(log, self.started).__enter__()
+        with self.output_file.open("w") as out:
+            self.process = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT, text=True)
+
+    def events(self) -> list[dict[str, Any]]:
+        """The engine events logged so far."""
+        return [json.loads(line) for _, line in list(self.tail.lines) if line.strip()]
+
+    def began(self, name: str) -> bool:
+        """True once the engine has started an operation on the resource named `name`."""
+        return any("resourcePreEvent" in e and e["resourcePreEvent"]["metadata"]["urn"].endswith(f"::{name}") for e in self.events())
+
+    def wait(self, *, check: bool = True) -> RunReport:
+        try:
+            code = self.process.wait(timeout=self.timeout)
+        finally:
+            self.tail.__exit__(None, None, None)
+        seconds = time.monotonic() - self.started
+        output = self.output_file.read_text()
+        steps, outputs, warnings, errors, summary = parse_events(self.tail.lines)
+        if code != 0 and not errors:
+            errors = [output.strip()]  # the CLI refused before the engine ran (a lock, bad flags)
+        report = RunReport(self.command, code, output, steps, outputs, warnings, errors, summary, seconds)
+        if check and not report.ok:
+            raise RunFailedError(report)
+        return report
+
+
 class RealEngine:
     """One stack of this repository's program on a private project directory and `file://` backend."""
 
@@ -387,19 +422,14 @@ class RealEngine:
     # ------------------------------------------------------------------ runs
     def run(self, command: str, *args: str, check: bool = True) -> RunReport:
         """`pulumi COMMAND ARGS --event-log F` and its report; `check`: raise RunFailedError when it fails."""
+        return self.start(command, *args).wait(check=check)
+
+    def start(self, command: str, *args: str) -> Running:
+        """The same run, not waited for: a test can watch its events and kill it."""
         self._runs += 1
         log = self.workdir / f"events-{self._runs:03d}-{command}.jsonl"
-        started = time.monotonic()
-        with EventTail(log, started) as tail:
-            done = self.cli(command, *args, "--non-interactive", "--event-log", str(log), check=False)
-        seconds = time.monotonic() - started
-        steps, outputs, warnings, errors, summary = parse_events(tail.lines)
-        if done.returncode != 0 and not errors:
-            errors = [done.stderr.strip() or done.stdout.strip()]  # the CLI refused before the engine ran
-        report = RunReport(command, done.returncode, done.stdout + done.stderr, steps, outputs, warnings, errors, summary, seconds)
-        if check and not report.ok:
-            raise RunFailedError(report)
-        return report
+        argv = ["scripts/pulumi-local", self.stack, command, *args, "--non-interactive", "--event-log", str(log)]
+        return Running(command, argv, self.project, self.env, log, self.timeout)
 
     def up(
         self, config: Mapping[str, str] | None = None, *, secret_keys: Sequence[str] = (), check: bool = True, preview: bool = False

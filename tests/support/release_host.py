@@ -10,6 +10,7 @@ Used by tests/test_release_tool.py and bench/release_bench.py.
 
 from __future__ import annotations
 
+import grp
 import io
 import json
 import os
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.host import PM2_HELPER
+from components.host import PM2_HELPER, env_file
 from components.release import TOOL as TOOL_NAME
 from components.release import sha256_file
 from components.render import (
@@ -39,7 +40,7 @@ from components.render import (
     upstream_include,
 )
 from components.settings import Settings, parse_settings
-from tests.support.helpers import DisposableHost, end_user_processes, free_port_pair, http_get, port_open, run_pm2
+from tests.support.helpers import DisposableHost, end_user_processes, free_port_pair, http_get, port_open, root_base, run_pm2
 from tests.support.nginx import PrivateNginx
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,9 +138,8 @@ class ReleaseHost(DisposableHost):
     tool = TOOL  # the release tool it installs and runs (bench/release_bench.py gives one from an older commit)
 
     def __post_init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="cgv_root_", dir="/tmp"))
-        os.chmod(self.root, 0o755)  # noqa: S103 - the app user must reach its releases
-        self.bin_dir = Path(tempfile.mkdtemp(prefix="cgv_bin_", dir="/tmp"))
+        self.root = root_base("cgv_root_")
+        self.bin_dir = root_base("cgv_bin_")
         self.installed_tool = install_release_tool(self.tool, self.bin_dir)
         self.pm2_home = self.root / "pm2-home"
         self._upstreams: dict[Path, str] = {}
@@ -183,10 +183,11 @@ class ReleaseHost(DisposableHost):
         target = NginxTarget(conf=str(self.nginx.conf_path), prefix=str(self.nginx.prefix))
         conf = render_release_conf(s, target) + f"PM2_HOME={self.pm2_home}\n"
         (self.root / "config" / "cognivern.conf").write_text(conf)
-        env = self.root / "shared" / ".env"
+        env_path, env_mode, env_owner = env_file(s)  # as the program writes it: root's, the app's group reads it
+        env = Path(env_path)
         env.write_text(render_env(s.stack_env, s.secret_env))
-        os.chown(env, *own)
-        env.chmod(0o600)
+        os.chown(env, pwd.getpwnam(env_owner.split(":")[0]).pw_uid, grp.getgrnam(env_owner.split(":")[1]).gr_gid)
+        env.chmod(int(env_mode, 8))
         shutil.copy(RUN_SH, self.root / "shared" / "run.sh")
         (self.root / "shared" / "run.sh").chmod(0o755)
         name = site_name(s.app_name)
@@ -280,6 +281,12 @@ class ReleaseHost(DisposableHost):
         status, body = self.get_json("/release")
         assert status == 200, body
         return str(body["release"])
+
+    def serving_pid(self) -> int:
+        """The pid of the worker that answered (the fixture names it): unchanged means not reloaded."""
+        status, body = self.get_json("/release")
+        assert status == 200, body
+        return int(str(body["pid"]))
 
     def pm2(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run_pm2(self.user, Path(pwd.getpwnam(self.user).pw_dir), self.pm2_home, *args)
