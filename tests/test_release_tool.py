@@ -25,8 +25,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from components.host import PM2_HELPER
 from components.release import sha256_file
-from tests.support.helpers import http_get, http_post, wait_until
+from tests.support.helpers import UserCommandLines, http_get, http_post, wait_until
 from tests.support.release_host import (
     SECRET_VALUE,
     ReleaseHost,
@@ -117,6 +118,20 @@ def hammer(h: ReleaseHost, stop: threading.Event, results: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------ command line
+
+
+def test_the_app_user_runs_nothing_from_the_checkout(serving: ReleaseHost) -> None:
+    """What the tool has the app user run (its PM2 helper: the slot watcher) is the copy installed as provisioning
+    installs it, not the checkout's: a clone under a 0700 home or `mktemp -d` is out of the app user's reach."""
+    checkout = str(Path(__file__).resolve().parents[1])
+    with UserCommandLines(serving.user) as seen:
+        serving.ok("activate", "r2")
+    watchers = [line for line in seen.lines if PM2_HELPER.name in line]
+    assert watchers and all(str(serving.bin_dir / PM2_HELPER.name) in line for line in watchers), seen.lines  # control: seen
+    assert [line for line in seen.lines if checkout in line] == []  # (its working directory is the caller's, as over SSH)
+    for path in (serving.installed_tool, serving.bin_dir / PM2_HELPER.name):
+        assert not path.resolve().is_relative_to(checkout)
+        assert path.stat().st_uid == 0 and path.stat().st_mode & 0o004, path  # root's, readable by anyone
 
 
 def test_help_and_id_validation(host: ReleaseHost) -> None:

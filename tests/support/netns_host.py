@@ -15,8 +15,13 @@ one machine cannot share a network or a filesystem view. Each `NetnsHost` gets:
   it runs (provision, the release tool, PM2, the app) sees that host's ROOT and app home at the
   common paths of the stack config; the binds live only in that private mount namespace and go
   away with its last process;
-- its own nginx (a PrivateNginx prefix) started inside the network namespace, listening on the
-  common site port on all of the namespace's addresses;
+- its own nginx (a PrivateNginx prefix) started inside the sshd's network and mount namespaces
+  (nsenter), so it reads the same files as the commands that reload it, listening on the common
+  site port on all of the namespace's addresses;
+- optionally (`binds`), a private copy of system directories such as /etc/letsencrypt, bound over
+  them in that mount namespace: the program's own paths then work unchanged on the host (the TLS
+  test lets certbot and nginx use /etc/letsencrypt and /var/www as on a server), while the
+  machine's directories are never written;
 - the COGNIVERN_* SetEnv overrides of TargetHost (bin dir, logrotate dir, sshd config and pid file,
   nginx paths), all per host, and its own host key (pinned through `hostKeys`).
 
@@ -40,7 +45,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +127,12 @@ class NetnsHost:
             d.mkdir(parents=True)
         self.base.chmod(0o755)
         self.root.chmod(0o755)
+        # system directory -> this host's private copy of it (bound over it inside the namespaces)
+        self.binds = {path: self.base / "private" / str(path).strip("/").replace("/", "_") for path in pool.binds}
+        for path, copy in self.binds.items():
+            if not path.is_dir():
+                raise RuntimeError(f"{path} must exist on this machine: it is the mount point of the host's private copy")
+            shutil.copytree(path, copy, symlinks=True)  # what a fresh server has there (e.g. certbot's cli.ini)
         self.nginx = PrivateNginx(port=SITE_PORT, autostart=False)
         self.sshd: NetnsSshd | None = None
         self.netns_created = False
@@ -141,7 +152,7 @@ class NetnsHost:
         self.sshd = NetnsSshd(
             netns=self.netns,
             address=self.address,
-            binds=[(self.root, pool.root), (self.home, pool.app_home)],
+            binds=[(self.root, pool.root), (self.home, pool.app_home), *((copy, path) for path, copy in self.binds.items())],
             set_env={
                 "PATH": f"{self.bin_dir}:{SYSTEM_PATH}",
                 "COGNIVERN_BIN_DIR": str(self.bin_dir),
@@ -149,13 +160,15 @@ class NetnsHost:
                 "COGNIVERN_SSHD_CONFIG": "{config}",
                 "COGNIVERN_SSHD_PIDFILE": "{pidfile}",
                 **self.nginx.env,
+                **{key: value.replace("{base}", str(self.base)) for key, value in pool.env.items()},
             },
         )
         # one sshPrivateKey for the stack: every host accepts the pool's client key
         (self.sshd.dir / "authorized_keys").write_text(pool.public_key + "\n")
         self.sshd.private_key_path, self.sshd.private_key, self.sshd.public_key = pool.key_path, pool.private_key, pool.public_key
         self.sshd.start()
-        proc = subprocess.run(["ip", "netns", "exec", self.netns, *self.nginx.argv()], capture_output=True, text=True)
+        assert self.sshd.pid is not None
+        proc = subprocess.run(["nsenter", "-t", str(self.sshd.pid), "-m", "-n", "--", *self.nginx.argv()], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"nginx in {self.netns}: {proc.stderr.strip()}")
         deadline = time.monotonic() + 10
@@ -208,7 +221,11 @@ class NetnsHost:
 class NetnsHosts(DisposableHost):
     """A pool of NetnsHost sharing one stack config (see the module docstring)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, *, binds: Sequence[Path] = (), env: Mapping[str, str] | None = None) -> None:
+        """`binds`: system directories each host gets a private copy of; `env`: more SetEnv overrides
+        for every host's commands ("{base}" in a value stands for that host's temp dir)."""
+        self.binds = tuple(binds)
+        self.env = dict(env or {})
         if os.geteuid() != 0:
             raise RuntimeError("NetnsHosts needs root (network namespaces, bind mounts, useradd)")
         self.tag = uuid.uuid4().hex[:6]

@@ -3,7 +3,8 @@
 `ReleaseHost` lays out a temp ROOT the way provisioning does, renders conf/ecosystem/.env with
 components.render from a real `Settings`, gives PM2 a private home (PM2_HOME in cognivern.conf),
 puts a private nginx in front of the two slots (the rendered site on `front_port`, the upstream
-file the tool switches), and runs the tool. `url()` goes through nginx, as clients do.
+file the tool switches), installs the tool into a bin dir of its own as provisioning installs it
+(`install_release_tool`), and runs it from there. `url()` goes through nginx, as clients do.
 Used by tests/test_release_tool.py and bench/release_bench.py.
 """
 
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.host import env_file
+from components.host import PM2_HELPER, env_file
+from components.release import TOOL as TOOL_NAME
 from components.release import sha256_file
 from components.render import (
     NginxTarget,
@@ -82,6 +84,21 @@ def build_evil_tarball(out_dir: Path, name: str, member: str = "../../escaped.tx
     return path, sha256_file(path)
 
 
+def install_release_tool(tool: Path, bin_dir: Path) -> Path:
+    """`tool` and the PM2 helper beside it, installed into `bin_dir` as provision.sh installs them on a
+    server: root-owned, the tool 0755 as `cognivern-release`, the helper 0644 beside it (where the tool
+    looks for it), `bin_dir` 0755. The app user runs the helper, so it must never be read from the
+    checkout, which may sit where other users cannot enter (a clone under a 0700 home or `mktemp -d`)."""
+    bin_dir.chmod(0o755)
+    installed = bin_dir / TOOL_NAME
+    for source, dest, mode in ((tool, installed, 0o755), (tool.parent / PM2_HELPER.name, bin_dir / PM2_HELPER.name, 0o644)):
+        if source.exists():  # (an older tool, bench/release_designs.py's baseline, has no helper)
+            shutil.copyfile(source, dest)
+            os.chown(dest, 0, 0)
+            dest.chmod(mode)
+    return installed
+
+
 def unique_app_user() -> str:
     """A fresh test-only user name: ReleaseHosts of concurrent test runs never share a user or its processes."""
     return f"cgvr{uuid.uuid4().hex[:8]}"
@@ -113,13 +130,17 @@ class ReleaseHost(DisposableHost):
     port: int = field(default_factory=free_port_pair)
     extra_config: Mapping[str, str] = field(default_factory=dict)
     root: Path = field(init=False)
+    bin_dir: Path = field(init=False)  # the installed tool and helper (install_release_tool)
+    installed_tool: Path = field(init=False)
     nginx: PrivateNginx = field(init=False)
     pm2_home: Path = field(init=False)
     settings: Settings = field(init=False)
-    tool = TOOL  # the release tool it runs (bench/release_bench.py gives one from an older commit)
+    tool = TOOL  # the release tool it installs and runs (bench/release_bench.py gives one from an older commit)
 
     def __post_init__(self) -> None:
         self.root = root_base("cgv_root_")
+        self.bin_dir = root_base("cgv_bin_")
+        self.installed_tool = install_release_tool(self.tool, self.bin_dir)
         self.pm2_home = self.root / "pm2-home"
         self._upstreams: dict[Path, str] = {}
         self.nginx = PrivateNginx()
@@ -207,7 +228,7 @@ class ReleaseHost(DisposableHost):
         self, *args: str, timeout: float = 120, env: Mapping[str, str] | None = None, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["bash", str(self.tool), "--root", str(self.root), *args],
+            [str(self.installed_tool), "--root", str(self.root), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -218,7 +239,7 @@ class ReleaseHost(DisposableHost):
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            ["bash", str(self.tool), "--root", str(self.root), *args],
+            [str(self.installed_tool), "--root", str(self.root), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -322,5 +343,6 @@ class ReleaseHost(DisposableHost):
         self.stop_pm2()
         self.nginx.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.bin_dir, ignore_errors=True)
 
     stop = cleanup
