@@ -3,8 +3,9 @@
     venv/bin/python -m bench.engine_bench [--repeat 3] [--out reports/engine-bench.json] [--budget 1200]
 
 Runs as root on loopback only. The real `__main__.py` is deployed by the real engine
-(tests/support/real_engine.py: the Pulumi CLI, the Python language host, pulumi-resource-command) over real OpenSSH against a disposable TargetHost (private sshd, private
-nginx, temp ROOT, unique app user), with the stack config and fixture artifacts built exactly as
+(tests/support/real_engine.py: the Pulumi CLI, the Python language host, pulumi-resource-command)
+over real OpenSSH against a disposable TargetHost (private sshd, private nginx, temp ROOT, unique
+app user), with the stack config and fixture artifacts built exactly as
 tests/support/stack.py builds them (TargetStack). The host is prepared and the base
 release deployed once ("first deploy": timed, no load); then, with 8 concurrent HTTP clients on
 GET /release through the host's nginx:
