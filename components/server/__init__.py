@@ -21,6 +21,12 @@ from components.server.host_key import HostKey, user_data_with_host_key
 CLOUD_INIT = Path(__file__).with_name("cloud-init.yaml")
 
 
+def render_user_data(private_key: str, public_key: str) -> str:
+    """A created server's user data: cloud-init.yaml plus its generated host key (the pristine-host
+    tests boot a Debian root with exactly this, through cloud-init's NoCloud datasource)."""
+    return user_data_with_host_key(CLOUD_INIT.read_text(), private_key, public_key)
+
+
 @dataclass(frozen=True)
 class ServerArgs:
     ssh_public_key: str
@@ -84,7 +90,7 @@ class Server(pulumi.ComponentResource):
             host_key = HostKey(f"{name}-host-key-{index}" if several else f"{name}-host-key", pulumi.ResourceOptions(parent=self))
             self.host_keys.append(host_key.public_key)
             rendered: pulumi.Output[str] = pulumi.Output.all(host_key.private_key, host_key.public_key).apply(
-                lambda keys: user_data_with_host_key(CLOUD_INIT.read_text(), keys[0], keys[1])
+                lambda keys: render_user_data(keys[0], keys[1])
             )
             user_data: pulumi.Output[str] = pulumi.Output.secret(rendered)
             aliases = [pulumi.Alias(name=f"{name}-server")] if several and index == 1 else None
