@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Boots a pristine root with systemd as PID 1 (tests/support/pristine_host.py runs this; root only).
+#
+#   pristine_boot.sh CGROUP NETNS LOWER UPPER WORK MERGED CONSOLE
+#
+# CGROUP: an empty cgroup2 directory made for this boot; this shell moves itself into it, so the
+#   new cgroup namespace is rooted there: the guest's systemd manages that subtree only, and
+#   `cgroup.kill` on it ends everything the boot started.
+# NETNS: the network namespace (`ip netns add`) the guest lives in.
+# LOWER/UPPER/WORK: an overlay of the cached base root (read-only, shared by every guest) and this
+#   guest's own disk (UPPER): a reboot mounts the same UPPER again.
+# MERGED: the overlay's mount point (mounted only inside the guest's mount namespace, so it goes
+#   away with the guest's last process).
+# CONSOLE: a pty slave, bound as the guest's /dev/console (the caller logs the master side).
+#
+# What a container manager does for systemd (systemd-nspawn does the same, and more): `container=`
+# in PID 1's environment (systemd then skips udev, kernel modules and the like), /sys and /proc/sys
+# read-only (the guest's systemd-sysctl must not set the machine's kernel settings; its own
+# network namespace's /proc/sys/net stays writable), a private /dev with only the basic devices.
+# Exit status: the guest's PID 1 ended by SIGHUP is a reboot, SIGINT a halt or poweroff (the kernel
+# reports reboot(2) in a PID namespace that way), relayed by `unshare --fork`.
+set -euo pipefail
+[ "$#" -eq 7 ] || { echo "usage: pristine_boot.sh CGROUP NETNS LOWER UPPER WORK MERGED CONSOLE" >&2; exit 2; }
+cgroup=$1 netns=$2 lower=$3 upper=$4 work=$5 merged=$6 console=$7
+
+echo "$$" >"$cgroup/cgroup.procs"
+# The inner script runs as the new PID namespace's first process and execs systemd in its place.
+# shellcheck disable=SC2016 # expanded by the inner shell, from its arguments
+inner='set -euo pipefail
+lower=$1 upper=$2 work=$3 m=$4 console=$5
+mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work" "$m"
+mount -t proc proc "$m/proc"
+mount --bind "$m/proc/sys" "$m/proc/sys"
+mount --bind "$m/proc/sys/net" "$m/proc/sys/net"
+mount -o remount,bind,ro "$m/proc/sys"
+mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$m/sys"
+mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$m/sys/fs/cgroup"
+mount -t tmpfs -o mode=0755,nosuid tmpfs "$m/dev"
+for d in null zero full random urandom tty; do
+    touch "$m/dev/$d"
+    mount --bind "/dev/$d" "$m/dev/$d"
+done
+mkdir "$m/dev/pts" "$m/dev/shm"
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5 devpts "$m/dev/pts"
+ln -s pts/ptmx "$m/dev/ptmx"
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$m/dev/shm"
+touch "$m/dev/console"
+mount --bind "$console" "$m/dev/console"
+ln -s /proc/self/fd "$m/dev/fd"
+ln -s /proc/self/fd/0 "$m/dev/stdin"
+ln -s /proc/self/fd/1 "$m/dev/stdout"
+ln -s /proc/self/fd/2 "$m/dev/stderr"
+exec env -i container=cognivern-pristine TERM=linux /usr/sbin/chroot "$m" /lib/systemd/systemd --system'
+exec ip netns exec "$netns" unshare --cgroup --pid --fork --mount --uts --ipc --propagation private \
+    bash -c "$inner" pristine-boot "$lower" "$upper" "$work" "$merged" "$console"
