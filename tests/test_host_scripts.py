@@ -232,11 +232,13 @@ def test_provision_keeps_shared_content(host: TargetHost, first_run: subprocess.
         (["--app-user", "Root;x"], "--app-user must be"),
         (["--app-user", "root"], "must not be root"),
         (["--node-major", "22x"], "--node-major must be a number"),
+        (["--node-source", "debian"], "--node-source must be nodesource or distribution"),
         (["--bogus", "1"], "unknown argument: --bogus"),
     ],
 )
 def test_provision_rejects_bad_arguments(host: TargetHost, first_run: object, args: list[str], message: str) -> None:
-    base = {"--root": str(host.root) + "-bad", "--app-user": "cvtbad", "--node-major": "20", "--ssh-user": "root"}
+    base = {"--root": str(host.root) + "-bad", "--app-user": "cvtbad", "--node-major": "20", "--node-source": "nodesource"}
+    base |= {"--ssh-user": "root"}
     base |= {"--pm2-version": "7.0.4", "--pnpm-version": "9.15.9"}
     argv: list[str] = []
     for key, value in base.items():

@@ -55,8 +55,9 @@ def release_tool_bundle() -> str:
 def provision_args(s: Settings) -> list[str]:
     """provision.sh's arguments for these settings."""
     pins = pinned_versions()
-    account = ["--root", s.root, "--app-user", s.app_user, "--node-major", str(s.node_major), "--ssh-user", s.ssh_user]
-    return [*account, "--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
+    account = ["--root", s.root, "--app-user", s.app_user, "--ssh-user", s.ssh_user]
+    node = ["--node-major", str(s.node_major), "--node-source", s.node_source]
+    return [*account, *node, "--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
 
 
 @dataclass(frozen=True)

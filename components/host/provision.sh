@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Managed by cognivern-infra. Idempotent host preparation for the Cognivern backend (run as root).
 #
-#   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --node-major N --ssh-user S \
-#       --pm2-version X.Y.Z --pnpm-version X.Y.Z < cognivern-release.sh
+#   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --ssh-user S --node-major N \
+#       --node-source nodesource|distribution --pm2-version X.Y.Z --pnpm-version X.Y.Z < cognivern-release.sh
 #
 # stdin: the server-side release tool, installed as $BIN_DIR/cognivern-release when it differs
 # (empty stdin or a terminal: that step is skipped), optionally followed by a line
 # "#--- cognivern-pm2.cjs ---" and the tool's PM2 query helper, installed beside it. Every step prints one line, "ok (already)"
 # or what it changed, so a re-run on a prepared host changes nothing and says so.
-# Supported: Ubuntu 24.04, Debian 12. Nothing under R/shared is ever deleted.
+# Supported: Ubuntu 24.04, Debian 12 and 13. Nothing under R/shared is ever deleted.
 #
 # The app user is treated as hostile: the directories root works in (R, releases/, shared/,
 # cache/, backups/) belong to root; only the leaves the app writes (shared/data, shared/logs,
@@ -25,13 +25,13 @@
 set -euo pipefail
 umask 022
 
-script_init provision "usage: provision --root ABS_PATH --app-user USER --node-major N --ssh-user USER
-                 --pm2-version X.Y.Z --pnpm-version X.Y.Z  (release tool on stdin)"
+script_init provision "usage: provision --root ABS_PATH --app-user USER --ssh-user USER --node-major N
+                 --node-source nodesource|distribution --pm2-version X.Y.Z --pnpm-version X.Y.Z  (release tool on stdin)"
 
 # ---------------------------------------------------------------------------- arguments
-root="" app_user="" node_major="" ssh_user="" pm2_version="" pnpm_version=""
-parse_options "--root --app-user --node-major --ssh-user --pm2-version --pnpm-version" "$@"
-require_options root app_user node_major ssh_user pm2_version pnpm_version
+root="" app_user="" node_major="" node_source="" ssh_user="" pm2_version="" pnpm_version=""
+parse_options "--root --app-user --node-major --node-source --ssh-user --pm2-version --pnpm-version" "$@"
+require_options root app_user node_major node_source ssh_user pm2_version pnpm_version
 valid_abs_path "$root" || die "--root must be an absolute, normalised path such as /opt/cognivern, got '$root'"
 # The same list as components/settings.py (SYSTEM_TREES / SYSTEM_PARENTS); tests feed both one table.
 system_path() {
@@ -49,6 +49,7 @@ valid_user "$app_user" || die "--app-user must be a Linux user name (a-z 0-9 _ -
 valid_user "$ssh_user" || die "--ssh-user must be a Linux user name (a-z 0-9 _ -), got '$ssh_user'"
 [ "$app_user" != "$ssh_user" ] || die "--app-user must differ from --ssh-user ($ssh_user): the deploy login has sudo, the app must not"
 [[ $node_major =~ ^[1-9][0-9]{0,2}$ ]] || die "--node-major must be a number such as 22, got '$node_major'"
+case "$node_source" in nodesource | distribution) ;; *) die "--node-source must be nodesource or distribution, got '$node_source'" ;; esac
 [[ $pm2_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pm2-version must be X.Y.Z, got '$pm2_version'"
 [[ $pnpm_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pnpm-version must be X.Y.Z, got '$pnpm_version'"
 
@@ -118,14 +119,12 @@ readonly NODESOURCE_FPR=6F71F525282841EEDAF851B42F59B5F99B1BE0B4
 key_fingerprints() { # primary-key fingerprints of an armored key file, one a line
     gpg --batch --show-keys --with-colons "$1" 2>/dev/null | awk -F: '$1 == "pub" { want = 1 } $1 == "fpr" && want { print $10; want = 0 }'
 }
-node_version=$(node --version 2>/dev/null || true)
-if [[ $node_version == "v$node_major."* ]]; then
-    say "node: ok (already $node_version)"
-else
-    keyring=/etc/apt/keyrings/nodesource.asc
+nodesource_node() { # NodeSource's node_N.x repository, its key checked by fingerprint
+    local keyring=/etc/apt/keyrings/nodesource.asc
     install -d -m 0755 /etc/apt/keyrings
     if [ ! -s "$keyring" ]; then
-        curl -fsSL --retry 3 https://deb.nodesource.com/gpgkey/nodesource-repo.gpg.key -o "$tmpdir/nodesource.asc"
+        curl -fsSL --retry 3 https://deb.nodesource.com/gpgkey/nodesource-repo.gpg.key -o "$tmpdir/nodesource.asc" ||
+            die "cannot fetch NodeSource's key from https://deb.nodesource.com (cognivern:nodeSource nodesource); a host that cannot reach NodeSource can use cognivern:nodeSource distribution"
         grep -q 'BEGIN PGP PUBLIC KEY BLOCK' "$tmpdir/nodesource.asc" || die "NodeSource key download is not a PGP key"
         have_fpr=$(key_fingerprints "$tmpdir/nodesource.asc")
         [ "$have_fpr" = "$NODESOURCE_FPR" ] ||
@@ -147,10 +146,44 @@ Pin-Priority: 600
 EOF
     apt_get update # the new NodeSource source: its lists are not there yet
     apt_get install nodejs
+    node_from="NodeSource"
+}
+nodejs_candidate() { apt-cache policy nodejs 2>/dev/null | awk '$1 == "Candidate:" && $2 != "(none)" { print $2 }'; }
+distribution_node() { # the distribution's nodejs and npm: one major per release
+    local candidate major os removed=""
+    # A NodeSource repository from an earlier nodeSource would win over the distribution's package.
+    for f in /etc/apt/sources.list.d/nodesource.sources /etc/apt/preferences.d/nodesource; do
+        if [ -e "$f" ]; then
+            rm -f -- "$f"
+            removed=1
+        fi
+    done
+    candidate=$(nodejs_candidate)
+    if [ -z "$candidate" ] || [ -n "$removed" ]; then
+        apt_get update
+        candidate=$(nodejs_candidate)
+    fi
+    # shellcheck disable=SC1091 # the host's own
+    os=$(. /etc/os-release && echo "${PRETTY_NAME:-$ID}")
+    [ -n "$candidate" ] || die "$os has no nodejs package (cognivern:nodeSource distribution); set cognivern:nodeSource to nodesource"
+    major=${candidate#*:}
+    major=${major%%.*}
+    [ "$major" = "$node_major" ] ||
+        die "cognivern:nodeMajor is $node_major, but $os packages Node $major (nodejs $candidate; cognivern:nodeSource distribution); set cognivern:nodeMajor to $major, or cognivern:nodeSource to nodesource"
+    # Debian's npm recommends a compiler toolchain (node-gyp, build-essential): not for a server.
+    apt_get install --no-install-recommends --allow-downgrades "nodejs=$candidate" npm
+    node_from="the distribution (nodejs $candidate)"
+}
+node_version=$(node --version 2>/dev/null || true)
+if [[ $node_version == "v$node_major."* ]] && command -v npm >/dev/null 2>&1; then
+    say "node: ok (already $node_version)"
+else
+    "${node_source}_node"
     hash -r
     new_version=$(node --version 2>/dev/null || true)
-    [[ $new_version == "v$node_major."* ]] || die "node is ${new_version:-missing} after installing NodeSource node_${node_major}.x"
-    say "node: installed $new_version from NodeSource (was ${node_version:-none})"
+    [[ $new_version == "v$node_major."* ]] || die "node is ${new_version:-missing} after installing Node $node_major from $node_from"
+    command -v npm >/dev/null 2>&1 || die "npm is missing after installing Node $node_major from $node_from"
+    say "node: installed $new_version from $node_from (was ${node_version:-none})"
 fi
 
 # ---------------------------------------------------------------------------- app user
