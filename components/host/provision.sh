@@ -103,13 +103,16 @@ pkg_installed() {
 }
 missing=()
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
-for pkg in curl ca-certificates gpg logrotate tar gzip util-linux; do
+wanted=(curl ca-certificates logrotate tar gzip util-linux)
+[ "$node_source" != nodesource ] || wanted+=(gpg) # only to check NodeSource's key
+for pkg in "${wanted[@]}"; do
     pkg_installed "$pkg" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -eq 0 ]; then
     say "packages: ok (already)"
 else
-    apt_install "${missing[@]}"
+    # What each needs, not what it suggests: gpg alone recommends 12 packages (gnupg, dirmngr, an agent).
+    apt_install --no-install-recommends "${missing[@]}"
     say "packages: installed ${missing[*]}"
 fi
 
@@ -325,6 +328,17 @@ if systemd_running; then
         printf '%s\n' "$want" >"$dropin"
         systemctl daemon-reload
         say "pm2 startup environment: wrote $dropin"
+    fi
+    # On a host whose app user runs no PM2 daemon yet (a new server), start the unit now: the daemon
+    # run.sh and the release tool then use is systemd's (restarted if it dies) instead of one spawned
+    # inside the deploy's SSH session, which came under systemd only at the first reboot.
+    if systemctl is-active --quiet "pm2-$app_user.service"; then
+        say "pm2 daemon: ok (already running under pm2-$app_user.service)"
+    elif pgrep -u "$app_user" -f '^PM2 v[0-9.]+: God Daemon' >/dev/null; then
+        say "pm2 daemon: ok (left running; it comes under pm2-$app_user.service at the next boot)"
+    else
+        systemctl start "pm2-$app_user.service"
+        say "pm2 daemon: started pm2-$app_user.service"
     fi
 else
     say "pm2 startup: skipped (systemd is not running on this host)"
