@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Boots a pristine root with systemd as PID 1 (tests/support/pristine_host.py runs this; root only).
 #
-#   pristine_boot.sh CGROUP NETNS LOWER UPPER WORK MERGED CONSOLE
+#   pristine_boot.sh CGROUP NETNS LOWER UPPER WORK MERGED CONSOLE ARCHIVES
 #
 # CGROUP: an empty cgroup2 directory made for this boot; this shell moves itself into it, so the
 #   new cgroup namespace is rooted there: the guest's systemd manages that subtree only, and
@@ -12,23 +12,34 @@
 # MERGED: the overlay's mount point (mounted only inside the guest's mount namespace, so it goes
 #   away with the guest's last process).
 # CONSOLE: a pty slave, bound as the guest's /dev/console (the caller logs the master side).
+# ARCHIVES: a directory bound onto the guest's /var/cache/apt/archives (downloaded packages kept
+#   between hosts: apt still checks each against the package lists), or "" for none.
 #
 # What a container manager does for systemd (systemd-nspawn does the same, and more): `container=`
-# in PID 1's environment (systemd then skips udev, kernel modules and the like), /sys and /proc/sys
+# in PID 1's environment (systemd then skips udev and the like), fewer capabilities, /sys and /proc/sys
 # read-only (the guest's systemd-sysctl must not set the machine's kernel settings; its own
 # network namespace's /proc/sys/net stays writable), a private /dev with only the basic devices.
 # Exit status: the guest's PID 1 ended by SIGHUP is a reboot, SIGINT a halt or poweroff (the kernel
 # reports reboot(2) in a PID namespace that way), relayed by `unshare --fork`.
 set -euo pipefail
-[ "$#" -eq 7 ] || { echo "usage: pristine_boot.sh CGROUP NETNS LOWER UPPER WORK MERGED CONSOLE" >&2; exit 2; }
-cgroup=$1 netns=$2 lower=$3 upper=$4 work=$5 merged=$6 console=$7
+[ "$#" -eq 8 ] || { echo "usage: pristine_boot.sh CGROUP NETNS LOWER UPPER WORK MERGED CONSOLE ARCHIVES" >&2; exit 2; }
+cgroup=$1 netns=$2 lower=$3 upper=$4 work=$5 merged=$6 console=$7 archives=$8
 
 echo "$$" >"$cgroup/cgroup.procs"
+# Capabilities the guest's root never gets (as systemd-nspawn withholds them): loading kernel
+# modules, setting the machine's clock, raw I/O, the kernel log, suspend and wake-up timers, MAC
+# policy. systemd-modules-load and time-sync units then skip themselves (ConditionCapability=).
+drop=-sys_module,-sys_time,-sys_rawio,-syslog,-wake_alarm,-block_suspend,-mac_admin,-mac_override,-sys_pacct
 # The inner script runs as the new PID namespace's first process and execs systemd in its place.
+# The overlay is volatile: the guest's fsyncs stop at the page cache (dpkg syncs every file it
+# unpacks: provisioning took 49 s longer without it). A disk outlives a reboot, never a crash of
+# this machine; the marker overlayfs leaves in WORK only says that the last boot mounted it so.
 # shellcheck disable=SC2016 # expanded by the inner shell, from its arguments
 inner='set -euo pipefail
-lower=$1 upper=$2 work=$3 m=$4 console=$5
-mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work" "$m"
+lower=$1 upper=$2 work=$3 m=$4 console=$5 drop=$6 archives=$7
+rm -rf "$work/work/incompat/volatile"
+mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work,volatile" "$m"
+[ -z "$archives" ] || mount --bind "$archives" "$m/var/cache/apt/archives"
 mount -t proc proc "$m/proc"
 mount --bind "$m/proc/sys" "$m/proc/sys"
 mount --bind "$m/proc/sys/net" "$m/proc/sys/net"
@@ -50,6 +61,6 @@ ln -s /proc/self/fd "$m/dev/fd"
 ln -s /proc/self/fd/0 "$m/dev/stdin"
 ln -s /proc/self/fd/1 "$m/dev/stdout"
 ln -s /proc/self/fd/2 "$m/dev/stderr"
-exec env -i container=cognivern-pristine TERM=linux /usr/sbin/chroot "$m" /lib/systemd/systemd --system'
+exec setpriv --bounding-set "$drop" env -i container=cognivern-pristine TERM=linux /usr/sbin/chroot "$m" /lib/systemd/systemd --system'
 exec ip netns exec "$netns" unshare --cgroup --pid --fork --mount --uts --ipc --propagation private \
-    bash -c "$inner" pristine-boot "$lower" "$upper" "$work" "$merged" "$console"
+    bash -c "$inner" pristine-boot "$lower" "$upper" "$work" "$merged" "$console" "$drop" "$archives"

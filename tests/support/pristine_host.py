@@ -66,6 +66,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.host import PROVISION, provision_args, release_tool_bundle
+from components.remote import script_command
 from components.server import render_user_data
 from components.server.host_key import generate_ed25519
 from components.settings import DISTRIBUTION_NODE_MAJORS, Settings, parse_settings
@@ -81,6 +83,7 @@ PROXY_PORT = 3128  # tinyproxy on the root side of this host's veth (the address
 # What the proxy lets through: Debian's mirror (apt) and npm's registry (pnpm, PM2); NodeSource too,
 # so a test can show it is unreachable from here rather than refused by us.
 PROXY_ALLOW = (r"^deb\.debian\.org$", r"^security\.debian\.org$", r"^registry\.npmjs\.org$", r"^deb\.nodesource\.com$")
+LOCAL_CAS = Path("/usr/local/share/ca-certificates")
 PID1_SIGNALS = {signal.SIGHUP: "reboot", signal.SIGINT: "poweroff"}
 
 
@@ -221,6 +224,7 @@ class PristineHost(DisposableHost):
         user_data: str | None = None,
         boot_timeout: float = 180,
         proxy: bool = True,
+        apt_cache: bool = True,
     ) -> None:
         if os.geteuid() != 0:
             raise RuntimeError("PristineHost needs root (namespaces, mounts, cgroups)")
@@ -228,6 +232,7 @@ class PristineHost(DisposableHost):
         self.release, self.image = release, self.recipe.image
         self.boot_timeout = boot_timeout
         self.use_proxy = proxy
+        self.apt_cache = apt_cache
         self.tag = uuid.uuid4().hex[:6]
         self.netns = f"cgvp{self.tag}"
         self.veth = f"cgvp{self.tag}r"
@@ -272,6 +277,8 @@ class PristineHost(DisposableHost):
             self._start_proxy()
         (self.base / "known_hosts").write_text(f"{self.address} {self.host_key}\n" if self.host_key else "")
         self.boot()
+        if self.use_proxy:
+            self.run("! command -v update-ca-certificates >/dev/null || update-ca-certificates >/dev/null", check=True)
 
     def _seed(self) -> None:
         """NoCloud seed and the test bed's proxy settings, written into the disk before its first boot
@@ -292,9 +299,20 @@ class PristineHost(DisposableHost):
         (etc / "apt/apt.conf.d/00cognivern-test-proxy").write_text(f'Acquire::http::Proxy "{url}";\nAcquire::https::Proxy "{url}";\n')
         environment = (self.lower / "etc/environment").read_text() if (self.lower / "etc/environment").exists() else ""
         lines = [f"http_proxy={url}", f"https_proxy={url}", "no_proxy=localhost,127.0.0.1,::1"]
+        # This machine's egress re-signs TLS with local CAs (its own /usr/local/share/ca-certificates):
+        # the guest trusts them too, through the system bundle (update-ca-certificates, after boot) and,
+        # for Node's own CA list, NODE_EXTRA_CA_CERTS.
+        local_cas = sorted(LOCAL_CAS.glob("*.crt")) if LOCAL_CAS.is_dir() else []
+        if local_cas:
+            cas = self.disk / "usr/local/share/ca-certificates"
+            cas.mkdir(parents=True, exist_ok=True)
+            for ca in local_cas:
+                shutil.copyfile(ca, cas / f"cognivern-test-bed-{ca.name}")
+            lines.append("NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt")
         (etc / "environment").write_text(environment + "".join(f"{line}\n" for line in lines))
-        for d in (etc / "apt", etc / "apt/apt.conf.d"):
-            d.chmod(0o755)
+        for d in (etc / "apt", etc / "apt/apt.conf.d", self.disk / "usr", self.disk / "usr/local", self.disk / "usr/local/share"):
+            if d.exists():
+                d.chmod(0o755)
         conf = self.base / "tinyproxy.conf"
         (self.base / "tinyproxy.allow").write_text("".join(f"{pattern}\n" for pattern in PROXY_ALLOW))
         conf.write_text(
@@ -344,6 +362,7 @@ class PristineHost(DisposableHost):
                     str(self.base / "work"),
                     str(self.base / "merged"),
                     os.ttyname(self._console_slave),
+                    str(self._apt_archives()) if self.apt_cache else "",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -353,6 +372,12 @@ class PristineHost(DisposableHost):
         self.pid1 = self._find_pid1()
         self.boot_report = self.wait_running(started)
         return self.boot_report
+
+    def _apt_archives(self) -> Path:
+        """Downloaded packages, kept between hosts of a release (cache_root()/apt-archives/RELEASE)."""
+        archives = cache_root().parent / "pristine-apt-archives" / self.release
+        (archives / "partial").mkdir(parents=True, exist_ok=True)
+        return archives
 
     def _find_pid1(self) -> int:
         """The guest's systemd: the child of `unshare --fork` (the boot process once it has exec'd)."""
@@ -580,6 +605,12 @@ class PristineHost(DisposableHost):
         if check and result.returncode != 0:
             raise AssertionError(f"ssh {command[:80]!r} exited {result.returncode}: {result.stderr.strip()[-2000:]}")
         return result
+
+    def provision(self, **values: object) -> subprocess.CompletedProcess[str]:
+        """provision.sh over SSH as the program ships it: `script_command` (lib.sh + the script, its
+        arguments from these settings) with the release tool bundle on stdin."""
+        command = script_command(PROVISION, provision_args(self.settings(**values)))
+        return self.ssh(command, release_tool_bundle())
 
     def packages(self) -> dict[str, str]:
         """Installed Debian packages: name -> version."""
