@@ -5,7 +5,7 @@ VENV := venv
 STACK ?= prod
 
 .DEFAULT_GOAL := help
-.PHONY: help init deploy preview test lint bench cli-check stack-check pulumi-cli
+.PHONY: help init deploy preview test lint bench cli-check stack-check pulumi-cli pristine-roots
 
 ## list the targets
 help:
@@ -64,6 +64,11 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.cluster_policy --out reports/cluster-policy.json
 	$(VENV)/bin/python -m bench.provision_rerun --out reports/provision-rerun.json
 	$(VENV)/bin/python -m bench.pm2_calls --out reports/pm2-calls.json
+	$(VENV)/bin/python -m bench.pristine_bench --out reports/pristine-bench.json
+
+## the pristine Debian roots (bookworm, trixie) the pristine-host tests boot, built with debootstrap (cached per recipe)
+pristine-roots: $(VENV)/.installed
+	$(VENV)/bin/python -m tests.support.pristine_host build bookworm trixie
 
 ## the Pulumi CLI at tools/pulumi/VERSION, built from Go modules into .tools/bin (cached per version)
 pulumi-cli:
