@@ -41,8 +41,8 @@ def test_the_base_root_is_what_a_cloud_image_ships_before_its_first_boot(release
     assert not list((root / "etc/ssh").glob("ssh_host_*")), "host keys come from cloud-init, not from the image"
     assert (root / "etc/machine-id").read_text() == "", "systemd makes the machine id at first boot"
     assert not [p for p in (root / "var/lib/apt/lists").iterdir() if p.name not in ("partial", "lock")]
-    status = (root / "var/lib/dpkg/status").read_text()
-    installed = set(re.findall(r"^Package: (\S+)\nStatus: install ok installed", status, re.M))
+    stanzas = (root / "var/lib/dpkg/status").read_text().split("\n\n")
+    installed = {re.findall(r"^Package: (\S+)$", st, re.M)[0] for st in stanzas if "\nStatus: install ok installed" in st}
     assert set(RECIPES[release].packages) <= installed
     # what provisioning must install itself
     assert not {"nginx", "nodejs", "npm", "curl", "gpg"} & installed
