@@ -29,6 +29,7 @@ SPLIT = {"test_release_tool": 2, "test_blue_green": 2}
 SECONDS = {  # worker seconds per module in a `make test` run (junit sums, 2026-11-30), rounded
     "test_release_tool": 285,
     "test_blue_green": 200,
+    "test_pristine_provision": 150,  # alone, not yet from a `make test` run (2026-12): provisioning from nothing
     "test_newcomer": 70,
     "test_scenarios": 105,
     "test_hardening": 85,
@@ -40,6 +41,7 @@ SECONDS = {  # worker seconds per module in a `make test` run (junit sums, 2026-
     "test_masking": 50,
     "test_tls": 45,
     "test_pm2_helper": 35,
+    "test_pristine_host": 30,  # alone (2026-12)
     "test_real_cli": 30,
     "test_engine": 25,
     "test_host_keys": 17,
