@@ -98,10 +98,11 @@ NODE_MAJORS = (18, 26)
 # major per release; for hosts that cannot reach NodeSource, or operators who prefer the
 # distribution's security updates).
 NODE_SOURCES = ("nodesource", "distribution")
-# The major of each image's own nodejs package, from the distributions' archives: Debian 12
-# (bookworm) 18.19, Debian 13 (trixie) 20.19, Ubuntu 24.04 (noble) 18.19, Ubuntu 22.04 (jammy)
-# 12.22. Only a created server's image is known before the server exists: provision.sh checks
-# any host's own package (apt-cache policy) and refuses a nodeMajor it cannot give.
+# The major of each image's own nodejs package (checked 2026-12 in the archives' package lists):
+# Debian 12 (bookworm) 18.20.4, Debian 13 (trixie) 20.19.2 (both installed by the pristine-host
+# tests), Ubuntu 24.04 (noble, universe) 18.19.1, Ubuntu 22.04 (jammy, universe) 12.22.9. Only a
+# created server's image is known before the server exists: provision.sh checks any host's own
+# package (apt-cache policy) and refuses a nodeMajor it cannot give.
 DISTRIBUTION_NODE_MAJORS = {"debian-12": 18, "debian-13": 20, "ubuntu-22.04": 12, "ubuntu-24.04": 18}
 # Keys the program writes into shared/.env itself; `env`/`secretEnv` may not override them.
 RESERVED_ENV_KEYS = frozenset({"PORT", "HOST", "AGENTS_ENABLED"})
