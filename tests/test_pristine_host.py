@@ -9,6 +9,7 @@ built once per recipe and cached); the teardown tests start hosts of their own.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -66,6 +67,14 @@ def test_systemd_is_pid_1_and_the_boot_finishes_running(host: PristineHost) -> N
 def test_cloud_init_ran_from_the_nocloud_seed_with_the_programs_user_data(host: PristineHost) -> None:
     status = host.run(["cloud-init", "status", "--long"], check=True).stdout
     assert "status: done" in status
+    # each of its four stages ran under the guest's systemd, without an error
+    stages = json.loads(host.read("/run/cloud-init/status.json"))["v1"]
+    ran = {
+        name: (stage["finished"] is not None, stage["errors"])
+        for name, stage in stages.items()
+        if isinstance(stage, dict) and stage.get("start")
+    }
+    assert ran == {stage: (True, []) for stage in ("init-local", "init", "modules-config", "modules-final")}
     assert "DataSourceNoCloud [seed=/var/lib/cloud/seed/nocloud]" in status
     user_data = host.read("/var/lib/cloud/instance/user-data.txt")
     assert user_data == host.user_data
