@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from components.server.host_key import generate_ed25519
-from tests.support.pristine_host import RECIPES, PristineHost, base_root, cgroup2_mount, recipe_key
+from tests.support.pristine_host import ID_SHIFT, RECIPES, PristineHost, base_root, cgroup2_mount, recipe_key
 
 pytestmark = pytest.mark.needs_root("it boots a Debian root in namespaces and cgroups it creates")
 
@@ -100,6 +100,22 @@ def test_sshd_presents_the_generated_host_key_and_no_other(host: PristineHost) -
         known.write_text(pinned)
 
 
+def test_the_guests_users_are_not_this_machines(host: PristineHost) -> None:
+    """Every process of the guest runs as a uid of its own user namespace, shifted out of this
+    machine's range: test users here are created and their processes killed by uid while it runs."""
+    cgroup = cgroup2_mount() / f"cognivern-pristine-{host.tag}"
+    pids = [int(pid) for procs in cgroup.rglob("cgroup.procs") for pid in procs.read_text().split()]
+    uids = {}
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status")
+        if status.exists():
+            uids[pid] = int(next(line for line in status.read_text().splitlines() if line.startswith("Uid:")).split()[1])
+    assert len(uids) > 5  # systemd, journald, dbus, logind, sshd, ...
+    guest = {pid: uid for pid, uid in uids.items() if pid != host.boot_proc.pid} if host.boot_proc else uids
+    assert all(ID_SHIFT <= uid < ID_SHIFT + 65536 for uid in guest.values()), guest
+    assert host.run(["id", "-u"], check=True).stdout.strip() == "0"  # root in there
+
+
 def test_the_user_datas_metadata_filter_is_in_place(host: PristineHost) -> None:
     ruleset = host.run(["nft", "list", "table", "inet", "cognivern_metadata"], check=True).stdout
     assert "ip daddr 169.254.169.254 meta skuid != 0 reject" in ruleset
@@ -129,6 +145,7 @@ def _traces(h: PristineHost) -> dict[str, object]:
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     return {
+        "holder": h.holder is not None and h.holder.poll() is None,
         "netns": h.netns in netns,
         "veth": f"{h.veth}@" in links,
         "cgroup": (cgroup2_mount() / f"cognivern-pristine-{h.tag}").exists(),
@@ -143,8 +160,8 @@ def test_teardown_leaves_nothing_behind() -> None:
         assert h.pid1 is not None
         during = _traces(h)
         pid1 = h.pid1
-    assert during["netns"] and during["veth"] and during["cgroup"] and during["processes"] and during["dir"]
-    assert _traces(h) == {"netns": False, "veth": False, "cgroup": False, "processes": [], "dir": False}
+    assert during["holder"] and during["netns"] and during["veth"] and during["cgroup"] and during["processes"] and during["dir"]
+    assert _traces(h) == {"holder": False, "netns": False, "veth": False, "cgroup": False, "processes": [], "dir": False}
     assert not Path(f"/proc/{pid1}").exists()
 
 
@@ -152,4 +169,4 @@ def test_a_failed_start_leaves_nothing_behind() -> None:
     h = PristineHost("bookworm", boot_timeout=0.5)  # systemd cannot finish booting in half a second
     with pytest.raises(TimeoutError, match="boot not finished"):
         h.start()
-    assert _traces(h) == {"netns": False, "veth": False, "cgroup": False, "processes": [], "dir": False}
+    assert _traces(h) == {"holder": False, "netns": False, "veth": False, "cgroup": False, "processes": [], "dir": False}

@@ -14,9 +14,12 @@ nothing, `pm2 startup` writes a real unit, nginx runs under systemd and a reboot
 **The disk.** `base_root(release)` builds a root per Debian release once (`pristine_root.sh`:
 debootstrap's minimal variant plus `RECIPES[release].packages`) and caches it under
 `$COGNIVERN_TOOLS_CACHE` (default ~/.cache/cognivern-tools)/pristine-root/RELEASE/KEY/root, KEY a
-hash of the recipe (the package list and pristine_root.sh), so a changed recipe builds a new root. Each
-host gets an overlay of that root with a disk of its own (`upper`, in a temp dir): nothing is
-copied, and a reboot mounts the same disk again.
+hash of the recipe (the package list, pristine_root.sh and ID_SHIFT), so a changed recipe builds a
+new root. Its files are owned by the guest's ids shifted by ID_SHIFT (below). Each host gets an
+overlay of that root with a disk of its own (`upper`, in a temp dir; `write()` puts a file there
+while the host is stopped): nothing is copied, and a reboot mounts the same disk again. Packages
+apt downloads are kept per release in ~/.cache/cognivern-tools/pristine-apt-archives (apt checks
+each against the package lists; `apt_cache=False` downloads as a new server does).
 
 **The seed.** cloud-init finds its NoCloud datasource in /var/lib/cloud/seed/nocloud/ (checked:
 ds-identify looks there with no kernel command line or DMI data): `user-data` is, unless the test
@@ -24,11 +27,13 @@ passes its own, the program's rendering for a created server (`components.server
 with a host key generated here, and `meta-data` carries an instance id, a host name and the client
 key in `public-keys`, as Hetzner's metadata service carries the project's SSH keys.
 
-**The boot** (`pristine_boot.sh`): its own network namespace (a veth pair with a /30 from the
-multi-server hosts' pool, tests/support/netns_host.py), PID, mount, UTS, IPC and cgroup
-namespaces, a cgroup of its own (cgroup.kill ends everything in it), /sys and /proc/sys
-read-only, a private /dev, a pty as /dev/console (logged to `console.log`), then
-`chroot DIR /lib/systemd/systemd --system`.
+**The boot** (`pristine_boot.sh`): its own user namespace (the guest's 0-65535 are this machine's
+ID_SHIFT + 0-65535, so its root is not this machine's root and its users never share a uid with
+the test users other modules create and kill by uid) and network namespace (a veth pair with a /30
+from the multi-server hosts' pool, tests/support/netns_host.py), both held by a `sleep` across
+reboots; PID, mount, UTS, IPC and cgroup namespaces per boot, a delegated cgroup of its own
+(cgroup.kill ends everything in it), /sys and /proc/sys read-only, a private /dev, a pty as
+/dev/console (logged to `console.log`), then `chroot DIR /lib/systemd/systemd --system`.
 
 **Where this differs from a Hetzner server** (each a property of the test bed, not of a server):
 - the address is set from outside on the veth before boot; cloud-init's fallback network config
@@ -40,7 +45,9 @@ read-only, a private /dev, a pty as /dev/console (logged to `console.log`), then
   distribution (cognivern:nodeSource);
 - no kernel, bootloader or udev: the kernel is this machine's, systemd runs as in a container
   (`systemd-detect-virt` says container-other);
-- no metadata service at 169.254.169.254 (the user data's filter rule is there all the same).
+- no metadata service at 169.254.169.254 (the user data's filter rule is there all the same);
+- the kernel's boot id does not change on a reboot (journalctl sees one boot);
+- this machine's local CAs (its egress re-signs TLS) are trusted inside, for npm.
 
 Requires root, debootstrap, tinyproxy, iproute2, util-linux (unshare, nsenter) and a cgroup2
 hierarchy. The first build of a release takes about 1.5 minutes (Debian's mirror), a boot a few
@@ -56,6 +63,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -79,6 +87,12 @@ HERE = Path(__file__).resolve().parent
 ROOT_SCRIPT = HERE / "pristine_root.sh"
 BOOT_SCRIPT = HERE / "pristine_boot.sh"
 MIRROR = os.environ.get("COGNIVERN_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+# The guest's uids and gids 0-65535 are this machine's ID_SHIFT + 0-65535 (its own user namespace):
+# its root is not this machine's root, and its users (cognivern, sshd, messagebus) never share a uid
+# with this machine's, whose test users are created and cleaned up (their processes killed) by uid
+# while the guest runs. The base root's files are owned by the shifted ids on disk.
+ID_SHIFT = 1 << 20
+ID_COUNT = 1 << 16
 PROXY_PORT = 3128  # tinyproxy on the root side of this host's veth (the address is ours alone)
 # What the proxy lets through: Debian's mirror (apt) and npm's registry (pnpm, PM2); NodeSource too,
 # so a test can show it is unreachable from here rather than refused by us.
@@ -139,9 +153,9 @@ def cache_root() -> Path:
 
 
 def recipe_key(recipe: Recipe) -> str:
-    """The cache key: a changed package list or build script builds a new root."""
+    """The cache key: a changed package list, build script or id shift builds a new root."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([recipe.release, list(recipe.packages)]).encode())
+    digest.update(json.dumps([recipe.release, list(recipe.packages), ID_SHIFT]).encode())
     digest.update(ROOT_SCRIPT.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -168,11 +182,41 @@ def base_root(release: str) -> Path:
                 stdin=subprocess.DEVNULL,
                 timeout=1200,
             )
+            shift_ids(work / "root")
             (work / "root").rename(root)
             (home / "complete").write_text(json.dumps({"release": release, "seconds": round(time.monotonic() - started, 1)}) + "\n")
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return root
+
+
+def shift_ids(root: Path) -> None:
+    """Every file's owner and group + ID_SHIFT (the guest's user namespace maps them back to 0-65535).
+
+    chown clears set-user/group-ID bits, so they are set again; POSIX ACLs name unshifted ids and
+    are dropped (the only one, on /var/log/journal, is set again by systemd-tmpfiles at boot)."""
+    done: set[int] = set()  # hard-linked files (gzip's gunzip, ...) once
+    _shift(str(root), done)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            _shift(os.path.join(dirpath, name), done)
+
+
+def _shift(path: str, done: set[int]) -> None:
+    st = os.lstat(path)
+    if st.st_ino in done:
+        return
+    done.add(st.st_ino)
+    if st.st_uid >= ID_COUNT or st.st_gid >= ID_COUNT:
+        raise RuntimeError(f"{path} is owned by {st.st_uid}:{st.st_gid}, outside the guest's 0-{ID_COUNT - 1}")
+    os.lchown(path, st.st_uid + ID_SHIFT, st.st_gid + ID_SHIFT)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    if st.st_mode & 0o6000:
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+    for attr in os.listxattr(path):
+        if attr.startswith("system.posix_acl_"):
+            os.removexattr(path, attr)
 
 
 def cgroup2_mount() -> Path:
@@ -237,6 +281,7 @@ class PristineHost(DisposableHost):
         self.netns = f"cgvp{self.tag}"
         self.veth = f"cgvp{self.tag}r"
         self.base = Path(tempfile.mkdtemp(prefix="cognivern-pristine-"))
+        self.base.chmod(0o711)  # the guest's root (an unprivileged uid here) passes through to merged/
         self.disk = self.base / "upper"
         for sub in ("upper", "work", "merged"):
             (self.base / sub).mkdir(mode=0o755)
@@ -255,6 +300,7 @@ class PristineHost(DisposableHost):
         self.peer = ""
         self.netns_created = False
         self.proxy: subprocess.Popen[bytes] | None = None
+        self.holder: subprocess.Popen[bytes] | None = None
         self.boot_proc: subprocess.Popen[bytes] | None = None
         self.pid1: int | None = None
         self.cgroup: Path | None = None
@@ -267,9 +313,9 @@ class PristineHost(DisposableHost):
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
         self.lower = base_root(self.release)
+        os.chown(self.disk, ID_SHIFT, ID_SHIFT)  # the guest's / (the overlay takes the upper root's owner)
         self._seed()
-        self.netns_created = True  # from here on, cleanup removes it (ip netns del of a missing one is harmless)
-        subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True)
+        self._start_holder()
         with claimed_slots(1) as (slot,):
             self.peer, self.address = slot_addresses(slot)
             add_veth_namespace(self.netns, self.veth, self.peer, self.address)
@@ -281,38 +327,56 @@ class PristineHost(DisposableHost):
             self.run("! command -v update-ca-certificates >/dev/null || update-ca-certificates >/dev/null", check=True)
 
     def _seed(self) -> None:
-        """NoCloud seed and the test bed's proxy settings, written into the disk before its first boot
-        (offline changes to an overlay's upper layer are allowed)."""
-        seed = self.disk / "var/lib/cloud/seed/nocloud"
-        seed.mkdir(parents=True, mode=0o755)
-        for d in (seed, seed.parent, seed.parent.parent, seed.parent.parent.parent):
-            d.chmod(0o755)
-        (seed / "user-data").write_text(self.user_data)
-        (seed / "user-data").chmod(0o600)
+        """The NoCloud seed, written into the disk before its first boot (offline changes to an
+        overlay's upper layer are allowed)."""
+        self.write("/var/lib/cloud/seed/nocloud/user-data", self.user_data, 0o600)
         meta = {"instance-id": f"i-{self.tag}", "local-hostname": f"pristine-{self.tag}", "public-keys": [self.public_key]}
-        (seed / "meta-data").write_text(json.dumps(meta, indent=1) + "\n")  # JSON is YAML
+        self.write("/var/lib/cloud/seed/nocloud/meta-data", json.dumps(meta, indent=1) + "\n")  # JSON is YAML
+
+    def write(self, path: str, text: str, mode: int = 0o644) -> None:
+        """A file of the guest's root (0644 unless `mode`), written into its disk while it is stopped;
+        directories it needs are made (0755, root's)."""
+        target = self.disk / path.lstrip("/")
+        missing = [d for d in reversed(target.parents) if d.is_relative_to(self.disk) and not d.exists()]
+        for d in missing:
+            d.mkdir(mode=0o755)
+            d.chmod(0o755)
+            os.chown(d, ID_SHIFT, ID_SHIFT)
+        target.write_text(text)
+        target.chmod(mode)
+        os.chown(target, ID_SHIFT, ID_SHIFT)
+
+    def _start_holder(self) -> None:
+        """The guest's user namespace (0-65535 -> ID_SHIFT + 0-65535) and network namespace, held by
+        a process of their own so they outlive reboots; the network namespace is named (ip netns)."""
+        self.holder = subprocess.Popen(
+            ["unshare", "--user", "--net", "--", "sleep", "infinity"], stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        own = os.readlink("/proc/self/ns/user")
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{self.holder.pid}/ns/user") == own:
+            if time.monotonic() > deadline or self.holder.poll() is not None:
+                raise RuntimeError("the namespace holder did not start")
+            time.sleep(0.01)
+        for kind in ("uid_map", "gid_map"):
+            Path(f"/proc/{self.holder.pid}/{kind}").write_text(f"0 {ID_SHIFT} {ID_COUNT}\n")
+        self.netns_created = True  # from here on, cleanup removes the name (ip netns del of a missing one is harmless)
+        subprocess.run(["ip", "netns", "attach", self.netns, str(self.holder.pid)], check=True, capture_output=True)
 
     def _start_proxy(self) -> None:
-        etc = self.disk / "etc"
-        (etc / "apt/apt.conf.d").mkdir(parents=True, exist_ok=True)
         url = f"http://{self.peer}:{PROXY_PORT}/"
-        (etc / "apt/apt.conf.d/00cognivern-test-proxy").write_text(f'Acquire::http::Proxy "{url}";\nAcquire::https::Proxy "{url}";\n')
+        self.write("/etc/apt/apt.conf.d/00cognivern-test-proxy", f'Acquire::http::Proxy "{url}";\nAcquire::https::Proxy "{url}";\n')
         environment = (self.lower / "etc/environment").read_text() if (self.lower / "etc/environment").exists() else ""
         lines = [f"http_proxy={url}", f"https_proxy={url}", "no_proxy=localhost,127.0.0.1,::1"]
         # This machine's egress re-signs TLS with local CAs (its own /usr/local/share/ca-certificates):
         # the guest trusts them too, through the system bundle (update-ca-certificates, after boot) and,
         # for Node's own CA list, NODE_EXTRA_CA_CERTS.
         local_cas = sorted(LOCAL_CAS.glob("*.crt")) if LOCAL_CAS.is_dir() else []
+        for ca in local_cas:
+            self.write(f"/usr/local/share/ca-certificates/cognivern-test-bed-{ca.name}", ca.read_text())
         if local_cas:
-            cas = self.disk / "usr/local/share/ca-certificates"
-            cas.mkdir(parents=True, exist_ok=True)
-            for ca in local_cas:
-                shutil.copyfile(ca, cas / f"cognivern-test-bed-{ca.name}")
             lines.append("NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt")
-        (etc / "environment").write_text(environment + "".join(f"{line}\n" for line in lines))
-        for d in (etc / "apt", etc / "apt/apt.conf.d", self.disk / "usr", self.disk / "usr/local", self.disk / "usr/local/share"):
-            if d.exists():
-                d.chmod(0o755)
+        self.write("/etc/environment", environment + "".join(f"{line}\n" for line in lines))
         conf = self.base / "tinyproxy.conf"
         (self.base / "tinyproxy.allow").write_text("".join(f"{pattern}\n" for pattern in PROXY_ALLOW))
         conf.write_text(
@@ -342,10 +406,14 @@ class PristineHost(DisposableHost):
         """Boot the disk (systemd as PID 1) and wait until the boot is over (`wait_running`)."""
         if self.boot_proc is not None:
             raise RuntimeError("already booted")
+        assert self.holder is not None, "boot() after start()"
         started = time.monotonic()
         self.cgroup = cgroup2_mount() / f"cognivern-pristine-{self.tag}"
         self._remove_cgroup()
         self.cgroup.mkdir()
+        # delegated to the guest's root (systemd's own rule for a delegated subtree)
+        for entry in (self.cgroup, *(self.cgroup / f for f in ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control"))):
+            os.chown(entry, ID_SHIFT, ID_SHIFT)
         self._open_console()
         assert self._console_slave is not None
         log = open(self.base / "boot.log", "ab")  # noqa: SIM115 - the Popen owns it
@@ -356,7 +424,7 @@ class PristineHost(DisposableHost):
                     "bash",
                     str(BOOT_SCRIPT),
                     str(self.cgroup),
-                    self.netns,
+                    str(self.holder.pid),
                     str(self.lower),
                     str(self.disk),
                     str(self.base / "work"),
@@ -377,6 +445,9 @@ class PristineHost(DisposableHost):
         """Downloaded packages, kept between hosts of a release (cache_root()/apt-archives/RELEASE)."""
         archives = cache_root().parent / "pristine-apt-archives" / self.release
         (archives / "partial").mkdir(parents=True, exist_ok=True)
+        for path in (archives, *archives.rglob("*")):  # the guest's root's (older caches were this machine's)
+            if path.lstat().st_uid != ID_SHIFT:
+                os.lchown(path, ID_SHIFT, ID_SHIFT)
         return archives
 
     def _find_pid1(self) -> int:
@@ -509,12 +580,17 @@ class PristineHost(DisposableHost):
         if self.netns_created:
             remove_veth_namespace(self.netns, self.veth)
             self.netns_created = False
+        if self.holder is not None:
+            self.holder.kill()
+            self.holder.wait()
+            self.holder = None
         shutil.rmtree(self.base, ignore_errors=True)
 
     # ------------------------------------------------------------------ console
     def _open_console(self) -> None:
         """A pty as the guest's /dev/console; its output is appended to console.log."""
         master, slave = os.openpty()
+        os.fchown(slave, ID_SHIFT, ID_SHIFT)  # the guest's root opens it as /dev/console
         self._console_master, self._console_slave = master, slave
         path = self.base / "console.log"
 
