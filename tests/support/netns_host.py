@@ -45,7 +45,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,44 @@ def _used_slots() -> set[int]:
         if word.startswith(SUBNET_PREFIX):
             used.add(int(word.split("/")[0].rsplit(".", 1)[1]) // 4)
     return used
+
+
+@contextlib.contextmanager
+def claimed_slots(count: int) -> Iterator[list[int]]:
+    """`count` free /30s of 10.213.0.0/24 (slot k: k*4+1 on the root side, k*4+2 in the namespace).
+
+    Concurrent test runs pick their /30s one at a time: the lock is held until the caller has put
+    its addresses on them (an address added twice on two veths would not fail, only misroute).
+    """
+    with open(SLOT_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        used = _used_slots()
+        free = [s for s in range(1, 63) if s not in used][:count]
+        if len(free) < count:
+            raise RuntimeError("no free /30 left in 10.213.0.0/24")
+        yield free
+
+
+def slot_addresses(slot: int) -> tuple[str, str]:
+    """(root side, namespace side) of a slot's /30."""
+    return f"{SUBNET_PREFIX}{4 * slot + 1}", f"{SUBNET_PREFIX}{4 * slot + 2}"
+
+
+def add_veth_namespace(netns: str, veth: str, peer: str, address: str) -> None:
+    """Network namespace `netns` (already added) gets eth0 = address/30 and lo up; `veth` is its
+    peer in the root namespace with `peer`/30. Nothing is routed off the machine."""
+    _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+    _ip("addr", "add", f"{peer}/30", "dev", veth)
+    _ip("link", "set", veth, "up")
+    for args in (["addr", "add", f"{address}/30", "dev", "eth0"], ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"]):
+        _ip("netns", "exec", netns, "ip", *args)
+
+
+def remove_veth_namespace(netns: str | None, veth: str) -> None:
+    """The veth (gone with the namespace anyway, but a failed start may leave only the veth) and the namespace."""
+    _ip("link", "del", veth, check=False)
+    if netns is not None:
+        _ip("netns", "del", netns, check=False)
 
 
 class NetnsSshd(LocalSshd):
@@ -116,8 +154,7 @@ class NetnsHost:
         self.index = index
         self.netns = f"cgv{pool.tag}{index}"
         self.veth = f"cgv{pool.tag}{index}r"  # root side (<= 15 chars)
-        self.peer = f"{SUBNET_PREFIX}{4 * slot + 1}"
-        self.address = f"{SUBNET_PREFIX}{4 * slot + 2}"
+        self.peer, self.address = slot_addresses(slot)
         self.base = pool.base / f"host-{index}"
         self.root = self.base / "root"
         self.home = self.base / "home"
@@ -142,11 +179,7 @@ class NetnsHost:
         pool = self.pool
         _ip("netns", "add", self.netns)
         self.netns_created = True
-        _ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.netns)
-        _ip("addr", "add", f"{self.peer}/30", "dev", self.veth)
-        _ip("link", "set", self.veth, "up")
-        for args in (["addr", "add", f"{self.address}/30", "dev", "eth0"], ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"]):
-            _ip("netns", "exec", self.netns, "ip", *args)
+        add_veth_namespace(self.netns, self.veth, self.peer, self.address)
         os.chown(self.home, pool.uid, pool.gid)
         self.home.chmod(0o750)
         self.sshd = NetnsSshd(
@@ -185,10 +218,8 @@ class NetnsHost:
         if self.sshd is not None:
             with contextlib.suppress(Exception):
                 self.sshd.stop()
-        _ip("link", "del", self.veth, check=False)
-        if self.netns_created:
-            _ip("netns", "del", self.netns, check=False)
-            self.netns_created = False
+        remove_veth_namespace(self.netns if self.netns_created else None, self.veth)
+        self.netns_created = False
 
     def kill_pm2(self) -> None:
         """`pm2 kill` as the app user with this host's PM2_HOME, inside its network and mount namespaces."""
@@ -253,14 +284,7 @@ class NetnsHosts(DisposableHost):
         self.user_created = True
         self.app_home.mkdir(mode=0o750)  # mount point; each host binds its own home here
         self.home_created = True
-        # Pools of concurrent test runs pick their /30s one at a time: the lock is held until this
-        # pool's addresses exist (an address added twice on two veths would not fail, only misroute).
-        with open(SLOT_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            used = _used_slots()
-            free = [s for s in range(1, 63) if s not in used][: self.count]
-            if len(free) < self.count:
-                raise RuntimeError("no free /30 left in 10.213.0.0/24")
+        with claimed_slots(self.count) as free:
             for index, slot in enumerate(free, start=1):
                 host = NetnsHost(self, index, slot)
                 self.hosts.append(host)

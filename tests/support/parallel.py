@@ -30,6 +30,7 @@ SECONDS = {  # worker seconds per module in a `make test` run (junit sums, 2026-
     # (the modules issue 21 moved onto the real engine: estimated from their alone times, 2026-12-04, until a measured run)
     "test_release_tool": 285,
     "test_blue_green": 200,
+    "test_pristine_provision": 150,  # alone, not yet from a `make test` run (2026-12): provisioning from nothing
     "test_newcomer": 130,
     "test_scenarios": 105,
     "test_hardening": 85,
@@ -47,6 +48,7 @@ SECONDS = {  # worker seconds per module in a `make test` run (junit sums, 2026-
     "test_project_defaults": 30,
     "test_real_cli": 20,
     "test_env_example": 15,
+    "test_pristine_host": 30,  # alone (2026-12)
     "test_build_artifact": 12,
 }
 
