@@ -18,8 +18,9 @@ hash of the recipe (the package list, pristine_root.sh and ID_SHIFT), so a chang
 new root. Its files are owned by the guest's ids shifted by ID_SHIFT (below). Each host gets an
 overlay of that root with a disk of its own (`upper`, in a temp dir; `write()` puts a file there
 while the host is stopped): nothing is copied, and a reboot mounts the same disk again. Packages
-apt downloads are kept per release in ~/.cache/cognivern-tools/pristine-apt-archives, linked into each host's own archive directory (apt checks
-each against the package lists; `apt_cache=False` downloads as a new server does).
+apt downloads are kept per release in ~/.cache/cognivern-tools/pristine-apt-archives, linked into
+each host's own archive directory (apt checks each against the package lists; `apt_cache=False`
+downloads as a new server does).
 
 **The seed.** cloud-init finds its NoCloud datasource in /var/lib/cloud/seed/nocloud/ (checked:
 ds-identify looks there with no kernel command line or DMI data): `user-data` is, unless the test
