@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.release.cognivern_release import facts
+from components.release.cognivern_release.facts import AGENT_NAME as AGENT_NAME
+from components.release.cognivern_release.facts import SLOTS, nginx_identifier, upstream_name
+from components.release.cognivern_release.facts import site_name as site_name
+from components.release.cognivern_release.facts import upstream_include as upstream_include
 from components.settings import ROOT_CHARS_RE, Settings
 
 HERE = Path(__file__).resolve().parent
@@ -25,7 +29,6 @@ RELEASE_DIR = HERE / "release"
 
 _PLACEHOLDER = re.compile(r"\{\{ ([a-z_]+) \}\}")
 _PLACEHOLDER_LINE = re.compile(r"^[ \t]*\{\{ ([a-z_]+) \}\}[ \t]*\n", re.MULTILINE)
-AGENT_NAME = "forecasting-agent"
 AGENT_SCRIPT = "./dist/services/AutomatedForecastingService.js"
 
 
@@ -40,14 +43,9 @@ def render_template(path: Path, values: Mapping[str, str]) -> str:
 
 
 def render_env(stack_env: Mapping[str, str], secret_env: Mapping[str, str]) -> str:
-    """shared/.env: one KEY=value per line, values shell-quoted so `set -a; . .env` is exact."""
-    lines = ["# Managed by cognivern-infra (pulumi up). Do not edit: changes are overwritten."]
-    for key, value in {**stack_env, **secret_env}.items():
-        lines.append(f"{key}={shlex.quote(value)}")
-    return "\n".join(lines) + "\n"
-
-
-SLOTS = ("blue", "green")
+    """shared/.env: KEY=value lines (facts.format_assignments), read as data by the release tool."""
+    header = "# Managed by cognivern-infra (pulumi up). Do not edit: changes are overwritten."
+    return facts.format_assignments({**stack_env, **secret_env}, header)
 
 
 def slot_apps(s: Settings) -> list[str]:
@@ -122,23 +120,6 @@ _ACME_CHALLENGE = """
     }}"""
 
 
-# What site_name returns for every valid cognivern:appName; lib.sh's valid_site_name checks the
-# same (tests/test_validators_agree.py feeds both the same values).
-SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
-
-
-def site_name(app_name: str) -> str:
-    """The nginx site's name (sites-available/NAME.conf, nginx-site.sh / tls.sh `--name`): the app
-    name with every character but A-Z a-z 0-9 _ - replaced by `_`."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", app_name)
-
-
-def nginx_identifier(app_name: str) -> str:
-    """The prefix of the names the site defines (upstream, map variable, TLS session cache): the
-    site name without `-`, which would end an nginx variable name (`$a-b_x` is `$a` then `-b_x`)."""
-    return site_name(app_name).replace("-", "_")
-
-
 def https_redirect_snippet(name: str) -> str:
     """The include (relative to nginx.conf's directory) that tls.sh fills once HTTPS serves."""
     return f"snippets/{name}.https-redirect.conf"
@@ -171,24 +152,9 @@ def forwarded_for(s: Settings) -> str:
     return "$proxy_add_x_forwarded_for" if behind_balancer(s) else "$remote_addr"
 
 
-def upstream_name(app_name: str) -> str:
-    """The nginx upstream block of the site (an nginx identifier: letters, digits, _)."""
-    return nginx_identifier(app_name) + "_app"
-
-
-def upstream_include(app_name: str) -> str:
-    """The upstream file, relative to nginx.conf's directory (so a test's private prefix works too):
-    beside the site in sites-available, which nginx never includes by itself."""
-    return f"sites-available/{site_name(app_name)}.upstream"
-
-
 def render_upstream(s: Settings, live_port: int, backup_port: int | None = None) -> str:
-    """The upstream file as cognivern-release writes it (tests install it beside a rendered site)."""
-    backup = f"    server 127.0.0.1:{backup_port} backup;\n" if backup_port is not None else ""
-    return (
-        "# Managed by cognivern-release: the live slot, and the other slot as backup while it runs.\n"
-        f"upstream {upstream_name(s.app_name)} {{\n    server 127.0.0.1:{live_port};\n{backup}    keepalive 32;\n}}\n"
-    )
+    """The upstream file (facts.upstream_text): nginx-site.sh creates it with the blue slot live."""
+    return facts.upstream_text(upstream_name(s.app_name), live_port, backup_port)
 
 
 def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: str = ACME_WEBROOT, hsts: bool = False) -> str:
@@ -287,6 +253,4 @@ def render_release_conf(s: Settings, nginx: NginxTarget = SYSTEM_NGINX) -> str:
         # names only: the tool masks these variables' values (from shared/.env) in what it prints
         "SECRET_KEYS": " ".join(sorted(s.secret_env)),
     }
-    lines = ["# Managed by cognivern-infra (pulumi up): settings for cognivern-release."]
-    lines += [f"{k}={shlex.quote(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+    return facts.format_assignments(values, "# Managed by cognivern-infra (pulumi up): settings for cognivern-release.")

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, provision_args
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, nginx_site_input, provision_args
 from components.remote import script_command
 from components.render import render_nginx_site, render_upstream, site_name
 from components.settings import Settings
@@ -45,9 +45,8 @@ def put_cmd(dest: str, mode: str, owner: str, reload_root: str | None = None) ->
     return script_command(PUT_FILE, args)
 
 
-def site_cmd(name: str, upstream_port: int | None = None) -> str:
-    extra = [] if upstream_port is None else ["--upstream-port", str(upstream_port)]
-    return script_command(NGINX_SITE, ["--name", name, *extra])
+def site_cmd(name: str) -> str:
+    return script_command(NGINX_SITE, ["--name", name])
 
 
 def owner_mode(p: Path) -> tuple[str, str, str]:
@@ -258,7 +257,7 @@ def get(url: str, **kwargs: object) -> httpx.Response:
 def site(host: TargetHost, first_run: subprocess.CompletedProcess[str], backend: ThreadingHTTPServer) -> tuple[str, str]:
     s = host.settings()
     name, text = site_name(s.app_name), render_nginx_site(s)
-    result = host.run(site_cmd(name, s.port), stdin=text)
+    result = host.run(site_cmd(name), stdin=nginx_site_input(s, text))
     assert result.returncode == 0, result.stderr
     assert "reloaded nginx" in result.stdout
     wait_until(lambda: get(host.nginx.url("/health")).status_code == 200)
@@ -375,22 +374,16 @@ def test_nginx_site_creates_the_upstream_only_when_missing(host: TargetHost, sit
     upstream.write_text(switched)
     try:
         changed = text.replace("client_max_body_size 10m;", "client_max_body_size 12m;")
-        result = host.run(site_cmd(name, s.port), stdin=changed)
+        result = host.run(site_cmd(name), stdin=nginx_site_input(s, changed))
         assert result.returncode == 0 and "reloaded nginx" in result.stdout, result.stderr
         assert upstream.read_text() == switched
         assert get(host.nginx.url("/health")).status_code == 200, "green is down here: the blue backup answers"
     finally:
         upstream.write_text(render_upstream(s, s.port))
-        assert host.run(site_cmd(name, s.port), stdin=text).returncode == 0
+        assert host.run(site_cmd(name), stdin=nginx_site_input(s, text)).returncode == 0
 
 
-@pytest.mark.parametrize("args", [["--name", "x", "--upstream-port", "0"], ["--name", "x", "--upstream-port", "80;id"]])
-def test_nginx_site_rejects_a_bad_upstream_port(host: TargetHost, args: list[str]) -> None:
-    result = host.run(script_command(NGINX_SITE, args), stdin="server {}\n")
-    assert result.returncode != 0 and "--upstream-port must be a port number" in result.stderr
-
-
-@pytest.mark.parametrize("args", [["--name", "../etc"], ["--name", ""], ["--nam", "x"], []])
+@pytest.mark.parametrize("args", [["--name", "../etc"], ["--name", ""], ["--nam", "x"], [], ["--name", "x", "--upstream-port", "80"]])
 def test_nginx_site_rejects_bad_arguments(host: TargetHost, site: tuple[str, str], args: list[str]) -> None:
     result = host.run(script_command(NGINX_SITE, args), stdin="server {}\n")
     assert result.returncode != 0 and result.stderr

@@ -15,6 +15,7 @@ from pulumi import RunError
 from components import remote
 from components.host import pinned_versions
 from components.release import ArtifactError, resolve_artifact
+from components.release.cognivern_release import facts
 from components.render import HOST_DIR
 from tests.support.program import DefaultMocks, Registration, is_secret, run_program, unsecret
 
@@ -121,14 +122,15 @@ def test_provision_command_carries_the_script_and_installs_the_release_tool() ->
 
 
 def test_every_host_script_command_carries_lib_sh_in_front_of_its_script(tmp_path: Path) -> None:
-    """lib.sh travels inside each command (nothing to install first), so editing it changes the command."""
+    """lib.sh and the generated rules travel inside each command (nothing to install first), so editing
+    either changes the command."""
     lib = Path("components/host/lib.sh").read_text()
     for reg in run_program(EXISTING).by_type(COMMAND):
         script = reg.inputs["create"]
         if not script.startswith("bash -c "):
             continue  # the installed release tool
         _, _, text, name, *_ = shlex.split(script)
-        assert text == lib + "\n" + (HOST_DIR / f"{name}.sh").read_text(), reg.name
+        assert text == lib + "\n" + facts.shell_prelude() + (HOST_DIR / f"{name}.sh").read_text(), reg.name
     edited = tmp_path / "lib.sh"
     edited.write_text(lib + "# one more line\n")
     with mock.patch.object(remote, "LIB", edited):
@@ -152,7 +154,8 @@ def test_runtime_files_are_rendered_from_settings() -> None:
     assert '"exec_mode": "cluster"' in eco.inputs["stdin"] and 'const SLOTS_FILE = "/opt/cognivern/config/slots";' in eco.inputs["stdin"]
     nginx = run.get("cognivern-prod-nginx-site")
     assert "include sites-available/cognivern-agent.upstream;" in nginx.inputs["stdin"]
-    assert nginx.inputs["create"].endswith(" nginx-site --name cognivern-agent --upstream-port 4000")
+    assert nginx.inputs["create"].endswith(" nginx-site --name cognivern-agent")
+    assert nginx.inputs["stdin"].endswith("#--- cognivern-agent.upstream ---\n" + facts.upstream_text("cognivern_agent_app", 4000))
     conf = run.get("cognivern-prod-release-conf")
     assert "PORT=4000\n" in conf.inputs["stdin"] and "KEEP_RELEASES=5\n" in conf.inputs["stdin"]
     assert "BAKE_SECONDS=30\n" in conf.inputs["stdin"] and "KEEP_PREVIOUS_WARM=false\n" in conf.inputs["stdin"]

@@ -21,6 +21,7 @@ from components.render import (
     render_nginx_site,
     render_nginx_tls_site,
     render_release_conf,
+    render_upstream,
     site_name,
 )
 from components.settings import Settings
@@ -50,6 +51,11 @@ def pinned_versions() -> dict[str, str]:
 def release_tool_bundle() -> str:
     """provision.sh's stdin: the release tool, then (after a marker line) its PM2 query helper."""
     return f"{RELEASE_TOOL.read_text().rstrip(chr(10))}\n{HELPER_MARKER}\n{PM2_HELPER.read_text()}"
+
+
+def nginx_site_input(s: Settings, site: str) -> str:
+    """nginx-site.sh's stdin: the site, then the upstream file it creates when missing (blue live)."""
+    return f"{site}#--- {site_name(s.app_name)}.upstream ---\n{render_upstream(s, s.port)}"
 
 
 def provision_args(s: Settings) -> list[str]:
@@ -89,8 +95,8 @@ class Host(pulumi.ComponentResource):
         tls_domain = s.domain if s.certbot_tls else None
         nginx = self._command(
             "nginx-site",
-            script_command(NGINX_SITE, ["--name", site, "--upstream-port", str(s.port)], sudo=self._sudo),
-            render_nginx_site(s, domain=tls_domain, hsts=s.balancer_tls),
+            script_command(NGINX_SITE, ["--name", site], sudo=self._sudo),
+            nginx_site_input(s, render_nginx_site(s, domain=tls_domain, hsts=s.balancer_tls)),
             [provision],
         )
         if tls_domain is not None:

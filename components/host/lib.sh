@@ -49,14 +49,21 @@ require_options() { # var...: each must have been given (--var-name)
 }
 
 # ---------------------------------------------------------------------------- validators
-# The Python side has the same rules (components/settings.py); tests/test_validators_agree.py
-# feeds both the same values.
-valid_abs_path() { # absolute, normalised (no //, ., .., trailing /), not "/", conservative characters only
-    [[ $1 =~ ^(/[A-Za-z0-9._-]+)+$ ]] || return 1
-    [[ /$1/ != */./* && /$1/ != */../* ]]
+# The rules are the program's (components/release/cognivern_release/facts.py): components.remote puts
+# them in front of this file as generated COGNIVERN_* variables, so no script holds a copy.
+valid_abs_path() { [[ $1 =~ $COGNIVERN_ABS_PATH_RE ]]; }  # absolute, normalised (no //, ., .., trailing /), not "/"
+valid_user() { [[ $1 =~ $COGNIVERN_USER_RE ]]; }
+valid_site_name() { [[ $1 =~ $COGNIVERN_SITE_NAME_RE ]]; } # what render.site_name makes of an app name
+system_path() { # a system tree (or inside one), or one of the shared parents itself: never a root
+    local dir
+    for dir in "${COGNIVERN_SYSTEM_TREES[@]}"; do
+        if [ "$1" = "$dir" ] || [[ $1 == "$dir"/* ]]; then return 0; fi
+    done
+    for dir in "${COGNIVERN_SYSTEM_PARENTS[@]}"; do
+        if [ "$1" = "$dir" ]; then return 0; fi
+    done
+    return 1
 }
-valid_user() { [[ $1 =~ ^[a-z_][a-z0-9_-]{0,31}$ ]]; }            # settings.USER_RE
-valid_site_name() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$ ]]; }   # render.SITE_NAME_RE (what render.site_name makes)
 require_abs_paths() { # var...: each variable's value must be an absolute, normalised path
     local var
     for var; do

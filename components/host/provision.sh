@@ -33,16 +33,6 @@ root="" app_user="" node_major="" ssh_user="" pm2_version="" pnpm_version=""
 parse_options "--root --app-user --node-major --ssh-user --pm2-version --pnpm-version" "$@"
 require_options root app_user node_major ssh_user pm2_version pnpm_version
 valid_abs_path "$root" || die "--root must be an absolute, normalised path such as /opt/cognivern, got '$root'"
-# The same list as components/settings.py (SYSTEM_TREES / SYSTEM_PARENTS); tests feed both one table.
-system_path() {
-    case "$1" in
-        /bin | /bin/* | /boot | /boot/* | /dev | /dev/* | /etc | /etc/* | /home | /home/* | /lib | /lib/* | /lib32 | /lib32/*) return 0 ;;
-        /lib64 | /lib64/* | /libx32 | /libx32/* | /proc | /proc/* | /root | /root/* | /run | /run/* | /sbin | /sbin/*) return 0 ;;
-        /sys | /sys/* | /usr | /usr/*) return 0 ;;
-        /opt | /srv | /tmp | /var | /var/lib | /var/log | /var/cache | /var/tmp | /var/www | /mnt | /media | /snap) return 0 ;;
-    esac
-    return 1
-}
 ! system_path "$root" || die "--root $root is a system directory (or inside one); use a directory of its own such as /opt/cognivern"
 valid_user "$app_user" || die "--app-user must be a Linux user name (a-z 0-9 _ -), got '$app_user'"
 [ "$app_user" != root ] || die "--app-user must not be root"

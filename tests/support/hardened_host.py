@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, RUN_SH, provision_args, release_tool_bundle
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, RUN_SH, nginx_site_input, provision_args, release_tool_bundle
 from components.remote import script_command
 from components.render import NginxTarget, render_ecosystem, render_env, render_nginx_site, render_release_conf, site_name
 from components.settings import Settings
@@ -66,14 +66,14 @@ class HardenedHost:
         s = self.settings
         nginx = self.target.nginx
         target = NginxTarget(conf=str(nginx.conf_path), prefix=str(nginx.prefix))
-        site = script_command(NGINX_SITE, ["--name", site_name(s.app_name), "--upstream-port", str(s.port)])
+        site = script_command(NGINX_SITE, ["--name", site_name(s.app_name)])
         for result in (
             self.provision(),
             self.put(f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), reload=True),
             self.put(f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s, target)),
             self.put(f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), reload=True),
             self.put_env(),
-            self.target.run(site, stdin=render_nginx_site(s)),
+            self.target.run(site, stdin=nginx_site_input(s, render_nginx_site(s))),
         ):
             assert result.returncode == 0, result.stdout + result.stderr
 
