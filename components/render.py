@@ -50,11 +50,11 @@ def render_env(stack_env: Mapping[str, str], secret_env: Mapping[str, str]) -> s
 
 def slot_apps(s: Settings) -> list[str]:
     """The PM2 names of the two slots (blue on `port`, green on `port`+1)."""
-    return [f"{s.app_name}-{slot}" for slot in SLOTS]
+    return [facts.slot_app(s.app_name, slot) for slot in SLOTS]
 
 
 def render_ecosystem(s: Settings) -> str:
-    """PM2 ecosystem: two cluster-mode slots (blue/green) and the agent, placed by the slots file."""
+    """PM2 ecosystem: two cluster-mode slots (blue/green) and the agent, placed by the tool's state."""
     logs = f"{s.root}/shared/logs"
     common = {
         "env": {"NODE_ENV": "production"},
@@ -91,12 +91,13 @@ def render_ecosystem(s: Settings) -> str:
         {
             "app": json.dumps(app, indent=2),
             "agents": json.dumps(agents, indent=2),
-            "env_file": json.dumps(f"{s.root}/shared/.env"),
-            "slots_file": json.dumps(f"{s.root}/config/slots"),
+            "state_file": json.dumps(f"{s.root}/{facts.STATE_FILE}"),
             "releases": json.dumps(f"{s.root}/releases"),
             "current": json.dumps(f"{s.root}/current"),
-            "app_name": json.dumps(s.app_name),
-            "port": str(s.port),
+            "slots": json.dumps(
+                [{"slot": slot, "name": facts.slot_app(s.app_name, slot), "port": facts.slot_port(s.port, slot)} for slot in SLOTS]
+            ),
+            "release_id": json.dumps(f"^(?:{facts.RELEASE_ID})$"),
         },
     )
 
@@ -235,6 +236,8 @@ def render_release_conf(s: Settings, nginx: NginxTarget = SYSTEM_NGINX) -> str:
     """config/cognivern.conf: what the server-side release tool needs to know (no secrets)."""
     values = {
         "APP_USER": s.app_user,
+        # runs pnpm install (neither root nor the app: its own store, HOME and npmrc)
+        "BUILD_USER": facts.build_user(s.app_user),
         "APP_NAME": s.app_name,
         "PORT": str(s.port),
         "HEALTH_PATH": s.health_path,

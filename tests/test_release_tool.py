@@ -16,7 +16,6 @@ import os
 import pwd
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import httpx
 import pytest
 
 from components.release import sha256_file
+from components.release.cognivern_release import facts
 from tests.support.helpers import http_get, http_post, wait_until
 from tests.support.release_host import (
     SECRET_VALUE,
@@ -134,7 +134,7 @@ def test_help_and_id_validation(host: ReleaseHost) -> None:
 # ------------------------------------------------------------------------ install
 
 
-def test_install_lays_out_release_with_shared_store(host: ReleaseHost) -> None:
+def test_install_lays_out_release_with_the_build_accounts_store(host: ReleaseHost) -> None:
     rel = host.root / "releases" / "r1"
     uid = pwd.getpwnam(host.user).pw_uid
     assert (rel / "dist" / "index.js").is_file()
@@ -145,10 +145,14 @@ def test_install_lays_out_release_with_shared_store(host: ReleaseHost) -> None:
     assert rel.stat().st_uid == 0 and uid != 0  # root's, read-only to the app (tests/test_hardening.py)
     dep = rel / "node_modules" / "ms" / "index.js"
     assert dep.is_file()
-    # pnpm copies package files from ROOT/cache/pnpm-store (the app's): no release file is a store file
+    # pnpm (as the build account) copies package files from its own store: no release file is a store file
     assert dep.resolve().stat().st_nlink == 1 and dep.resolve().stat().st_uid == 0
     assert dep.resolve().stat().st_ino != (host.root / "releases" / "r2" / "node_modules" / "ms" / "index.js").resolve().stat().st_ino
-    assert any((host.root / "cache" / "pnpm-store").rglob("*")), "store is empty"
+    work = host.root / "cache" / "build" / "work"
+    build = pwd.getpwnam(facts.build_user(host.user))
+    assert (work.stat().st_uid, oct(work.stat().st_mode & 0o777)) == (build.pw_uid, "0o700"), "the build account's alone"
+    assert any((work / "store").rglob("*")), "store is empty"
+    assert not any((host.root / "cache" / "pnpm-store").iterdir()), "the app's old store is not used"
 
 
 def test_reinstall_is_a_noop(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
@@ -299,7 +303,7 @@ def test_pm2_daemon_lets_workers_accept_connections_themselves(serving: ReleaseH
     host = serving
     _, environ = daemon_environ(host)
     assert b"NODE_CLUSTER_SCHED_POLICY=none" in environ
-    # a daemon started without it (before this fix, or by hand) is replaced once by run.sh
+    # a daemon started without it (before this fix, or by hand) is replaced once by the tool
     old_pid = round_robin_daemon(host)
     reload = host.ok("reload")
     assert "restarting the PM2 daemon once" in reload.stderr
@@ -311,7 +315,7 @@ def test_pm2_daemon_lets_workers_accept_connections_themselves(serving: ReleaseH
 
 @pytest.mark.parametrize("pid_file", ["missing", "stale"])
 def test_round_robin_daemon_is_replaced_even_without_a_true_pid_file(serving: ReleaseHost, pid_file: str) -> None:
-    """run.sh finds the daemon by PM2_HOME in its environment, not only through pm2.pid (removed by
+    """The tool finds the daemon by PM2_HOME in its environment, not only through pm2.pid (removed by
     any exiting daemon of that PM2_HOME, left stale by a SIGKILL)."""
     host = serving
     old_pid = round_robin_daemon(host)
@@ -354,7 +358,7 @@ def test_broken_release_is_refused_at_its_start(
     assert host.current() == "r1"
     status, body = host.get_json("/release")
     assert status == 200 and body["release"] == "r1" and body["pid"] == pid_before, "the live app was not touched"
-    assert (host.root / ".deploy" / "bad" / rid).exists()
+    assert host.bad(rid)
     again = host.run("activate", rid)
     assert again.returncode == 1 and "marked bad" in again.stderr
     assert host.log_lines()[-1][5].startswith("refused-bad")
@@ -396,7 +400,7 @@ def test_release_failing_only_under_pm2_is_refused_at_its_start_under_load(
     assert len(results) > 20 and not failures, failures[:5]
     assert pm2_names(host) == ["cognivern-agent-blue"], "the slot it was started in is deleted"
     assert host.slots() == {"live": "blue", "blue": "r1", "green": "", "agent": "r1"}
-    assert (host.root / ".deploy" / "bad" / "pm2crash").exists()
+    assert host.bad("pm2crash")
     assert host.log_lines()[-1][1:3] == ["activate", "pm2crash"] and host.log_lines()[-1][5] == "start-failed(exit=1)"
 
 
@@ -443,7 +447,7 @@ def test_release_failing_only_after_the_switch_is_rolled_back(switched: ReleaseH
     assert host.serving_release() == "r2"
     listing = host.list_json()
     assert listing["current"] == "r2" and listing["previous"] == "r1"
-    assert (host.root / ".deploy" / "bad" / "late").exists()
+    assert host.bad("late")
     assert pm2_names(host) == ["cognivern-agent-green"]
     assert host.log_lines()[-1][1:3] == ["activate", "late"] and host.log_lines()[-1][5] == "rolled-back(exit=1)"
 
@@ -516,33 +520,6 @@ def test_list_json_states_and_status(switched: ReleaseHost, artifacts: dict[str,
     assert SECRET_VALUE not in text + str(listing)
 
 
-def test_pm2_questions_go_through_pm2s_cli_when_its_rpc_modules_are_not_found(serving: ReleaseHost) -> None:
-    """cognivern-pm2.cjs exits 3 when the first `pm2` on PATH has no pm2-axon beside it (another PM2
-    layout): the tool then asks `pm2 jlist`, and the answers are the same as over the RPC socket."""
-    real = shutil.which("pm2")
-    assert real
-    shim = Path(tempfile.mkdtemp(prefix="cgv-pm2-shim-"))  # the app user runs it: not under root's 0700 tmp
-    try:
-        shim.chmod(0o755)
-        calls = shim / "calls"
-        calls.touch(mode=0o666)
-        calls.chmod(0o666)
-        (shim / "pm2").write_text(f'#!/bin/sh\necho "$1" >>{calls}\nexec {real} "$@"\n')
-        (shim / "pm2").chmod(0o755)
-        slow = serving.run("status", env={"PATH": f"{shim}:{os.environ['PATH']}"})
-        fast = serving.run("status")
-        assert slow.returncode == 0 and fast.returncode == 0, slow.stderr + fast.stderr
-        asked = calls.read_text().split()
-    finally:
-        shutil.rmtree(shim, ignore_errors=True)
-
-    def pm2_lines(out: str) -> list[str]:
-        return [line for line in out.splitlines() if line.startswith("  cognivern-agent")]
-
-    assert "jlist" in asked, asked
-    assert pm2_lines(slow.stdout) == pm2_lines(fast.stdout) and "online" in "".join(pm2_lines(fast.stdout)), fast.stdout
-
-
 def test_prune_keeps_current_previous_and_installs_in_progress(switched: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
     host = switched
     assert host.run("prune", "--keep", "1").returncode == 2
@@ -562,7 +539,7 @@ def test_prune_keeps_current_previous_and_installs_in_progress(switched: Release
     left = sorted(p.name for p in (host.root / "releases").iterdir())
     assert left == ["busy", "r1", "r2", "r3", "r4"]
     assert host.serving_release() == "r2"
-    assert not (host.root / ".deploy" / "bad" / "crash").exists()
+    assert not host.bad("crash")
     assert not (host.root / "incoming" / "cognivern-crash.tar.gz").exists(), "pruned releases' uploads go too"
     assert (host.root / "incoming" / "cognivern-r3.tar.gz").exists()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pulumi
 from pulumi_command import remote
 
+from components.release.cognivern_release import facts
 from components.remote import script_command
 from components.render import (
     RELEASE_DIR,
@@ -31,10 +32,9 @@ PROVISION = HERE / "provision.sh"
 PUT_FILE = HERE / "put-file.sh"
 NGINX_SITE = HERE / "nginx-site.sh"
 TLS = HERE / "tls.sh"
-RUN_SH = HERE / "run.sh"
-RELEASE_TOOL = RELEASE_DIR / "cognivern-release.sh"
-PM2_HELPER = RELEASE_DIR / "cognivern-pm2.cjs"
-HELPER_MARKER = "#--- cognivern-pm2.cjs ---"
+RELEASE_TOOL = RELEASE_DIR / "cognivern-release"
+RELEASE_PACKAGE = RELEASE_DIR / "cognivern_release"
+BUNDLE_MARKER = "#--- cognivern-release: {} ---"
 VERSIONS = HERE / "versions.env"
 
 
@@ -48,9 +48,16 @@ def pinned_versions() -> dict[str, str]:
     return out
 
 
+def release_tool_files() -> list[tuple[str, str]]:
+    """The release tool as provisioning installs it: its launcher and its package (standard library only)."""
+    files = [(RELEASE_TOOL.name, RELEASE_TOOL.read_text())]
+    return files + [(f"{RELEASE_PACKAGE.name}/{p.name}", p.read_text()) for p in sorted(RELEASE_PACKAGE.glob("*.py"))]
+
+
 def release_tool_bundle() -> str:
-    """provision.sh's stdin: the release tool, then (after a marker line) its PM2 query helper."""
-    return f"{RELEASE_TOOL.read_text().rstrip(chr(10))}\n{HELPER_MARKER}\n{PM2_HELPER.read_text()}"
+    """provision.sh's stdin: each file of the release tool after a marker line, as source text (so
+    `pulumi preview --diff` shows a change line by line), in a fixed order (the same text every run)."""
+    return "".join(f"{BUNDLE_MARKER.format(name)}\n{text.rstrip(chr(10))}\n" for name, text in release_tool_files())
 
 
 def nginx_site_input(s: Settings, site: str) -> str:
@@ -61,7 +68,8 @@ def nginx_site_input(s: Settings, site: str) -> str:
 def provision_args(s: Settings) -> list[str]:
     """provision.sh's arguments for these settings."""
     pins = pinned_versions()
-    account = ["--root", s.root, "--app-user", s.app_user, "--node-major", str(s.node_major), "--ssh-user", s.ssh_user]
+    account = ["--root", s.root, "--app-user", s.app_user, "--build-user", facts.build_user(s.app_user)]
+    account += ["--node-major", str(s.node_major), "--ssh-user", s.ssh_user]
     return [*account, "--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
 
 
@@ -81,16 +89,18 @@ class Host(pulumi.ComponentResource):
         s = args.settings
         self._name, self._connection, self._sudo, self._root = name, args.connection, s.ssh_user != "root", s.root
         provision = self._command("provision", script_command(PROVISION, provision_args(s), sudo=self._sudo), release_tool_bundle(), [])
-        run_script = self._put("run-script", f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), [provision], reload=True)
         release_conf = self._put(
             "release-conf", f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s), [provision]
         )
+        # reload=True: the installed tool starts the apps again (`cognivern-release reload`), with the conf in place
         ecosystem = self._put(
-            "ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [run_script], reload=True
+            "ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [release_conf], reload=True
         )
         env_text = pulumi.Output.secret(render_env(s.stack_env, s.secret_env))
-        owner = f"{s.app_user}:{s.app_user}"
-        env = self._put("env", f"{s.root}/shared/.env", "0600", owner, env_text, [run_script, ecosystem], reload=True, secret=True)
+        # root's, readable by the app's group: the app cannot change it, so it is root's copy of the
+        # secret values the tool masks; the tool reads it as data and hands it to PM2
+        owner = f"root:{s.app_user}"
+        env = self._put("env", f"{s.root}/shared/.env", "0640", owner, env_text, [ecosystem], reload=True, secret=True)
         site = site_name(s.app_name)
         tls_domain = s.domain if s.certbot_tls else None
         nginx = self._command(
@@ -106,7 +116,7 @@ class Host(pulumi.ComponentResource):
             argv = ["--name", site, "--domain", tls_domain, "--email", s.acme_email, "--server", s.acme_server]
             self._command("tls", script_command(TLS, argv, sudo=self._sudo), render_nginx_tls_site(s, tls_domain), [nginx])
 
-        self.ready = [provision, run_script, release_conf, ecosystem, env, nginx]
+        self.ready = [provision, release_conf, ecosystem, env, nginx]
         self.register_outputs({})
 
     def _command(

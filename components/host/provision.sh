@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Managed by cognivern-infra. Idempotent host preparation for the Cognivern backend (run as root).
 #
-#   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --node-major N --ssh-user S \
-#       --pm2-version X.Y.Z --pnpm-version X.Y.Z < cognivern-release.sh
+#   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --build-user B --node-major N \
+#       --ssh-user S --pm2-version X.Y.Z --pnpm-version X.Y.Z < release-tool-bundle
 #
-# stdin: the server-side release tool, installed as $BIN_DIR/cognivern-release when it differs
-# (empty stdin or a terminal: that step is skipped), optionally followed by a line
-# "#--- cognivern-pm2.cjs ---" and the tool's PM2 query helper, installed beside it. Every step prints one line, "ok (already)"
-# or what it changed, so a re-run on a prepared host changes nothing and says so.
+# stdin: the server-side release tool's files (components/host release_tool_bundle: its launcher and
+# its Python package, each after a line "#--- cognivern-release: PATH ---"), installed under
+# $BIN_DIR/../lib/cognivern-release with $BIN_DIR/cognivern-release linking to it (empty stdin or a
+# terminal: that step is skipped). Every step prints one line, "ok (already)" or what it changed,
+# so a re-run on a prepared host changes nothing and says so.
 # Supported: Ubuntu 24.04, Debian 12. Nothing under R/shared is ever deleted.
 #
 # The app user is treated as hostile: the directories root works in (R, releases/, shared/,
@@ -15,6 +16,8 @@
 # cache/pnpm-store) and its home (0700, with ~/.pm2 0700: PM2's dump holds the app's env) are its.
 # An existing account is taken as the app user only when it has the shape this script gives one
 # (home /home/U, own group, no other groups, no password): never a system or a login account.
+# The build account B runs `pnpm install` for the release tool: neither root nor the app, its own
+# store, HOME and npmrc under R/cache/build, so the app can write nothing a build reads or writes.
 #
 # Overrides (test hosts): COGNIVERN_BIN_DIR (/usr/local/bin), COGNIVERN_LOGROTATE_DIR
 # (/etc/logrotate.d), COGNIVERN_SSHD_CONFIG (/etc/ssh/sshd_config; the drop-in goes into its
@@ -25,19 +28,21 @@
 set -euo pipefail
 umask 022
 
-script_init provision "usage: provision --root ABS_PATH --app-user USER --node-major N --ssh-user USER
+script_init provision "usage: provision --root ABS_PATH --app-user USER --build-user USER --node-major N --ssh-user USER
                  --pm2-version X.Y.Z --pnpm-version X.Y.Z  (release tool on stdin)"
 
 # ---------------------------------------------------------------------------- arguments
-root="" app_user="" node_major="" ssh_user="" pm2_version="" pnpm_version=""
-parse_options "--root --app-user --node-major --ssh-user --pm2-version --pnpm-version" "$@"
-require_options root app_user node_major ssh_user pm2_version pnpm_version
+root="" app_user="" build_user="" node_major="" ssh_user="" pm2_version="" pnpm_version=""
+parse_options "--root --app-user --build-user --node-major --ssh-user --pm2-version --pnpm-version" "$@"
+require_options root app_user build_user node_major ssh_user pm2_version pnpm_version
 valid_abs_path "$root" || die "--root must be an absolute, normalised path such as /opt/cognivern, got '$root'"
 ! system_path "$root" || die "--root $root is a system directory (or inside one); use a directory of its own such as /opt/cognivern"
 valid_user "$app_user" || die "--app-user must be a Linux user name (a-z 0-9 _ -), got '$app_user'"
 [ "$app_user" != root ] || die "--app-user must not be root"
 valid_user "$ssh_user" || die "--ssh-user must be a Linux user name (a-z 0-9 _ -), got '$ssh_user'"
 [ "$app_user" != "$ssh_user" ] || die "--app-user must differ from --ssh-user ($ssh_user): the deploy login has sudo, the app must not"
+valid_user "$build_user" || die "--build-user must be a Linux user name (a-z 0-9 _ -), got '$build_user'"
+case $build_user in root | "$app_user" | "$ssh_user") die "--build-user must be an account of its own, not root, the app or the SSH user" ;; esac
 [[ $node_major =~ ^[1-9][0-9]{0,2}$ ]] || die "--node-major must be a number such as 22, got '$node_major'"
 [[ $pm2_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pm2-version must be X.Y.Z, got '$pm2_version'"
 [[ $pnpm_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pnpm-version must be X.Y.Z, got '$pnpm_version'"
@@ -58,15 +63,8 @@ id -u "$ssh_user" >/dev/null 2>&1 || die "--ssh-user $ssh_user does not exist on
 # Read the release tool now, before anything changes (and before apt could touch stdin).
 tmpdir=$(mktemp -d)
 trap 'rm -rf -- "$tmpdir"' EXIT
-tool_src="$tmpdir/cognivern-release"
-helper_src="$tmpdir/cognivern-pm2.cjs"
-if [ -t 0 ]; then
-    : >"$tool_src"
-else
-    awk -v tool="$tool_src" -v helper="$helper_src" '$0 == "#--- cognivern-pm2.cjs ---" { h = 1; next }
-        { print > (h ? helper : tool) }'
-    touch "$tool_src"
-fi
+tool_bundle="$tmpdir/cognivern-release.bundle"
+if [ -t 0 ]; then : >"$tool_bundle"; else cat >"$tool_bundle"; fi
 
 systemd_running() { [ -d /run/systemd/system ]; }
 
@@ -92,6 +90,8 @@ pkg_installed() {
 }
 missing=()
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+# the release tool is Python (standard library: python3, not python3-minimal, which lacks json, tarfile and shlex)
+[ -x /usr/bin/python3 ] && pkg_installed "python3" || missing+=(python3)
 for pkg in curl ca-certificates gpg logrotate tar gzip util-linux; do
     pkg_installed "$pkg" || missing+=("$pkg")
 done
@@ -152,21 +152,21 @@ app_home=/home/$app_user
 # An existing account is the app's only if it has exactly the shape useradd gives it below: any
 # other (www-data, nobody, a person's login with a password or sudo) would hand the hostile app
 # that account's files and rights, and root would chown things to it.
-app_account_problem() {
+account_problem() { # user home: why it is not an account this script made, or nothing
     local uid home group groups pass
-    uid=$(id -u "$app_user")
-    home=$(getent passwd "$app_user" | cut -d: -f6)
-    group=$(id -gn "$app_user")
-    groups=$(id -Gn "$app_user")
-    pass=$(getent shadow "$app_user" | cut -d: -f2)
+    uid=$(id -u "$1")
+    home=$(getent passwd "$1" | cut -d: -f6)
+    group=$(id -gn "$1")
+    groups=$(id -Gn "$1")
+    pass=$(getent shadow "$1" | cut -d: -f2)
     if [ "$uid" -lt 100 ]; then echo "is a base system account (uid $uid)"
-    elif [ "$home" != "$app_home" ]; then echo "has its home at ${home:-nowhere}, not $app_home (a service or login account)"
-    elif [ "$group" != "$app_user" ] || [ "$groups" != "$app_user" ]; then echo "belongs to groups '$groups' (the app's account has only its own)"
+    elif [ "$home" != "$2" ]; then echo "has its home at ${home:-nowhere}, not $2 (a service or login account)"
+    elif [ "$group" != "$1" ] || [ "$groups" != "$1" ]; then echo "belongs to groups '$groups' (the app's account has only its own)"
     elif [ -n "$pass" ] && [ "${pass:0:1}" != '!' ] && [ "${pass:0:1}" != '*' ]; then echo "has a password (a login account)"
     fi
 }
 if id -u "$app_user" >/dev/null 2>&1; then
-    problem=$(app_account_problem)
+    problem=$(account_problem "$app_user" "$app_home")
     [ -z "$problem" ] || die "--app-user $app_user already exists and $problem; refusing to run the app as it (choose another cognivern:appUser)"
     say "app user: ok (already $app_user)"
 else
@@ -194,6 +194,19 @@ if [ "${#home_changes[@]}" -eq 0 ]; then
     say "app home: ok (already private)"
 else
     say "app home: made private: ${home_changes[*]}"
+fi
+
+# ---------------------------------------------------------------------------- build account
+# Runs `pnpm install` for the release tool (packages run install scripts): no login, no home of its
+# own outside R/cache/build/work, no group but its own. Checked like the app's account.
+build_home="$root/cache/build/work"
+if id -u "$build_user" >/dev/null 2>&1; then
+    problem=$(account_problem "$build_user" "$build_home")
+    [ -z "$problem" ] || die "--build-user $build_user already exists and $problem; refusing to build releases as it"
+    say "build user: ok (already $build_user)"
+else
+    useradd --system --no-create-home --home-dir "$build_home" --shell /usr/sbin/nologin --user-group "$build_user"
+    say "build user: created $build_user (home $build_home)"
 fi
 
 # ---------------------------------------------------------------------------- layout
@@ -226,10 +239,17 @@ ensure_dir "$root/shared/data" "$app_user" "$app_user" 0750
 ensure_dir "$root/shared/logs" "$app_user" "$app_user" 0750
 ensure_dir "$root/cache" root root 0755
 ensure_dir "$root/cache/pnpm-store" "$app_user" "$app_user" 0750
+ensure_dir "$root/cache/build" root root 0755
+ensure_dir "$root/cache/build/work" "$build_user" "$build_user" 0700
 ensure_dir "$root/backups" root root 0700
 ensure_dir "$root/config" root root 0755
 ensure_dir "$root/.deploy" root root 0700
 ensure_dir "$root/incoming" "$ssh_user" "$ssh_group" 0700
+# shared/run.sh started the apps before the release tool did (in Python): a stale copy goes.
+if [ -e "$root/shared/run.sh" ]; then
+    rm -f -- "$root/shared/run.sh"
+    layout_changes+=("removed $root/shared/run.sh (the release tool starts the apps)")
+fi
 if [ "${#layout_changes[@]}" -eq 0 ]; then
     say "layout: ok (already)"
 else
@@ -288,34 +308,49 @@ else
 fi
 
 # ---------------------------------------------------------------------------- release tool
-tool_dst="$bin_dir/cognivern-release"
-if [ ! -s "$tool_src" ]; then
+# Installed as $LIB/<digest of the bundle>/ (made aside, then renamed into place); $LIB/current is
+# pointed at it, and $BIN_DIR/cognivern-release at its launcher, each in one rename: a reader sees
+# the old tool or the new one, never a mix, and a running activation keeps its version (the
+# launcher resolves `current` once). The version before stays; older ones go.
+install_release_tool() { # bundle
+    local lib digest stage link="../lib/cognivern-release/current/cognivern-release" old
+    lib="$(dirname "$bin_dir")/lib/cognivern-release"
+    digest=$(sha256sum <"$1" | cut -c1-16)
+    if [ "$(readlink "$lib/current" 2>/dev/null)" = "$digest" ] && [ -d "$lib/$digest" ] &&
+        [ "$(readlink "$bin_dir/cognivern-release" 2>/dev/null)" = "$link" ]; then
+        say "release tool: ok (already $digest)"
+        return
+    fi
+    install -d -m 0755 "$bin_dir" "$lib"
+    if [ ! -d "$lib/$digest" ]; then
+        stage=$(mktemp -d "$lib/.stage.XXXXXX")
+        mkdir "$stage/cognivern_release"
+        awk -v dir="$stage" '
+            /^#--- cognivern-release: / {
+                if (NF != 4 || $4 != "---" || $3 !~ /^(cognivern-release|cognivern_release\/[a-z_]+\.py)$/) { bad = 1; exit }
+                file = dir "/" $3; next
+            }
+            file == "" { bad = 1; exit }
+            { print > file }
+            END { exit bad ? 3 : 0 }' "$1" || { rm -rf -- "$stage"; die "the release tool on stdin is not a bundle of its files"; }
+        [ "$(head -c 2 "$stage/cognivern-release" 2>/dev/null)" = '#!' ] || { rm -rf -- "$stage"; die "the release tool on stdin has no launcher"; }
+        chown -R root:root "$stage" # made here, in root's $lib: nobody else can reach it
+        find "$stage" -type d -exec chmod 0755 {} + -o -type f -exec chmod 0644 {} +
+        chmod 0755 "$stage/cognivern-release"
+        mv -T "$stage" "$lib/$digest"
+    fi
+    ln -sfn "$digest" "$lib/.current.new" && mv -T "$lib/.current.new" "$lib/current"
+    ln -sfn "$link" "$bin_dir/.cognivern-release.new" && mv -T "$bin_dir/.cognivern-release.new" "$bin_dir/cognivern-release"
+    rm -f -- "$bin_dir/cognivern-pm2.cjs" # the Node helper of the bash tool: its work is in the package now
+    find "$lib" -mindepth 1 -maxdepth 1 -type d ! -name "$digest" ! -name '.stage.*' -printf '%T@ %f\n' | sort -rn | tail -n +2 |
+        while read -r _ old; do rm -rf -- "${lib:?}/$old"; done
+    say "release tool: installed $digest ($bin_dir/cognivern-release)"
+}
+/usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "the release tool needs Python 3.11 or newer (/usr/bin/python3)"
+if [ ! -s "$tool_bundle" ]; then
     say "release tool: skipped (nothing on stdin)"
 else
-    [ "$(head -c 2 "$tool_src")" = '#!' ] || die "the release tool on stdin does not start with #!"
-    ok_mode=0
-    if [ -f "$tool_dst" ] && [ "$(stat -c '%U:%G %a' "$tool_dst")" = "root:root 755" ]; then ok_mode=1; fi
-    if [ "$ok_mode" -eq 1 ] && cmp -s "$tool_src" "$tool_dst"; then
-        say "release tool: ok (already $tool_dst)"
-    else
-        install -d -m 0755 "$bin_dir"
-        tmp=$(mktemp "$bin_dir/.cognivern-release.XXXXXX")
-        cat "$tool_src" >"$tmp"
-        chown root:root "$tmp"
-        chmod 0755 "$tmp"
-        mv -f "$tmp" "$tool_dst"
-        say "release tool: installed $tool_dst"
-    fi
-fi
-helper_dst="$bin_dir/cognivern-pm2.cjs"
-if [ -s "$helper_src" ]; then
-    if [ -f "$helper_dst" ] && [ "$(stat -c '%U:%G %a' "$helper_dst")" = "root:root 644" ] && cmp -s "$helper_src" "$helper_dst"; then
-        say "release tool helper: ok (already $helper_dst)"
-    else
-        install -d -m 0755 "$bin_dir"
-        install -o root -g root -m 0644 "$helper_src" "$helper_dst"
-        say "release tool helper: installed $helper_dst"
-    fi
+    install_release_tool "$tool_bundle"
 fi
 
 # ---------------------------------------------------------------------------- logrotate

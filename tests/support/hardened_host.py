@@ -1,6 +1,6 @@
 """A provisioned TargetHost driven the way the program drives it, for the hardening tests.
 
-provision.sh (over SSH, as root), then put-file for run.sh, cognivern.conf, the ecosystem file and
+provision.sh (over SSH, as root), then put-file for cognivern.conf, the ecosystem file and
 shared/.env, then the installed `cognivern-release` for releases. Nothing is mocked: the attack and
 backup tests need the real layout, owners and modes that provisioning makes.
 """
@@ -15,12 +15,13 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, RUN_SH, nginx_site_input, provision_args, release_tool_bundle
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, nginx_site_input, provision_args, release_tool_bundle
 from components.remote import script_command
 from components.render import NginxTarget, render_ecosystem, render_env, render_nginx_site, render_release_conf, site_name
 from components.settings import Settings
-from tests.support.release_host import build_release_tarball
+from tests.support.release_host import build_release_tarball, read_state
 from tests.support.target_host import SYSTEM_PATH, TargetHost, end_user_processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ class HardenedHost:
     def put_env(self, **extra: str) -> subprocess.CompletedProcess[str]:
         s = self.settings
         return self.put(
-            f"{s.root}/shared/.env", "0600", f"{s.app_user}:{s.app_user}", render_env({**s.stack_env, **extra}, s.secret_env), reload=True
+            f"{s.root}/shared/.env", "0640", f"root:{s.app_user}", render_env({**s.stack_env, **extra}, s.secret_env), reload=True
         )
 
     @property
@@ -69,7 +70,6 @@ class HardenedHost:
         site = script_command(NGINX_SITE, ["--name", site_name(s.app_name)])
         for result in (
             self.provision(),
-            self.put(f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), reload=True),
             self.put(f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s, target)),
             self.put(f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), reload=True),
             self.put_env(),
@@ -99,6 +99,10 @@ class HardenedHost:
         dest = self.root / "incoming" / tarball.name
         shutil.copy(tarball, dest)
         return self.tool("install", release_id, str(dest), sha)
+
+    def state(self) -> dict[str, Any]:
+        """The release tool's state (ROOT/config/state.json)."""
+        return read_state(self.root)
 
     def current(self) -> str | None:
         link = self.root / "current"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from components.release import sha256_file
+from components.release.cognivern_release import facts
 from components.render import (
     NginxTarget,
     render_ecosystem,
@@ -40,8 +41,7 @@ from tests.support.helpers import DisposableHost, end_user_processes, free_port_
 from tests.support.nginx import PrivateNginx
 
 REPO = Path(__file__).resolve().parents[2]
-TOOL = REPO / "components" / "release" / "cognivern-release.sh"
-RUN_SH = REPO / "components" / "host" / "run.sh"
+TOOL = REPO / "components" / "release" / "cognivern-release"
 FIXTURE_APP = REPO / "tests" / "fixtures" / "app"
 APP_USER = "cgv-rt"  # the benches' user; tests take a unique one (unique_app_user) so parallel runs never share one
 SECRET_VALUE = "fixture-secret-must-never-be-printed"
@@ -80,12 +80,25 @@ def build_evil_tarball(out_dir: Path, name: str, member: str = "../../escaped.tx
     return path, sha256_file(path)
 
 
+def read_state(root: Path) -> dict[str, Any]:
+    """The release tool's state (ROOT/config/state.json), or {} before the tool wrote it."""
+    path = root / facts.STATE_FILE
+    state: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    return state
+
+
 def unique_app_user() -> str:
     """A fresh test-only user name: ReleaseHosts of concurrent test runs never share a user or its processes."""
     return f"cgvr{uuid.uuid4().hex[:8]}"
 
 
 def ensure_app_user(name: str = APP_USER) -> pwd.struct_passwd:
+    """The app user and its build account (the one that runs pnpm install), as provisioning makes them."""
+    build = facts.build_user(name)
+    try:
+        pwd.getpwnam(build)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", build], check=True)
     try:
         return pwd.getpwnam(name)
     except KeyError:
@@ -94,8 +107,9 @@ def ensure_app_user(name: str = APP_USER) -> pwd.struct_passwd:
 
 
 def remove_app_user(name: str = APP_USER) -> None:
-    end_user_processes(name)
-    subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
+    for user in (name, facts.build_user(name)):
+        end_user_processes(user)
+        subprocess.run(["userdel", "-r", user], check=False, capture_output=True)
 
 
 @dataclass
@@ -163,10 +177,8 @@ class ReleaseHost(DisposableHost):
         (self.root / "config" / "cognivern.conf").write_text(conf)
         env = self.root / "shared" / ".env"
         env.write_text(render_env(s.stack_env, s.secret_env))
-        os.chown(env, *own)
-        env.chmod(0o600)
-        shutil.copy(RUN_SH, self.root / "shared" / "run.sh")
-        (self.root / "shared" / "run.sh").chmod(0o755)
+        os.chown(env, 0, pw.pw_gid)  # root's, the app's group reads it (the program's put-file: root:APP 0640)
+        env.chmod(0o640)
         name = site_name(s.app_name)
         (self.nginx.sites_available / f"{name}.conf").write_text(render_nginx_site(s))
         (self.nginx.sites_enabled / f"{name}.conf").symlink_to(self.nginx.sites_available / f"{name}.conf")
@@ -190,22 +202,36 @@ class ReleaseHost(DisposableHost):
         """nginx's port: where clients reach whichever slot is live."""
         return self.nginx.port
 
+    def state(self) -> dict[str, Any]:
+        """The tool's state (ROOT/config/state.json); empty before the tool wrote it."""
+        return read_state(self.root)
+
     def slots(self) -> dict[str, str]:
-        """ROOT/config/slots as a dict (live, blue, green, agent); empty before the first activation."""
-        path = self.root / "config" / "slots"
-        if not path.exists():
-            return {}
-        return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+        """The state's slots (live, blue, green, agent; "" for an empty one); empty before the first activation."""
+        return {k: v or "" for k, v in self.state().get("slots", {}).items()}
+
+    def bad(self, release_id: str) -> bool:
+        """Whether the release is marked bad in the state."""
+        return "bad" in self.state().get("releases", {}).get(release_id, {})
+
+    def journal(self) -> dict[str, Any] | None:
+        """The journal of an activation under way (one a killed worker left), or None."""
+        journal: dict[str, Any] | None = self.state().get("journal")
+        return journal
 
     def slot_port(self, slot: str) -> int:
         return self.port if slot == "blue" else self.port + 1
 
     # -- the tool ------------------------------------------------------------------------
+    def argv(self) -> list[str]:
+        """How the tool runs: this checkout's launcher as it is (python3 -I), an older bash tool with bash."""
+        return ["bash", str(self.tool)] if self.tool.suffix == ".sh" else [str(self.tool)]
+
     def run(
         self, *args: str, timeout: float = 120, env: Mapping[str, str] | None = None, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["bash", str(self.tool), "--root", str(self.root), *args],
+            [*self.argv(), "--root", str(self.root), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -216,7 +242,7 @@ class ReleaseHost(DisposableHost):
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            ["bash", str(self.tool), "--root", str(self.root), *args],
+            [*self.argv(), "--root", str(self.root), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
