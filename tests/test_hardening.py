@@ -230,7 +230,16 @@ def test_a_link_at_the_pm2_home_stops_provisioning(host: HardenedHost, targets: 
     assert result.returncode != 0 and "could not make" in result.stderr and ".pm2 private" in result.stderr
 
 
-APP_CANNOT_WRITE = ["shared/data", "shared/logs", "shared/.env", "shared/run.sh", "cache/pnpm-store", "releases/r1", "backups", "current"]
+APP_CANNOT_WRITE = [
+    "shared/data",
+    "shared/logs",
+    "shared/.env",
+    "config/state.json",
+    "cache/pnpm-store",
+    "releases/r1",
+    "backups",
+    "current",
+]
 
 
 @pytest.mark.parametrize("rel", APP_CANNOT_WRITE)

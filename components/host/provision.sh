@@ -327,7 +327,7 @@ install_release_tool() { # bundle
         mkdir "$stage/cognivern_release"
         awk -v dir="$stage" '
             /^#--- cognivern-release: / {
-                if (NF != 4 || $4 != "---" || $3 !~ /^(cognivern-release|cognivern_release\/[a-z_]+\.py)$/) { bad = 1; exit }
+                if (NF != 4 || $4 != "---" || $3 !~ /^(cognivern-release|cognivern_release\/[a-z0-9_]+\.py)$/) { bad = 1; exit }
                 file = dir "/" $3; next
             }
             file == "" { bad = 1; exit }
