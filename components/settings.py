@@ -564,7 +564,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "root",
         _string(),
-        "/opt/cognivern",
+        facts.ROOT,
         _root,
         doc="app root on the server (absolute, normalised; not a system directory such as `/etc`, `/usr`, `/home/...`, `/var/lib`)",
     ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import subprocess
 from collections.abc import Iterator
@@ -86,14 +87,16 @@ def test_a_release_that_fails_its_bake_prints_the_error_log_masked(host: Release
     assert host.current() == "good"
 
 
-def test_when_the_values_cannot_be_read_the_log_is_withheld_not_printed(host: ReleaseHost) -> None:
-    """Fail closed: shared/.env unreadable for the app user, so the tool cannot know what to mask."""
+def test_when_the_values_cannot_be_trusted_the_log_is_withheld_not_printed(host: ReleaseHost) -> None:
+    """Fail closed: the values come from root's own copy (shared/.env, root:APP 0640). One the app
+    could have rewritten (the app's, as older hosts had it) is not root's copy: nothing is printed."""
     env = host.root / "shared" / ".env"
     log = host.root / "shared" / "logs" / "error.log"
     line = f"control line before closed-crash: {SECRET_VALUE}\n"  # something the tool would print, were it allowed
     subprocess.run(["runuser", "-u", APP_USER, "--", "tee", "-a", str(log)], input=line, text=True, check=True, capture_output=True)
     stat = env.stat()
-    os.chown(env, 0, 0)
+    app = pwd.getpwnam(APP_USER)
+    os.chown(env, app.pw_uid, app.pw_gid)
     try:
         proc = host.run("activate", "closed-crash")
     finally:

@@ -578,7 +578,7 @@ def cmd_logs(srv: Server, act: Action, args: list[str]) -> int:
 
 # ---------------------------------------------------------------------------- main
 def parse(argv: list[str]) -> tuple[str, str, list[str]]:
-    root = os.environ.get("COGNIVERN_ROOT") or "/opt/cognivern"
+    root = os.environ.get("COGNIVERN_ROOT") or facts.ROOT
     args = list(argv)
     while args:
         arg = args[0]

@@ -83,6 +83,7 @@ def system_path(path: str) -> bool:
 
 # ---------------------------------------------------------------------------- defaults
 # Stack settings the tool also needs when cognivern.conf leaves them out (settings.KEYS uses these).
+ROOT = "/opt/cognivern"
 APP_USER = "cognivern"
 APP_NAME = "cognivern-agent"
 PORT = 3000
