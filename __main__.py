@@ -18,8 +18,10 @@ from components.host import Host, HostArgs
 from components.release import ArtifactError, Release, ReleaseArgs, resolve_artifact, rolling_activation
 from components.security import security_warnings
 from components.settings import NAMESPACE, ConfigError, parse_settings
+from components.shutdown import exit_quietly_on_interrupt
 from components.topology import connection_to, known_hosts, ssh_command, topology
 
+exit_quietly_on_interrupt()  # a failed step reads as its own error, not as a traceback (components/shutdown.py)
 PROJECT_DIR = Path(__file__).resolve().parent
 config = pulumi.Config(NAMESPACE)
 try:

@@ -5,7 +5,7 @@
 Runs as root on loopback only. The real `__main__.py` is driven by the test-only engine stand-in
 (tests/engine, `Engine.up`) over real OpenSSH against a disposable TargetHost (private sshd, private
 nginx, temp ROOT, unique app user), with the stack config and fixture artifacts built exactly as
-tests/test_scenarios.py builds them (its `Stack` is imported). The host is prepared and the base
+tests/support/stack.py builds them (TargetStack). The host is prepared and the base
 release deployed once ("first deploy": timed, no load); then, with 8 concurrent HTTP clients on
 GET /release through the host's nginx:
   a  `pulumi up` of a new release (config change: release + artifact)
@@ -49,9 +49,9 @@ from bench import harness
 from bench.harness import median
 from bench.release_bench import CLIENTS, Load
 from components.settings import Settings
-from tests.engine import RunReport
+from tests.support.real_engine import RunReport
+from tests.support.stack import TargetStack
 from tests.support.target_host import SYSTEM_PATH, TargetHost
-from tests.test_scenarios import Stack
 
 SCENARIOS = ("a", "b", "c", "c2", "c3")
 TITLES = {
@@ -222,7 +222,7 @@ def step_durations(report: RunReport) -> dict[str, float]:
     for s in report.steps:
         short = next((n for n in STEP_NAMES if s.name.endswith(n)), None)
         if short is not None and s.op not in ("same", "delete", "skipped"):
-            out[short.removeprefix("release-")] = round(s.duration, 2)
+            out[short.removeprefix("release-")] = round(s.seconds, 2)
     return out
 
 
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: SshDocProcedure | None = None
     try:
         host.start()
-        stack = Stack(host, tmp)
+        stack = TargetStack(host, tmp, secretEnv={"FIXTURE_ECHO": "bench"})
         load_url = host.nginx.url("/release")
 
         def serving() -> str | None:
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         first = stack.up(release=BASE, artifact=artifact)
         extra["first_deploy_seconds"] = round(time.monotonic() - start, 2)
-        extra["first_deploy_steps"] = {s.name.removeprefix("cognivern-test-"): round(s.duration, 2) for s in first.steps}
+        extra["first_deploy_steps"] = {s.name.removeprefix("cognivern-test-"): round(s.seconds, 2) for s in first.steps}
         if serving() != BASE:
             raise RuntimeError("the base release is not serving after the first deploy")
         start = time.monotonic()
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         def engine_broken(rid: str, path: str) -> Callable[[], dict[str, Any]]:
             def action() -> dict[str, Any]:
                 report = stack.up(release=rid, artifact=path, check=False)
-                handled = report.error is not None and stack.current() == BASE and serving() == BASE
-                err = str(report.error).splitlines()[0][:200] if report.error is not None else None
+                handled = not report.ok and stack.current() == BASE and serving() == BASE
+                err = report.errors[0].splitlines()[0][:200] if report.errors else None
                 return {"command_ok": handled, "steps": step_durations(report), "error": err}
 
             return action

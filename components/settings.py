@@ -61,6 +61,12 @@ MAX_SERVERS = 10
 DEPRECATED_SERVER_TYPES = frozenset(
     {"cx11", "cx21", "cx31", "cx41", "cx51", "cx22", "cx32", "cx42", "cx52"} | {"cpx11", "cpx21", "cpx31", "cpx41", "cpx51"}
 )
+# Sticky, world-writable directories: every local user may create names in them and the system's
+# temp cleanup (systemd-tmpfiles) deletes what has not changed for a while, so another user could
+# create ROOT first and the cleanup could delete releases and data. `root` may not be in one.
+# These are the ones every Debian/Ubuntu server has; provision.sh refuses any other such directory
+# on the server (a ROOT with an ancestor that is not root's or that others can write).
+SHARED_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/shm", "/run/lock", "/var/lock", "/var/crash", "/dev/mqueue")
 # Accounts of the base system and of common services: the app (hostile by assumption) must never
 # become one of them. provision.sh also refuses any existing account it did not create for the app.
 SYSTEM_ACCOUNTS = frozenset(
@@ -405,6 +411,12 @@ def _root(value: str, _message: str) -> str:
         if not (value.startswith("/") and posixpath.normpath(value) == value and value != "/" and "//" not in value):
             raise _RuleError(f"{value!r} must be an absolute, normalised path such as /opt/cognivern (no trailing '/', '..' or '//')")
         raise _RuleError(f"{value!r} may contain only letters, digits, '/', '.', '_' and '-'")
+    temp = shared_temp_dir(value)
+    if temp is not None:
+        raise _RuleError(
+            f"{value!r} is {temp} or inside it, which every local user can write (sticky, world-writable): another user could create it"
+            " first, and temp cleanup deletes old files there; use a directory of its own such as /opt/cognivern"
+        )
     if system_path(value):
         raise _RuleError(
             f"{value!r} is a system directory (or inside one); use a directory of its own such as /opt/cognivern or /srv/cognivern"
@@ -566,7 +578,9 @@ KEYS: tuple[Key, ...] = (
         _string(),
         facts.ROOT,
         _root,
-        doc="app root on the server (absolute, normalised; not a system directory such as `/etc`, `/usr`, `/home/...`, `/var/lib`)",
+        doc="app root on the server (absolute, normalised; not a system directory such as `/etc`, `/usr`, `/home/...`, `/var/lib`,"
+        " nor inside one every user can write such as `/tmp`, `/var/tmp`, `/dev/shm`; provisioning refuses it below any directory"
+        " that is not root's alone)",
     ),
     Key(
         "appUser",
@@ -729,6 +743,11 @@ def _holds_secret(raw: str | None) -> bool:
         return bool(json.loads(raw) != {})
     except json.JSONDecodeError:
         return True
+
+
+def shared_temp_dir(path: str) -> str | None:
+    """The sticky, world-writable directory `path` is in (or is), if any (SHARED_TEMP_DIRS)."""
+    return next((d for d in SHARED_TEMP_DIRS if path == d or path.startswith(d + "/")), None)
 
 
 def config_command(stack: str) -> str:

@@ -23,14 +23,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from pulumi import RunError
 
-from components.server.host_key import HostKeyProvider, generate_ed25519, user_data_with_host_key
+from components.server import metadata_filter, render_user_data
+from components.server.host_key import HostKeyProvider, generate_ed25519
 from tests.engine import Engine, RunFailedError
 from tests.support.program import Registration, is_secret, run_program, unsecret
 from tests.support.pulumi_cli import PulumiProject
 from tests.support.sshd import LocalSshd
 from tests.test_program import HETZNER, HetznerMocks
 
-CLOUD_INIT = Path(__file__).resolve().parents[1] / "components" / "server" / "cloud-init.yaml"
 HOST_KEY_TYPE = "pulumi-python:dynamic/cognivern:HostKey"
 SERVER = "hcloud:index/server:Server"
 REMOTE = ("command:remote:Command", "command:remote:CopyToRemote")
@@ -101,7 +101,7 @@ def test_the_key_is_created_once_and_never_changes() -> None:
 
 def test_cloud_init_schema_accepts_the_user_data_with_ssh_keys(tmp_path: Path) -> None:
     private, public = generate_ed25519()
-    text = user_data_with_host_key(CLOUD_INIT.read_text(), private, public)
+    text = render_user_data(private, public)
     assert text.startswith("#cloud-config\n")
     assert yaml.safe_load(text)["ssh_keys"] == {"ed25519_private": private, "ed25519_public": public}
     good = tmp_path / "user-data.yaml"
@@ -229,12 +229,15 @@ def _fetch(ns: str, as_user: str | None) -> str:
     return subprocess.run(["ip", "netns", "exec", ns, *user, *curl], capture_output=True, text=True, check=False).stdout
 
 
-def test_only_root_can_read_the_metadata_service_after_boot(metadata_netns: str) -> None:
-    """The cloud-config's bootcmd, run as cloud-init runs it (every boot: twice here), blocks every other user."""
-    (bootcmd,) = yaml.safe_load(CLOUD_INIT.read_text())["bootcmd"]
+@pytest.mark.parametrize("runner", ["bootcmd", "unit"])
+def test_only_root_can_read_the_metadata_service_after_boot(metadata_netns: str, runner: str) -> None:
+    """The cloud-config's bootcmd, run as cloud-init runs it, or the script as its unit's ExecStart
+    runs it (every boot: twice here), blocks every other user."""
+    (bootcmd,) = yaml.safe_load(render_user_data(*generate_ed25519()))["bootcmd"]
+    argv = bootcmd if runner == "bootcmd" else ["sh", str(metadata_filter.SCRIPT)]
     assert _fetch(metadata_netns, as_user="nobody") == "200"  # control: readable by anyone before
     for _boot in range(2):
-        subprocess.run(["ip", "netns", "exec", metadata_netns, *bootcmd], check=True, capture_output=True)
+        subprocess.run(["ip", "netns", "exec", metadata_netns, *argv], check=True, capture_output=True)
     assert _fetch(metadata_netns, as_user=None) == "200", "root (cloud-init) still reads it"
     assert _fetch(metadata_netns, as_user="nobody") == "000", "any other user is refused"
     rules = subprocess.run(["ip", "netns", "exec", metadata_netns, "nft", "list", "ruleset"], capture_output=True, text=True, check=True)
@@ -268,7 +271,7 @@ def test_the_engine_stand_in_creates_the_key_once_and_keeps_it(tmp_path: Path) -
     assert again.ops() == {"server-host-key": "same"} and again.outputs["publicKey"] == public
 
 
-# ---------------------------------------------------------------- the real engine (make pulumi-cli)
+# ---------------------------------------------------------------- the real engine (make pulumi-tools)
 
 
 def test_the_real_engine_creates_the_key_once_keeps_it_and_encrypts_its_private_half(tmp_path: Path) -> None:

@@ -7,11 +7,13 @@ provision prepares it, then nginx-site and put-file run against the prepared hos
 from __future__ import annotations
 
 import base64
+import dataclasses
 import grp
 import hashlib
 import json
 import os
 import pwd
+import shutil
 import socket
 import stat
 import subprocess
@@ -28,6 +30,7 @@ from components.host import BUNDLE_MARKER, NGINX_SITE, PROVISION, PUT_FILE, ngin
 from components.release.cognivern_release import facts
 from components.remote import script_command
 from components.render import render_nginx_site, render_upstream, site_name
+from components.server import metadata_filter
 from components.settings import Settings
 from tests.support.fs import manifest
 from tests.support.helpers import http_get, wait_until
@@ -241,13 +244,14 @@ def test_provision_keeps_shared_content(host: TargetHost, first_run: subprocess.
         (["--node-major", "22x"], "--node-major must be a number"),
         (["--build-user", "cvtbad"], "--build-user must be an account of its own"),
         (["--build-user", "Bad;x"], "--build-user must be"),
+        (["--metadata-filter", "maybe"], "--metadata-filter must be yes or no"),
+        (["--metadata-filter", "yes"], "--metadata-filter yes needs cognivern-metadata-filter and its unit on stdin"),
         (["--bogus", "1"], "unknown argument: --bogus"),
     ],
 )
 def test_provision_rejects_bad_arguments(host: TargetHost, first_run: object, args: list[str], message: str) -> None:
     base = {"--root": str(host.root) + "-bad", "--app-user": "cvtbad", "--build-user": "cvtbad-build", "--node-major": "20"}
-    base |= {"--ssh-user": "root"}
-    base |= {"--pm2-version": "7.0.4", "--pnpm-version": "9.15.9"}
+    base |= {"--ssh-user": "root", "--pm2-version": "7.0.4", "--pnpm-version": "9.15.9", "--metadata-filter": "no"}
     argv: list[str] = []
     for key, value in base.items():
         argv += [key, value]
@@ -257,6 +261,128 @@ def test_provision_rejects_bad_arguments(host: TargetHost, first_run: object, ar
     assert message in result.stderr
     assert result.stdout == ""
     assert not Path(str(host.root) + "-bad").exists()
+
+
+# ---------------------------------------------------------------------------- units: PM2 after the metadata filter
+FILTER_UNIT = metadata_filter.UNIT_NAME
+
+
+def pm2_unit_text(user: str, home: Path) -> str:
+    """pm2-<user>.service as `pm2 startup systemd -u USER --hp HOME` writes it: PM2's own template,
+    filled in as its lib/API/Startup.js does (that command itself would write into /etc/systemd)."""
+    npm_root = Path(subprocess.run(["npm", "root", "-g"], capture_output=True, text=True, check=True).stdout.strip())
+    node = shutil.which("node")
+    assert node is not None
+    fill = {
+        "%PM2_PATH%": str(npm_root / "pm2" / "bin" / "pm2"),
+        "%NODE_PATH%": str(Path(node).parent),
+        "%USER%": user,
+        "%HOME_PATH%": str(home / ".pm2"),
+    }
+    text = (npm_root / "pm2" / "lib" / "templates" / "init-scripts" / "systemd.tpl").read_text()
+    for placeholder, value in fill.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+def systemd_verify(unit_dir: Path, *units: str) -> subprocess.CompletedProcess[str]:
+    """systemd's own check of units (loads them with their drop-ins from `unit_dir`, before the
+    system's unit directories, and builds each one's start transaction: missing units, cycles)."""
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:"}
+    return subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, env=env, cwd=unit_dir, timeout=60)
+
+
+@pytest.fixture
+def pm2_unit(host: TargetHost) -> Iterator[str]:
+    """PM2's unit in the host's unit directory (provisioning writes only drop-ins there without systemd)."""
+    name = f"pm2-{host.app_user}.service"
+    path = host.systemd_dir / name
+    path.write_text(pm2_unit_text(host.app_user, host.app_home))
+    yield name
+    path.unlink()
+
+
+def test_provision_orders_pm2_after_the_metadata_filter_on_servers_it_created(
+    host: TargetHost, first_run: subprocess.CompletedProcess[str], pm2_unit: str
+) -> None:
+    """--metadata-filter yes (a server the program created): the filter script and its unit are
+    installed, PM2's unit Requires= and After= it, and systemd accepts the result."""
+    args = provision_args(host.settings())
+    args[args.index("--metadata-filter") + 1] = "yes"
+    units, script = host.systemd_dir, host.bin_dir / metadata_filter.SCRIPT_NAME
+    unit, dropin = units / FILTER_UNIT, units / f"{pm2_unit}.d" / "cognivern-metadata-filter.conf"
+    try:
+        first = host.run(script_command(PROVISION, args), stdin=release_tool_bundle(FAKE_TOOL))
+        assert first.returncode == 0, first.stderr
+        lines = first.stdout.splitlines()
+        assert f"provision: metadata filter: installed {script}; wrote {unit} (not loaded: systemd is not running)" in lines
+        assert f"provision: pm2 startup order: wrote {dropin} (after {FILTER_UNIT})" in lines
+        assert script.read_text() == metadata_filter.SCRIPT.read_text() and owner_mode(script) == ("root", "root", "0o755")
+        assert f"ExecStart={script}\n" in unit.read_text() and "@BIN_DIR@" not in unit.read_text()
+        assert dropin.read_text() == f"[Unit]\nRequires={FILTER_UNIT}\nAfter={FILTER_UNIT}\n"
+        verify = systemd_verify(units, pm2_unit, FILTER_UNIT)
+        assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
+
+        again = host.run(script_command(PROVISION, args), stdin=release_tool_bundle(FAKE_TOOL))
+        assert "provision: metadata filter: ok (already installed; not loaded: systemd is not running)" in again.stdout
+        assert f"provision: pm2 startup order: ok (already after {FILTER_UNIT})" in again.stdout
+
+        # controls: systemd-analyze refuses the same drop-in where the filter unit is missing (an
+        # existing host: PM2 would never start), and an ordering cycle between the two units
+        hidden = unit.rename(units / "hidden")
+        missing = systemd_verify(units, pm2_unit)
+        assert missing.returncode != 0 and f"Unit {FILTER_UNIT} not found" in missing.stderr, missing.stderr
+        unit.write_text(hidden.read_text().replace("Wants=network-pre.target\n", f"Wants=network-pre.target\nAfter={pm2_unit}\n"))
+        cycle = systemd_verify(units, pm2_unit, FILTER_UNIT)
+        assert cycle.returncode != 0 and "ordering cycle" in cycle.stderr, cycle.stderr
+        hidden.unlink()
+    finally:
+        for path in (dropin, unit, script):
+            path.unlink(missing_ok=True)
+
+
+def test_provision_leaves_pm2_free_of_the_filter_on_existing_hosts(
+    host: TargetHost, first_run: subprocess.CompletedProcess[str], pm2_unit: str
+) -> None:
+    """--metadata-filter no (`host`/`hosts`): no filter unit, and PM2's drop-ins require nothing that is missing."""
+    assert "--metadata-filter no" in provision_cmd(host.settings()) and "metadata filter" not in first_run.stdout
+    assert sorted(p.name for p in (host.systemd_dir / f"{pm2_unit}.d").iterdir()) == ["cognivern.conf"]
+    assert not (host.systemd_dir / FILTER_UNIT).exists() and not (host.bin_dir / metadata_filter.SCRIPT_NAME).exists()
+    verify = systemd_verify(host.systemd_dir, pm2_unit)
+    assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
+
+
+# Parents of ROOT that another user could write (or swap): provisioning refuses ROOT below each one.
+# name -> (how the parent is made inside the host's base directory, root's 0755)
+UNTRUSTED_PARENTS = {
+    "sticky-world-writable": "mkdir -m 1777 {p}",  # what /tmp, /var/tmp and /dev/shm are
+    "world-writable": "mkdir -m 0777 {p}",
+    "group-writable": "mkdir -m 0775 {p}",
+    "owned-by-a-user": "mkdir -m 0755 {p} && chown nobody {p}",
+    "a-link": "mkdir -m 0755 {p}.real && ln -s {p}.real {p}",
+}
+
+
+@pytest.mark.parametrize("parent", sorted(UNTRUSTED_PARENTS))
+@pytest.mark.parametrize("depth", ["child", "grandchild"])
+def test_provision_refuses_a_root_below_a_directory_others_can_write(host: TargetHost, first_run: object, parent: str, depth: str) -> None:
+    made = host.base / f"parent-{parent}"
+    subprocess.run(["sh", "-c", UNTRUSTED_PARENTS[parent].format(p=made)], check=True)
+    try:
+        root = made / "cognivern" if depth == "child" else made / "missing" / "cognivern"
+        result = host.run(provision_cmd(dataclasses.replace(host.settings(), root=str(root))), stdin="")
+        assert result.returncode != 0
+        assert f"--root {root} is under {made}" in result.stderr and "not root's alone" in result.stderr, result.stderr
+        assert result.stdout == "" and not root.exists() and not (made / "missing").exists()
+    finally:
+        subprocess.run(["rm", "-rf", "--", str(made), f"{made}.real"], check=True)
+
+
+def test_provision_accepts_a_root_whose_parents_are_roots_alone(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    """Control for the test above: the host's own ROOT sits below root's 0755 directories (/srv/...)."""
+    assert first_run.returncode == 0
+    assert stat.S_IMODE(host.base.stat().st_mode) == 0o755 and host.base.stat().st_uid == 0
+    assert "not root's alone" not in first_run.stderr
 
 
 # ---------------------------------------------------------------------------- nginx-site

@@ -284,10 +284,10 @@ def test_deploy_checks_the_cli_first_then_builds_a_runtime_only_venv(clone: Clon
     plan = clone.run("make", "-n", "deploy").stdout.splitlines()
     assert plan[0] == "scripts/ensure-pulumi >/dev/null"
     pip = [line for line in plan if "pip install" in line]
-    assert pip == ["venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt"]
+    assert pip == ["venv/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock"]
     assert plan[-1] == "scripts/pulumi-local prod up"
     test_plan = clone.run("make", "-n", "test").stdout
-    assert "-r requirements-dev.txt" in test_plan
+    assert "--require-hashes -r requirements-dev.lock" in test_plan
 
 
 def test_bare_make_lists_the_targets(clone: Clone) -> None:
@@ -559,7 +559,7 @@ def test_fresh_machine_from_clone_to_deploy(clone: Clone, app_checkout: Path) ->
     assert (up["backend"], up["stack"], up["passphrase"]) == (f"file://{clone.root}/.pulumi-state", "prod", clone.passphrase_id())
 
 
-# --- the same set-up against the real CLI (built by `make pulumi-cli`) ---
+# --- the same set-up against the real CLI (built by `make pulumi-tools`) ---
 
 
 def test_init_against_the_real_cli(clone: Clone) -> None:

@@ -114,17 +114,27 @@ def test_provision_command_carries_the_script_and_installs_the_release_tool() ->
     pins = pinned_versions()
     assert create.endswith(
         " provision --root /opt/cognivern --app-user cognivern --build-user cognivern-build --node-major 22 --ssh-user root"
-        f" --pm2-version {pins['PM2_VERSION']} --pnpm-version {pins['PNPM_VERSION']}"
+        f" --pm2-version {pins['PM2_VERSION']} --pnpm-version {pins['PNPM_VERSION']} --metadata-filter no"
     )
-    # the tool's files as source text, each after its marker line: a diff shows what changed, line by line
-    parts = re.split(r"^#--- cognivern-release: (\S+) ---\n", provision.inputs["stdin"], flags=re.MULTILINE)
+    # the files as source text, each after its marker line: a diff shows what changed, line by line
+    parts = re.split(r"^#--- ([\w./-]+) ---\n", provision.inputs["stdin"], flags=re.MULTILINE)
     assert parts[0] == ""
     files = dict(zip(parts[1::2], parts[2::2], strict=True))
     release = Path("components/release")
-    expected = ["cognivern-release", *(f"cognivern_release/{p.name}" for p in sorted((release / "cognivern_release").glob("*.py")))]
-    assert list(files) == expected, "every file, in a fixed order"
-    assert all(text == (release / name).read_text() for name, text in files.items())
+    tool = ["cognivern-release", *(f"cognivern_release/{p.name}" for p in sorted((release / "cognivern_release").glob("*.py")))]
+    assert list(files) == [*tool, "cognivern-metadata-filter", "cognivern-metadata-filter.service"], "every file, in a fixed order"
+    assert all(files[name] == (release / name).read_text() for name in tool)
+    assert files["cognivern-metadata-filter"] == Path("components/server/metadata-filter.sh").read_text()
+    assert files["cognivern-metadata-filter.service"] == Path("components/server/cognivern-metadata-filter.service").read_text()
     assert "delete" not in provision.inputs, "destroying the stack must never remove anything from the host"
+
+
+@pytest.mark.parametrize(("config", "wanted"), [("created", "yes"), ("existing", "no")])
+def test_only_servers_the_program_creates_get_the_metadata_filter(config: str, wanted: str) -> None:
+    """Hetzner's metadata service exists where the program created the server; an existing host may
+    have none, and PM2 there must not require a filter unit that is not installed."""
+    run = run_program(HETZNER, mocks=HetznerMocks()) if config == "created" else run_program(EXISTING)
+    assert run.get("cognivern-prod-provision").inputs["create"].endswith(f" --metadata-filter {wanted}")
 
 
 def test_every_host_script_command_carries_lib_sh_in_front_of_its_script(tmp_path: Path) -> None:
@@ -202,6 +212,7 @@ def test_secrets_only_travel_inside_secret_values() -> None:
     assert f"SAPIENCE_PRIVATE_KEY={SECRET_VALUE}\n" in unsecret(env.inputs["stdin"])
     assert env.inputs["logging"] == "none"
     assert {"stdout", "stderr"} <= set(env.additional_secret_outputs)
+    # root's, read by the app's group: the app cannot rewrite the values the release tool masks with
     assert "--dest /opt/cognivern/shared/.env --mode 0640 --owner root:cognivern --reload-root /opt/cognivern" in env.inputs["create"]
     assert unsecret(run.get("cognivern-prod-provision").inputs["connection"])["privateKey"] == PRIVATE_KEY
 

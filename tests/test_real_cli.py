@@ -1,4 +1,4 @@
-"""The real Pulumi CLI (make pulumi-cli) on the project's config: defaults, secrets, state.
+"""The real Pulumi CLI (make pulumi-tools) on the project's config: defaults, secrets, state.
 
 What the CLI does to the stack config before the program sees it is the CLI's, not ours: these
 tests set config with `pulumi config set` as the README says and run, through the real engine, an

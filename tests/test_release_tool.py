@@ -472,6 +472,23 @@ def test_second_activation_fails_fast_naming_the_holder(serving: ReleaseHost) ->
     assert any(f[1:3] == ["activate", "r1"] and f[5] == "locked(exit=3)" for f in host.log_lines())
 
 
+def test_the_same_activation_asked_again_waits_for_the_running_one_and_converges(serving: ReleaseHost) -> None:
+    """A re-run after a lost connection (or a killed `pulumi up`) meets its own detached worker."""
+    host = serving
+    first = host.popen("activate", "r2")
+    lock = host.root / ".deploy" / "lock"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "action=activate id=r2" not in (lock.read_text() if lock.exists() else ""):
+        time.sleep(0.02)
+    second = host.run("activate", "r2")
+    _out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert second.returncode == 0, second.stderr
+    assert "the activation of r2 is already under way" in second.stderr and "waiting for it to finish" in second.stderr
+    assert "already current" in second.stderr, second.stderr
+    assert host.serving_release() == "r2"
+
+
 # ------------------------------------------------------------------------ data
 
 

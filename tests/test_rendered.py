@@ -6,6 +6,7 @@ node itself; every shell script in the repository passes `shellcheck -S style`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -28,9 +29,13 @@ BASE = {"release": "r1", "host": "192.0.2.10"}
 
 
 def settings(**values: object) -> Settings:
+    """Settings from raw values; a `root` is set after validation: the tests render into tmp_path,
+    which the settings refuse as a ROOT (it is under the sticky /tmp), and rendering does not care."""
+    root = values.pop("root", None)
     raw = {**BASE, **values}
     cfg = {k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
-    return parse_settings(cfg.get)
+    parsed = parse_settings(cfg.get)
+    return parsed if root is None else dataclasses.replace(parsed, root=str(root))
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,7 @@ def test_ssh_open_to_the_world_warns_with_the_command_on_every_preview() -> None
 
 
 def test_the_check_finds_exactly_the_leaf_the_real_cli_writes_in_clear_text(tmp_path: Path) -> None:
-    """`pulumi config set --path` (make pulumi-cli) of a plain leaf beside an encrypted one: the CLI
+    """`pulumi config set --path` (make pulumi-tools) of a plain leaf beside an encrypted one: the CLI
     accepts it and Pulumi counts the object as secret, but the stack file shows it and so do we."""
     project = PulumiProject(tmp_path)
     project.init({"cognivern:release": "v1", "cognivern:host": "192.0.2.10"})

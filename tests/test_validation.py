@@ -79,8 +79,9 @@ def test_newlines_inside_json_values_are_refused(overrides: dict[str, str], mess
 
 
 SYSTEM_ROOTS = ["/etc", "/etc/cognivern", "/usr", "/usr/local/cognivern", "/home", "/home/cognivern", "/var/lib", "/var"]
-SYSTEM_ROOTS += ["/opt", "/srv", "/tmp", "/root", "/root/app", "/boot", "/bin", "/sbin", "/lib", "/proc/1", "/sys", "/dev", "/run"]
-OWN_ROOTS = ["/opt/cognivern", "/srv/cognivern", "/var/lib/cognivern", "/data/cognivern", "/tmp/cgv_root_x", "/etcetera"]
+SYSTEM_ROOTS += ["/opt", "/srv", "/root", "/root/app", "/boot", "/bin", "/sbin", "/lib", "/proc/1", "/sys", "/dev", "/run"]
+OWN_ROOTS = ["/opt/cognivern", "/srv/cognivern", "/var/lib/cognivern", "/data/cognivern", "/srv/cgv_root_x", "/etcetera", "/tmpfiles/x"]
+SHARED_TEMP_ROOTS = ["/tmp", "/tmp/cgv_root_x", "/var/tmp/cognivern", "/dev/shm/x"]
 
 
 @pytest.mark.parametrize("root", SYSTEM_ROOTS)
@@ -115,4 +116,14 @@ def test_node_major_is_bounded(major: str, ok: bool) -> None:
             parse(nodeMajor=major)
 
 
-CANDIDATE_ROOTS = [*SYSTEM_ROOTS, *OWN_ROOTS, "/var/www", "/var/www/app", "/snap", "/mnt/data/app", "/usr2", "/homework"]
+CANDIDATE_ROOTS = [
+    *SYSTEM_ROOTS,
+    *OWN_ROOTS,
+    *SHARED_TEMP_ROOTS,
+    "/var/www",
+    "/var/www/app",
+    "/snap",
+    "/mnt/data/app",
+    "/usr2",
+    "/homework",
+]

@@ -25,6 +25,7 @@ from components.render import (
     render_upstream,
     site_name,
 )
+from components.server import metadata_filter
 from components.settings import Settings
 
 HERE = Path(__file__).resolve().parent
@@ -34,8 +35,13 @@ NGINX_SITE = HERE / "nginx-site.sh"
 TLS = HERE / "tls.sh"
 RELEASE_TOOL = RELEASE_DIR / "cognivern-release"
 RELEASE_PACKAGE = RELEASE_DIR / "cognivern_release"
-BUNDLE_MARKER = "#--- cognivern-release: {} ---"
 VERSIONS = HERE / "versions.env"
+BUNDLE_MARKER = "#--- {} ---"
+# What provision.sh installs besides the release tool, each after its marker line on its stdin.
+BUNDLED = {
+    metadata_filter.SCRIPT_NAME: metadata_filter.SCRIPT,
+    metadata_filter.UNIT_NAME: metadata_filter.UNIT,
+}
 
 
 def pinned_versions() -> dict[str, str]:
@@ -48,16 +54,21 @@ def pinned_versions() -> dict[str, str]:
     return out
 
 
-def release_tool_files() -> list[tuple[str, str]]:
-    """The release tool as provisioning installs it: its launcher and its package (standard library only)."""
+def release_tool_files(launcher: str | None = None) -> list[tuple[str, str]]:
+    """The release tool as provisioning installs it: its launcher and its package (standard library
+    only). `launcher`: a stand-in text for the launcher alone, for tests."""
+    if launcher is not None:
+        return [(RELEASE_TOOL.name, launcher)]
     files = [(RELEASE_TOOL.name, RELEASE_TOOL.read_text())]
     return files + [(f"{RELEASE_PACKAGE.name}/{p.name}", p.read_text()) for p in sorted(RELEASE_PACKAGE.glob("*.py"))]
 
 
-def release_tool_bundle() -> str:
-    """provision.sh's stdin: each file of the release tool after a marker line, as source text (so
-    `pulumi preview --diff` shows a change line by line), in a fixed order (the same text every run)."""
-    return "".join(f"{BUNDLE_MARKER.format(name)}\n{text.rstrip(chr(10))}\n" for name, text in release_tool_files())
+def release_tool_bundle(launcher: str | None = None) -> str:
+    """provision.sh's stdin: the release tool's files, then each BUNDLED file (the metadata filter
+    and its unit), each after a line `#--- PATH ---`, as source text (so `pulumi preview --diff` shows
+    a change line by line) in a fixed order (the same text every run)."""
+    files = [*release_tool_files(launcher), *((name, path.read_text()) for name, path in BUNDLED.items())]
+    return "".join(f"{BUNDLE_MARKER.format(name)}\n{text.rstrip(chr(10))}\n" for name, text in files)
 
 
 def nginx_site_input(s: Settings, site: str) -> str:
@@ -65,12 +76,21 @@ def nginx_site_input(s: Settings, site: str) -> str:
     return f"{site}#--- {site_name(s.app_name)}.upstream ---\n{render_upstream(s, s.port)}"
 
 
+def env_file(s: Settings) -> tuple[str, str, str]:
+    """shared/.env's path, mode and owner: root's, readable by the app's own group. The app cannot
+    rewrite it, so it is root's copy of the secret values the release tool masks the app's output with
+    (a copy the app owned let it choose what was masked); the tool reads it as data and hands it to PM2."""
+    return f"{s.root}/shared/.env", "0640", f"root:{s.app_user}"
+
+
 def provision_args(s: Settings) -> list[str]:
     """provision.sh's arguments for these settings."""
     pins = pinned_versions()
     account = ["--root", s.root, "--app-user", s.app_user, "--build-user", facts.build_user(s.app_user)]
     account += ["--node-major", str(s.node_major), "--ssh-user", s.ssh_user]
-    return [*account, "--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
+    # the metadata filter (components/server/metadata_filter.py) only where the program created the server
+    versions = ["--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
+    return [*account, *versions, "--metadata-filter", "yes" if s.creates_server else "no"]
 
 
 @dataclass(frozen=True)
@@ -97,10 +117,7 @@ class Host(pulumi.ComponentResource):
             "ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [release_conf], reload=True
         )
         env_text = pulumi.Output.secret(render_env(s.stack_env, s.secret_env))
-        # root's, readable by the app's group: the app cannot change it, so it is root's copy of the
-        # secret values the tool masks; the tool reads it as data and hands it to PM2
-        owner = f"root:{s.app_user}"
-        env = self._put("env", f"{s.root}/shared/.env", "0640", owner, env_text, [ecosystem], reload=True, secret=True)
+        env = self._put("env", *env_file(s), env_text, [ecosystem], reload=True, secret=True)
         site = site_name(s.app_name)
         tls_domain = s.domain if s.certbot_tls else None
         nginx = self._command(

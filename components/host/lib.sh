@@ -64,6 +64,28 @@ system_path() { # a system tree (or inside one), or one of the shared parents it
     done
     return 1
 }
+# untrusted_dir DIR: the first directory from DIR up to / that is a link, not root's, or writable
+# by its group or by others (sticky or not, so /tmp, /var/tmp and /dev/shm count); nothing when
+# root alone controls the whole chain. Whoever can write a directory on the way can create or swap
+# the names under it, so a root-run step never works below such a directory (provision.sh: ROOT's
+# parents; put-file.sh: the destination's directory).
+untrusted_dir() {
+    local check=$1 uid mode
+    while :; do
+        if [ -L "$check" ] || [ ! -d "$check" ]; then
+            printf '%s\n' "$check"
+            return 0
+        fi
+        read -r uid mode < <(stat -c '%u %a' "$check")
+        if [ "$uid" != 0 ] || (((8#$mode & 8#022) != 0)); then
+            printf '%s\n' "$check"
+            return 0
+        fi
+        [ "$check" != / ] || return 0
+        check=$(dirname "$check")
+    done
+}
+describe_dir() { stat -c 'owner %U, mode %a' "$1" 2>/dev/null || echo missing; } # for messages about untrusted_dir's answer
 require_abs_paths() { # var...: each variable's value must be an absolute, normalised path
     local var
     for var; do

@@ -2,13 +2,16 @@
 # Managed by cognivern-infra. Idempotent host preparation for the Cognivern backend (run as root).
 #
 #   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --build-user B --node-major N \
-#       --ssh-user S --pm2-version X.Y.Z --pnpm-version X.Y.Z < release-tool-bundle
+#       --ssh-user S --pm2-version X.Y.Z --pnpm-version X.Y.Z --metadata-filter yes|no < bundle
 #
-# stdin: the server-side release tool's files (components/host release_tool_bundle: its launcher and
-# its Python package, each after a line "#--- cognivern-release: PATH ---"), installed under
-# $BIN_DIR/../lib/cognivern-release with $BIN_DIR/cognivern-release linking to it (empty stdin or a
-# terminal: that step is skipped). Every step prints one line, "ok (already)" or what it changed,
-# so a re-run on a prepared host changes nothing and says so.
+# stdin (components.host.release_tool_bundle): files as text, each after a line "#--- PATH ---":
+# the server-side release tool (its launcher cognivern-release and its Python package
+# cognivern_release/*.py), installed under $BIN_DIR/../lib/cognivern-release with
+# $BIN_DIR/cognivern-release linking to it (no tool on stdin, or a terminal: that step is skipped);
+# cognivern-metadata-filter and cognivern-metadata-filter.service (installed with --metadata-filter
+# yes: servers the program creates, where Hetzner's metadata service exists; PM2's unit then requires
+# that unit). Every step prints one line, "ok (already)" or what it changed, so a re-run on a
+# prepared host changes nothing and says so.
 # Supported: Ubuntu 24.04, Debian 12. Nothing under R/shared is ever deleted.
 #
 # The app user is treated as hostile: the directories root works in (R, releases/, shared/,
@@ -23,20 +26,31 @@
 # (/etc/logrotate.d), COGNIVERN_SSHD_CONFIG (/etc/ssh/sshd_config; the drop-in goes into its
 # sibling sshd_config.d/), COGNIVERN_SSHD_PIDFILE (reload by SIGHUP when systemd is not running),
 # COGNIVERN_NGINX_SITES_ENABLED (/etc/nginx/sites-enabled), COGNIVERN_NGINX_CONF and
-# COGNIVERN_NGINX_PREFIX (nginx -c / -p for the reload after removing the distro default site).
+# COGNIVERN_NGINX_PREFIX (nginx -c / -p for the reload after removing the distro default site),
+# COGNIVERN_SYSTEMD_DIR (/etc/systemd/system; unit files are written only when systemd runs, or
+# into this directory when it is set).
 # Sent after lib.sh (say/die/usage, parse_options, the validators, apt, nginx_reload).
 set -euo pipefail
 umask 022
 
 script_init provision "usage: provision --root ABS_PATH --app-user USER --build-user USER --node-major N --ssh-user USER
-                 --pm2-version X.Y.Z --pnpm-version X.Y.Z  (release tool on stdin)"
+                 --pm2-version X.Y.Z --pnpm-version X.Y.Z --metadata-filter yes|no  (release tool bundle on stdin)"
 
 # ---------------------------------------------------------------------------- arguments
-root="" app_user="" build_user="" node_major="" ssh_user="" pm2_version="" pnpm_version=""
-parse_options "--root --app-user --build-user --node-major --ssh-user --pm2-version --pnpm-version" "$@"
-require_options root app_user build_user node_major ssh_user pm2_version pnpm_version
+root="" app_user="" build_user="" node_major="" ssh_user="" pm2_version="" pnpm_version="" metadata_filter=""
+parse_options "--root --app-user --build-user --node-major --ssh-user --pm2-version --pnpm-version --metadata-filter" "$@"
+require_options root app_user build_user node_major ssh_user pm2_version pnpm_version metadata_filter
 valid_abs_path "$root" || die "--root must be an absolute, normalised path such as /opt/cognivern, got '$root'"
 ! system_path "$root" || die "--root $root is a system directory (or inside one); use a directory of its own such as /opt/cognivern"
+# ROOT's parents must be root's alone: under a directory another user can write (a sticky /tmp
+# included, and any other such directory settings.SHARED_TEMP_DIRS does not name) that user could
+# create ROOT first or swap it, and temp cleanup could delete releases and data. Parents that do not
+# exist yet are created by root below, 0755.
+root_parent=$(dirname "$root")
+while [ ! -e "$root_parent" ] && [ ! -L "$root_parent" ]; do root_parent=$(dirname "$root_parent"); done
+bad_parent=$(untrusted_dir "$root_parent")
+[ -z "$bad_parent" ] ||
+    die "--root $root is under $bad_parent ($(describe_dir "$bad_parent")), which is not root's alone: another user could create or swap it; use a directory of its own such as /opt/cognivern"
 valid_user "$app_user" || die "--app-user must be a Linux user name (a-z 0-9 _ -), got '$app_user'"
 [ "$app_user" != root ] || die "--app-user must not be root"
 valid_user "$ssh_user" || die "--ssh-user must be a Linux user name (a-z 0-9 _ -), got '$ssh_user'"
@@ -46,6 +60,7 @@ case $build_user in root | "$app_user" | "$ssh_user") die "--build-user must be 
 [[ $node_major =~ ^[1-9][0-9]{0,2}$ ]] || die "--node-major must be a number such as 22, got '$node_major'"
 [[ $pm2_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pm2-version must be X.Y.Z, got '$pm2_version'"
 [[ $pnpm_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pnpm-version must be X.Y.Z, got '$pnpm_version'"
+[[ $metadata_filter =~ ^(yes|no)$ ]] || die "--metadata-filter must be yes or no, got '$metadata_filter'"
 
 bin_dir=${COGNIVERN_BIN_DIR:-/usr/local/bin}
 logrotate_dir=${COGNIVERN_LOGROTATE_DIR:-/etc/logrotate.d}
@@ -54,7 +69,8 @@ sshd_pidfile=${COGNIVERN_SSHD_PIDFILE:-}
 sites_enabled=${COGNIVERN_NGINX_SITES_ENABLED:-/etc/nginx/sites-enabled}
 nginx_conf=${COGNIVERN_NGINX_CONF:-/etc/nginx/nginx.conf}
 nginx_prefix=${COGNIVERN_NGINX_PREFIX:-}
-require_abs_paths bin_dir logrotate_dir sshd_config sites_enabled nginx_conf
+systemd_dir=${COGNIVERN_SYSTEMD_DIR:-/etc/systemd/system}
+require_abs_paths bin_dir logrotate_dir sshd_config sites_enabled nginx_conf systemd_dir
 [ -z "$sshd_pidfile" ] || valid_abs_path "$sshd_pidfile" || die "COGNIVERN_SSHD_PIDFILE must be an absolute path"
 [ -z "$nginx_prefix" ] || valid_abs_path "$nginx_prefix" || die "COGNIVERN_NGINX_PREFIX must be an absolute path"
 [ "$(id -u)" -eq 0 ] || die "must run as root (the program prefixes sudo -n for a non-root SSH user)"
@@ -63,10 +79,38 @@ id -u "$ssh_user" >/dev/null 2>&1 || die "--ssh-user $ssh_user does not exist on
 # Read the release tool now, before anything changes (and before apt could touch stdin).
 tmpdir=$(mktemp -d)
 trap 'rm -rf -- "$tmpdir"' EXIT
-tool_bundle="$tmpdir/cognivern-release.bundle"
-if [ -t 0 ]; then : >"$tool_bundle"; else cat >"$tool_bundle"; fi
+bundle="$tmpdir/bundle"
+mkdir -m 0700 "$bundle" "$bundle/cognivern_release"
+if [ ! -t 0 ]; then
+    # each marker line starts the next file (named by the marker, one of these) in $bundle
+    awk -v dir="$bundle" '
+        /^#--- / {
+            if (NF != 3 || $3 != "---" || $2 !~ /^(cognivern-release|cognivern_release\/[a-z0-9_]+\.py|cognivern-metadata-filter|cognivern-metadata-filter\.service)$/) { bad = 1; exit }
+            out = dir "/" $2; next
+        }
+        out == "" { bad = 1; exit }
+        { print > out }
+        END { exit bad ? 3 : 0 }' || die "the release tool on stdin is not a bundle of its files (lines \"#--- PATH ---\" before each)"
+fi
+filter_src="$bundle/cognivern-metadata-filter"
+filter_unit=cognivern-metadata-filter.service
+
+if [ "$metadata_filter" = yes ] && { [ ! -s "$filter_src" ] || [ ! -s "$bundle/$filter_unit" ]; }; then
+    die "--metadata-filter yes needs cognivern-metadata-filter and its unit on stdin (components.host.release_tool_bundle)"
+fi
 
 systemd_running() { [ -d /run/systemd/system ]; }
+# Unit files go where systemd reads them when it runs; a test host sets COGNIVERN_SYSTEMD_DIR to
+# have them written (and checked) without systemd.
+units_wanted() { systemd_running || [ -n "${COGNIVERN_SYSTEMD_DIR:-}" ]; }
+units_changed=0
+put_unit_file() { # path mode content: install it when it differs (units_changed=1); says nothing
+    [ "$(cat "$1" 2>/dev/null || true)" != "$3" ] || [ "$(stat -c '%U:%G %a' "$1")" != "root:root ${2#0}" ] || return 1
+    install -d -m 0755 "$(dirname "$1")"
+    printf '%s\n' "$3" >"$tmpdir/unit"
+    install -o root -g root -m "$2" "$tmpdir/unit" "$1"
+    units_changed=1
+}
 
 # ---------------------------------------------------------------------------- cloud-init
 if [ -d /run/cloud-init ] && command -v cloud-init >/dev/null 2>&1; then
@@ -100,6 +144,49 @@ if [ "${#missing[@]}" -eq 0 ]; then
 else
     apt_install "${missing[@]}"
     say "packages: installed ${missing[*]}"
+fi
+
+# ---------------------------------------------------------------------------- metadata filter
+# Servers the program creates: Hetzner's metadata service hands the user data (this server's SSH
+# host key) to any local process. cloud-init's bootcmd loads the filter at every boot, but in its
+# network stage, when PM2 may already be resurrecting the app; this unit loads it before
+# network-pre.target, and PM2's unit requires it (pm2 at boot, below). Loaded now, before anything
+# of the app's is installed; reloaded (never restarted: PM2 would restart with it) after a change.
+if [ "$metadata_filter" = yes ]; then
+    if ! command -v nft >/dev/null 2>&1 && ! command -v iptables >/dev/null 2>&1; then
+        apt_install nftables
+        say "metadata filter: installed nftables (there was no nft or iptables)"
+    fi
+    filter_changes=()
+    filter_dst="$bin_dir/cognivern-metadata-filter"
+    if [ -f "$filter_dst" ] && [ "$(stat -c '%U:%G %a' "$filter_dst")" = "root:root 755" ] && cmp -s "$filter_src" "$filter_dst"; then
+        :
+    else
+        install -d -m 0755 "$bin_dir"
+        install -o root -g root -m 0755 "$filter_src" "$filter_dst"
+        filter_changes+=("installed $filter_dst")
+    fi
+    if units_wanted; then
+        unit_text=$(<"$bundle/$filter_unit")
+        if put_unit_file "$systemd_dir/$filter_unit" 0644 "${unit_text//@BIN_DIR@/$bin_dir}"; then
+            filter_changes+=("wrote $systemd_dir/$filter_unit")
+        fi
+    fi
+    if ! systemd_running && [ "${#filter_changes[@]}" -eq 0 ]; then
+        say "metadata filter: ok (already installed; not loaded: systemd is not running)"
+    elif ! systemd_running; then
+        joined=$(printf '%s; ' "${filter_changes[@]}")
+        say "metadata filter: ${joined%; } (not loaded: systemd is not running)"
+    elif [ "${#filter_changes[@]}" -eq 0 ] && systemctl is-enabled --quiet "$filter_unit" && systemctl is-active --quiet "$filter_unit"; then
+        say "metadata filter: ok (already $filter_unit)"
+    else
+        [ "$units_changed" = 0 ] || systemctl daemon-reload
+        systemctl enable --quiet "$filter_unit"
+        systemctl reload-or-restart "$filter_unit" # active: ExecReload re-runs the script; else it starts
+        filter_changes+=("enabled and loaded $filter_unit")
+        joined=$(printf '%s; ' "${filter_changes[@]}")
+        say "metadata filter: ${joined%; }"
+    fi
 fi
 
 # ---------------------------------------------------------------------------- Node.js
@@ -284,27 +371,38 @@ npm_global_pin pnpm "$pnpm_version"
 npm_global_pin pm2 "$pm2_version"
 
 # ---------------------------------------------------------------------------- pm2 at boot
+pm2_unit="pm2-$app_user.service"
 if systemd_running; then
-    if [ -e "/etc/systemd/system/pm2-$app_user.service" ] && systemctl is-enabled --quiet "pm2-$app_user.service"; then
-        say "pm2 startup: ok (already enabled pm2-$app_user.service)"
+    if [ -e "/etc/systemd/system/$pm2_unit" ] && systemctl is-enabled --quiet "$pm2_unit"; then
+        say "pm2 startup: ok (already enabled $pm2_unit)"
     else
         env PATH="$PATH" pm2 startup systemd -u "$app_user" --hp "$app_home" >"$tmpdir/pm2.log" 2>&1 ||
             { cat "$tmpdir/pm2.log" >&2; die "pm2 startup systemd failed"; }
-        say "pm2 startup: enabled pm2-$app_user.service"
-    fi
-    # The daemon started at boot must schedule cluster connections like the one run.sh starts.
-    dropin="/etc/systemd/system/pm2-$app_user.service.d/cognivern.conf"
-    want=$'[Service]\nEnvironment=NODE_CLUSTER_SCHED_POLICY=none'
-    if [ "$(cat "$dropin" 2>/dev/null || true)" = "$want" ]; then
-        say "pm2 startup environment: ok (already)"
-    else
-        mkdir -p "$(dirname "$dropin")"
-        printf '%s\n' "$want" >"$dropin"
-        systemctl daemon-reload
-        say "pm2 startup environment: wrote $dropin"
+        say "pm2 startup: enabled $pm2_unit"
     fi
 else
     say "pm2 startup: skipped (systemd is not running on this host)"
+fi
+if units_wanted; then
+    units_changed=0
+    # The daemon started at boot must schedule cluster connections like the one the release tool starts.
+    dropin="$systemd_dir/$pm2_unit.d/cognivern.conf"
+    if put_unit_file "$dropin" 0644 $'[Service]\nEnvironment=NODE_CLUSTER_SCHED_POLICY=none'; then
+        say "pm2 startup environment: wrote $dropin"
+    else
+        say "pm2 startup environment: ok (already)"
+    fi
+    # The app never starts before the metadata filter (a failed filter keeps PM2 down: fail closed).
+    # Only where the filter unit is installed: on a host without it, Requires= would stop PM2 starting.
+    if [ "$metadata_filter" = yes ]; then
+        dropin="$systemd_dir/$pm2_unit.d/cognivern-metadata-filter.conf"
+        if put_unit_file "$dropin" 0644 $'[Unit]\n'"Requires=$filter_unit"$'\n'"After=$filter_unit"; then
+            say "pm2 startup order: wrote $dropin (after $filter_unit)"
+        else
+            say "pm2 startup order: ok (already after $filter_unit)"
+        fi
+    fi
+    if [ "$units_changed" = 1 ] && systemd_running; then systemctl daemon-reload; fi
 fi
 
 # ---------------------------------------------------------------------------- release tool
@@ -312,10 +410,10 @@ fi
 # pointed at it, and $BIN_DIR/cognivern-release at its launcher, each in one rename: a reader sees
 # the old tool or the new one, never a mix, and a running activation keeps its version (the
 # launcher resolves `current` once). The version before stays; older ones go.
-install_release_tool() { # bundle
+install_release_tool() { # directory holding cognivern-release and cognivern_release/
     local lib digest stage link="../lib/cognivern-release/current/cognivern-release" old
     lib="$(dirname "$bin_dir")/lib/cognivern-release"
-    digest=$(sha256sum <"$1" | cut -c1-16)
+    digest=$(cd "$1" && find cognivern-release cognivern_release -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
     if [ "$(readlink "$lib/current" 2>/dev/null)" = "$digest" ] && [ -d "$lib/$digest" ] &&
         [ "$(readlink "$bin_dir/cognivern-release" 2>/dev/null)" = "$link" ]; then
         say "release tool: ok (already $digest)"
@@ -323,17 +421,9 @@ install_release_tool() { # bundle
     fi
     install -d -m 0755 "$bin_dir" "$lib"
     if [ ! -d "$lib/$digest" ]; then
+        [ "$(head -c 2 "$1/cognivern-release")" = '#!' ] || die "the release tool on stdin has no launcher (cognivern-release, starting with #!)"
         stage=$(mktemp -d "$lib/.stage.XXXXXX")
-        mkdir "$stage/cognivern_release"
-        awk -v dir="$stage" '
-            /^#--- cognivern-release: / {
-                if (NF != 4 || $4 != "---" || $3 !~ /^(cognivern-release|cognivern_release\/[a-z0-9_]+\.py)$/) { bad = 1; exit }
-                file = dir "/" $3; next
-            }
-            file == "" { bad = 1; exit }
-            { print > file }
-            END { exit bad ? 3 : 0 }' "$1" || { rm -rf -- "$stage"; die "the release tool on stdin is not a bundle of its files"; }
-        [ "$(head -c 2 "$stage/cognivern-release" 2>/dev/null)" = '#!' ] || { rm -rf -- "$stage"; die "the release tool on stdin has no launcher"; }
+        cp -R -- "$1/cognivern-release" "$1/cognivern_release" "$stage/"
         chown -R root:root "$stage" # made here, in root's $lib: nobody else can reach it
         find "$stage" -type d -exec chmod 0755 {} + -o -type f -exec chmod 0644 {} +
         chmod 0755 "$stage/cognivern-release"
@@ -347,10 +437,10 @@ install_release_tool() { # bundle
     say "release tool: installed $digest ($bin_dir/cognivern-release)"
 }
 /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "the release tool needs Python 3.11 or newer (/usr/bin/python3)"
-if [ ! -s "$tool_bundle" ]; then
+if [ ! -s "$bundle/cognivern-release" ]; then
     say "release tool: skipped (nothing on stdin)"
 else
-    install_release_tool "$tool_bundle"
+    install_release_tool "$bundle"
 fi
 
 # ---------------------------------------------------------------------------- logrotate

@@ -40,14 +40,8 @@ getent group "$group" >/dev/null || die "group $group does not exist"
 dir=$(dirname "$dest")
 [ -d "$dir" ] || die "directory $dir does not exist"
 # Every directory from / down to the destination's must be root's and not writable by others.
-check=$dir
-while :; do
-    if [ -L "$check" ] || [ "$(stat -c '%u' "$check")" != 0 ] || [ -n "$(find "$check" -maxdepth 0 -perm /022 ! -perm -1000)" ]; then
-        die "$check is not root's alone (owner $(stat -c '%U %a' "$check")); refusing to write $dest through it"
-    fi
-    [ "$check" != / ] || break
-    check=$(dirname "$check")
-done
+bad=$(untrusted_dir "$dir")
+[ -z "$bad" ] || die "$bad is not root's alone ($(describe_dir "$bad")); refusing to write $dest through it"
 if [ -d "$dest" ]; then die "$dest is a directory"; fi
 mode=$(printf '%o' "$((8#$mode))")
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, nginx_site_input, provision_args, release_tool_bundle
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, env_file, nginx_site_input, provision_args, release_tool_bundle
 from components.remote import script_command
 from components.render import NginxTarget, render_ecosystem, render_env, render_nginx_site, render_release_conf, site_name
 from components.settings import Settings
@@ -50,9 +50,7 @@ class HardenedHost:
 
     def put_env(self, **extra: str) -> subprocess.CompletedProcess[str]:
         s = self.settings
-        return self.put(
-            f"{s.root}/shared/.env", "0640", f"root:{s.app_user}", render_env({**s.stack_env, **extra}, s.secret_env), reload=True
-        )
+        return self.put(*env_file(s), render_env({**s.stack_env, **extra}, s.secret_env), reload=True)
 
     @property
     def front_port(self) -> int:

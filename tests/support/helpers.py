@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,22 @@ from typing import Any, Self, TypeVar
 import httpx
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Where test hosts put their ROOT: a directory of their own in /srv (root's, 0755 on Debian and
+# Ubuntu), never in /tmp. The settings refuse a ROOT inside a sticky, world-writable directory and
+# provisioning one below any directory that is not root's alone.
+ROOT_BASE = Path("/srv")
+
+
+def root_base(prefix: str) -> Path:
+    """A fresh directory for a test host's ROOT (and its other files): root's, 0755, in ROOT_BASE.
+
+    Each host removes its own in its cleanup; none is shared, so parallel workers never race on one.
+    """
+    if not ROOT_BASE.is_dir():
+        raise RuntimeError(f"{ROOT_BASE} is missing: test hosts put their ROOT there (Debian's base-files creates it)")
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=ROOT_BASE))
+    base.chmod(0o755)  # mkdtemp's 0700 would keep the app user out of its releases
+    return base
 
 
 @functools.cache

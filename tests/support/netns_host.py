@@ -38,7 +38,6 @@ import pwd
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from typing import Any
 
 from components.release.cognivern_release import facts
 from components.settings import parse_settings
-from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, run_pm2, user_pids
+from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, root_base, run_pm2, user_pids
 from tests.support.nginx import PrivateNginx
 from tests.support.sshd import LocalSshd
 from tests.support.target_host import _config_string, node_major
@@ -214,8 +213,7 @@ class NetnsHosts(DisposableHost):
         if os.geteuid() != 0:
             raise RuntimeError("NetnsHosts needs root (network namespaces, bind mounts, useradd)")
         self.tag = uuid.uuid4().hex[:6]
-        self.base = Path(tempfile.mkdtemp(prefix="cognivern-netns-"))
-        self.base.chmod(0o755)
+        self.base = root_base("cognivern-netns-")
         self.root = self.base / "root"  # the stack's ROOT: an empty mount point here, bound per host
         self.root.mkdir()
         self.app_user = f"cvm{uuid.uuid4().hex[:8]}"

@@ -1,4 +1,4 @@
-"""The real Pulumi CLI (built by `make pulumi-cli` into .tools/bin) on a private project copy.
+"""The real Pulumi CLI (built by `make pulumi-tools` into .tools/bin) on a private project copy.
 
 Each `PulumiProject` is a temp directory holding a copy of the repo's Pulumi.yaml, a `file://`
 backend and a PULUMI_HOME of its own, the passphrase secrets provider, and no plugin downloads.
@@ -28,7 +28,7 @@ PASSPHRASE = "correct horse battery staple (test only)"
 def pulumi_binary() -> Path:
     """The built CLI; a missing one fails the test (it must not be skipped)."""
     if not os.access(PULUMI, os.X_OK):
-        pytest.fail(f"{PULUMI} is missing: run `make pulumi-cli` (builds the Pulumi CLI {VERSION} from Go modules)")
+        pytest.fail(f"{PULUMI} is missing: run `make pulumi-tools` (builds the Pulumi CLI {VERSION} from Go modules)")
     return PULUMI
 
 

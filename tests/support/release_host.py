@@ -9,6 +9,7 @@ Used by tests/test_release_tool.py and bench/release_bench.py.
 
 from __future__ import annotations
 
+import grp
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from components.host import env_file
 from components.release import sha256_file
 from components.release.cognivern_release import facts
 from components.render import (
@@ -37,7 +39,7 @@ from components.render import (
     upstream_include,
 )
 from components.settings import Settings, parse_settings
-from tests.support.helpers import DisposableHost, end_user_processes, free_port_pair, http_get, port_open, run_pm2
+from tests.support.helpers import DisposableHost, end_user_processes, free_port_pair, http_get, port_open, root_base, run_pm2
 from tests.support.nginx import PrivateNginx
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,8 +133,7 @@ class ReleaseHost(DisposableHost):
     tool = TOOL  # the release tool it runs (bench/release_bench.py gives one from an older commit)
 
     def __post_init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="cgv_root_", dir="/tmp"))
-        os.chmod(self.root, 0o755)  # noqa: S103 - the app user must reach its releases
+        self.root = root_base("cgv_root_")
         self.pm2_home = self.root / "pm2-home"
         self._upstreams: dict[Path, str] = {}
         self.nginx = PrivateNginx()
@@ -175,10 +176,11 @@ class ReleaseHost(DisposableHost):
         target = NginxTarget(conf=str(self.nginx.conf_path), prefix=str(self.nginx.prefix))
         conf = render_release_conf(s, target) + f"PM2_HOME={self.pm2_home}\n"
         (self.root / "config" / "cognivern.conf").write_text(conf)
-        env = self.root / "shared" / ".env"
+        env_path, env_mode, env_owner = env_file(s)  # as the program writes it: root's, the app's group reads it
+        env = Path(env_path)
         env.write_text(render_env(s.stack_env, s.secret_env))
-        os.chown(env, 0, pw.pw_gid)  # root's, the app's group reads it (the program's put-file: root:APP 0640)
-        env.chmod(0o640)
+        os.chown(env, pwd.getpwnam(env_owner.split(":")[0]).pw_uid, grp.getgrnam(env_owner.split(":")[1]).gr_gid)
+        env.chmod(int(env_mode, 8))
         name = site_name(s.app_name)
         (self.nginx.sites_available / f"{name}.conf").write_text(render_nginx_site(s))
         (self.nginx.sites_enabled / f"{name}.conf").symlink_to(self.nginx.sites_available / f"{name}.conf")

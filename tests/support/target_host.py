@@ -22,13 +22,12 @@ import json
 import pwd
 import shutil
 import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 from components.settings import Settings, parse_settings
-from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, free_port_pair, run_pm2, user_pids
+from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, free_port_pair, root_base, run_pm2, user_pids
 from tests.support.nginx import PrivateNginx
 from tests.support.sshd import LocalSshd
 
@@ -37,10 +36,11 @@ __all__ = ["SYSTEM_PATH", "TargetHost", "end_user_processes", "node_major", "use
 
 class TargetHost(DisposableHost):
     """Attributes:
-    base       temp dir holding root/, bin/, logrotate.d/
-    root       the deployment ROOT (cognivern:root), e.g. /tmp/cognivern-host-xxxx/root (not yet created)
+    base       its own directory in /srv (helpers.root_base) holding root/, bin/, logrotate.d/
+    root       the deployment ROOT (cognivern:root), e.g. /srv/cognivern-host-xxxx/root (not yet created)
     bin_dir    COGNIVERN_BIN_DIR (cognivern-release goes here)
     logrotate_dir  COGNIVERN_LOGROTATE_DIR
+    systemd_dir    COGNIVERN_SYSTEMD_DIR: provisioning writes its unit files there (no systemd runs here)
     app_user   unique per host ("cvt" + 8 hex), created by provision.sh, removed on cleanup
     app_home   /home/<app_user>;  pm2_home  <app_home>/.pm2
     app_port   a free loopback port for the backend (cognivern:port)
@@ -50,11 +50,11 @@ class TargetHost(DisposableHost):
     """
 
     def __init__(self, *, app_user: str | None = None, start_nginx: bool = True, sshd_reexec_delay: float = 0) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="cognivern-host-"))
-        self.base.chmod(0o755)
+        self.base = root_base("cognivern-host-")
         self.root = self.base / "root"
         self.bin_dir = self.base / "bin"
         self.logrotate_dir = self.base / "logrotate.d"
+        self.systemd_dir = self.base / "systemd"
         self.bin_dir.mkdir()
         self.logrotate_dir.mkdir()
         self.app_user = app_user or f"cvt{uuid.uuid4().hex[:8]}"
@@ -71,6 +71,7 @@ class TargetHost(DisposableHost):
                     "PATH": f"{self.bin_dir}:{SYSTEM_PATH}",
                     "COGNIVERN_BIN_DIR": str(self.bin_dir),
                     "COGNIVERN_LOGROTATE_DIR": str(self.logrotate_dir),
+                    "COGNIVERN_SYSTEMD_DIR": str(self.systemd_dir),
                     "COGNIVERN_SSHD_CONFIG": "{config}",
                     "COGNIVERN_SSHD_PIDFILE": "{pidfile}",
                     **self.nginx.env,

@@ -158,6 +158,14 @@ def take_deploy_lock(srv: Server, act: Action, action: str, rid: str, wait: floa
     """The deploy lock (activate, restore, prune, reload, backup); then settle an interrupted activation."""
     with srv.dir(".deploy") as deploy:
         fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=deploy)
+    if action == "activate" and not flock(fd, 0):
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        # The same activation asked for again: its deploy lost the connection (or `pulumi up` was
+        # killed) while the detached worker went on. Waiting for that worker, then answering as
+        # usual (already current, or the release's verdict), is what makes the re-run converge.
+        if f" {holder} ".find(f" action=activate id={rid} ") >= 0:
+            say(f"the activation of {rid} is already under way ({holder}); waiting for it to finish")
+            wait = srv.cfg.health_timeout + srv.cfg.bake_seconds + 120
     if not flock(fd, wait):
         holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "(holder is just starting)"
         os.close(fd)

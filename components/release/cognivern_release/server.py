@@ -145,15 +145,16 @@ class Server:
 
     # ------------------------------------------------------------------ the app's environment
     def env_values(self) -> dict[str, str] | None:
-        """shared/.env as data (root's copy: root:app 0640 in root's shared/); None when it is not
-        there or not root's (then it could have been changed by the app: not trusted)."""
+        """shared/.env as data: root's copy (root:APP 0640 in root's shared/, a regular file, never
+        through a link). None when it is missing or someone else could write it: then the app could
+        have chosen the values, and they are not trusted."""
         if self._env is None:
             try:
                 with self.dir("shared") as shared:
                     data, st = safefs.read_file(shared, ".env")
             except (OSError, safefs.RefusedError):
                 return None
-            if st.st_uid != 0:
+            if st.st_uid != 0 or st.st_mode & 0o022:
                 return None
             self._env = facts.parse_assignments(data.decode("utf-8", "replace"))
         return self._env
@@ -169,7 +170,8 @@ class Server:
                 env = self.env_values()
                 if env is None:
                     self._masker = proc.Masker(
-                        withheld=f"(withheld: the secret values to mask it with could not be read from {self.cfg.root}/shared/.env)"
+                        withheld=f"(withheld: the secret values to mask it with could not be read from {self.cfg.root}/shared/.env,"
+                        " which must be root's and writable by no one else)"
                     )
                 else:
                     self._masker = proc.Masker(env.get(k, "") for k in self.cfg.secret_keys)
