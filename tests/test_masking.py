@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from components.render import render_env, render_release_conf
-from tests.engine import RunFailedError
 from tests.support.helpers import http_get
+from tests.support.real_engine import RunFailedError
 from tests.support.release_host import SECRET_VALUE, ReleaseHost, build_release_tarball, ensure_app_user, remove_app_user, unique_app_user
 from tests.support.stack import DeployStack
 from tests.support.target_host import TargetHost
@@ -209,7 +209,7 @@ def test_through_the_engine_the_secret_is_not_in_the_captured_output_or_state(tm
         path.with_name(path.name + ".sha256").write_text(f"{sha}  {path.name}\n")
         with pytest.raises(RunFailedError) as failed:
             stack.up(release="m-late", artifact=str(path))
-        text = str(failed.value.report.error) + "\n".join(failed.value.report.warnings)
+        text = "\n".join(failed.value.report.errors + failed.value.report.warnings)
         assert re.search(r"fixture config: FIXTURE_SECRET=\*\*\*$", text, re.MULTILINE), text
         assert_stripped(text)
         for value in SECRETS.values():

@@ -76,7 +76,7 @@ def start(srv: Server, only: str | None) -> bool:
     extra = {**env, "COGNIVERN_ENV_KEYS": " ".join(env)}
     ecosystem = f"{root}/config/ecosystem.config.cjs"
     argv = ["startOrReload", ecosystem, *(["--only", only] if only else []), "--update-env"]
-    ok = srv.pm2_cli(*argv, extra=extra, quiet=False)
+    ok = srv.pm2_cli(*argv, extra=extra)
     srv.daemon.reset()
     if not ok or only:
         # one app started on purpose (a slot, the agent): the activation saves PM2's list once it settles
@@ -94,4 +94,4 @@ def start(srv: Server, only: str | None) -> bool:
 
 def stop(srv: Server) -> None:
     """Stop (not delete) the apps the ecosystem lists."""
-    srv.pm2_cli("stop", f"{srv.cfg.root}/config/ecosystem.config.cjs", quiet=False)
+    srv.pm2_cli("stop", f"{srv.cfg.root}/config/ecosystem.config.cjs")

@@ -175,7 +175,7 @@ def format_assignments(values: Mapping[str, str], header: str) -> str:
 def parse_assignments(text: str) -> dict[str, str]:
     """`KEY=value` lines (later ones win); comments, blank and malformed lines are skipped."""
     out: dict[str, str] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
         key, sep, raw = line.partition("=")
         if not sep or not ENV_KEY_RE.match(key):
             continue

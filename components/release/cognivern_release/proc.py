@@ -95,9 +95,8 @@ def end_all(account: Account, rounds: int = 50) -> None:
 
 
 # ---------------------------------------------------------------------------- what reaches the operator
-# Terminal escape sequences whole (CSI ... final byte, OSC ... BEL/ST, ESC + one character), then
-# every other C0 control but tab and newline, DEL and the C1 controls (an 8-bit CSI is 0x9b).
-_ESCAPES = re.compile("\x1b(\\[[0-?]*[ -/]*[@-~]|\\][^\x07\x1b]*(\x07|\x1b\\\\)?|[@-_])")
+# Every C0 control but tab and newline, DEL and the C1 controls (an 8-bit CSI is 0x9b): without
+# ESC or CSI no escape sequence is one any more, whatever text of it is left.
 _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
@@ -110,7 +109,7 @@ class Masker:
         self.withheld = withheld
 
     def __call__(self, text: str) -> str:
-        text = _CONTROLS.sub("", _ESCAPES.sub("", text))
+        text = _CONTROLS.sub("", text)
         for value in self.values:
             text = text.replace(value, "***")
         return text

@@ -203,14 +203,16 @@ class Server:
             if data.strip():
                 say(m.withheld)
             return
-        for line in proc.decode(data).splitlines():
+        for line in proc.decode(data).rstrip("\n").split("\n"):
             sys.stderr.write(indent + m(line) + "\n")
         sys.stderr.flush()
 
-    def pm2_cli(self, *args: str, extra: Mapping[str, str] | None = None, quiet: bool = True) -> bool:
+    def pm2_cli(self, *args: str, extra: Mapping[str, str] | None = None, report: bool = True) -> bool:
+        """PM2's CLI as the app user; what it printed is shown (cleaned) only when it failed (`report`)."""
         rc, out = self.as_app(["pm2", *args], extra=extra)
-        if not quiet:
-            self.show(out)
+        if rc != 0 and report:
+            say(f"pm2 {args[0]} failed (exit {rc}):")
+            self.show(out, indent="  ")
         return rc == 0
 
     # ------------------------------------------------------------------ Edges: PM2
@@ -231,7 +233,7 @@ class Server:
         """PM2 stops and forgets app `name` over its RPC socket; no daemon: no app to delete (`pm2
         delete` would start a daemon first). Otherwise, on failure, `pm2 delete`."""
         if self.daemon.delete(name) is None:
-            self.pm2_cli("delete", name)
+            self.pm2_cli("delete", name, report=False)
 
     def app_pids(self, name: str) -> list[int]:
         """The processes of PM2 app `name` of this PM2_HOME (PM2 puts its pm2_env, name first, into
@@ -277,7 +279,7 @@ class Server:
         self.pm2_cli("save", "--force")
 
     def delete_all_apps(self) -> None:
-        self.pm2_cli("delete", f"{self.cfg.root}/config/ecosystem.config.cjs", quiet=False)
+        self.pm2_cli("delete", f"{self.cfg.root}/config/ecosystem.config.cjs", report=False)  # none left is fine
 
     def start_apps(self, only: str) -> bool:
         from . import apps
@@ -370,7 +372,7 @@ class Server:
                 raise ToolError(f"backup of shared/data failed (tar exit {tar_rc}, gzip exit {gz_rc}); nothing was kept")
             if tar_rc == 1:
                 say("warning: files in shared/data changed while being archived; the backup holds them as they were read:")
-                self.show(b"\n".join(proc.decode(errors).encode().splitlines()[:5]), indent="  ")
+                self.show(b"\n".join(errors.split(b"\n")[:5]), indent="  ")
             os.rename(tmp, name, src_dir_fd=bfd, dst_dir_fd=bfd)
             size = os.stat(name, dir_fd=bfd).st_size
             say(f"backup {name}: {size} bytes in {int((time.monotonic() - started) * 1000)} ms")
