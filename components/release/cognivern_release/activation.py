@@ -429,6 +429,9 @@ class Machine:
             if from_slot and frm and self.slot_warm(from_slot, frm) and self.served_by(from_slot, frm):
                 self.revert(slot, rid, from_slot, frm, prev)
             elif self.wait_slot_healthy(slot, rid):
+                # killed between the journal's "switched" and the switch itself: do the switch now
+                if self.e.current() != rid and not self.switch_to(slot, rid, from_slot):
+                    self.e.say(f"error: nginx refused the switch to {rid}; check: cognivern-release status")
                 self.finish(slot, rid, from_slot)
             else:
                 self.first_deploy_failed(slot)

@@ -28,11 +28,16 @@ def open_dir(name: str, dir_fd: int | None = None) -> int:
     try:
         return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     except OSError as err:
-        if err.errno == errno.ELOOP:
+        if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        # Linux answers ENOTDIR, not ELOOP, for a link with O_DIRECTORY|O_NOFOLLOW: look at what is there
+        try:
+            link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            link = err.errno == errno.ELOOP
+        if link:
             raise RefusedError(f"{name} is a symbolic link where a directory belongs; refusing to work through it") from None
-        if err.errno == errno.ENOTDIR:
-            raise RefusedError(f"{name} exists but is not a directory") from None
-        raise
+        raise RefusedError(f"{name} exists but is not a directory") from None
 
 
 @contextlib.contextmanager
