@@ -32,10 +32,12 @@ BASELINE = "eb6022a"  # today's tool: bash + cognivern-pm2.cjs + run.sh (main be
 # Run by the baseline tree's Python path: that commit's settings parser and renderers, config on stdin.
 _RENDER = """
 import json, sys
-from components.render import render_ecosystem, render_env, render_nginx_site, render_release_conf
+from components.render import NginxTarget, render_ecosystem, render_env, render_nginx_site, render_release_conf
 from components.settings import parse_settings
-s = parse_settings(json.load(sys.stdin).get)
-json.dump({"ecosystem": render_ecosystem(s), "conf": render_release_conf(s),
+given = json.load(sys.stdin)
+s = parse_settings(given["config"].get)
+nginx = NginxTarget(conf=given["nginx_conf"], prefix=given["nginx_prefix"])  # the host's private nginx, never the system's
+json.dump({"ecosystem": render_ecosystem(s), "conf": render_release_conf(s, nginx),
            "env": render_env(s.stack_env, s.secret_env), "site": render_nginx_site(s)}, sys.stdout)
 """
 
@@ -61,11 +63,12 @@ class BaselineTree:
         self.tool = self.path / "components" / "release" / "cognivern-release.sh"
         self.run_sh = self.path / "components" / "host" / "run.sh"
 
-    def render(self, config: dict[str, str]) -> dict[str, str]:
-        """The commit's rendered ecosystem, cognivern.conf, .env and nginx site for `config`."""
+    def render(self, config: dict[str, str], nginx_conf: str, nginx_prefix: str) -> dict[str, str]:
+        """The commit's rendered ecosystem, cognivern.conf (for the nginx at `nginx_conf`, -p
+        `nginx_prefix`), .env and nginx site for `config`."""
         proc = subprocess.run(
             [sys.executable, "-c", _RENDER],
-            input=json.dumps(config),
+            input=json.dumps({"config": config, "nginx_conf": nginx_conf, "nginx_prefix": nginx_prefix}),
             capture_output=True,
             text=True,
             cwd=self.path,
@@ -96,7 +99,7 @@ class BaselineHost(ReleaseHost):
     def layout(self) -> None:
         super().layout()
         assert self.tree is not None
-        self.rendered = self.tree.render(self.config)
+        self.rendered = self.tree.render(self.config, str(self.nginx.conf_path), str(self.nginx.prefix))
         own = pwd.getpwnam(self.user)
         (self.root / "config" / "ecosystem.config.cjs").write_text(self.rendered["ecosystem"])
         (self.root / "config" / "cognivern.conf").write_text(self.rendered["conf"] + f"PM2_HOME={self.pm2_home}\n")
@@ -106,7 +109,7 @@ class BaselineHost(ReleaseHost):
         env.chmod(0o640)
         shutil.copy(self.tree.run_sh, self.root / "shared" / "run.sh")
         (self.root / "shared" / "run.sh").chmod(0o755)
-        for site in self.nginx.sites_enabled.glob("*.conf"):  # one upstream in the site, no slot file
+        for site in self.nginx.sites_enabled.glob("*.conf"):  # the site includes the upstream file the tool switches
             site.resolve().write_text(self.rendered["site"])
 
 
