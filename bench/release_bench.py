@@ -280,8 +280,8 @@ def measure(design: Design, row: Row, new: str, target: str, observe: float) -> 
 
 
 def release_of(row: Row, i: int) -> str:
-    """The release a row activates (a) or rolls back from (cold, warm): new<i>; a broken one: <row><i>."""
-    return f"new{i}" if row.mode in (None, "ok") else f"{row.key}{i}"
+    """The release a row activates (a) or rolls back from (cold, warm): new<i>; a broken one and a0: <row><i>."""
+    return f"new{i}" if row.mode is None or row.key == "a" else f"{row.key}{i}"
 
 
 def run_row(design: Design, row: Row, i: int, observe: float) -> dict[str, Any]:
@@ -294,8 +294,9 @@ def run_row(design: Design, row: Row, i: int, observe: float) -> dict[str, Any]:
     design.host.set_conf(BAKE_SECONDS="0" if row.no_bake else str(design.bake))
     if row.mode is None and design.host.current() != new and design.activate(new).returncode != 0:
         raise RuntimeError(f"{design.label}: activating {new} failed before the {row.key} rollback")
-    result = measure(design, row, new, new if row.key == "a" else BASE, observe)
+    result = measure(design, row, new, new if row.mode == "ok" else BASE, observe)
     result["reset_to_base"] = row.key != "a" and (design.host.current() != BASE or result["answers_at_end"] != BASE)
+    design.host.set_conf(BAKE_SECONDS=str(design.bake))
     if result["reset_to_base"] and design.activate(BASE).returncode != 0:
         raise RuntimeError(f"{design.label}: could not bring {BASE} back after {row.key} #{i}")
     return result

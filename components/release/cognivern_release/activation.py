@@ -16,14 +16,13 @@ their own (tests/test_activation_machine.py), so the logic runs with no PM2, ngi
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from . import facts, pm2
 from .config import Config
+from .proc import iso_now
 from .state import State, Store
 
 HEALTH_EVERY = 0.25  # seconds between health checks (the watcher's rhythm; PM2 is asked every 4th)
@@ -60,8 +59,7 @@ class Edges(Protocol):
     def log_recovery(self, rid: str, phase: str) -> None: ...
 
 
-@dataclass
-class Verdict:
+class Verdict(NamedTuple):
     """What a watch ended with: "ok", or why not (the tool's messages say it in words)."""
 
     kind: str  # healthy: ok, crash, timeout; bake: ok, stale, restarts, sick, unanswered
@@ -443,5 +441,4 @@ class Machine:
         self.e.log_recovery(rid, phase)
 
 
-def iso_now(clock: Callable[[], float] = time.time) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock()))
+__all__ = ["ActivationError", "Edges", "Machine", "Verdict", "iso_now"]

@@ -1,4 +1,8 @@
-"""cognivern-release's command line: the commands operators and the program run (usage below)."""
+"""cognivern-release's command line: the commands operators and the program run (usage below).
+
+Each command imports the modules it needs itself: `activate`, which only starts its worker and
+streams what it prints, stays a small process beside the worker that does the work.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from . import activation, apps, facts, proc, safefs
-from . import install as inst
+from . import facts, proc, safefs
 from .config import ConfigError
 from .config import load as load_config
 from .server import PROG, Server, ToolError, check_members, flock, health_check, invoking_user, say
@@ -114,15 +116,15 @@ def valid_id(rid: str) -> str:
     return rid
 
 
-@dataclass
 class Action:
     """What releases.log records for this run (one line per action)."""
 
-    name: str | None = None
-    rid: str = "-"
-    sha: str = "-"
-    result: str | None = None
-    cleanups: list[Callable[[], None]] = field(default_factory=list)
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+        self.rid = "-"
+        self.sha = "-"
+        self.result: str | None = None
+        self.cleanups: list[Callable[[], None]] = []
 
 
 # ---------------------------------------------------------------------------- reading the releases
@@ -144,6 +146,8 @@ def installed_epoch(srv: Server, rid: str, meta: dict[str, Any]) -> int:
 
 def complete_releases(srv: Server) -> list[str]:
     """Newest first."""
+    from . import install as inst
+
     metas = srv.store.read()["releases"]
     rows = [(installed_epoch(srv, rid, metas.get(rid, {})), rid) for rid in release_ids(srv) if inst.complete(srv, rid)]
     return [rid for _, rid in sorted(rows, reverse=True)]
@@ -156,6 +160,8 @@ def complete_list_text(srv: Server) -> str:
 # ---------------------------------------------------------------------------- locks
 def take_deploy_lock(srv: Server, act: Action, action: str, rid: str, wait: float) -> None:
     """The deploy lock (activate, restore, prune, reload, backup); then settle an interrupted activation."""
+    from . import activation
+
     with srv.dir(".deploy") as deploy:
         fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=deploy)
     if action == "activate" and not flock(fd, 0):
@@ -173,7 +179,7 @@ def take_deploy_lock(srv: Server, act: Action, action: str, rid: str, wait: floa
         say(f"error: another deploy is in progress: {holder}")
         say("wait for it to finish (or check that pid is still alive) and try again")
         raise ToolError(None, code=3)
-    holder = f"pid={os.getpid()} user={invoking_user()} action={action} id={rid} since={activation.iso_now()}\n"
+    holder = f"pid={os.getpid()} user={invoking_user()} action={action} id={rid} since={proc.iso_now()}\n"
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode(), 0)
     srv.deploy_lock_fd = fd  # held until the process ends
@@ -182,6 +188,8 @@ def take_deploy_lock(srv: Server, act: Action, action: str, rid: str, wait: floa
 
 # ---------------------------------------------------------------------------- commands
 def cmd_install(srv: Server, act: Action, args: list[str]) -> None:
+    from . import install as inst
+
     if len(args) != 3:
         raise usage_error("usage: install ID SOURCE SHA256 (or: install ID - -)")
     rid, source, sha = valid_id(args[0]), args[1], args[2]
@@ -275,6 +283,8 @@ def cmd_activate(srv: Server, act: Action, args: list[str]) -> int:
 
 
 def cmd_activate_worker(srv: Server, act: Action, args: list[str]) -> None:
+    from . import activation
+
     rid, force = parse_activate(args)
     act.rid = rid
     act.sha = srv.store.read()["releases"].get(rid, {}).get("sha256", "-")
@@ -290,6 +300,8 @@ def cmd_activate_worker(srv: Server, act: Action, args: list[str]) -> None:
 
 def activation_checks(srv: Server, act: Action, rid: str, force: bool) -> None:
     """Refuse a missing, unfinished or bad release; seal one an older version left writable."""
+    from . import install as inst
+
     if not inst.exists(srv, rid):
         act.result = "missing"
         raise ToolError(f"release {rid} is not installed; installed releases: {complete_list_text(srv)}")
@@ -307,6 +319,8 @@ def activation_checks(srv: Server, act: Action, rid: str, force: bool) -> None:
 
 
 def cmd_prune(srv: Server, act: Action, args: list[str]) -> None:
+    from . import install as inst
+
     keep = str(srv.cfg.keep_releases)
     rest = list(args)
     while rest:
@@ -362,6 +376,8 @@ def _remove_release(srv: Server, rid: str) -> None:
 
 
 def cmd_list(srv: Server, act: Action, args: list[str]) -> None:
+    from . import install as inst
+
     if args not in ([], ["--json"]):
         raise usage_error("usage: list [--json]")
     state = srv.store.read()
@@ -406,6 +422,8 @@ def cmd_list(srv: Server, act: Action, args: list[str]) -> None:
 
 
 def cmd_status(srv: Server, act: Action, args: list[str]) -> None:
+    from . import activation
+
     if args:
         raise usage_error("usage: status")
     state = srv.store.read()
@@ -445,6 +463,11 @@ def cmd_backup(srv: Server, act: Action, args: list[str]) -> None:
 
 
 def cmd_restore(srv: Server, act: Action, args: list[str]) -> None:
+    from . import (
+        activation,
+        apps,
+    )
+
     root = srv.cfg.root
     if len(args) != 1:
         raise usage_error(f"usage: restore BACKUP (a path, or a file name in {root}/backups/data)")
@@ -532,6 +555,8 @@ def leaving_links(data_fd: int, live_data: str, rel: str = "") -> list[str]:
 
 
 def cmd_reload(srv: Server, act: Action, args: list[str]) -> None:
+    from . import activation
+
     if args:
         raise usage_error("usage: reload")
     srv.ensure_layout()
@@ -685,7 +710,7 @@ def execute(srv: Server, cmd: str, args: list[str]) -> int:
                 cleanup()
         if act.name:
             result = (act.result or "ok") if rc == 0 else f"{act.result or 'failed'}(exit={rc})"
-            srv.log_line(f"{activation.iso_now()} {act.name} {act.rid} {invoking_user()} {act.sha} {result}")
+            srv.log_line(f"{proc.iso_now()} {act.name} {act.rid} {invoking_user()} {act.sha} {result}")
         srv.daemon.close()
     return rc
 

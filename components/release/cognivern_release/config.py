@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import posixpath
 import pwd
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import facts
 from .proc import Account
@@ -19,8 +19,7 @@ class ConfigError(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     root: str
     app: Account
     build: Account | None  # None: the build account does not exist (a host not provisioned since)

@@ -17,7 +17,6 @@ import os
 import re
 import stat
 import subprocess
-import tarfile
 import time
 from typing import IO, TYPE_CHECKING
 
@@ -25,6 +24,8 @@ from . import proc, safefs
 from .server import ToolError, check_members, say
 
 if TYPE_CHECKING:
+    from tarfile import TarInfo
+
     from .server import Server
 
 UNFINISHED = ".cognivern-unfinished"
@@ -87,7 +88,7 @@ def fetch(srv: Server, source: str, rid: str) -> tuple[str, IO[bytes]]:
     return source, f
 
 
-def verify(path: str, f: IO[bytes], sha: str) -> list[tarfile.TarInfo]:
+def verify(path: str, f: IO[bytes], sha: str) -> list[TarInfo]:
     """The checksum, safe members, nothing the server owns at the top level."""
     h = hashlib.sha256()
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -106,6 +107,8 @@ def verify(path: str, f: IO[bytes], sha: str) -> list[tarfile.TarInfo]:
 def unpack(srv: Server, f: IO[bytes], rid: str, rel_fd: int) -> None:
     """Into releases/ID (root's, made here), marked unfinished; one wrapping directory tolerated."""
     say(f"installing release {rid}")
+    import tarfile  # loaded only by install
+
     with tarfile.open(fileobj=f, mode="r:gz") as tar:
         for member in tar:
             parts = [p for p in member.name.split("/") if p not in ("", ".")]
