@@ -171,7 +171,11 @@ def build_dirs(srv: Server) -> tuple[proc.Account, dict[str, str]]:
         bfd = srv.root_dir(cache, "build", 0o755)
         try:
             safefs.write_atomic(bfd, "npmrc", NPMRC.encode(), 0o644) if _differs(bfd, "npmrc", NPMRC) else None
-            os.close(safefs.ensure_dir(bfd, "work", 0o700, build.uid, build.gid))
+            wfd = safefs.ensure_dir(bfd, "work", 0o700, build.uid, build.gid)
+            try:  # its temp files there too, not in /tmp, where any account can put names first
+                os.close(safefs.ensure_dir(wfd, "tmp", 0o700, build.uid, build.gid, fix=False))
+            finally:
+                os.close(wfd)
         finally:
             os.close(bfd)
     work = f"{base}/work"
@@ -187,6 +191,7 @@ def build_dirs(srv: Server) -> tuple[proc.Account, dict[str, str]]:
         "XDG_CACHE_HOME": f"{work}/cache",
         "XDG_DATA_HOME": f"{work}/data",
         "XDG_STATE_HOME": f"{work}/state",
+        "TMPDIR": f"{work}/tmp",
     }
     return build, env
 
