@@ -384,7 +384,15 @@ def test_the_agent_moves_only_after_the_bake(world: World) -> None:
 def test_activating_the_current_release_only_checks_it(world: World) -> None:
     live_on(world)
     assert machine(world).activate("r1", False, 2) == "already-current"
-    assert world.upstreams == [] and world.started == [(BLUE, "r1")]
+    assert world.upstreams == [] and world.started == [(BLUE, "r1")], "nothing reloaded"
+    assert "release r1 is already current and healthy; nothing to do" in world.said
+
+
+def test_activating_the_current_release_that_does_not_answer_reloads_it(world: World) -> None:
+    live_on(world)
+    world.apps.clear()  # the live slot answers nothing (PM2 stopped it)
+    assert machine(world).activate("r1", False, 2) == "already-current-reloaded"
+    assert world.started == [(BLUE, "r1"), (BLUE, "r1")] and world.upstreams == []
 
 
 def test_force_clears_the_bad_mark_once_the_release_passes(world: World) -> None:

@@ -259,12 +259,23 @@ def test_reactivating_current_and_reload_are_idempotent(switched: ReleaseHost) -
     host = switched
     backups = sorted((host.root / "backups" / "data").iterdir())
     assert backups, "switching to r2 backed up shared/data"
+    pid = host.serving_pid()
     proc = host.ok("activate", "r2")
-    assert "already current" in proc.stderr
+    assert "release r2 is already current and healthy; nothing to do" in proc.stderr
+    assert "PM2" not in proc.stderr and host.serving_pid() == pid, "a healthy current release is not reloaded"
     assert host.current() == "r2" and host.serving_release() == "r2"
     assert sorted((host.root / "backups" / "data").iterdir()) == backups, "no backup for a no-op"
     assert host.list_json()["previous"] == "r1"
     host.ok("reload")
+    assert host.serving_release() == "r2"
+
+
+def test_reactivating_a_current_release_that_does_not_answer_healthy_reloads_it(switched: ReleaseHost) -> None:
+    host = switched
+    host.pm2("stop", "all")  # the live slot answers nothing now
+    proc = host.ok("activate", "r2")
+    assert "release r2 is already current but does not answer healthy from its release; reloading it" in proc.stderr
+    assert "release r2 is current and healthy after the reload" in proc.stderr
     assert host.serving_release() == "r2"
 
 

@@ -287,6 +287,12 @@ class ReleaseHost(DisposableHost):
         assert status == 200, body
         return str(body["release"])
 
+    def serving_pid(self) -> int:
+        """The pid of the worker that answered (the fixture names it): unchanged means not reloaded."""
+        status, body = self.get_json("/release")
+        assert status == 200, body
+        return int(str(body["pid"]))
+
     def pm2(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run_pm2(self.user, Path(pwd.getpwnam(self.user).pw_dir), self.pm2_home, *args)
 

@@ -401,11 +401,19 @@ class Machine:
         raise ActivationError(result)
 
     def already_current(self, rid: str) -> str:
-        self.e.say(f"release {rid} is already current; making sure it runs")
+        """Reloaded only when it does not answer healthy from its release: a PM2 reload of the only
+        live slot is seamless only when the new worker is ready within listen_timeout (PM2 kills the
+        old one then, ready or not), and a re-run of a deploy (a dropped connection, a killed `pulumi
+        up`) must not risk that for nothing."""
+        live = self.slots()["live"]
+        if self.e.health(self.cfg.slot_url(live)) and self.served_by(live, rid):
+            self.e.say(f"release {rid} is already current and healthy; nothing to do")
+            return "already-current"
+        self.e.say(f"release {rid} is already current but does not answer healthy from its release; reloading it")
         self.e.start_apps("")
         if self.wait_healthy(rid):
-            self.e.say(f"release {rid} is current and healthy")
-            return "already-current"
+            self.e.say(f"release {rid} is current and healthy after the reload")
+            return "already-current-reloaded"
         self.e.error_log()
         raise ActivationError("failed", f"release {rid} is current but not healthy at {self.cfg.slot_url(self.slots()['live'])}")
 
