@@ -12,12 +12,14 @@ When pnpm is done, every process of the build account is ended, and only then is
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING
 
 from . import proc, safefs
@@ -204,6 +206,33 @@ def _differs(dir_fd: int, name: str, text: str) -> bool:
     return data != text.encode() or st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o644
 
 
+@contextlib.contextmanager
+def build_lock(build: proc.Account) -> Iterator[None]:
+    """An flock on /run/cognivern-release/build-<account>.lock: the builds of one account never
+    overlap, also across ROOTs of one machine, because the end of one ends every process the
+    account has. /run is root's, and so is the directory (0700): nobody else can hold the lock."""
+    name = f"build-{build.name}.lock"
+    with safefs.opened_dir("/run") as run:
+        locks = safefs.ensure_dir(run, "cognivern-release", 0o700, 0, 0)
+    try:
+        while True:  # the holder removes the file when done: a lock on a removed file is no lock
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=locks)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(name, dir_fd=locks, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            yield
+        finally:
+            os.unlink(name, dir_fd=locks)  # nothing left behind; whoever waits opens it again
+            os.close(fd)
+    finally:
+        os.close(locks)
+
+
 def dependencies(srv: Server, rid: str, rel_fd: int) -> None:
     build, env = build_dirs(srv)
     store = f"{srv.cfg.root}/cache/build/work/store"
@@ -221,7 +250,7 @@ def dependencies(srv: Server, rid: str, rel_fd: int) -> None:
         store,
         "--reporter=append-only",
     ]
-    with srv.lock_file("build.lock"):  # one build at a time: the account's processes all end with it
+    with build_lock(build):  # one build at a time for this account, whatever ROOT: all its processes end with it
         proc.end_all(build)  # anything a build killed with its tool (SIGKILL) left behind
         child = proc.popen(build, argv, env, cwd=f"{srv.cfg.root}/releases/{rid}", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:

@@ -85,18 +85,6 @@ class Server:
             for fd in reversed(fds):
                 os.close(fd)
 
-    @contextlib.contextmanager
-    def lock_file(self, name: str, *, wait: float | None = None) -> Iterator[int]:
-        """An flock on .deploy/locks/NAME, held for the block (wait None: as long as it takes)."""
-        with self.dir(".deploy/locks") as locks:
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=locks)
-        try:
-            if not flock(fd, wait):
-                raise ToolError(None, code=1, result="locked")
-            yield fd
-        finally:
-            os.close(fd)
-
     # ------------------------------------------------------------------ layout
     def ensure_layout(self) -> None:
         """The layout provisioning makes (parents before children): root's where root works, the
