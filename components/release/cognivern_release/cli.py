@@ -183,6 +183,8 @@ def take_deploy_lock(srv: Server, act: Action, action: str, rid: str, wait: floa
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode(), 0)
     srv.deploy_lock_fd = fd  # held until the process ends
+    with srv.store.update():
+        pass  # the text state of an older version becomes state.json now: the ecosystem file reads only that
     activation.Machine(srv.cfg, srv.store, srv).recover()
 
 
