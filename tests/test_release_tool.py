@@ -279,6 +279,18 @@ def test_reactivating_a_current_release_that_does_not_answer_healthy_reloads_it(
     assert host.serving_release() == "r2"
 
 
+def test_reload_hands_the_env_file_to_the_app_also_when_it_is_the_apps_own_copy(serving: ReleaseHost) -> None:
+    """Hosts from before had .env as the app's (0600): its values are not trusted for masking, but
+    they are the app's own environment, so an upgrade's first reload must not start it without them."""
+    env = serving.root / "shared" / ".env"
+    pw = pwd.getpwnam(serving.user)
+    env.write_text(env.read_text().replace("FIXTURE_ECHO=hello-from-env", "FIXTURE_ECHO=from-the-apps-copy"))
+    os.chown(env, pw.pw_uid, pw.pw_gid)
+    env.chmod(0o600)
+    proc = serving.ok("reload")
+    assert serving.get_json("/release")[1]["env"]["FIXTURE_ECHO"] == "from-the-apps-copy", proc.stderr
+
+
 def daemon_environ(host: ReleaseHost) -> tuple[int, list[bytes]]:
     """The PM2 daemon's pid (pm2.pid, waited for with a deadline) and environment."""
     pid_file = host.pm2_home / "pm2.pid"

@@ -68,10 +68,9 @@ def start(srv: Server, only: str | None) -> bool:
         return True
     remove_log_links(srv)
     ensure_daemon(srv)
-    env = srv.env_values()
+    env = srv.env_values(trusted=False)  # the app's own environment: whoever wrote the file
     if env is None:
-        if srv.cfg.secret_keys:
-            say(f"warning: {root}/shared/.env is missing or not root's; the apps start without its variables")
+        say(f"warning: {root}/shared/.env does not exist; the apps start without its variables")
         env = {}
     extra = {**env, "COGNIVERN_ENV_KEYS": " ".join(env)}
     ecosystem = f"{root}/config/ecosystem.config.cjs"

@@ -59,7 +59,7 @@ class Server:
         self.store = Store(root_fd)
         self.daemon = pm2.Daemon(cfg.pm2_home, cfg.app)
         self._masker: proc.Masker | None = None
-        self._env: dict[str, str] | None = None
+        self._env: tuple[dict[str, str], bool] | None = None  # shared/.env's values, and whether it is root's copy
         self.deploy_lock_fd: int | None = None  # the deploy lock, held until the process ends
 
     def say(self, msg: str) -> None:
@@ -133,20 +133,20 @@ class Server:
             raise ToolError(f"{path} exists but is not a directory")
 
     # ------------------------------------------------------------------ the app's environment
-    def env_values(self) -> dict[str, str] | None:
-        """shared/.env as data: root's copy (root:APP 0640 in root's shared/, a regular file, never
-        through a link). None when it is missing or someone else could write it: then the app could
-        have chosen the values, and they are not trusted."""
+    def env_values(self, *, trusted: bool = True) -> dict[str, str] | None:
+        """shared/.env as data (a regular file in root's shared/, never through a link); None when
+        it is missing. `trusted`: only root's copy (root:APP 0640), the one the secret values to
+        mask with come from; a copy someone else could write (the app's, on hosts from before) could
+        hold values of the app's choosing. For the app's own environment any copy will do."""
         if self._env is None:
             try:
                 with self.dir("shared") as shared:
                     data, st = safefs.read_file(shared, ".env")
             except (OSError, safefs.RefusedError):
                 return None
-            if st.st_uid != 0 or st.st_mode & 0o022:
-                return None
-            self._env = facts.parse_assignments(data.decode("utf-8", "replace"))
-        return self._env
+            self._env = (facts.parse_assignments(data.decode("utf-8", "replace")), st.st_uid == 0 and not st.st_mode & 0o022)
+        values, roots = self._env
+        return values if roots or not trusted else None
 
     def masker(self) -> proc.Masker:
         """Secret values (cognivern:secretEnv; SECRET_KEYS names them) replaced by *** in anything
