@@ -20,7 +20,7 @@ from components.release.cognivern_release.facts import AGENT_NAME as AGENT_NAME
 from components.release.cognivern_release.facts import SLOTS, nginx_identifier, upstream_name
 from components.release.cognivern_release.facts import site_name as site_name
 from components.release.cognivern_release.facts import upstream_include as upstream_include
-from components.settings import ROOT_CHARS_RE, Settings
+from components.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 HOST_DIR = HERE / "host"
@@ -220,12 +220,12 @@ def render_nginx_tls_site(
 class NginxTarget:
     """The nginx that serves this ROOT: the system's, or a test's private prefix (nginx -p)."""
 
-    conf: str = "/etc/nginx/nginx.conf"
+    conf: str = facts.NGINX_CONF
     prefix: str = ""
 
     def __post_init__(self) -> None:
         for path in (self.conf, *([self.prefix] if self.prefix else [])):
-            if posixpath.normpath(path) != path or not path.startswith("/") or not ROOT_CHARS_RE.match(path):
+            if not facts.abs_path(path):  # the tool refuses anything else in cognivern.conf
                 raise ValueError(f"nginx path {path!r} must be absolute and normalised")
 
 
