@@ -288,7 +288,8 @@ def test_reload_hands_the_env_file_to_the_app_also_when_it_is_the_apps_own_copy(
     os.chown(env, pw.pw_uid, pw.pw_gid)
     env.chmod(0o600)
     proc = serving.ok("reload")
-    assert serving.get_json("/release")[1]["env"]["FIXTURE_ECHO"] == "from-the-apps-copy", proc.stderr
+    app_env = serving.get_json("/release")[1]["env"]
+    assert isinstance(app_env, dict) and app_env["FIXTURE_ECHO"] == "from-the-apps-copy", proc.stderr
 
 
 def daemon_environ(host: ReleaseHost) -> tuple[int, list[bytes]]:
