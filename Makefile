@@ -5,7 +5,7 @@ VENV := venv
 STACK ?= prod
 
 .DEFAULT_GOAL := help
-.PHONY: help init deploy preview test lint bench cli-check stack-check pulumi-tools lock
+.PHONY: help init deploy preview test lint bench cli-check stack-check pulumi-tools lock pristine-roots
 
 ## list the targets
 help:
@@ -74,6 +74,11 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.cluster_policy --out reports/cluster-policy.json
 	$(VENV)/bin/python -m bench.provision_rerun --out reports/provision-rerun.json
 	$(VENV)/bin/python -m bench.pm2_calls --out reports/pm2-calls.json
+	$(VENV)/bin/python -m bench.pristine_bench --out reports/pristine-bench.json
+
+## the pristine Debian roots (bookworm, trixie) the pristine-host tests boot, built with debootstrap (cached per recipe)
+pristine-roots: $(VENV)/.installed
+	$(VENV)/bin/python -m tests.support.pristine_host build bookworm trixie
 
 # The CLI from Go modules; pulumi-resource-command and the Python language host from their source tarballs in
 # ../shared/third_party (or COGNIVERN_THIRD_PARTY). Users need none of it: the official CLI does this (README).

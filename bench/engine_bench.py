@@ -2,9 +2,10 @@
 
     venv/bin/python -m bench.engine_bench [--repeat 3] [--out reports/engine-bench.json] [--budget 1200]
 
-Runs as root on loopback only. The real `__main__.py` is driven by the test-only engine stand-in
-(tests/engine, `Engine.up`) over real OpenSSH against a disposable TargetHost (private sshd, private
-nginx, temp ROOT, unique app user), with the stack config and fixture artifacts built exactly as
+Runs as root on loopback only. The real `__main__.py` is deployed by the real engine
+(tests/support/real_engine.py: the Pulumi CLI, the Python language host, pulumi-resource-command)
+over real OpenSSH against a disposable TargetHost (private sshd, private nginx, temp ROOT, unique
+app user), with the stack config and fixture artifacts built exactly as
 tests/support/stack.py builds them (TargetStack). The host is prepared and the base
 release deployed once ("first deploy": timed, no load); then, with 8 concurrent HTTP clients on
 GET /release through the host's nginx:
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "clients": CLIENTS,
         "repeat": args.repeat,
-        "path": "engine stand-in (tests/engine) running __main__.py over OpenSSH against a TargetHost",
+        "path": "the real pulumi up (CLI, language host, pulumi-command) of __main__.py over OpenSSH against a TargetHost",
         "doc_health_loop": {"retries": DOC_RETRIES, "sleep_seconds": DOC_SLEEP, "document_sleep_seconds": 5},
         "healthy_seconds": "a/b: first response from the requested release after the command started; "
         "c/c2/c3: when the last failed request was sent, after the start (0: never down)",
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         ["install step, empty store (no load)", harness.fmt(installs["fresh"], " s"), ""],
     ]
     harness.print_table(
-        ["scenario", "pulumi up (engine stand-in, SSH)", "document procedure over SSH (sleep 1 s)"],
+        ["scenario", "pulumi up (real engine, SSH)", "document procedure over SSH (sleep 1 s)"],
         rows,
         title=f"Engine-path benchmark: {CLIENTS} clients through the host's nginx, medians of {args.repeat} runs"
         "\n(failed / requests, run wall time, time to healthy: a/b first response from the new release,"

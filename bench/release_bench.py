@@ -252,7 +252,7 @@ def measure(design: Design, row: Row, new: str, target: str, observe: float) -> 
     broken = row.mode not in (None, "ok")
     with Load(design.nginx.url("/release")) as load:
         time.sleep(SETTLE)
-        with RssSampler(design.uid, design.host.tool) as rss:
+        with RssSampler(design.uid, design.host.installed_tool) as rss:
             start = time.monotonic()
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = design.activate(BASE if row.mode is None else new)

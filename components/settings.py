@@ -80,6 +80,17 @@ SYSTEM_ACCOUNT_PREFIXES = ("systemd-", "_")
 # corepack, so Node 25+ (no corepack) works too; the bound keeps out typos such as 222 and majors
 # NodeSource does not publish yet.
 NODE_MAJORS = (18, 26)
+# Where the server's Node.js comes from (cognivern:nodeSource): NodeSource's repository (any major
+# of NODE_MAJORS; Hetzner servers reach it) or the distribution's own nodejs and npm packages (one
+# major per release; for hosts that cannot reach NodeSource, or operators who prefer the
+# distribution's security updates).
+NODE_SOURCES = ("nodesource", "distribution")
+# The major of each image's own nodejs package (checked 2026-12 in the archives' package lists):
+# Debian 12 (bookworm) 18.20.4, Debian 13 (trixie) 20.19.2 (both installed by the pristine-host
+# tests), Ubuntu 24.04 (noble, universe) 18.19.1, Ubuntu 22.04 (jammy, universe) 12.22.9. Only a
+# created server's image is known before the server exists: provision.sh checks any host's own
+# package (apt-cache policy) and refuses a nodeMajor it cannot give.
+DISTRIBUTION_NODE_MAJORS = {"debian-12": 18, "debian-13": 20, "ubuntu-22.04": 12, "ubuntu-24.04": 18}
 # Keys the program writes into shared/.env itself; `env`/`secretEnv` may not override them.
 RESERVED_ENV_KEYS = frozenset({"PORT", "HOST", "AGENTS_ENABLED"})
 # The app binds to loopback (nginx is its only client), when it honours HOST.
@@ -142,6 +153,7 @@ class Settings:
     frame_policy: str = "same-origin"
     bake_seconds: int = BAKE_SECONDS
     keep_previous_warm: bool = False
+    node_source: str = "nodesource"
     warnings: tuple[str, ...] = ()
     stack: str = "STACK"
 
@@ -607,6 +619,16 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("instances", _integer(1, 64), 1, doc="PM2 cluster instances"),
     Key("nodeMajor", _integer(*NODE_MAJORS), 22, doc="Node.js major version, 18-26 (skipped when already installed)"),
+    Key(
+        "nodeSource",
+        _string(),
+        "nodesource",
+        _one_of(NODE_SOURCES),
+        f"is not a Node.js source; allowed: {', '.join(NODE_SOURCES)}",
+        "where Node.js comes from: `nodesource` (NodeSource's repository, any `nodeMajor`) or `distribution` (the OS's own"
+        " `nodejs` and `npm` packages: one major per release, e.g. 18 on Debian 12 and Ubuntu 24.04, 20 on Debian 13; a"
+        " `nodeMajor` it cannot give is refused, for a created server's `image` at preview, on any host by provisioning)",
+    ),
     Key("env", _object("an object of NAME: value"), {}, _env_map, doc="plain variables for `shared/.env`"),
     Key("secretEnv", _object("an object of NAME: value"), {}, _env_map, doc="**secret** variables for `shared/.env`"),
     Key(
@@ -802,6 +824,27 @@ def _cross_key_rules(v: dict[str, Any], config: str) -> None:
         raise _fail("acmeEmail", "is required with cognivern:domain on one server (Let's Encrypt account e-mail)")
     if v["appUser"] == v["sshUser"]:
         raise _fail("appUser", f"must differ from cognivern:sshUser ({v['sshUser']}): the deploy login has sudo, the app must not")
+    _distribution_node_rule(v, host is None and not hosts)
+
+
+def _distribution_node_rule(v: dict[str, Any], creates_server: bool) -> None:
+    """With nodeSource distribution, a created server's image decides the Node major (existing
+    hosts: provision.sh checks the host's own package)."""
+    if v["nodeSource"] != "distribution" or not creates_server or v["image"] not in DISTRIBUTION_NODE_MAJORS:
+        return
+    gives = DISTRIBUTION_NODE_MAJORS[v["image"]]
+    if gives < NODE_MAJORS[0]:
+        raise _fail(
+            "nodeSource",
+            f"is distribution, but image {v['image']} packages Node {gives}, older than the {NODE_MAJORS[0]} this program"
+            " supports; set cognivern:nodeSource to nodesource or choose a newer cognivern:image",
+        )
+    if v["nodeMajor"] != gives:
+        raise _fail(
+            "nodeMajor",
+            f"is {v['nodeMajor']}, but cognivern:nodeSource distribution on image {v['image']} gives Node {gives} (its nodejs"
+            f" package); set cognivern:nodeMajor to {gives}, or cognivern:nodeSource to nodesource",
+        )
 
 
 def _require_pins(settings: Settings) -> None:

@@ -246,12 +246,14 @@ def test_provision_keeps_shared_content(host: TargetHost, first_run: subprocess.
         (["--build-user", "Bad;x"], "--build-user must be"),
         (["--metadata-filter", "maybe"], "--metadata-filter must be yes or no"),
         (["--metadata-filter", "yes"], "--metadata-filter yes needs cognivern-metadata-filter and its unit on stdin"),
+        (["--node-source", "debian"], "--node-source must be nodesource or distribution"),
         (["--bogus", "1"], "unknown argument: --bogus"),
     ],
 )
 def test_provision_rejects_bad_arguments(host: TargetHost, first_run: object, args: list[str], message: str) -> None:
     base = {"--root": str(host.root) + "-bad", "--app-user": "cvtbad", "--build-user": "cvtbad-build", "--node-major": "20"}
-    base |= {"--ssh-user": "root", "--pm2-version": "7.0.4", "--pnpm-version": "9.15.9", "--metadata-filter": "no"}
+    base |= {"--node-source": "nodesource", "--ssh-user": "root"}
+    base |= {"--pm2-version": "7.0.4", "--pnpm-version": "9.15.9", "--metadata-filter": "no"}
     argv: list[str] = []
     for key, value in base.items():
         argv += [key, value]

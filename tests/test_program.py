@@ -113,7 +113,8 @@ def test_provision_command_carries_the_script_and_installs_the_release_tool() ->
     assert create.startswith("bash -c '#!/usr/bin/env bash")
     pins = pinned_versions()
     assert create.endswith(
-        " provision --root /opt/cognivern --app-user cognivern --build-user cognivern-build --node-major 22 --ssh-user root"
+        " provision --root /opt/cognivern --app-user cognivern --build-user cognivern-build --ssh-user root --node-major 22"
+        " --node-source nodesource"
         f" --pm2-version {pins['PM2_VERSION']} --pnpm-version {pins['PNPM_VERSION']} --metadata-filter no"
     )
     # the files as source text, each after its marker line: a diff shows what changed, line by line

@@ -26,7 +26,7 @@ import pytest
 
 from components.release import sha256_file
 from components.release.cognivern_release import facts
-from tests.support.helpers import http_get, http_post, wait_until
+from tests.support.helpers import UserCommandLines, http_get, http_post, wait_until
 from tests.support.release_host import (
     SECRET_VALUE,
     ReleaseHost,
@@ -117,6 +117,22 @@ def hammer(h: ReleaseHost, stop: threading.Event, results: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------ command line
+
+
+def test_the_app_user_runs_nothing_from_the_checkout(serving: ReleaseHost) -> None:
+    """What the tool has the app user run (PM2's CLI with the ecosystem file, the app) comes from the
+    host, and the tool is installed as provisioning installs it: a clone under a 0700 home or
+    `mktemp -d` is out of the app user's reach, and nothing the tool runs needs it."""
+    checkout = str(Path(__file__).resolve().parents[1])
+    with UserCommandLines(serving.user) as seen:
+        serving.ok("activate", "r2")
+    assert [line for line in seen.lines if "pm2" in line.lower() or "dist/index.js" in line], seen.lines  # control: seen
+    assert [line for line in seen.lines if checkout in line] == []  # (its working directory is the caller's, as over SSH)
+    launcher = serving.installed_tool.resolve()
+    assert not launcher.is_relative_to(checkout) and launcher.parent.parent.name == "cognivern-release"
+    for path in [launcher, *launcher.parent.rglob("*")]:
+        st = path.stat()
+        assert st.st_uid == 0 and st.st_mode & 0o004 and not st.st_mode & 0o022, path  # root's, readable by anyone
 
 
 def test_help_and_id_validation(host: ReleaseHost) -> None:

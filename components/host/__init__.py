@@ -86,11 +86,11 @@ def env_file(s: Settings) -> tuple[str, str, str]:
 def provision_args(s: Settings) -> list[str]:
     """provision.sh's arguments for these settings."""
     pins = pinned_versions()
-    account = ["--root", s.root, "--app-user", s.app_user, "--build-user", facts.build_user(s.app_user)]
-    account += ["--node-major", str(s.node_major), "--ssh-user", s.ssh_user]
-    # the metadata filter (components/server/metadata_filter.py) only where the program created the server
+    account = ["--root", s.root, "--app-user", s.app_user, "--build-user", facts.build_user(s.app_user), "--ssh-user", s.ssh_user]
+    node = ["--node-major", str(s.node_major), "--node-source", s.node_source]
     versions = ["--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
-    return [*account, *versions, "--metadata-filter", "yes" if s.creates_server else "no"]
+    # the metadata filter (components/server/metadata_filter.py) only where the program created the server
+    return [*account, *node, *versions, "--metadata-filter", "yes" if s.creates_server else "no"]
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Managed by cognivern-infra. Idempotent host preparation for the Cognivern backend (run as root).
 #
-#   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --build-user B --node-major N \
-#       --ssh-user S --pm2-version X.Y.Z --pnpm-version X.Y.Z --metadata-filter yes|no < bundle
+#   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --build-user B --ssh-user S \
+#       --node-major N --node-source nodesource|distribution --pm2-version X.Y.Z --pnpm-version X.Y.Z \
+#       --metadata-filter yes|no < bundle
 #
 # stdin (components.host.release_tool_bundle): files as text, each after a line "#--- PATH ---":
 # the server-side release tool (its launcher cognivern-release and its Python package
@@ -12,7 +13,7 @@
 # yes: servers the program creates, where Hetzner's metadata service exists; PM2's unit then requires
 # that unit). Every step prints one line, "ok (already)" or what it changed, so a re-run on a
 # prepared host changes nothing and says so.
-# Supported: Ubuntu 24.04, Debian 12. Nothing under R/shared is ever deleted.
+# Supported: Ubuntu 24.04, Debian 12 and 13. Nothing under R/shared is ever deleted.
 #
 # The app user is treated as hostile: the directories root works in (R, releases/, shared/,
 # cache/, backups/) belong to root; only the leaves the app writes (shared/data, shared/logs,
@@ -33,13 +34,14 @@
 set -euo pipefail
 umask 022
 
-script_init provision "usage: provision --root ABS_PATH --app-user USER --build-user USER --node-major N --ssh-user USER
-                 --pm2-version X.Y.Z --pnpm-version X.Y.Z --metadata-filter yes|no  (release tool bundle on stdin)"
+script_init provision "usage: provision --root ABS_PATH --app-user USER --build-user USER --ssh-user USER --node-major N
+                 --node-source nodesource|distribution --pm2-version X.Y.Z --pnpm-version X.Y.Z
+                 --metadata-filter yes|no  (release tool bundle on stdin)"
 
 # ---------------------------------------------------------------------------- arguments
-root="" app_user="" build_user="" node_major="" ssh_user="" pm2_version="" pnpm_version="" metadata_filter=""
-parse_options "--root --app-user --build-user --node-major --ssh-user --pm2-version --pnpm-version --metadata-filter" "$@"
-require_options root app_user build_user node_major ssh_user pm2_version pnpm_version metadata_filter
+root="" app_user="" build_user="" node_major="" node_source="" ssh_user="" pm2_version="" pnpm_version="" metadata_filter=""
+parse_options "--root --app-user --build-user --node-major --node-source --ssh-user --pm2-version --pnpm-version --metadata-filter" "$@"
+require_options root app_user build_user node_major node_source ssh_user pm2_version pnpm_version metadata_filter
 valid_abs_path "$root" || die "--root must be an absolute, normalised path such as /opt/cognivern, got '$root'"
 ! system_path "$root" || die "--root $root is a system directory (or inside one); use a directory of its own such as /opt/cognivern"
 # ROOT's parents must be root's alone: under a directory another user can write (a sticky /tmp
@@ -58,6 +60,7 @@ valid_user "$ssh_user" || die "--ssh-user must be a Linux user name (a-z 0-9 _ -
 valid_user "$build_user" || die "--build-user must be a Linux user name (a-z 0-9 _ -), got '$build_user'"
 case $build_user in root | "$app_user" | "$ssh_user") die "--build-user must be an account of its own, not root, the app or the SSH user" ;; esac
 [[ $node_major =~ ^[1-9][0-9]{0,2}$ ]] || die "--node-major must be a number such as 22, got '$node_major'"
+case "$node_source" in nodesource | distribution) ;; *) die "--node-source must be nodesource or distribution, got '$node_source'" ;; esac
 [[ $pm2_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pm2-version must be X.Y.Z, got '$pm2_version'"
 [[ $pnpm_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pnpm-version must be X.Y.Z, got '$pnpm_version'"
 [[ $metadata_filter =~ ^(yes|no)$ ]] || die "--metadata-filter must be yes or no, got '$metadata_filter'"
@@ -136,13 +139,16 @@ missing=()
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 # the release tool is Python (standard library: python3, not python3-minimal, which lacks json, tarfile and shlex)
 [ -x /usr/bin/python3 ] && pkg_installed "python3" || missing+=(python3)
-for pkg in curl ca-certificates gpg logrotate tar gzip util-linux; do
+wanted=(curl ca-certificates logrotate tar gzip util-linux)
+[ "$node_source" != nodesource ] || wanted+=(gpg) # only to check NodeSource's key
+for pkg in "${wanted[@]}"; do
     pkg_installed "$pkg" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -eq 0 ]; then
     say "packages: ok (already)"
 else
-    apt_install "${missing[@]}"
+    # What each needs, not what it suggests: gpg alone recommends 12 packages (gnupg, dirmngr, an agent).
+    apt_install --no-install-recommends "${missing[@]}"
     say "packages: installed ${missing[*]}"
 fi
 
@@ -195,14 +201,12 @@ readonly NODESOURCE_FPR=6F71F525282841EEDAF851B42F59B5F99B1BE0B4
 key_fingerprints() { # primary-key fingerprints of an armored key file, one a line
     gpg --batch --show-keys --with-colons "$1" 2>/dev/null | awk -F: '$1 == "pub" { want = 1 } $1 == "fpr" && want { print $10; want = 0 }'
 }
-node_version=$(node --version 2>/dev/null || true)
-if [[ $node_version == "v$node_major."* ]]; then
-    say "node: ok (already $node_version)"
-else
-    keyring=/etc/apt/keyrings/nodesource.asc
+nodesource_node() { # NodeSource's node_N.x repository, its key checked by fingerprint
+    local keyring=/etc/apt/keyrings/nodesource.asc
     install -d -m 0755 /etc/apt/keyrings
     if [ ! -s "$keyring" ]; then
-        curl -fsSL --retry 3 https://deb.nodesource.com/gpgkey/nodesource-repo.gpg.key -o "$tmpdir/nodesource.asc"
+        curl -fsSL --retry 3 https://deb.nodesource.com/gpgkey/nodesource-repo.gpg.key -o "$tmpdir/nodesource.asc" ||
+            die "cannot fetch NodeSource's key from https://deb.nodesource.com (cognivern:nodeSource nodesource); a host that cannot reach NodeSource can use cognivern:nodeSource distribution"
         grep -q 'BEGIN PGP PUBLIC KEY BLOCK' "$tmpdir/nodesource.asc" || die "NodeSource key download is not a PGP key"
         have_fpr=$(key_fingerprints "$tmpdir/nodesource.asc")
         [ "$have_fpr" = "$NODESOURCE_FPR" ] ||
@@ -224,10 +228,44 @@ Pin-Priority: 600
 EOF
     apt_get update # the new NodeSource source: its lists are not there yet
     apt_get install nodejs
+    node_from="NodeSource"
+}
+nodejs_candidate() { apt-cache policy nodejs 2>/dev/null | awk '$1 == "Candidate:" && $2 != "(none)" { print $2 }'; }
+distribution_node() { # the distribution's nodejs and npm: one major per release
+    local candidate major os removed=""
+    # A NodeSource repository from an earlier nodeSource would win over the distribution's package.
+    for f in /etc/apt/sources.list.d/nodesource.sources /etc/apt/preferences.d/nodesource; do
+        if [ -e "$f" ]; then
+            rm -f -- "$f"
+            removed=1
+        fi
+    done
+    candidate=$(nodejs_candidate)
+    if [ -z "$candidate" ] || [ -n "$removed" ]; then
+        apt_get update
+        candidate=$(nodejs_candidate)
+    fi
+    # shellcheck disable=SC1091 # the host's own
+    os=$(. /etc/os-release && echo "${PRETTY_NAME:-$ID}")
+    [ -n "$candidate" ] || die "$os has no nodejs package (cognivern:nodeSource distribution); set cognivern:nodeSource to nodesource"
+    major=${candidate#*:}
+    major=${major%%.*}
+    [ "$major" = "$node_major" ] ||
+        die "cognivern:nodeMajor is $node_major, but $os packages Node $major (nodejs $candidate; cognivern:nodeSource distribution); set cognivern:nodeMajor to $major, or cognivern:nodeSource to nodesource"
+    # Debian's npm recommends a compiler toolchain (node-gyp, build-essential): not for a server.
+    apt_get install --no-install-recommends --allow-downgrades "nodejs=$candidate" npm
+    node_from="the distribution (nodejs $candidate)"
+}
+node_version=$(node --version 2>/dev/null || true)
+if [[ $node_version == "v$node_major."* ]] && command -v npm >/dev/null 2>&1; then
+    say "node: ok (already $node_version)"
+else
+    "${node_source}_node"
     hash -r
     new_version=$(node --version 2>/dev/null || true)
-    [[ $new_version == "v$node_major."* ]] || die "node is ${new_version:-missing} after installing NodeSource node_${node_major}.x"
-    say "node: installed $new_version from NodeSource (was ${node_version:-none})"
+    [[ $new_version == "v$node_major."* ]] || die "node is ${new_version:-missing} after installing Node $node_major from $node_from"
+    command -v npm >/dev/null 2>&1 || die "npm is missing after installing Node $node_major from $node_from"
+    say "node: installed $new_version from $node_from (was ${node_version:-none})"
 fi
 
 # ---------------------------------------------------------------------------- app user
@@ -404,43 +442,28 @@ if units_wanted; then
     fi
     if [ "$units_changed" = 1 ] && systemd_running; then systemctl daemon-reload; fi
 fi
+# On a host whose app user runs no PM2 daemon yet (a new server), start the unit now, after its
+# drop-ins (scheduling policy, metadata filter first): the daemon the release tool then
+# use is systemd's (restarted if it dies) instead of one spawned inside the deploy's SSH session,
+# which came under systemd only at the first reboot.
+if systemd_running; then
+    if systemctl is-active --quiet "$pm2_unit"; then
+        say "pm2 daemon: ok (already running under $pm2_unit)"
+    elif pgrep -u "$app_user" -f '^PM2 v[0-9.]+: God Daemon' >/dev/null; then
+        say "pm2 daemon: ok (left running; it comes under $pm2_unit at the next boot)"
+    else
+        systemctl start "$pm2_unit"
+        say "pm2 daemon: started $pm2_unit"
+    fi
+fi
 
 # ---------------------------------------------------------------------------- release tool
-# Installed as $LIB/<digest of the bundle>/ (made aside, then renamed into place); $LIB/current is
-# pointed at it, and $BIN_DIR/cognivern-release at its launcher, each in one rename: a reader sees
-# the old tool or the new one, never a mix, and a running activation keeps its version (the
-# launcher resolves `current` once). The version before stays; older ones go.
-install_release_tool() { # directory holding cognivern-release and cognivern_release/
-    local lib digest stage link="../lib/cognivern-release/current/cognivern-release" old
-    lib="$(dirname "$bin_dir")/lib/cognivern-release"
-    digest=$(cd "$1" && find cognivern-release cognivern_release -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
-    if [ "$(readlink "$lib/current" 2>/dev/null)" = "$digest" ] && [ -d "$lib/$digest" ] &&
-        [ "$(readlink "$bin_dir/cognivern-release" 2>/dev/null)" = "$link" ]; then
-        say "release tool: ok (already $digest)"
-        return
-    fi
-    install -d -m 0755 "$bin_dir" "$lib"
-    if [ ! -d "$lib/$digest" ]; then
-        [ "$(head -c 2 "$1/cognivern-release")" = '#!' ] || die "the release tool on stdin has no launcher (cognivern-release, starting with #!)"
-        stage=$(mktemp -d "$lib/.stage.XXXXXX")
-        cp -R -- "$1/cognivern-release" "$1/cognivern_release" "$stage/"
-        chown -R root:root "$stage" # made here, in root's $lib: nobody else can reach it
-        find "$stage" -type d -exec chmod 0755 {} + -o -type f -exec chmod 0644 {} +
-        chmod 0755 "$stage/cognivern-release"
-        mv -T "$stage" "$lib/$digest"
-    fi
-    ln -sfn "$digest" "$lib/.current.new" && mv -T "$lib/.current.new" "$lib/current"
-    ln -sfn "$link" "$bin_dir/.cognivern-release.new" && mv -T "$bin_dir/.cognivern-release.new" "$bin_dir/cognivern-release"
-    rm -f -- "$bin_dir/cognivern-pm2.cjs" # the Node helper of the bash tool: its work is in the package now
-    find "$lib" -mindepth 1 -maxdepth 1 -type d ! -name "$digest" ! -name '.stage.*' -printf '%T@ %f\n' | sort -rn | tail -n +2 |
-        while read -r _ old; do rm -rf -- "${lib:?}/$old"; done
-    say "release tool: installed $digest ($bin_dir/cognivern-release)"
-}
+# (install_release_tool: lib.sh)
 /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "the release tool needs Python 3.11 or newer (/usr/bin/python3)"
 if [ ! -s "$bundle/cognivern-release" ]; then
     say "release tool: skipped (nothing on stdin)"
 else
-    install_release_tool "$bundle"
+    install_release_tool "$bundle" "$bin_dir"
 fi
 
 # ---------------------------------------------------------------------------- logrotate

@@ -31,7 +31,8 @@ _Dumper.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:
 
 
 def render_user_data(private_key: str, public_key: str) -> str:
-    """The cloud-config of a created server: cloud-init.yaml, the metadata filter's bootcmd, the host key."""
+    """The cloud-config of a created server: cloud-init.yaml, the metadata filter's bootcmd, the host key
+    (the pristine-host tests boot a Debian root with exactly this, through cloud-init's NoCloud datasource)."""
     filter_block = yaml.dump({"bootcmd": bootcmd()}, Dumper=_Dumper, width=4096, sort_keys=False)
     return user_data_with_host_key(CLOUD_INIT.read_text().rstrip("\n") + "\n" + filter_block, private_key, public_key)
 

@@ -10,12 +10,14 @@ import contextlib
 import fcntl
 import functools
 import os
+import pwd
 import random
 import signal
 import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -210,3 +212,42 @@ class DisposableHost:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.cleanup()
+
+
+class UserCommandLines:
+    """Every command line a `user`'s processes had while the block ran, from /proc.
+
+        with UserCommandLines(app_user) as seen:
+            ...activate a release...
+        assert not [line for line in seen.lines if str(REPO) in line]
+
+    Sampled every 50 ms, so a process that lives at least that long is seen (the tool's slot watcher
+    lives for the whole health wait and bake).
+    """
+
+    def __init__(self, user: str) -> None:
+        self.uid = pwd.getpwnam(user).pw_uid
+        self.lines: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if proc.stat().st_uid != self.uid:
+                    continue
+                self.lines.add((proc / "cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace"))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -43,6 +43,8 @@ PLUGINS = ("pulumi", "pulumi-language-python", "pulumi-language-python-exec", "p
 PASSPHRASE = "real engine test passphrase (test only)"
 PROGRAM_FILES = ("Pulumi.yaml", "__main__.py", ".env.example")  # copied: the project dir is the program's PROJECT_DIR
 LINKED = ("components", "scripts", "tools", ".tools", "venv")  # linked: read-only parts of the checkout
+# The project file of a tiny program (RealEngine(program=...)): this repository's runtime and venv, no config declared.
+TINY_PROJECT = "name: cognivern\nruntime:\n  name: python\n  options:\n    toolchain: pip\n    virtualenv: venv\n"
 # The engine's resource operations as the report names them: a replacement is one "replace" step for
 # the new copy and a "delete" of the old one (logged later), the logical "replace" marker is dropped.
 OPS = {"create-replacement": "replace", "delete-replaced": "delete", "replace": None}
@@ -339,7 +341,9 @@ class Running:
 class RealEngine:
     """One stack of this repository's program on a private project directory and `file://` backend."""
 
-    def __init__(self, workdir: Path, *, stack: str = "test", timeout: float = 900) -> None:
+    def __init__(self, workdir: Path, *, stack: str = "test", timeout: float = 900, program: str | None = None) -> None:
+        """`program`: the text of a tiny `__main__.py` to run instead of this repository's program
+        (a project of its own, named like ours so its config keys are `cognivern:*`, none declared)."""
         self.workdir = Path(workdir)
         self.project = self.workdir / "project"
         self.state_dir = self.workdir / "state"
@@ -347,8 +351,12 @@ class RealEngine:
         self.timeout = timeout
         self.env = engine_env(self.workdir / "pulumi-home", self.state_dir)
         self.project.mkdir(parents=True)
-        for name in PROGRAM_FILES:
-            shutil.copy(REPO / name, self.project / name)
+        if program is None:
+            for name in PROGRAM_FILES:
+                shutil.copy(REPO / name, self.project / name)
+        else:
+            (self.project / "Pulumi.yaml").write_text(TINY_PROJECT)
+            (self.project / "__main__.py").write_text(program)
         for name in LINKED:
             (self.project / name).symlink_to(REPO / name)
         self._applied: dict[str, tuple[str, bool]] = {}  # key -> (raw value, secret) as last set

@@ -3,7 +3,8 @@
 `ReleaseHost` lays out a temp ROOT the way provisioning does, renders conf/ecosystem/.env with
 components.render from a real `Settings`, gives PM2 a private home (PM2_HOME in cognivern.conf),
 puts a private nginx in front of the two slots (the rendered site on `front_port`, the upstream
-file the tool switches), and runs the tool. `url()` goes through nginx, as clients do.
+file the tool switches), installs the tool into a bin dir of its own as provisioning installs it
+(`install_release_tool`), and runs it from there. `url()` goes through nginx, as clients do.
 Used by tests/test_release_tool.py and bench/release_bench.py.
 """
 
@@ -25,9 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.host import env_file
+from components.host import env_file, release_tool_files
+from components.release import TOOL as TOOL_NAME
 from components.release import sha256_file
 from components.release.cognivern_release import facts
+from components.release.cognivern_release.facts import shell_prelude
+from components.remote import LIB
 from components.render import (
     NginxTarget,
     render_ecosystem,
@@ -89,6 +93,33 @@ def read_state(root: Path) -> dict[str, Any]:
     return state
 
 
+def install_release_tool(tool: Path, base: Path) -> Path:
+    """The release tool installed under `base` as provision.sh installs it on a server (lib.sh's
+    install_release_tool: base/lib/cognivern-release/<digest>/, root's, base/bin/cognivern-release
+    linking to its launcher); the installed command. The tool's files come from
+    components.host.release_tool_files, as provisioning's stdin carries them; nothing is run from
+    the checkout, which may sit where other users cannot enter (a clone under a 0700 home).
+    An older bash tool (bench/release_designs.py's baseline) is copied with its Node helper beside it."""
+    bin_dir = base / "bin"
+    bin_dir.mkdir(mode=0o755, exist_ok=True)
+    if tool.suffix == ".sh":
+        for source, mode in ((tool, 0o755), (tool.parent / "cognivern-pm2.cjs", 0o644)):
+            dest = bin_dir / (TOOL_NAME if source == tool else source.name)
+            if source.exists():
+                shutil.copyfile(source, dest)
+                os.chown(dest, 0, 0)
+                dest.chmod(mode)
+        return bin_dir / TOOL_NAME
+    files = base / "tool-files"
+    for name, text in release_tool_files():
+        (files / name).parent.mkdir(parents=True, exist_ok=True)
+        (files / name).write_text(text)
+    script = f"{LIB.read_text()}\n{shell_prelude()}script_init install-tool ''\ninstall_release_tool \"$1\" \"$2\"\n"
+    subprocess.run(["bash", "-c", script, "install-tool", str(files), str(bin_dir)], check=True, capture_output=True)
+    shutil.rmtree(files)
+    return bin_dir / TOOL_NAME
+
+
 def unique_app_user() -> str:
     """A fresh test-only user name: ReleaseHosts of concurrent test runs never share a user or its processes."""
     return f"cgvr{uuid.uuid4().hex[:8]}"
@@ -127,13 +158,17 @@ class ReleaseHost(DisposableHost):
     port: int = field(default_factory=free_port_pair)
     extra_config: Mapping[str, str] = field(default_factory=dict)
     root: Path = field(init=False)
+    bin_dir: Path = field(init=False)  # where the tool is installed: bin/, lib/ (install_release_tool)
+    installed_tool: Path = field(init=False)
     nginx: PrivateNginx = field(init=False)
     pm2_home: Path = field(init=False)
     settings: Settings = field(init=False)
-    tool = TOOL  # the release tool it runs (bench/release_bench.py gives one from an older commit)
+    tool = TOOL  # the release tool it installs and runs (bench/release_bench.py gives one from an older commit)
 
     def __post_init__(self) -> None:
         self.root = root_base("cgv_root_")
+        self.bin_dir = root_base("cgv_bin_")
+        self.installed_tool = install_release_tool(self.tool, self.bin_dir)
         self.pm2_home = self.root / "pm2-home"
         self._upstreams: dict[Path, str] = {}
         self.nginx = PrivateNginx()
@@ -225,15 +260,11 @@ class ReleaseHost(DisposableHost):
         return self.port if slot == "blue" else self.port + 1
 
     # -- the tool ------------------------------------------------------------------------
-    def argv(self) -> list[str]:
-        """How the tool runs: this checkout's launcher as it is (python3 -I), an older bash tool with bash."""
-        return ["bash", str(self.tool)] if self.tool.suffix == ".sh" else [str(self.tool)]
-
     def run(
         self, *args: str, timeout: float = 120, env: Mapping[str, str] | None = None, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*self.argv(), "--root", str(self.root), *args],
+            [str(self.installed_tool), "--root", str(self.root), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -244,7 +275,7 @@ class ReleaseHost(DisposableHost):
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [*self.argv(), "--root", str(self.root), *args],
+            [str(self.installed_tool), "--root", str(self.root), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -348,5 +379,6 @@ class ReleaseHost(DisposableHost):
         self.stop_pm2()
         self.nginx.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.bin_dir, ignore_errors=True)
 
     stop = cleanup
