@@ -114,7 +114,7 @@ def install_release_tool(tool: Path, base: Path) -> Path:
     for name, text in release_tool_files():
         (files / name).parent.mkdir(parents=True, exist_ok=True)
         (files / name).write_text(text)
-    script = f"{LIB.read_text()}\n{shell_prelude()}script_init install-tool ''\ninstall_release_tool \"$1\" \"$2\"\n"
+    script = f'{LIB.read_text()}\n{shell_prelude()}script_init install-tool \'\'\ninstall_release_tool "$1" "$2"\n'
     subprocess.run(["bash", "-c", script, "install-tool", str(files), str(bin_dir)], check=True, capture_output=True)
     shutil.rmtree(files)
     return bin_dir / TOOL_NAME
