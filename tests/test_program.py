@@ -15,8 +15,8 @@ from pulumi import RunError
 
 from components import remote
 from components.host import pinned_versions
-from components.release import ArtifactError, resolve_artifact
 from components.release.cognivern_release import facts
+from components.release.component import ArtifactError, resolve_artifact
 from components.render import HOST_DIR
 from tests.support.program import DefaultMocks, Registration, is_secret, run_program, unsecret
 

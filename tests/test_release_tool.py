@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.release import sha256_file
 from components.release.cognivern_release import facts
+from components.release.component import sha256_file
 from tests.support.helpers import UserCommandLines, http_get, http_post, wait_until
 from tests.support.release_host import (
     SECRET_VALUE,

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from components.host import env_file, release_tool_files
-from components.release import TOOL as TOOL_NAME
-from components.release import sha256_file
 from components.release.cognivern_release import facts
 from components.release.cognivern_release.facts import shell_prelude
+from components.release.component import TOOL as TOOL_NAME
+from components.release.component import sha256_file
 from components.remote import LIB
 from components.render import (
     NginxTarget,
