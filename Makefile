@@ -5,22 +5,31 @@ VENV := venv
 STACK ?= prod
 
 .DEFAULT_GOAL := help
-.PHONY: help init deploy preview test lint bench cli-check stack-check pulumi-tools
+.PHONY: help init deploy preview test lint bench cli-check stack-check pulumi-tools lock pristine-roots
 
 ## list the targets
 help:
 	@awk '/^## /{doc=substr($$0,4); next} /^[a-z][a-z-]*:/{if(doc!=""){split($$0,t,":"); printf "  make %-10s %s\n", t[1], doc}; doc=""}' $(MAKEFILE_LIST)
 	@echo "  (STACK=$(STACK); see README.md for the first deploy: make init, then make deploy)"
 
-# The deploy needs only the program's runtime (requirements.txt); the dev tools are for `make test`.
-$(VENV)/.runtime: requirements.txt
+# The deploy needs only the program's runtime; the dev tools are for `make test`. Both install the
+# hash-locked files `make lock` writes from requirements*.txt: every package, the transitive ones
+# too, at one version, and pip refuses any download whose hash is not in the lock.
+$(VENV)/.runtime: requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.runtime requirements-dev.txt
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+$(VENV)/.installed: $(VENV)/.runtime requirements-dev.lock
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
 	touch $@
+
+# One resolution for every Python from 3.11 on (README: Python 3.11+) and every platform.
+LOCK = $(VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock"
+## requirements.lock and requirements-dev.lock (every dependency, with hashes) from requirements*.txt: run after editing those
+lock: $(VENV)/.installed
+	$(LOCK) --output-file requirements.lock requirements.txt
+	$(LOCK) --constraints requirements.lock --output-file requirements-dev.lock requirements-dev.txt
 
 ## the Pulumi CLI: installs the pinned one (tools/pulumi/VERSION) into .tools/bin when missing or too old
 cli-check:
@@ -61,10 +70,16 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.release_bench --out reports/release-bench.json
 	$(VENV)/bin/python -m bench.engine_bench --out reports/engine-bench.json
+	$(VENV)/bin/python -m bench.engine_phases --out reports/engine-phases.json
 	$(VENV)/bin/python -m bench.change_bench --out reports/change-bench.json
 	$(VENV)/bin/python -m bench.cluster_policy --out reports/cluster-policy.json
 	$(VENV)/bin/python -m bench.provision_rerun --out reports/provision-rerun.json
 	$(VENV)/bin/python -m bench.pm2_calls --out reports/pm2-calls.json
+	$(VENV)/bin/python -m bench.pristine_bench --out reports/pristine-bench.json
+
+## the pristine Debian roots (bookworm, trixie) the pristine-host tests boot, built with debootstrap (cached per recipe)
+pristine-roots: $(VENV)/.installed
+	$(VENV)/bin/python -m tests.support.pristine_host build bookworm trixie
 
 # The CLI from Go modules; pulumi-resource-command and the Python language host from their source tarballs in
 # ../shared/third_party (or COGNIVERN_THIRD_PARTY). Users need none of it: the official CLI does this (README).

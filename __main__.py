@@ -15,11 +15,10 @@ from pulumi.runtime.config import is_config_secret
 
 from components.envfile import drift_warnings, load_env_example
 from components.host import Host, HostArgs
-from components.release import ArtifactError, Release, ReleaseArgs, resolve_artifact, rolling_activation
+from components.release.component import ArtifactError, Release, ReleaseArgs, resolve_artifact, rolling_activation
 from components.security import security_warnings
 from components.settings import NAMESPACE, ConfigError, parse_settings
 from components.shutdown import exit_quietly_on_interrupt
-from components.tool import ReleaseTool, ReleaseToolArgs
 from components.topology import connection_to, known_hosts, node_names, ssh_command, topology
 
 exit_quietly_on_interrupt()  # a failed step reads as its own error, not as a traceback (components/shutdown.py)
@@ -44,21 +43,16 @@ servers = topology(name, settings, labels)
 addresses = servers.addresses
 
 
-# Per server: its Host (the machine and the app's runtime files), its ReleaseTool (the tool and its
-# config) and its Release. Server 1 of a one-server stack keeps today's names (`{name}`,
-# `{name}-release`); otherwise server i is `{name}-{i}`, `{name}-{i}-release`. Server 1's components
-# carry the other spelling as an alias (children follow their parent's), so a stack that grows to
-# several servers, or shrinks back to one, keeps server 1's state: nothing runs there again.
+# Per server: its Host (the machine, the release tool and its config, the app's runtime files) and
+# its Release. Server 1 of a one-server stack keeps today's names (`{name}`, `{name}-release`);
+# otherwise server i is `{name}-{i}`, `{name}-{i}-release`. Server 1's components carry the other
+# spelling as an alias (children follow their parent's), so a stack that grows to several servers,
+# or shrinks back to one, keeps server 1's state: nothing runs there again.
 nodes = node_names(name, settings)
 releases: list[Release] = []
 for node, address, pin, server_id in zip(nodes.names, addresses, servers.pins, servers.server_ids, strict=True):
     connection = connection_to(settings, address, pin)
     host = Host(node, HostArgs(connection=connection, settings=settings), pulumi.ResourceOptions(aliases=nodes.aliases(node)))
-    tool = ReleaseTool(
-        f"{node}-tool",
-        ReleaseToolArgs(connection=connection, settings=settings, after=[host.provision], conf_was_under=host),
-        pulumi.ResourceOptions(aliases=nodes.aliases(f"{node}-tool")),
-    )
     releases.append(
         Release(
             f"{node}-release",
@@ -69,7 +63,7 @@ for node, address, pin, server_id in zip(nodes.names, addresses, servers.pins, s
                 keep_releases=settings.keep_releases,
                 artifact=artifact,
                 sudo=settings.ssh_user != "root",
-                depends_on=[*host.ready, *tool.ready],
+                depends_on=host.ready,
                 server_id=server_id,
                 install_first=len(nodes.names) > 1,
             ),

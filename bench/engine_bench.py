@@ -2,10 +2,11 @@
 
     venv/bin/python -m bench.engine_bench [--repeat 3] [--out reports/engine-bench.json] [--budget 1200]
 
-Runs as root on loopback only. The real `__main__.py` is driven by the test-only engine stand-in
-(tests/engine, `Engine.up`) over real OpenSSH against a disposable TargetHost (private sshd, private
-nginx, temp ROOT, unique app user), with the stack config and fixture artifacts built exactly as
-tests/test_scenarios.py builds them (its `Stack` is imported). The host is prepared and the base
+Runs as root on loopback only. The real `__main__.py` is deployed by the real engine
+(tests/support/real_engine.py: the Pulumi CLI, the Python language host, pulumi-resource-command)
+over real OpenSSH against a disposable TargetHost (private sshd, private nginx, temp ROOT, unique
+app user), with the stack config and fixture artifacts built exactly as
+tests/support/stack.py builds them (TargetStack). The host is prepared and the base
 release deployed once ("first deploy": timed, no load); then, with 8 concurrent HTTP clients on
 GET /release through the host's nginx:
   a  `pulumi up` of a new release (config change: release + artifact)
@@ -50,8 +51,8 @@ from bench.harness import median
 from bench.release_bench import CLIENTS, Load
 from components.settings import Settings
 from tests.support.real_engine import RunReport
+from tests.support.stack import TargetStack
 from tests.support.target_host import SYSTEM_PATH, TargetHost
-from tests.test_scenarios import Stack
 
 SCENARIOS = ("a", "b", "c", "c2", "c3")
 TITLES = {
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: SshDocProcedure | None = None
     try:
         host.start()
-        stack = Stack(host, tmp)
+        stack = TargetStack(host, tmp, secretEnv={"FIXTURE_ECHO": "bench"})
         load_url = host.nginx.url("/release")
 
         def serving() -> str | None:
@@ -321,8 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         # -- the same `pulumi up` with an empty pnpm store (no load; only the install step is quoted)
         for i in range(args.repeat):
             check_budget()
-            shutil.rmtree(host.root / "cache" / "pnpm-store", ignore_errors=True)
-            shutil.rmtree(host.app_home / ".cache" / "pnpm", ignore_errors=True)
+            shutil.rmtree(host.root / "cache" / "build" / "work", ignore_errors=True)  # the build account's store and HOME
             rid = f"eb-fresh{i}"
             report = stack.up(release=rid, artifact=stack.artifact(rid), check=False)
             if not report.ok:
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "clients": CLIENTS,
         "repeat": args.repeat,
-        "path": "engine stand-in (tests/engine) running __main__.py over OpenSSH against a TargetHost",
+        "path": "the real pulumi up (CLI, language host, pulumi-command) of __main__.py over OpenSSH against a TargetHost",
         "doc_health_loop": {"retries": DOC_RETRIES, "sleep_seconds": DOC_SLEEP, "document_sleep_seconds": 5},
         "healthy_seconds": "a/b: first response from the requested release after the command started; "
         "c/c2/c3: when the last failed request was sent, after the start (0: never down)",
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         ["install step, empty store (no load)", harness.fmt(installs["fresh"], " s"), ""],
     ]
     harness.print_table(
-        ["scenario", "pulumi up (engine stand-in, SSH)", "document procedure over SSH (sleep 1 s)"],
+        ["scenario", "pulumi up (real engine, SSH)", "document procedure over SSH (sleep 1 s)"],
         rows,
         title=f"Engine-path benchmark: {CLIENTS} clients through the host's nginx, medians of {args.repeat} runs"
         "\n(failed / requests, run wall time, time to healthy: a/b first response from the new release,"

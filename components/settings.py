@@ -14,11 +14,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from components.release.cognivern_release import facts
+from components.release.cognivern_release.facts import (
+    BAKE_SECONDS,
+    ENV_KEY_RE,
+    HEALTH_PATH_RE,
+    RELEASE_ID_RE,
+    SHA256_RE,
+    USER_RE,
+    abs_path,
+    system_path,
+)
+
 NAMESPACE = "cognivern"
 
-RELEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
 APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z"
@@ -27,7 +36,6 @@ SERVER_NAME_RE = re.compile(r"^(_|\*?[A-Za-z0-9.-]{1,253})\Z")
 LISTEN_RE = re.compile(r"^((\d{1,3}(\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):)?\d{1,5}\Z")
 SERVER_TYPE_RE = re.compile(r"^[a-z]{2,4}\d{1,3}\Z")
 IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}\Z)({_LABEL}\.)+{_LABEL}\Z")
 EMAIL_RE = re.compile(rf"^(?=.{{1,254}}\Z)[A-Za-z0-9._%+-]+@({_LABEL}\.)+{_LABEL}\Z")
@@ -36,13 +44,8 @@ LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 HOST_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( [^\x00-\x1f\x7f]*)?\Z")
 PUBLIC_KEY_RE = HOST_KEY_RE
 ROOT_CHARS_RE = re.compile(r"^[A-Za-z0-9/._-]+\Z")
-HEALTH_PATH_RE = re.compile(r"^/[A-Za-z0-9/._-]*\Z")
 ARTIFACT_URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d+)?/[A-Za-z0-9._~/%+-]*\Z")
 
-# Seconds a switched release is watched (health, PM2 restarts) with the previous slot still warm: long
-# enough for a crash loop that starts ~10 s after boot (the issue's measured case) and a few health
-# polls after it; short enough that a 3-server rollout stays under 3 minutes of bake.
-BAKE_SECONDS = 30
 LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
 # Hetzner network zones: a private network's subnet must be in the zone of the servers' location.
 NETWORK_ZONES = {
@@ -58,28 +61,12 @@ MAX_SERVERS = 10
 DEPRECATED_SERVER_TYPES = frozenset(
     {"cx11", "cx21", "cx31", "cx41", "cx51", "cx22", "cx32", "cx42", "cx52"} | {"cpx11", "cpx21", "cpx31", "cpx41", "cpx51"}
 )
-# `root` may not be one of these trees or anything inside them (root chowns and prunes under it)...
-SYSTEM_TREES = (
-    "/bin",
-    "/boot",
-    "/dev",
-    "/etc",
-    "/home",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    "/libx32",
-    "/proc",
-    "/root",
-    "/run",
-    "/sbin",
-    "/sys",
-    "/usr",
-)
-# ...nor one of these shared parents itself (a directory of its own inside them is fine).
-SYSTEM_PARENTS = frozenset(
-    {"/opt", "/srv", "/tmp", "/var", "/var/lib", "/var/log", "/var/cache", "/var/tmp", "/var/www", "/mnt", "/media", "/snap"}
-)
+# Sticky, world-writable directories: every local user may create names in them and the system's
+# temp cleanup (systemd-tmpfiles) deletes what has not changed for a while, so another user could
+# create ROOT first and the cleanup could delete releases and data. `root` may not be in one.
+# These are the ones every Debian/Ubuntu server has; provision.sh refuses any other such directory
+# on the server (a ROOT with an ancestor that is not root's or that others can write).
+SHARED_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/shm", "/run/lock", "/var/lock", "/var/crash", "/dev/mqueue")
 # Accounts of the base system and of common services: the app (hostile by assumption) must never
 # become one of them. provision.sh also refuses any existing account it did not create for the app.
 SYSTEM_ACCOUNTS = frozenset(
@@ -93,6 +80,17 @@ SYSTEM_ACCOUNT_PREFIXES = ("systemd-", "_")
 # corepack, so Node 25+ (no corepack) works too; the bound keeps out typos such as 222 and majors
 # NodeSource does not publish yet.
 NODE_MAJORS = (18, 26)
+# Where the server's Node.js comes from (cognivern:nodeSource): NodeSource's repository (any major
+# of NODE_MAJORS; Hetzner servers reach it) or the distribution's own nodejs and npm packages (one
+# major per release; for hosts that cannot reach NodeSource, or operators who prefer the
+# distribution's security updates).
+NODE_SOURCES = ("nodesource", "distribution")
+# The major of each image's own nodejs package (checked 2026-12 in the archives' package lists):
+# Debian 12 (bookworm) 18.20.4, Debian 13 (trixie) 20.19.2 (both installed by the pristine-host
+# tests), Ubuntu 24.04 (noble, universe) 18.19.1, Ubuntu 22.04 (jammy, universe) 12.22.9. Only a
+# created server's image is known before the server exists: provision.sh checks any host's own
+# package (apt-cache policy) and refuses a nodeMajor it cannot give.
+DISTRIBUTION_NODE_MAJORS = {"debian-12": 18, "debian-13": 20, "ubuntu-22.04": 12, "ubuntu-24.04": 18}
 # Keys the program writes into shared/.env itself; `env`/`secretEnv` may not override them.
 RESERVED_ENV_KEYS = frozenset({"PORT", "HOST", "AGENTS_ENABLED"})
 # The app binds to loopback (nginx is its only client), when it honours HOST.
@@ -155,6 +153,7 @@ class Settings:
     frame_policy: str = "same-origin"
     bake_seconds: int = BAKE_SECONDS
     keep_previous_warm: bool = False
+    node_source: str = "nodesource"
     warnings: tuple[str, ...] = ()
     stack: str = "STACK"
 
@@ -419,21 +418,17 @@ def _listen(raw: Any, message: str) -> tuple[str, ...]:
     return listen
 
 
-def _normalised(path: str) -> bool:
-    return path.startswith("/") and posixpath.normpath(path) == path and path != "/" and "//" not in path
-
-
-def abs_path(path: str) -> bool:
-    """An absolute, normalised path of conservative characters: what lib.sh's valid_abs_path accepts
-    (tests/test_validators_agree.py feeds both the same values)."""
-    return _normalised(path) and ROOT_CHARS_RE.fullmatch(path) is not None
-
-
 def _root(value: str, _message: str) -> str:
-    if not _normalised(value):
-        raise _RuleError(f"{value!r} must be an absolute, normalised path such as /opt/cognivern (no trailing '/', '..' or '//')")
-    if not ROOT_CHARS_RE.fullmatch(value):
+    if not abs_path(value):  # the rule (facts.abs_path); the two messages say which part of it failed
+        if not (value.startswith("/") and posixpath.normpath(value) == value and value != "/" and "//" not in value):
+            raise _RuleError(f"{value!r} must be an absolute, normalised path such as /opt/cognivern (no trailing '/', '..' or '//')")
         raise _RuleError(f"{value!r} may contain only letters, digits, '/', '.', '_' and '-'")
+    temp = shared_temp_dir(value)
+    if temp is not None:
+        raise _RuleError(
+            f"{value!r} is {temp} or inside it, which every local user can write (sticky, world-writable): another user could create it"
+            " first, and temp cleanup deletes old files there; use a directory of its own such as /opt/cognivern"
+        )
     if system_path(value):
         raise _RuleError(
             f"{value!r} is a system directory (or inside one); use a directory of its own such as /opt/cognivern or /srv/cognivern"
@@ -593,14 +588,16 @@ KEYS: tuple[Key, ...] = (
     Key(
         "root",
         _string(),
-        "/opt/cognivern",
+        facts.ROOT,
         _root,
-        doc="app root on the server (absolute, normalised; not a system directory such as `/etc`, `/usr`, `/home/...`, `/var/lib`)",
+        doc="app root on the server (absolute, normalised; not a system directory such as `/etc`, `/usr`, `/home/...`, `/var/lib`,"
+        " nor inside one every user can write such as `/tmp`, `/var/tmp`, `/dev/shm`; provisioning refuses it below any directory"
+        " that is not root's alone)",
     ),
     Key(
         "appUser",
         _string(),
-        "cognivern",
+        facts.APP_USER,
         _app_user,
         f"{USER_NAME}, not root",
         "unprivileged account that runs PM2 and the app (not root, not `sshUser`, not a system account; see *Who owns what*)",
@@ -608,7 +605,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "appName",
         _string(),
-        "cognivern-agent",
+        facts.APP_NAME,
         APP_NAME_RE,
         "1-64 characters from A-Z a-z 0-9 . _ -",
         "PM2 app name prefix: the app runs as `<appName>-blue` and `<appName>-green` (see *Blue/green activation*)",
@@ -616,12 +613,22 @@ KEYS: tuple[Key, ...] = (
     Key(
         "port",
         _integer(1, 65534),  # the green slot listens on port+1
-        3000,
+        facts.PORT,
         doc="app port on 127.0.0.1 (1–65534): the blue slot listens on it, the green slot on `port`+1; written as `PORT` into"
         " `shared/.env` (with `HOST=127.0.0.1`, so an app that honours HOST binds to loopback only), each slot's own `PORT` overrides it",
     ),
     Key("instances", _integer(1, 64), 1, doc="PM2 cluster instances"),
     Key("nodeMajor", _integer(*NODE_MAJORS), 22, doc="Node.js major version, 18-26 (skipped when already installed)"),
+    Key(
+        "nodeSource",
+        _string(),
+        "nodesource",
+        _one_of(NODE_SOURCES),
+        f"is not a Node.js source; allowed: {', '.join(NODE_SOURCES)}",
+        "where Node.js comes from: `nodesource` (NodeSource's repository, any `nodeMajor`) or `distribution` (the OS's own"
+        " `nodejs` and `npm` packages: one major per release, e.g. 18 on Debian 12 and Ubuntu 24.04, 20 on Debian 13; a"
+        " `nodeMajor` it cannot give is refused, for a created server's `image` at preview, on any host by provisioning)",
+    ),
     Key("env", _object("an object of NAME: value"), {}, _env_map, doc="plain variables for `shared/.env`"),
     Key("secretEnv", _object("an object of NAME: value"), {}, _env_map, doc="**secret** variables for `shared/.env`"),
     Key(
@@ -630,16 +637,33 @@ KEYS: tuple[Key, ...] = (
         False,
         doc="run `dist/services/AutomatedForecastingService.js` as PM2 app `forecasting-agent`, and set `AGENTS_ENABLED`",
     ),
-    Key("keepReleases", _integer(2, 100), 5, doc="releases kept on the server (≥ 2; current and previous are never pruned)"),
+    Key(
+        "keepReleases",
+        _integer(facts.MIN_KEEP_RELEASES, 100),
+        facts.KEEP_RELEASES,
+        doc="releases kept on the server (≥ 2; current and previous are never pruned)",
+    ),
     Key(
         "dataBackupsKeep",
         _integer(0, 100),
-        5,
+        facts.DATA_BACKUPS_KEEP,
         doc="`shared/data` backups kept (one before every activation that starts a release; a warm switch starts nothing"
         " and takes none; 0 disables)",
     ),
-    Key("healthPath", _string(), "/health", HEALTH_PATH_RE, "a URL path such as /health", 'must answer `{"status":"ok",...}`'),
-    Key("healthTimeout", _integer(1, 600), 25, doc="seconds a new release has to become healthy in its slot before it is refused"),
+    Key(
+        "healthPath",
+        _string(),
+        facts.HEALTH_PATH_DEFAULT,
+        HEALTH_PATH_RE,
+        "a URL path such as /health",
+        'must answer `{"status":"ok",...}`',
+    ),
+    Key(
+        "healthTimeout",
+        _integer(1, 600),
+        facts.HEALTH_TIMEOUT,
+        doc="seconds a new release has to become healthy in its slot before it is refused",
+    ),
     Key(
         "bakeSeconds",
         _integer(0, 3600),
@@ -743,14 +767,9 @@ def _holds_secret(raw: str | None) -> bool:
         return True
 
 
-def system_path(path: str) -> bool:
-    """True for a path root would take over to its harm: a system tree, or one of the shared parents.
-
-    provision.sh refuses the same list (tests feed both the same table).
-    """
-    if path in SYSTEM_PARENTS:
-        return True
-    return any(path == tree or path.startswith(tree + "/") for tree in SYSTEM_TREES)
+def shared_temp_dir(path: str) -> str | None:
+    """The sticky, world-writable directory `path` is in (or is), if any (SHARED_TEMP_DIRS)."""
+    return next((d for d in SHARED_TEMP_DIRS if path == d or path.startswith(d + "/")), None)
 
 
 def config_command(stack: str) -> str:
@@ -805,6 +824,27 @@ def _cross_key_rules(v: dict[str, Any], config: str) -> None:
         raise _fail("acmeEmail", "is required with cognivern:domain on one server (Let's Encrypt account e-mail)")
     if v["appUser"] == v["sshUser"]:
         raise _fail("appUser", f"must differ from cognivern:sshUser ({v['sshUser']}): the deploy login has sudo, the app must not")
+    _distribution_node_rule(v, host is None and not hosts)
+
+
+def _distribution_node_rule(v: dict[str, Any], creates_server: bool) -> None:
+    """With nodeSource distribution, a created server's image decides the Node major (existing
+    hosts: provision.sh checks the host's own package)."""
+    if v["nodeSource"] != "distribution" or not creates_server or v["image"] not in DISTRIBUTION_NODE_MAJORS:
+        return
+    gives = DISTRIBUTION_NODE_MAJORS[v["image"]]
+    if gives < NODE_MAJORS[0]:
+        raise _fail(
+            "nodeSource",
+            f"is distribution, but image {v['image']} packages Node {gives}, older than the {NODE_MAJORS[0]} this program"
+            " supports; set cognivern:nodeSource to nodesource or choose a newer cognivern:image",
+        )
+    if v["nodeMajor"] != gives:
+        raise _fail(
+            "nodeMajor",
+            f"is {v['nodeMajor']}, but cognivern:nodeSource distribution on image {v['image']} gives Node {gives} (its nodejs"
+            f" package); set cognivern:nodeMajor to {gives}, or cognivern:nodeSource to nodesource",
+        )
 
 
 def _require_pins(settings: Settings) -> None:

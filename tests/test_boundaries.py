@@ -37,14 +37,15 @@ from typing import Any
 
 import pytest
 
-from components.tool import RELEASE_TOOL
+from components.tool import RELEASE_PACKAGE
 from tests.support.goldens import GOLDENS, Run, assert_golden, normalise
 from tests.support.helpers import run_pm2
 from tests.support.load import Load
 from tests.support.real_engine import PASSPHRASE
+from tests.support.release_host import read_state
+from tests.support.stack import TargetStack
 from tests.support.story import Story
 from tests.support.target_host import TargetHost, node_major
-from tests.test_scenarios import Stack as ScenarioStack
 
 V1, V2 = "gold-v1", "gold-v2"
 SECRET, ROTATED = "golden-secret-one", "golden-secret-rotated"
@@ -57,10 +58,9 @@ story_outcomes = story.fixture()
 Pm2 = dict[str, list[tuple[int, int]]]
 
 
-class Stack(ScenarioStack):
+class Stack(TargetStack):
     def __init__(self, host: TargetHost, tmp: Path) -> None:
-        super().__init__(host, tmp)
-        self.settings["secretEnv"] = {"FIXTURE_ECHO": SECRET}
+        super().__init__(host, tmp, secretEnv={"FIXTURE_ECHO": SECRET})
 
     def config(self, **changes: Any) -> dict[str, str]:
         cfg = super().config(**changes)
@@ -163,10 +163,10 @@ def test_02_nothing_changed_runs_nothing(stack: Stack) -> None:
 @story.stage
 def test_03_keep_releases_runs_a_prune_only(stack: Stack) -> None:
     change = Change(stack, "keep-releases", keepReleases=4)
-    assert change.ran() == {name("release-prune"): "update"}, change.report.summary()
+    assert change.ran() == {name("release-prune"): "replace"}, change.report.summary()
     assert change.report.commands == [f"cognivern-release --root {stack.host.root} prune --keep 4"]
     assert [line.split()[1] for line in change.log] == ["prune"]
-    assert (stack.host.root / ".deploy" / "keep-releases").read_text() == "4\n"
+    assert read_state(stack.host.root)["keep_releases"] == 4, "remembered in the tool's JSON state"
     change.assert_no_restart()
     change.assert_nginx_not_reloaded()
 
@@ -193,13 +193,12 @@ def test_05_an_nginx_setting_renders_tests_and_reloads_nginx_only(stack: Stack) 
 
 
 def live_slot(stack: Stack) -> str:
-    slots = dict(line.split("=", 1) for line in (stack.host.root / "config" / "slots").read_text().splitlines())
-    return f"cognivern-agent-{slots['live']}"
+    return f"cognivern-agent-{read_state(stack.host.root)['slots']['live']}"
 
 
 @story.stage
 def test_06_a_secret_rotation_rewrites_env_and_reloads_the_live_slot_once(stack: Stack) -> None:
-    slots = (stack.host.root / "config" / "slots").read_text()
+    slots = read_state(stack.host.root)["slots"]
     change = Change(stack, "secret-rotation", secretEnv={"FIXTURE_ECHO": ROTATED})
     assert "[secret] => [secret]" in change.golden
     assert change.ran() == {name("env"): "update"}, change.report.summary()
@@ -207,7 +206,7 @@ def test_06_a_secret_rotation_rewrites_env_and_reloads_the_live_slot_once(stack:
     before, after = change.pm2_before, change.pm2_after
     assert set(after) == set(before) == {live}, "no other slot started"
     assert [r for _, r in after[live]] == [r + 1 for _, r in before[live]], "one graceful reload"
-    assert (stack.host.root / "config" / "slots").read_text() == slots
+    assert read_state(stack.host.root)["slots"] == slots
     assert [line.split()[1] for line in change.log] == ["reload"]
     assert stack.serving()["env"]["FIXTURE_ECHO"] == ROTATED
     assert ROTATED not in change.report.output and ROTATED not in change.preview.output
@@ -230,11 +229,12 @@ def test_07_a_removed_variable_leaves_the_app_at_the_reload(stack: Stack) -> Non
 
 @story.stage
 def test_08_an_edited_release_tool_is_reinstalled_and_nothing_else(stack: Stack) -> None:
-    edited = RELEASE_TOOL.read_text() + "# edited by test_boundaries\n"
-    stack.engine.edit("components/release/cognivern-release.sh", edited)
+    edited = (RELEASE_PACKAGE / "cli.py").read_text() + "# edited by test_boundaries\n"
+    stack.engine.edit("components/release/cognivern_release/cli.py", edited)
     change = Change(stack, "tool-edit")
     assert change.ran() == {name("tool-install"): "update"}, change.report.summary()
-    assert (stack.host.bin_dir / "cognivern-release").read_text() == edited
+    installed = (stack.host.bin_dir / "cognivern-release").resolve().parent
+    assert (installed / "cognivern_release" / "cli.py").read_text() == edited
     assert "release tool: installed" in change.report.output
     assert change.log == []
     change.assert_no_restart()
@@ -252,7 +252,8 @@ def test_09_a_host_key_pin_changes_nothing_on_the_server(stack: Stack) -> None:
     provision = change.report.step(name("provision"))
     assert provision.commands == ["true"], "provisioning is not run again"
     assert change.report.step(name("release-activate")).commands == [f"cognivern-release --root {stack.host.root} list --json"]
-    assert [line.split()[1] for line in change.log] == ["prune"] and change.log[0].endswith("removed=0")
+    assert change.report.step(name("release-prune")).commands == ["true"], "nothing is pruned"
+    assert change.log == [], "the tool did nothing that it logs"
     after = stack.snapshot()
     changed = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
     assert {p for p in changed if "/.deploy/" not in p} == set(), "no file of the deploy changed"

@@ -5,6 +5,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+import yaml
+
+from components.host import release_tool_bundle
+from components.server import metadata_filter, render_user_data
+from components.server.host_key import generate_ed25519
 from tests.support.program import run_program, unsecret
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ8b0pTBp5e8hGQHDgNnLrHHOHxg0VHzUXoTWlBXDk8S deploy"
@@ -32,3 +38,26 @@ def test_the_validator_rejects_a_broken_config(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("#cloud-config\nssh_pwauth: [1]\n")
     assert schema(path).returncode != 0
+
+
+def test_the_first_boot_runs_the_metadata_filter_that_provisioning_installs() -> None:
+    """One author for the rule: the bootcmd (every boot, from the first) runs the very script that
+    provision.sh installs as cognivern-metadata-filter.service's ExecStart."""
+    (bootcmd,) = yaml.safe_load(render_user_data(*generate_ed25519()))["bootcmd"]
+    assert bootcmd[:2] == ["sh", "-c"] and bootcmd[3:] == ["cognivern-metadata-filter", "--best-effort"]
+    bundle = release_tool_bundle()
+    installed = bundle.split("#--- cognivern-metadata-filter ---\n")[1].split("\n#--- ")[0] + "\n"
+    assert bootcmd[2] == installed == metadata_filter.SCRIPT.read_text()
+    unit = bundle.split("#--- cognivern-metadata-filter.service ---\n")[1]
+    assert "ExecStart=@BIN_DIR@/cognivern-metadata-filter\n" in unit
+
+
+@pytest.mark.parametrize(("args", "status"), [((), 1), (("--best-effort",), 0)])
+def test_without_nft_or_iptables_the_filter_fails_unless_best_effort(args: tuple[str, ...], status: int) -> None:
+    """The unit fails closed (PM2 requires it, so the app stays down); the first boot's bootcmd warns only."""
+    script = metadata_filter.SCRIPT.read_text()
+    result = subprocess.run(
+        ["/bin/sh", "-c", script, "cognivern-metadata-filter", *args], env={"PATH": "/nonexistent"}, capture_output=True, text=True
+    )
+    assert result.returncode == status
+    assert "no nft or iptables: the metadata service stays readable by every local user" in result.stderr

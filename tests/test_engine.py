@@ -1,21 +1,23 @@
-"""The engine stand-in's own semantics, against a bare private sshd and a tiny Pulumi program.
+"""What the real engine and pulumi-command do that the program and the scenarios rely on.
 
-Every command appends a line to a log file on the "host" (this machine, over real SSH), so the
-log is the order in which the engine ran things. See tests/engine/ENGINE.md.
+A tiny program (config `spec`: a list of remote commands and copies) runs through the real
+`pulumi up` (tests/support/real_engine.py: the CLI, the Python language host and
+pulumi-resource-command from .tools/bin) against a bare private sshd. Every command appends a line
+to a log file on the "host" (this machine, over real SSH), so the log is what ran, in the order it
+ran. tests/REAL-ENGINE.md lists these behaviours with their upstream sources, and where the
+stand-in these tests once ran on (tests/engine, removed) got them wrong.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.engine import CommandError, Engine, EngineError, RunFailedError, UnsupportedError
-from tests.engine.engine import Connection, go_client_kex
+from tests.support.real_engine import RealEngine, RunReport
 from tests.support.sshd import LocalSshd
 
 PROGRAM = """
@@ -33,7 +35,7 @@ conn = remote.ConnectionArgs(
 )
 made = {}
 for r in json.loads(cfg.require("spec")):
-    opts = pulumi.ResourceOptions(depends_on=[made[d] for d in r.get("deps", [])], delete_before_replace=r.get("dbr"))
+    opts = pulumi.ResourceOptions(depends_on=[made[d] for d in r.get("deps", [])])
     if "path" in r:
         made[r["name"]] = remote.CopyToRemote(
             r["name"], connection=conn, source=pulumi.StringAsset(r["text"]), remote_path=r["path"], triggers=r.get("triggers"), opts=opts
@@ -47,7 +49,6 @@ for r in json.loads(cfg.require("spec")):
         delete=r.get("delete"),
         stdin=r.get("stdin"),
         triggers=r.get("triggers"),
-        environment=r.get("env"),
         opts=opts,
     )
     pulumi.export(r["name"], made[r["name"]].stdout)
@@ -67,12 +68,10 @@ class Target:
         self.log = tmp / "host" / "log"
         self.log.parent.mkdir()
         self.log.touch()
-        program = tmp / "program.py"
-        program.write_text(PROGRAM)
-        self.engine = Engine(tmp / "state", program=program)
+        self.engine = RealEngine(tmp / "engine", program=PROGRAM)
 
     def cmd(self, name: str, word: str | None = None, **extra: Any) -> dict[str, Any]:
-        """A command that logs `create <word>`, `update <word>`, `delete <word>`."""
+        """A command that logs `create <word>` and `delete <word> [<PULUMI_COMMAND_STDOUT>]`."""
         word = word or name
         return {
             "name": name,
@@ -81,20 +80,20 @@ class Target:
             **extra,
         }
 
-    def config(self, spec: list[dict[str, Any]]) -> dict[str, str]:
-        return {"port": str(self.sshd.port), "hostKey": self.sshd.host_key, "key": self.sshd.private_key, "spec": json.dumps(spec)}
+    def timed(self, name: str, **extra: Any) -> dict[str, Any]:
+        """A command that logs its start and end and takes a second in between."""
+        stamp = f"$(date +%s.%N) >> {self.log}"
+        return {"name": name, "create": f"echo start {name} {stamp}; sleep 1; echo end {name} {stamp}", **extra}
 
-    def up(self, spec: list[dict[str, Any]], **kw: Any) -> Any:
-        return self.engine.up(self.config(spec), secret_keys=["key"], **kw)
-
-    def preview(self, spec: list[dict[str, Any]]) -> Any:
-        return self.engine.preview(self.config(spec), secret_keys=["key"])
+    def up(self, spec: list[dict[str, Any]]) -> RunReport:
+        config = {"port": str(self.sshd.port), "hostKey": self.sshd.host_key, "key": self.sshd.private_key, "spec": json.dumps(spec)}
+        return self.engine.up(config, secret_keys=["key"], check=False)
 
     def lines(self) -> list[str]:
         return self.log.read_text().splitlines()
 
-    def state_names(self) -> set[str]:
-        return {r["name"] for r in self.engine.state()["resources"].values()}
+    def new_lines(self, before: int) -> list[str]:
+        return self.lines()[before:]
 
 
 @pytest.fixture
@@ -102,150 +101,81 @@ def target(sshd: LocalSshd, tmp_path: Path) -> Target:
     return Target(sshd, tmp_path)
 
 
-def test_create_then_unchanged_runs_nothing(target: Target) -> None:
-    spec = [target.cmd("a"), target.cmd("b", deps=["a"])]
-    first = target.up(spec)
-    assert first.ops() == {"a": "create", "b": "create"}
-    assert target.lines() == ["create a", "create b"]
-    assert first.outputs == {"a": "out-a", "b": "out-b"}  # trailing newline trimmed, like the provider
-    assert first.dependency_violations == []
-
-    assert set(target.preview(spec).ops().values()) == {"same"}
-    second = target.up(spec)
-    assert set(second.ops().values()) == {"same"}
-    assert second.commands == []
-    assert target.lines() == ["create a", "create b"]
-    assert second.outputs == {"a": "out-a", "b": "out-b"}  # stored outputs returned for unchanged resources
-
-
-def test_changed_input_updates_in_place_with_update_or_create(target: Target) -> None:
-    target.up([target.cmd("a"), target.cmd("b", update=f"echo 'update b' >> {target.log}")])
-    target.up([target.cmd("a", stdin="new stdin"), target.cmd("b", stdin="x", update=f"echo 'update b' >> {target.log}")])
-    report = target.up([target.cmd("a", "a2"), target.cmd("b", stdin="x", update=f"echo 'update b' >> {target.log}")])
-    assert report.ops() == {"a": "update", "b": "same"}
-    # a: no `update` -> `create` again (stdin change, then create-string change); b: its `update`
-    assert target.lines() == ["create a", "create b", "create a", "update b", "create a2"]
-    assert not [line for line in target.lines() if line.startswith("delete")]
-
-
-def test_changed_triggers_replace_create_before_delete_with_the_old_delete_at_the_end(target: Target) -> None:
-    target.up([target.cmd("a", triggers=["v1"]), target.cmd("b", deps=["a"])])
-    report = target.up([target.cmd("a", "a-v2", triggers=["v2"]), target.cmd("b", deps=["a"]), target.cmd("c")])
-    assert sorted((s.name, s.op) for s in report.steps[:3]) == [("a", "replace"), ("b", "same"), ("c", "create")]
-    assert (report.steps[-1].name, report.steps[-1].op) == ("a", "delete")
-    # the new a was created; the old a's delete ran after everything else had succeeded
-    assert sorted(target.lines()[2:4]) == ["create a-v2", "create c"]
-    assert target.lines()[4:] == ["delete a [no-previous-stdout]"]
-    # the provider sends PULUMI_COMMAND_STDOUT with SSH Setenv; a default sshd refuses it: warning, no variable
-    assert any("PULUMI_COMMAND_STDOUT" in w and "AcceptEnv" in w for w in report.warnings)
-    assert target.engine.state()["pendingDeletes"] == []
-
-
-def test_delete_before_replace_deletes_first(target: Target) -> None:
-    target.up([target.cmd("a", triggers=[1], dbr=True)])
-    report = target.up([target.cmd("a", "a-v2", triggers=[2], dbr=True)])
-    assert report.ops() == {"a": "replace"}
-    assert target.lines() == ["create a", "delete a [no-previous-stdout]", "create a-v2"]
-
-
-def test_removed_resources_are_deleted_at_the_end_dependents_first(target: Target) -> None:
-    target.up([target.cmd("a"), target.cmd("b", deps=["a"]), target.cmd("c", deps=["b"]), target.cmd("keep")])
-    report = target.up([target.cmd("keep"), target.cmd("new")])
-    assert [(s.name, s.op) for s in report.steps[2:]] == [("c", "delete"), ("b", "delete"), ("a", "delete")]
-    assert target.lines()[4:] == ["create new"] + [f"delete {x} [no-previous-stdout]" for x in "cba"]
-    assert target.state_names() == {"keep", "new"}
-
-
-def test_a_failed_command_stops_the_run_and_state_keeps_what_succeeded(target: Target) -> None:
-    target.up([target.cmd("old")])
-    spec = [
-        target.cmd("a"),
-        {"name": "b", "create": f"echo 'create b' >> {target.log}; echo broken >&2; exit 3", "deps": ["a"]},
-        target.cmd("c", deps=["b"]),
-    ]
-    with pytest.raises(RunFailedError) as failed:
-        target.up(spec)
-    report = failed.value.report
-    assert isinstance(report.error, CommandError) and report.error.exit_code == 3
-    assert "broken" in str(report.error) and "Process exited with status 3" in str(report.error)
-    ops = report.ops()
-    assert (ops["a"], ops["b"], ops.get("c", "skipped")) == ("create", "failed", "skipped")
-    assert "old" not in ops  # no deletions after a failure
-    # nothing after the failure ran, and the removed resource was not deleted (no deletes after a failure)
-    assert target.lines() == ["create old", "create a", "create b"]
-    assert target.state_names() == {"old", "a"}
-
-    fixed = [target.cmd("a"), target.cmd("b", deps=["a"]), target.cmd("c", deps=["b"])]
-    again = target.up(fixed)
-    assert again.ops() == {"a": "same", "b": "create", "c": "create", "old": "delete"}
-    assert target.lines()[3:] == ["create b", "create c", "delete old [no-previous-stdout]"]
-
-
-def test_dependencies_complete_before_dependents_run(target: Target) -> None:
-    spec = (
-        [target.cmd("root")]
-        + [target.cmd(f"leaf{i}", deps=["root"]) for i in range(6)]
-        + [target.cmd("join", deps=[f"leaf{i}" for i in range(6)])]
-    )
-    report = target.up(spec)
-    assert report.dependency_violations == []
-    order = {s.name: s.index for s in report.steps}
-    for step in report.steps:
-        for dep in step.dependencies:
-            assert order[dep.rsplit("::", 1)[-1]] < step.index, (step.name, dep)
-    assert target.lines()[0] == "create root" and target.lines()[-1] == "create join"
-
-
-def test_copy_to_remote_copies_on_hash_or_path_change_and_never_deletes(target: Target) -> None:
+def test_unchanged_inputs_run_nothing_and_a_changed_input_runs_create_again_or_update(target: Target) -> None:
     dest = target.tmp / "host" / "deep" / "er" / "file.txt"
     copy = {"name": "f", "path": str(dest), "text": "one\n"}
-    assert target.up([copy]).ops() == {"f": "create"}
+    update_b = f"echo 'update b' >> {target.log}"
+    spec = [target.cmd("a"), target.cmd("b", update=update_b), copy]
+    first = target.up(spec)
+    assert first.ok and first.ops() == {"a": "create", "b": "create", "f": "create"}, first.summary()
+    assert sorted(target.lines()) == ["create a", "create b"]
+    assert first.outputs == {"a": "out-a", "b": "out-b"}  # one trailing newline trimmed, like the SDK docs say
     assert dest.read_text() == "one\n"  # parent directories created
+
     dest.write_text("changed on the host\n")
-    assert target.up([copy]).commands == []  # same asset: nothing copied
-    assert dest.read_text() == "changed on the host\n"
-    report = target.up([{**copy, "text": "two\n"}])
-    assert report.ops() == {"f": "update"} and dest.read_text() == "two\n"
-    report = target.up([{**copy, "text": "two\n", "triggers": ["r2"]}])
-    assert report.ops() == {"f": "replace"}
-    report = target.up([])
-    assert report.ops() == {"f": "delete"} and report.commands == []
-    assert dest.read_text() == "two\n"  # CopyToRemote has no delete
+    same = target.up(spec)
+    assert same.ok and set(same.ops().values()) == {"same"} and same.commands == [], same.summary()
+    assert len(target.lines()) == 2 and dest.read_text() == "changed on the host\n"  # nothing ran, nothing copied
+    assert same.outputs == first.outputs  # the stored outputs are handed back
+
+    changed = target.up([target.cmd("a", stdin="new stdin"), target.cmd("b", stdin="x", update=update_b), {**copy, "text": "two\n"}])
+    assert changed.ok and changed.ops() == {"a": "update", "b": "update", "f": "update"}, changed.summary()
+    # a has no `update`: its `create` runs again; b runs its `update`; f is copied again (its asset changed)
+    assert sorted(target.new_lines(2)) == ["create a", "update b"]
+    assert dest.read_text() == "two\n"
+    assert changed.outputs == {"a": "out-a", "b": ""}  # an update's own stdout replaces the stored one
 
 
-def test_environment_fails_like_setenv_against_a_default_sshd(target: Target) -> None:
-    with pytest.raises(RunFailedError) as failed:
-        target.up([target.cmd("a", env={"FOO": "bar"})])
-    assert isinstance(failed.value.report.error, EngineError)
-    assert "could not set environment variable" in str(failed.value.report.error)
-    assert target.lines() == []
+def test_changed_triggers_replace_create_first_and_delete_the_old_copy_at_the_end(target: Target) -> None:
+    removed = [target.cmd("p"), target.cmd("q", deps=["p"])]
+    target.up([target.cmd("a", triggers=["v1"]), target.cmd("b", deps=["a"]), *removed])
+    report = target.up([target.cmd("a", "a-v2", triggers=["v2"]), target.cmd("b", deps=["a"]), target.cmd("c")])
+    assert report.ok, report.summary()
+    assert report.ops() == {"a": "replace", "b": "same", "c": "create", "q": "delete", "p": "delete"}
+    assert report.step("a", "replace").attempted == "create-replacement"
+    assert [s.attempted for s in report.steps[-3:]].count("delete-replaced") == 1
+    lines = target.new_lines(4)
+    # the new copy and every other change first; then the deletes: the old copy of `a` and the
+    # removed resources (dependents before what they depend on, the rest side by side)
+    assert sorted(lines[:2]) == ["create a-v2", "create c"]
+    assert sorted(lines[2:]) == [f"delete {x} [no-previous-stdout]" for x in "apq"]
+    assert lines.index("delete q [no-previous-stdout]") < lines.index("delete p [no-previous-stdout]")
+    # the provider sends PULUMI_COMMAND_STDOUT with SSH Setenv; a default sshd refuses it: a warning, no variable
+    assert any("Unable to set 'PULUMI_COMMAND_STDOUT'" in w and "AcceptEnv" in w for w in report.warnings)
+    assert target.engine.resources(pending_deletes=True) == {}
 
 
-def test_hcloud_resources_are_refused_before_anything_runs(tmp_path: Path) -> None:
-    engine = Engine(tmp_path / "state")  # the real program, Hetzner stack
-    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ8b0pTBp5e8hGQHDgNnLrHHOHxg0VHzUXoTWlBXDk8S deploy"
-    report = engine.up({"release": "v1", "sshPublicKey": key}, check=False)
-    assert isinstance(report.error, UnsupportedError) and "hcloud" in str(report.error)
-    assert report.commands == []
-    assert engine.state()["resources"] == {}
+def test_independent_steps_run_side_by_side_and_dependents_wait_for_all_they_depend_on(target: Target) -> None:
+    leaves = [target.timed(f"leaf{i}", deps=["root"]) for i in range(4)]
+    report = target.up([target.cmd("root"), *leaves, target.cmd("join", deps=[leaf["name"] for leaf in leaves])])
+    assert report.ok, report.summary()
+    lines = target.lines()
+    assert lines[0] == "create root" and lines[-1] == "create join"
+    starts = [float(line.split()[2]) for line in lines if line.startswith("start")]
+    ends = [float(line.split()[2]) for line in lines if line.startswith("end")]
+    assert len(starts) == len(ends) == 4
+    assert max(starts) < min(ends), "all four one-second leaves were running at once"
 
 
-def test_connections_negotiate_the_key_exchange_the_go_client_would(sshd: LocalSshd) -> None:
-    """pulumi-command's Go client offers no sntrup761x25519 (OpenSSH's first choice): against this
-    OpenSSH server it gets curve25519-sha256, and so must the stand-in's ssh."""
-    conn = Connection(
-        host="127.0.0.1",
-        port=sshd.port,
-        user=sshd.user,
-        private_key=sshd.private_key,
-        host_key=sshd.host_key,
-        per_dial_timeout=10,
-        dial_error_limit=1,
-    )
-    with conn.options() as opts:
-        proc = subprocess.run(
-            ["ssh", *opts, "-v", "-p", str(sshd.port), f"{sshd.user}@127.0.0.1", "true"], capture_output=True, text=True, timeout=30
-        )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "kex: algorithm: curve25519-sha256\n" in proc.stderr
-    assert go_client_kex().split(",")[0] in {"mlkem768x25519-sha256", "curve25519-sha256"}
+def test_a_failed_step_stops_its_dependents_while_other_steps_finish_and_the_next_run_converges(target: Target) -> None:
+    target.up([target.cmd("x", triggers=["v1"]), target.cmd("old")])
+    failing = {"name": "bad", "create": f"echo 'create bad' >> {target.log}; echo broken >&2; exit 3"}
+    slow = {"name": "slow", "create": f"sleep 1; echo 'create slow' >> {target.log}"}
+    spec = [target.cmd("x", "x2", triggers=["v2"]), {**failing, "deps": ["x"]}, target.cmd("after", deps=["bad"]), slow]
+    failed = target.up(spec)
+    assert not failed.ok
+    assert failed.ops() == {"x": "replace", "bad": "failed", "slow": "create"}, failed.summary()
+    assert "Process exited with status 3" in failed.errors[0] and "broken" in failed.errors[0]
+    # the replacement and the independent slow step ran; the failed step's dependent did not; no deletes
+    assert sorted(target.new_lines(2)) == ["create bad", "create slow", "create x2"]
+    # state keeps what succeeded; x's old copy waits as a pending delete, `old` (no longer declared) stays
+    assert set(target.engine.resources()) == {"x", "slow", "old"}
+    assert set(target.engine.resources(pending_deletes=True)) == {"x"}
+
+    fixed = target.up([target.cmd("x", "x2", triggers=["v2"]), target.cmd("bad", deps=["x"]), target.cmd("after", deps=["bad"]), slow])
+    assert fixed.ok, fixed.summary()
+    assert fixed.ops() == {"x": "same", "bad": "create", "after": "create", "slow": "same", "old": "delete"}
+    lines = target.new_lines(5)
+    assert lines[:2] == ["create bad", "create after"]
+    assert sorted(lines[2:]) == ["delete old [no-previous-stdout]", "delete x [no-previous-stdout]"]
+    assert target.engine.resources(pending_deletes=True) == {}

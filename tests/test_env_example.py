@@ -1,4 +1,8 @@
-""".env.example, Pulumi.prod.yaml and the program's .env stay in step."""
+""".env.example, Pulumi.prod.yaml and the program's .env stay in step.
+
+The drift warnings are checked as an operator meets them: in the real `pulumi preview` of the
+program (tests/support/real_engine.py), with the secrets set as the README says.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ import pytest
 import yaml
 
 from components.envfile import load_env_example, parse_env_example
-from components.settings import RESERVED_ENV_KEYS
-from tests.support.program import run_program
+from components.settings import RESERVED_ENV_KEYS, SECRET_KEYS
+from tests.support.real_engine import RealEngine, RunReport
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = load_env_example(REPO / ".env.example")
@@ -21,11 +25,17 @@ DOCUMENT_VARIABLES = {
 }  # fmt: skip
 ALL_SECRETS = {key: f"secret-{key.lower()}" for key in EXAMPLE.secret}
 PROD_ENV_VALUES = {k: "x" for k in PROD_ENV}
-STACK: dict[str, object] = {"release": "v1", "host": "192.0.2.10", "env": PROD_ENV_VALUES}
+STACK = {
+    "release": "v1",
+    "host": "192.0.2.10",
+    "artifactUrl": "https://example.invalid/a.tar.gz",
+    "artifactSha256": "0" * 64,
+    "env": json.dumps(PROD_ENV_VALUES),
+}
 
 
-def env_warnings(run) -> list[str]:
-    return [w for w in run.warnings if ".env" in w]
+def env_warnings(report: RunReport) -> list[str]:
+    return [w for w in report.warnings if ".env" in w]
 
 
 def test_sections_match_what_the_program_writes() -> None:
@@ -43,19 +53,20 @@ def test_placeholders_only() -> None:
                 assert set(value) <= set("0x."), f"{key} must be a placeholder, got {value!r}"
 
 
-def test_a_complete_stack_gets_no_drift_warning() -> None:
-    run = run_program({**STACK, "secretEnv": json.dumps(ALL_SECRETS)}, secret_keys=("secretEnv",))
-    assert env_warnings(run) == []
+def test_drift_between_the_stack_and_env_example_is_named_in_the_preview(tmp_path: Path) -> None:
+    engine = RealEngine(tmp_path)
+    complete = engine.preview({**STACK, "secretEnv": json.dumps(ALL_SECRETS)}, secret_keys=SECRET_KEYS)
+    assert complete.ok and env_warnings(complete) == [], complete.output
 
-
-def test_a_missing_secret_and_an_unknown_variable_are_named() -> None:
     secrets = dict(ALL_SECRETS)
     del secrets["GROQ_API_KEY"]
-    config = {**STACK, "env": {**PROD_ENV_VALUES, "NEW_FLAG": "1"}, "secretEnv": json.dumps(secrets)}
-    warnings = env_warnings(run_program(config, secret_keys=("secretEnv",)))
-    assert any("lack GROQ_API_KEY" in w and "cognivern:secretEnv.GROQ_API_KEY" in w for w in warnings), warnings
+    config = {**STACK, "env": json.dumps({**PROD_ENV_VALUES, "NEW_FLAG": "1"}), "secretEnv": json.dumps(secrets)}
+    drifted = engine.preview(config, secret_keys=SECRET_KEYS)
+    warnings = env_warnings(drifted)
+    assert any("lack GROQ_API_KEY" in w and "cognivern:secretEnv.GROQ_API_KEY" in w for w in warnings), drifted.output
     assert any("NEW_FLAG is not listed in .env.example" in w for w in warnings), warnings
     assert len(warnings) == 2
+    assert "lack GROQ_API_KEY" in drifted.output  # what the operator's terminal shows
 
 
 def test_variables_outside_a_section_are_rejected() -> None:

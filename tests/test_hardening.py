@@ -230,7 +230,16 @@ def test_a_link_at_the_pm2_home_stops_provisioning(host: HardenedHost, targets: 
     assert result.returncode != 0 and "could not make" in result.stderr and ".pm2 private" in result.stderr
 
 
-APP_CANNOT_WRITE = ["shared/data", "shared/logs", "shared/.env", "shared/run.sh", "cache/pnpm-store", "releases/r1", "backups", "current"]
+APP_CANNOT_WRITE = [
+    "shared/data",
+    "shared/logs",
+    "shared/.env",
+    "config/state.json",
+    "cache/pnpm-store",
+    "releases/r1",
+    "backups",
+    "current",
+]
 
 
 @pytest.mark.parametrize("rel", APP_CANNOT_WRITE)
@@ -242,6 +251,18 @@ def test_the_app_cannot_replace_what_root_works_in(host: HardenedHost, rel: str)
     assert moved.returncode != 0 and planted.returncode != 0
     assert "Permission denied" in moved.stderr and "Permission denied" in planted.stderr
     assert path.exists() and not Path(str(path) + ".x").exists() and not (path.parent / "planted").is_symlink()
+
+
+def test_the_env_file_is_roots_and_the_app_only_reads_it(host: HardenedHost) -> None:
+    """shared/.env as put-file writes it for the program: the app (PM2) reads it but cannot
+    change it, so the release tool can take the secret values it masks with from it (test_masking.py)."""
+    env = host.root / "shared" / ".env"
+    st = env.stat()
+    assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o777)) == (0, _app_ids(host)[1], "0o640")
+    assert host.as_app("cat", str(env)).stdout == env.read_text()
+    for attempt in (["sh", "-c", f"echo FIXTURE_SECRET=x >> {env}"], ["truncate", "-s", "0", str(env)], ["chmod", "0666", str(env)]):
+        assert host.as_app(*attempt, check=False).returncode != 0, attempt
+    assert env.stat().st_mtime_ns == st.st_mtime_ns and oct(env.stat().st_mode & 0o777) == "0o640"
 
 
 def test_releases_are_roots_and_read_only_to_the_app(host: HardenedHost) -> None:

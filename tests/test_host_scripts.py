@@ -7,11 +7,13 @@ provision prepares it, then nginx-site and put-file run against the prepared hos
 from __future__ import annotations
 
 import base64
+import dataclasses
 import grp
 import hashlib
 import json
 import os
 import pwd
+import shutil
 import socket
 import stat
 import subprocess
@@ -24,22 +26,28 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, provision_args
+from components.host import (
+    BUNDLE_MARKER,
+    NGINX_SITE,
+    PROVISION,
+    PUT_FILE,
+    host_bundle,
+    nginx_site_input,
+    provision_args,
+    release_tool_bundle,
+)
+from components.release.cognivern_release import facts
 from components.remote import script_command
 from components.render import render_nginx_site, render_upstream, site_name
+from components.server import metadata_filter
 from components.settings import Settings
-from components.tool import HELPER_MARKER, INSTALL_TOOL
+from components.tool import INSTALL_TOOL, bundle, release_tool_files
 from tests.support.fs import manifest
 from tests.support.helpers import http_get, wait_until
 from tests.support.target_host import TargetHost
 
 FAKE_TOOL = '#!/usr/bin/env bash\n# stand-in for cognivern-release\necho "cognivern-release $*" >>"${COGNIVERN_TOOL_LOG:-/dev/null}"\n'
-FAKE_HELPER = "'use strict'; // stand-in for cognivern-pm2.cjs\n"
-
-
-def tool_bundle(tool: str = FAKE_TOOL, helper: str = FAKE_HELPER) -> str:
-    """install-tool.sh's stdin, as components.tool.release_tool_bundle makes it."""
-    return f"{tool.rstrip(chr(10))}\n{HELPER_MARKER}\n{helper}"
+FAKE_BUNDLE = BUNDLE_MARKER.format("cognivern-release") + "\n" + FAKE_TOOL  # the shape of install-tool.sh's stdin, one file
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -56,9 +64,8 @@ def put_cmd(dest: str, mode: str, owner: str, reload_root: str | None = None) ->
     return script_command(PUT_FILE, args)
 
 
-def site_cmd(name: str, upstream_port: int | None = None) -> str:
-    extra = [] if upstream_port is None else ["--upstream-port", str(upstream_port)]
-    return script_command(NGINX_SITE, ["--name", name, *extra])
+def site_cmd(name: str) -> str:
+    return script_command(NGINX_SITE, ["--name", name])
 
 
 def owner_mode(p: Path) -> tuple[str, str, str]:
@@ -116,9 +123,9 @@ def first_run(host: TargetHost) -> subprocess.CompletedProcess[str]:
     (host.nginx.sites_enabled / "default").write_text("server { listen 127.0.0.1:9; server_name distro-default; }\n")
     assert host.sshd is not None
     assert host.sshd.auth_methods() >= {"publickey", "password"}
-    result = host.run(provision_cmd(host.settings()))
+    result = host.run(provision_cmd(host.settings()), stdin=host_bundle())
     assert result.returncode == 0, result.stderr + result.stdout
-    tool = host.run(install_tool_cmd(), stdin=tool_bundle())
+    tool = host.run(install_tool_cmd(), stdin=FAKE_BUNDLE)
     assert tool.returncode == 0, tool.stderr + tool.stdout
     return result  # provision.sh returns once the reloaded sshd listens again (test below)
 
@@ -135,8 +142,11 @@ def backend(host: TargetHost) -> Iterator[ThreadingHTTPServer]:
 
 # ---------------------------------------------------------------------------- provision
 def test_provision_prepares_user_and_layout(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
-    u = host.app_user
+    u, b = host.app_user, facts.build_user(host.app_user)
     assert host.user_exists()
+    build = pwd.getpwnam(b)
+    assert (build.pw_dir, build.pw_shell) == (str(host.root / "cache/build/work"), "/usr/sbin/nologin")
+    assert b != u and build.pw_uid < 1000, "a system account of its own"
     entry = pwd.getpwnam(u)
     assert entry.pw_dir == str(host.app_home) and host.app_home.is_dir()
     assert entry.pw_shell == "/bin/bash"
@@ -150,6 +160,8 @@ def test_provision_prepares_user_and_layout(host: TargetHost, first_run: subproc
         root / "shared/logs": (u, u, "0o750"),
         root / "cache": ("root", "root", "0o755"),
         root / "cache/pnpm-store": (u, u, "0o750"),
+        root / "cache/build": ("root", "root", "0o755"),
+        root / "cache/build/work": (b, b, "0o700"),
         root / "backups": ("root", "root", "0o700"),
         host.app_home: (u, u, "0o700"),
         host.app_home / ".pm2": (u, u, "0o700"),
@@ -165,31 +177,32 @@ def test_provision_prepares_user_and_layout(host: TargetHost, first_run: subproc
     assert "provision: cloud-init: ok (did not run on this boot; not waiting)" in lines
 
 
-def test_install_tool_installs_the_tool_and_its_helper_by_rename_only_when_they_differ(
+def test_install_tool_installs_the_tool_by_rename_only_when_it_differs(
     host: TargetHost, first_run: subprocess.CompletedProcess[str]
 ) -> None:
-    tool, helper = host.bin_dir / "cognivern-release", host.bin_dir / "cognivern-pm2.cjs"
-    assert not [line for line in first_run.stdout.splitlines() if "release tool" in line], "provisioning installs no tool"
-    assert tool.read_text() == FAKE_TOOL and owner_mode(tool) == ("root", "root", "0o755")
-    assert helper.read_text() == FAKE_HELPER and owner_mode(helper) == ("root", "root", "0o644")
+    """Provisioning installs no tool (it has its own command, so an edit of the tool never re-runs
+    provisioning); install-tool.sh installs it, says "ok (already ...)" when it is there, and
+    switches to an edited one by rename."""
+    tool = host.bin_dir / "cognivern-release"
+    assert [line for line in first_run.stdout.splitlines() if "release tool" in line] == [
+        "provision: release tool: not on stdin (installed by its own command)"
+    ]
+    assert tool.read_text() == FAKE_TOOL
+    assert owner_mode(tool) == ("root", "root", "0o755")
+    assert os.readlink(tool) == "../lib/cognivern-release/current/cognivern-release"
     # PATH on the host (SetEnv) finds it by name, as the release component calls it.
     assert host.run("command -v cognivern-release").stdout.strip() == str(tool)
-    inode = tool.stat().st_ino
-    again = host.run(install_tool_cmd(), stdin=tool_bundle())
-    assert again.returncode == 0 and again.stdout.splitlines() == [
-        f"install-tool: release tool: ok (already {tool})",
-        f"install-tool: release tool helper: ok (already {helper})",
-    ], again.stdout
+    lib = host.bin_dir.parent / "lib" / "cognivern-release"
+    digest = os.readlink(lib / "current")
+    again = host.run(install_tool_cmd(), stdin=FAKE_BUNDLE)
+    assert again.returncode == 0 and again.stdout.splitlines() == [f"install-tool: release tool: ok (already {digest})"], again.stdout
     edited = FAKE_TOOL + "# edited\n"
-    changed = host.run(install_tool_cmd(), stdin=tool_bundle(edited))
-    assert f"install-tool: release tool: installed {tool}" in changed.stdout and "helper: ok (already" in changed.stdout
-    assert tool.read_text() == edited and tool.stat().st_ino != inode, "replaced by rename: a run under way keeps its file"
-    assert not [p for p in host.bin_dir.iterdir() if p.name.startswith(".")], "no temporary file left"
-    for bad, message in ((FAKE_TOOL, "no PM2 helper on stdin"), (tool_bundle("echo no shebang\n"), "does not start with #!")):
-        refused = host.run(install_tool_cmd(), stdin=bad)
-        assert refused.returncode != 0 and message in refused.stderr
-    assert tool.read_text() == edited
-    assert host.run(install_tool_cmd(), stdin=tool_bundle()).returncode == 0
+    changed = host.run(install_tool_cmd(), stdin=BUNDLE_MARKER.format("cognivern-release") + "\n" + edited)
+    assert changed.returncode == 0, changed.stderr
+    assert tool.read_text() == edited and os.readlink(lib / "current") != digest, "switched by rename: a run under way keeps its version"
+    assert f"install-tool: release tool: installed {os.readlink(lib / 'current')}" in changed.stdout
+    assert not [p for p in lib.iterdir() if p.name.startswith(".")], "no temporary file left"
+    assert host.run(install_tool_cmd(), stdin=FAKE_BUNDLE).returncode == 0
 
 
 def test_provision_installs_logrotate(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
@@ -223,7 +236,7 @@ def test_provision_returns_only_once_the_reloaded_sshd_accepts_connections() -> 
     with TargetHost(sshd_reexec_delay=2) as host:
         assert host.sshd is not None and host.sshd.auth_methods() >= {"publickey", "password"}
         pid = host.sshd.pid
-        result = host.run(provision_cmd(host.settings()))
+        result = host.run(provision_cmd(host.settings()), stdin=host_bundle())
         assert result.returncode == 0, result.stderr + result.stdout
         assert f"sshd (pid {pid}) reloaded" in result.stdout
         after = host.run("true", retries=0)
@@ -241,7 +254,7 @@ def test_provision_second_run_changes_nothing(host: TargetHost, first_run: subpr
     watched = (host.root, host.bin_dir, host.logrotate_dir, host.sshd.dropin_dir, host.nginx.sites_enabled, host.app_home)
     before = manifest(*watched)
     sshd_config = host.sshd.config_path.stat().st_mtime_ns
-    again = host.run(provision_cmd(host.settings()))
+    again = host.run(provision_cmd(host.settings()), stdin=host_bundle())
     assert again.returncode == 0, again.stderr
     assert manifest(*watched) == before
     assert host.sshd.config_path.stat().st_mtime_ns == sshd_config
@@ -267,12 +280,18 @@ def test_provision_keeps_shared_content(host: TargetHost, first_run: subprocess.
         (["--app-user", "Root;x"], "--app-user must be"),
         (["--app-user", "root"], "must not be root"),
         (["--node-major", "22x"], "--node-major must be a number"),
+        (["--build-user", "cvtbad"], "--build-user must be an account of its own"),
+        (["--build-user", "Bad;x"], "--build-user must be"),
+        (["--metadata-filter", "maybe"], "--metadata-filter must be yes or no"),
+        (["--metadata-filter", "yes"], "--metadata-filter yes needs cognivern-metadata-filter and its unit on stdin"),
+        (["--node-source", "debian"], "--node-source must be nodesource or distribution"),
         (["--bogus", "1"], "unknown argument: --bogus"),
     ],
 )
 def test_provision_rejects_bad_arguments(host: TargetHost, first_run: object, args: list[str], message: str) -> None:
-    base = {"--root": str(host.root) + "-bad", "--app-user": "cvtbad", "--node-major": "20", "--ssh-user": "root"}
-    base |= {"--pm2-version": "7.0.4", "--pnpm-version": "9.15.9"}
+    base = {"--root": str(host.root) + "-bad", "--app-user": "cvtbad", "--build-user": "cvtbad-build", "--node-major": "20"}
+    base |= {"--node-source": "nodesource", "--ssh-user": "root"}
+    base |= {"--pm2-version": "7.0.4", "--pnpm-version": "9.15.9", "--metadata-filter": "no"}
     argv: list[str] = []
     for key, value in base.items():
         argv += [key, value]
@@ -284,6 +303,128 @@ def test_provision_rejects_bad_arguments(host: TargetHost, first_run: object, ar
     assert not Path(str(host.root) + "-bad").exists()
 
 
+# ---------------------------------------------------------------------------- units: PM2 after the metadata filter
+FILTER_UNIT = metadata_filter.UNIT_NAME
+
+
+def pm2_unit_text(user: str, home: Path) -> str:
+    """pm2-<user>.service as `pm2 startup systemd -u USER --hp HOME` writes it: PM2's own template,
+    filled in as its lib/API/Startup.js does (that command itself would write into /etc/systemd)."""
+    npm_root = Path(subprocess.run(["npm", "root", "-g"], capture_output=True, text=True, check=True).stdout.strip())
+    node = shutil.which("node")
+    assert node is not None
+    fill = {
+        "%PM2_PATH%": str(npm_root / "pm2" / "bin" / "pm2"),
+        "%NODE_PATH%": str(Path(node).parent),
+        "%USER%": user,
+        "%HOME_PATH%": str(home / ".pm2"),
+    }
+    text = (npm_root / "pm2" / "lib" / "templates" / "init-scripts" / "systemd.tpl").read_text()
+    for placeholder, value in fill.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+def systemd_verify(unit_dir: Path, *units: str) -> subprocess.CompletedProcess[str]:
+    """systemd's own check of units (loads them with their drop-ins from `unit_dir`, before the
+    system's unit directories, and builds each one's start transaction: missing units, cycles)."""
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:"}
+    return subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, env=env, cwd=unit_dir, timeout=60)
+
+
+@pytest.fixture
+def pm2_unit(host: TargetHost) -> Iterator[str]:
+    """PM2's unit in the host's unit directory (provisioning writes only drop-ins there without systemd)."""
+    name = f"pm2-{host.app_user}.service"
+    path = host.systemd_dir / name
+    path.write_text(pm2_unit_text(host.app_user, host.app_home))
+    yield name
+    path.unlink()
+
+
+def test_provision_orders_pm2_after_the_metadata_filter_on_servers_it_created(
+    host: TargetHost, first_run: subprocess.CompletedProcess[str], pm2_unit: str
+) -> None:
+    """--metadata-filter yes (a server the program created): the filter script and its unit are
+    installed, PM2's unit Requires= and After= it, and systemd accepts the result."""
+    args = provision_args(host.settings())
+    args[args.index("--metadata-filter") + 1] = "yes"
+    units, script = host.systemd_dir, host.bin_dir / metadata_filter.SCRIPT_NAME
+    unit, dropin = units / FILTER_UNIT, units / f"{pm2_unit}.d" / "cognivern-metadata-filter.conf"
+    try:
+        first = host.run(script_command(PROVISION, args), stdin=host_bundle())
+        assert first.returncode == 0, first.stderr
+        lines = first.stdout.splitlines()
+        assert f"provision: metadata filter: installed {script}; wrote {unit} (not loaded: systemd is not running)" in lines
+        assert f"provision: pm2 startup order: wrote {dropin} (after {FILTER_UNIT})" in lines
+        assert script.read_text() == metadata_filter.SCRIPT.read_text() and owner_mode(script) == ("root", "root", "0o755")
+        assert f"ExecStart={script}\n" in unit.read_text() and "@BIN_DIR@" not in unit.read_text()
+        assert dropin.read_text() == f"[Unit]\nRequires={FILTER_UNIT}\nAfter={FILTER_UNIT}\n"
+        verify = systemd_verify(units, pm2_unit, FILTER_UNIT)
+        assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
+
+        again = host.run(script_command(PROVISION, args), stdin=host_bundle())
+        assert "provision: metadata filter: ok (already installed; not loaded: systemd is not running)" in again.stdout
+        assert f"provision: pm2 startup order: ok (already after {FILTER_UNIT})" in again.stdout
+
+        # controls: systemd-analyze refuses the same drop-in where the filter unit is missing (an
+        # existing host: PM2 would never start), and an ordering cycle between the two units
+        hidden = unit.rename(units / "hidden")
+        missing = systemd_verify(units, pm2_unit)
+        assert missing.returncode != 0 and f"Unit {FILTER_UNIT} not found" in missing.stderr, missing.stderr
+        unit.write_text(hidden.read_text().replace("Wants=network-pre.target\n", f"Wants=network-pre.target\nAfter={pm2_unit}\n"))
+        cycle = systemd_verify(units, pm2_unit, FILTER_UNIT)
+        assert cycle.returncode != 0 and "ordering cycle" in cycle.stderr, cycle.stderr
+        hidden.unlink()
+    finally:
+        for path in (dropin, unit, script):
+            path.unlink(missing_ok=True)
+
+
+def test_provision_leaves_pm2_free_of_the_filter_on_existing_hosts(
+    host: TargetHost, first_run: subprocess.CompletedProcess[str], pm2_unit: str
+) -> None:
+    """--metadata-filter no (`host`/`hosts`): no filter unit, and PM2's drop-ins require nothing that is missing."""
+    assert "--metadata-filter no" in provision_cmd(host.settings()) and "metadata filter" not in first_run.stdout
+    assert sorted(p.name for p in (host.systemd_dir / f"{pm2_unit}.d").iterdir()) == ["cognivern.conf"]
+    assert not (host.systemd_dir / FILTER_UNIT).exists() and not (host.bin_dir / metadata_filter.SCRIPT_NAME).exists()
+    verify = systemd_verify(host.systemd_dir, pm2_unit)
+    assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
+
+
+# Parents of ROOT that another user could write (or swap): provisioning refuses ROOT below each one.
+# name -> (how the parent is made inside the host's base directory, root's 0755)
+UNTRUSTED_PARENTS = {
+    "sticky-world-writable": "mkdir -m 1777 {p}",  # what /tmp, /var/tmp and /dev/shm are
+    "world-writable": "mkdir -m 0777 {p}",
+    "group-writable": "mkdir -m 0775 {p}",
+    "owned-by-a-user": "mkdir -m 0755 {p} && chown nobody {p}",
+    "a-link": "mkdir -m 0755 {p}.real && ln -s {p}.real {p}",
+}
+
+
+@pytest.mark.parametrize("parent", sorted(UNTRUSTED_PARENTS))
+@pytest.mark.parametrize("depth", ["child", "grandchild"])
+def test_provision_refuses_a_root_below_a_directory_others_can_write(host: TargetHost, first_run: object, parent: str, depth: str) -> None:
+    made = host.base / f"parent-{parent}"
+    subprocess.run(["sh", "-c", UNTRUSTED_PARENTS[parent].format(p=made)], check=True)
+    try:
+        root = made / "cognivern" if depth == "child" else made / "missing" / "cognivern"
+        result = host.run(provision_cmd(dataclasses.replace(host.settings(), root=str(root))), stdin="")
+        assert result.returncode != 0
+        assert f"--root {root} is under {made}" in result.stderr and "not root's alone" in result.stderr, result.stderr
+        assert result.stdout == "" and not root.exists() and not (made / "missing").exists()
+    finally:
+        subprocess.run(["rm", "-rf", "--", str(made), f"{made}.real"], check=True)
+
+
+def test_provision_accepts_a_root_whose_parents_are_roots_alone(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+    """Control for the test above: the host's own ROOT sits below root's 0755 directories (/srv/...)."""
+    assert first_run.returncode == 0
+    assert stat.S_IMODE(host.base.stat().st_mode) == 0o755 and host.base.stat().st_uid == 0
+    assert "not root's alone" not in first_run.stderr
+
+
 # ---------------------------------------------------------------------------- nginx-site
 def get(url: str, **kwargs: object) -> httpx.Response:
     return http_get(url, timeout=5, **kwargs)  # type: ignore[arg-type]
@@ -293,7 +434,7 @@ def get(url: str, **kwargs: object) -> httpx.Response:
 def site(host: TargetHost, first_run: subprocess.CompletedProcess[str], backend: ThreadingHTTPServer) -> tuple[str, str]:
     s = host.settings()
     name, text = site_name(s.app_name), render_nginx_site(s)
-    result = host.run(site_cmd(name, s.port), stdin=text)
+    result = host.run(site_cmd(name), stdin=nginx_site_input(s, text))
     assert result.returncode == 0, result.stderr
     assert "reloaded nginx" in result.stdout
     wait_until(lambda: get(host.nginx.url("/health")).status_code == 200)
@@ -410,22 +551,16 @@ def test_nginx_site_creates_the_upstream_only_when_missing(host: TargetHost, sit
     upstream.write_text(switched)
     try:
         changed = text.replace("client_max_body_size 10m;", "client_max_body_size 12m;")
-        result = host.run(site_cmd(name, s.port), stdin=changed)
+        result = host.run(site_cmd(name), stdin=nginx_site_input(s, changed))
         assert result.returncode == 0 and "reloaded nginx" in result.stdout, result.stderr
         assert upstream.read_text() == switched
         assert get(host.nginx.url("/health")).status_code == 200, "green is down here: the blue backup answers"
     finally:
         upstream.write_text(render_upstream(s, s.port))
-        assert host.run(site_cmd(name, s.port), stdin=text).returncode == 0
+        assert host.run(site_cmd(name), stdin=nginx_site_input(s, text)).returncode == 0
 
 
-@pytest.mark.parametrize("args", [["--name", "x", "--upstream-port", "0"], ["--name", "x", "--upstream-port", "80;id"]])
-def test_nginx_site_rejects_a_bad_upstream_port(host: TargetHost, args: list[str]) -> None:
-    result = host.run(script_command(NGINX_SITE, args), stdin="server {}\n")
-    assert result.returncode != 0 and "--upstream-port must be a port number" in result.stderr
-
-
-@pytest.mark.parametrize("args", [["--name", "../etc"], ["--name", ""], ["--nam", "x"], []])
+@pytest.mark.parametrize("args", [["--name", "../etc"], ["--name", ""], ["--nam", "x"], [], ["--name", "x", "--upstream-port", "80"]])
 def test_nginx_site_rejects_bad_arguments(host: TargetHost, site: tuple[str, str], args: list[str]) -> None:
     result = host.run(script_command(NGINX_SITE, args), stdin="server {}\n")
     assert result.returncode != 0 and result.stderr
@@ -506,54 +641,91 @@ def test_put_file_replaces_atomically(host: TargetHost, first_run: subprocess.Co
     dest.unlink()
 
 
-def test_put_file_reload_uses_release_tool_then_run_sh(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+def test_put_file_reload_uses_the_release_tool(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
     root = host.root
-    u = host.app_user
     log = root / "shared/logs/reload.log"
     tool = host.bin_dir / "cognivern-release"
-    original_tool = tool.read_text()
+    installed = os.readlink(tool)
     release = root / "releases/r1"
     release.mkdir()
     (root / "current").symlink_to(release)
+
+    def stub(text: str | None) -> None:
+        tool.unlink()
+        if text is not None:
+            tool.write_text(text)
+            tool.chmod(0o755)
+
     try:
         eco = str(root / "config/ecosystem.config.cjs")
         # 1) the installed release tool does the reload (it logs its arguments)
-        tool.write_text(f'#!/usr/bin/env bash\necho "tool $*" >>{log}\n')
+        stub(f'#!/usr/bin/env bash\necho "tool $*" >>{log}\n')
         r = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: []};\n")
         assert r.returncode == 0, r.stderr
         assert log.read_text() == f"tool --root {root} reload\n"
         unchanged = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: []};\n")
         assert "unchanged" in unchanged.stdout and log.read_text().count("\n") == 1, "no reload when unchanged"
         # a failed reload is retried by the next run even though the content is unchanged
-        tool.write_text(f'#!/usr/bin/env bash\necho "failing $*" >>{log}\nexit 3\n')
+        stub(f'#!/usr/bin/env bash\necho "failing $*" >>{log}\nexit 3\n')
         failed = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: [0]};\n")
         assert failed.returncode != 0 and "reload failed" in failed.stderr
         assert (root / ".deploy/reload-pending").exists()
-        tool.write_text(f'#!/usr/bin/env bash\necho "tool $*" >>{log}\n')
+        stub(f'#!/usr/bin/env bash\necho "tool $*" >>{log}\n')
         retried = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: [0]};\n")
         assert retried.returncode == 0 and "retrying the reload" in retried.stdout, retried.stdout + retried.stderr
         assert log.read_text().splitlines()[-1] == f"tool --root {root} reload"
         assert not (root / ".deploy/reload-pending").exists()
-        # 2) no release tool: shared/run.sh runs as the owner of shared/ with its own HOME/PM2_HOME
-        tool.unlink()
-        run_sh = root / "shared/run.sh"
-        run_log = root / "shared/logs/run-sh.log"
-        run_sh.write_text(f'#!/usr/bin/env bash\necho "run.sh $(id -un) $HOME $PM2_HOME $PWD" >>{run_log}\n')
-        run_sh.chmod(0o755)
+        # 2) no release tool: nothing else starts the apps (no shell script as before); retried next time
+        stub(None)
         r = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: [] };\n")
-        assert r.returncode == 0, r.stderr
-        assert run_log.read_text() == f"run.sh {u} {host.app_home} {host.pm2_home} /\n"
+        assert r.returncode != 0 and "the release tool" in r.stderr and "is not installed" in r.stderr, r.stderr
+        assert (root / ".deploy/reload-pending").exists()
         # 3) no current yet: nothing to reload
         (root / "current").unlink()
         r = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: [1] };\n")
         assert r.returncode == 0 and "reload: skipped" in r.stdout
     finally:
-        tool.write_text(original_tool)
-        tool.chmod(0o755)
-        for p in (root / "current", root / "shared/run.sh", log, root / "shared/logs/run-sh.log", root / "config/ecosystem.config.cjs"):
+        if tool.is_symlink() or tool.exists():
+            tool.unlink()
+        tool.symlink_to(installed)
+        for p in (root / "current", log, root / "config/ecosystem.config.cjs", root / ".deploy/reload-pending"):
             if p.is_symlink() or p.exists():
                 p.unlink()
         release.rmdir()
+
+
+def test_install_tool_installs_the_real_tool_by_rename_and_keeps_the_version_before(
+    host: TargetHost, first_run: subprocess.CompletedProcess[str]
+) -> None:
+    """The bundle the program sends (ReleaseTool's install): installed as a directory named by its digest, `current` and the
+    command switched by rename; the same bundle again changes nothing; a malformed one is refused
+    with the installed tool untouched."""
+    lib = host.bin_dir.parent / "lib" / "cognivern-release"
+    before = os.readlink(lib / "current")
+    try:
+        tool_files = bundle(release_tool_files())
+        first = host.run(install_tool_cmd(), stdin=tool_files)
+        assert first.returncode == 0, first.stderr
+        digest = os.readlink(lib / "current")
+        assert digest != before and f"release tool: installed {digest}" in first.stdout
+        assert sorted(p.name for p in lib.iterdir()) == sorted([before, digest, "current"]), "the version before stays"
+        help_text = host.run("cognivern-release --help")
+        assert help_text.returncode == 0 and "install ID SOURCE SHA256" in help_text.stdout, help_text.stderr
+        files = {str(p.relative_to(lib / digest)): owner_mode(p) for p in (lib / digest).rglob("*")}
+        assert files["cognivern-release"] == ("root", "root", "0o755")
+        assert files["cognivern_release/facts.py"] == ("root", "root", "0o644")
+        again = host.run(install_tool_cmd(), stdin=tool_files)
+        assert f"release tool: ok (already {digest})" in again.stdout
+        for bad in (FAKE_TOOL, BUNDLE_MARKER.format("../escape") + "\nx\n", BUNDLE_MARKER.format("cognivern_release/x.sh") + "\nx\n"):
+            refused = host.run(install_tool_cmd(), stdin=bad)
+            assert refused.returncode != 0 and "is not a bundle of the release tool's files" in refused.stderr, refused.stderr
+            assert os.readlink(lib / "current") == digest and not list(lib.glob(".stage.*"))
+        assert not (host.bin_dir.parent / "escape").exists()
+        # provision.sh takes the same files in front of its own (test hosts prepare a host in one command)
+        both = host.run(provision_cmd(host.settings()), stdin=release_tool_bundle())
+        assert both.returncode == 0 and f"provision: release tool: ok (already {digest})" in both.stdout, both.stderr
+    finally:
+        assert host.run(install_tool_cmd(), stdin=FAKE_BUNDLE).returncode == 0
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Several servers, for real: a rolling release across two hosts behind a balancer, with no failed request.
 
 Two NetnsHosts (own network and mount namespaces, own sshd, nginx, ROOT, PM2) form one
-existing-hosts stack (`cognivern:hosts`), driven by the engine stand-in with the real program. In
+existing-hosts stack (`cognivern:hosts`), deployed by the real `pulumi up` of the program. In
 front of them a private nginx in the root namespace plays the load balancer the way Hetzner's
 does with its /health check: an upstream of both hosts' nginx with passive health (max_fails,
 fail_timeout) that retries another server on a connection error, a timeout or a 502/503/504.

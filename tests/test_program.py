@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,10 @@ import pytest
 from pulumi import RunError
 
 from components import remote
+from components.host import digest as command_digest
 from components.host import pinned_versions
-from components.release import ArtifactError, resolve_artifact
+from components.release.cognivern_release import facts
+from components.release.component import ArtifactError, resolve_artifact
 from components.render import HOST_DIR
 from components.tool import INSTALL_TOOL
 from tests.support.program import DefaultMocks, Registration, is_secret, run_program, unsecret
@@ -98,13 +101,17 @@ def test_children_are_named_after_their_component_and_parented() -> None:
 def test_host_commands_run_in_order() -> None:
     run = run_program(EXISTING)
     assert deps_names(run, run.get("cognivern-prod-provision")) == set()
-    assert deps_names(run, run.get("cognivern-prod-run-script")) == {"cognivern-prod-provision"}
     assert deps_names(run, run.get("cognivern-prod-env-preload")) == {"cognivern-prod-provision"}
     assert deps_names(run, run.get("cognivern-prod-tool-install")) == {"cognivern-prod-provision"}
     assert deps_names(run, run.get("cognivern-prod-tool-conf")) == {"cognivern-prod-provision"}
     assert deps_names(run, run.get("cognivern-prod-nginx-site")) == {"cognivern-prod-provision"}
-    assert deps_names(run, run.get("cognivern-prod-ecosystem")) == {"cognivern-prod-run-script", "cognivern-prod-env-preload"}
-    assert deps_names(run, run.get("cognivern-prod-env")) == {"cognivern-prod-run-script", "cognivern-prod-ecosystem"}
+    # both reload the apps through the installed tool, which reads cognivern.conf first
+    assert deps_names(run, run.get("cognivern-prod-ecosystem")) == {
+        "cognivern-prod-env-preload",
+        "cognivern-prod-tool-install",
+        "cognivern-prod-tool-conf",
+    }
+    assert deps_names(run, run.get("cognivern-prod-env")) == {"cognivern-prod-ecosystem"}
 
 
 def test_provision_carries_its_script_and_does_nothing_when_only_its_connection_changes() -> None:
@@ -114,13 +121,21 @@ def test_provision_carries_its_script_and_does_nothing_when_only_its_connection_
     assert create.startswith("bash -c '#!/usr/bin/env bash")
     pins = pinned_versions()
     assert create.endswith(
-        " provision --root /opt/cognivern --app-user cognivern --node-major 22 --ssh-user root"
-        f" --pm2-version {pins['PM2_VERSION']} --pnpm-version {pins['PNPM_VERSION']}"
+        " provision --root /opt/cognivern --app-user cognivern --build-user cognivern-build --ssh-user root --node-major 22"
+        " --node-source nodesource"
+        f" --pm2-version {pins['PM2_VERSION']} --pnpm-version {pins['PNPM_VERSION']} --metadata-filter no"
     )
-    assert "stdin" not in provision.inputs, "the release tool is the tool's own command"
-    # its command's digest is its trigger (a changed script replaces it: it runs); `update` is what runs
-    # when anything else changed, i.e. the connection alone (a host-key pin): nothing
-    assert provision.inputs["triggers"] == [hashlib.sha256(create.encode()).hexdigest()]
+    # the metadata filter's files as source text, each after its marker line: a diff shows what
+    # changed, line by line; the release tool is not among them (its own command, below)
+    parts = re.split(r"^#--- ([\w./-]+) ---\n", provision.inputs["stdin"], flags=re.MULTILINE)
+    assert parts[0] == ""
+    files = dict(zip(parts[1::2], parts[2::2], strict=True))
+    assert list(files) == ["cognivern-metadata-filter", "cognivern-metadata-filter.service"], "every file, in a fixed order"
+    assert files["cognivern-metadata-filter"] == Path("components/server/metadata-filter.sh").read_text()
+    assert files["cognivern-metadata-filter.service"] == Path("components/server/cognivern-metadata-filter.service").read_text()
+    # the digest of its command and stdin is its trigger (a changed script or file replaces it: it
+    # runs); `update` is what runs when anything else changed, i.e. the connection alone (a host-key pin): nothing
+    assert provision.inputs["triggers"] == [command_digest(create, provision.inputs["stdin"])]
     assert provision.inputs["update"] == "true"
     assert "delete" not in provision.inputs, "destroying the stack must never remove anything from the host"
 
@@ -129,9 +144,13 @@ def test_the_release_tool_is_installed_and_configured_by_its_own_commands() -> N
     run = run_program(EXISTING)
     install = run.get("cognivern-prod-tool-install")
     assert shlex.split(install.inputs["create"])[3] == "install-tool"
-    tool, helper = install.inputs["stdin"].split("\n#--- cognivern-pm2.cjs ---\n")
-    assert tool + "\n" == Path("components/release/cognivern-release.sh").read_text()
-    assert helper == Path("components/release/cognivern-pm2.cjs").read_text(), "the PM2 query helper goes beside the tool"
+    parts = re.split(r"^#--- ([\w./-]+) ---\n", install.inputs["stdin"], flags=re.MULTILINE)
+    assert parts[0] == ""
+    files = dict(zip(parts[1::2], parts[2::2], strict=True))
+    release = Path("components/release")
+    tool = ["cognivern-release", *(f"cognivern_release/{p.name}" for p in sorted((release / "cognivern_release").glob("*.py")))]
+    assert list(files) == tool, "the launcher and every file of its package, in a fixed order"
+    assert all(files[name] == (release / name).read_text() for name in tool)
     conf = run.get("cognivern-prod-tool-conf")
     assert "--dest /opt/cognivern/config/cognivern.conf --mode 0644 --owner root:root" in conf.inputs["create"]
     assert "--reload-root" not in shlex.split(conf.inputs["create"])[4:], (
@@ -139,12 +158,22 @@ def test_the_release_tool_is_installed_and_configured_by_its_own_commands() -> N
     )
     for reg in (install, conf):
         assert run.parent_name(reg) == "cognivern-prod-tool"
+    assert run.parent_name(run.get("cognivern-prod-tool")) == "cognivern-prod", "the tool is installed on its Host"
     # the config file was the Host's `release-conf`: its alias keeps that state on upgrade
     assert conf.aliases == [{"spec": {"name": "cognivern-prod-release-conf", "parentUrn": run.get("cognivern-prod").urn}}]
 
 
+@pytest.mark.parametrize(("config", "wanted"), [("created", "yes"), ("existing", "no")])
+def test_only_servers_the_program_creates_get_the_metadata_filter(config: str, wanted: str) -> None:
+    """Hetzner's metadata service exists where the program created the server; an existing host may
+    have none, and PM2 there must not require a filter unit that is not installed."""
+    run = run_program(HETZNER, mocks=HetznerMocks()) if config == "created" else run_program(EXISTING)
+    assert run.get("cognivern-prod-provision").inputs["create"].endswith(f" --metadata-filter {wanted}")
+
+
 def test_every_host_script_command_carries_lib_sh_in_front_of_its_script(tmp_path: Path) -> None:
-    """lib.sh travels inside each command (nothing to install first), so editing it changes the command."""
+    """lib.sh and the generated rules travel inside each command (nothing to install first), so editing
+    either changes the command."""
     lib = Path("components/host/lib.sh").read_text()
     for reg in run_program(EXISTING).by_type(COMMAND):
         script = reg.inputs["create"]
@@ -152,7 +181,7 @@ def test_every_host_script_command_carries_lib_sh_in_front_of_its_script(tmp_pat
             continue  # the installed release tool
         _, _, text, name, *_ = shlex.split(script)
         path = INSTALL_TOOL if name == "install-tool" else HOST_DIR / f"{name}.sh"
-        assert text == lib + "\n" + path.read_text(), reg.name
+        assert text == lib + "\n" + facts.shell_prelude() + path.read_text(), reg.name
     edited = tmp_path / "lib.sh"
     edited.write_text(lib + "# one more line\n")
     with mock.patch.object(remote, "LIB", edited):
@@ -173,18 +202,21 @@ def test_runtime_files_are_rendered_from_settings() -> None:
         in eco.inputs["create"]
     )
     assert "forecasting-agent" in eco.inputs["stdin"] and "'exec_mode': 'cluster'" not in eco.inputs["stdin"]
-    assert '"exec_mode": "cluster"' in eco.inputs["stdin"] and 'const SLOTS_FILE = "/opt/cognivern/config/slots";' in eco.inputs["stdin"]
+    assert (
+        '"exec_mode": "cluster"' in eco.inputs["stdin"] and 'const STATE_FILE = "/opt/cognivern/config/state.json";' in eco.inputs["stdin"]
+    )
     nginx = run.get("cognivern-prod-nginx-site")
     assert "include sites-available/cognivern-agent.upstream;" in nginx.inputs["stdin"]
-    assert nginx.inputs["create"].endswith(" nginx-site --name cognivern-agent --upstream-port 4000")
+    assert nginx.inputs["create"].endswith(" nginx-site --name cognivern-agent")
+    assert nginx.inputs["stdin"].endswith("#--- cognivern-agent.upstream ---\n" + facts.upstream_text("cognivern_agent_app", 4000))
     conf = run.get("cognivern-prod-tool-conf")
     assert "PORT=4000\n" in conf.inputs["stdin"] and "KEEP_RELEASES" not in conf.inputs["stdin"], "keepReleases is prune's argument"
     assert "BAKE_SECONDS=30\n" in conf.inputs["stdin"] and "KEEP_PREVIOUS_WARM=false\n" in conf.inputs["stdin"]
     assert "NGINX_UPSTREAM=/etc/nginx/sites-available/cognivern-agent.upstream\n" in conf.inputs["stdin"]
     assert "AGENT_APPS=forecasting-agent\n" in conf.inputs["stdin"]
-    run_sh = run.get("cognivern-prod-run-script")
-    assert run_sh.inputs["stdin"] == Path("components/host/run.sh").read_text()
-    assert "--dest /opt/cognivern/shared/run.sh --mode 0755 --owner root:root --reload-root /opt/cognivern" in run_sh.inputs["create"]
+    assert "BUILD_USER=cognivern-build\n" in conf.inputs["stdin"]
+    env = run.get("cognivern-prod-env")
+    assert "--dest /opt/cognivern/shared/.env --mode 0640 --owner root:cognivern --reload-root /opt/cognivern" in env.inputs["create"]
 
 
 SECRET_VALUE = "0xSECRET-private-key-do-not-leak"
@@ -215,7 +247,8 @@ def test_secrets_only_travel_inside_secret_values() -> None:
     assert f"SAPIENCE_PRIVATE_KEY={SECRET_VALUE}\n" in unsecret(env.inputs["stdin"])
     assert env.inputs["logging"] == "none"
     assert {"stdout", "stderr"} <= set(env.additional_secret_outputs)
-    assert "--dest /opt/cognivern/shared/.env --mode 0600 --owner cognivern:cognivern --reload-root /opt/cognivern" in env.inputs["create"]
+    # root's, read by the app's group: the app cannot rewrite the values the release tool masks with
+    assert "--dest /opt/cognivern/shared/.env --mode 0640 --owner root:cognivern --reload-root /opt/cognivern" in env.inputs["create"]
     assert unsecret(run.get("cognivern-prod-provision").inputs["connection"])["privateKey"] == PRIVATE_KEY
 
 
@@ -268,7 +301,6 @@ def make_artifact(tmp_path: Path, release: str, content: bytes = b"tarball") -> 
 
 HOST_READY = {
     "cognivern-prod-provision",
-    "cognivern-prod-run-script",
     "cognivern-prod-env-preload",
     "cognivern-prod-ecosystem",
     "cognivern-prod-env",
@@ -296,8 +328,10 @@ def test_release_with_artifact_is_an_upload_then_one_deploy_command(tmp_path: Pa
     )
     # any change that is not the release (the connection, the command's wording) lists the state: nothing switches
     assert activate.inputs["update"] == "cognivern-release --root /opt/cognivern list --json"
-    # keepReleases is prune's own command, run after the activation: changing it never touches the activation
-    assert prune.inputs["create"] == "cognivern-release --root /opt/cognivern prune --keep 3" and "triggers" not in prune.inputs
+    # keepReleases is prune's own command, run after the activation: changing it never touches the
+    # activation; it is prune's trigger, and a change of the connection alone runs nothing
+    assert prune.inputs["create"] == "cognivern-release --root /opt/cognivern prune --keep 3"
+    assert prune.inputs["triggers"] == ["3"] and prune.inputs["update"] == "true"
     assert deps_names(run, upload) == HOST_READY
     assert deps_names(run, activate) == {"cognivern-prod-release-upload"}
     assert deps_names(run, prune) == {"cognivern-prod-release-activate"}
@@ -463,7 +497,7 @@ def test_several_servers_sit_behind_a_load_balancer_on_a_private_network(n: int)
         for reg in run.registrations:
             if reg.type in (COMMAND, COPY) and reg.name.startswith(f"cognivern-prod-{i}-"):
                 assert unsecret(reg.inputs["connection"])["host"] == f"203.0.113.{10 + i}", reg.name
-    assert len(run.by_type(COMMAND)) == n * (6 + 2 + 3)  # host, tool, release (install, activate, prune)
+    assert len(run.by_type(COMMAND)) == n * (5 + 2 + 3)  # host, tool, release (install, activate, prune)
     assert run.outputs["url"] == "http://198.51.100.80/" and run.outputs["loadBalancerIpv4Address"] == "198.51.100.80"
     assert "ipv4Address" not in run.outputs
     assert [s["name"] for s in run.outputs["servers"]] == [f"cognivern-prod-{i}" for i in range(1, n + 1)]
@@ -516,7 +550,7 @@ def assert_rolling_order(run: Any, nodes: list[str]) -> None:
     for node in nodes:
         install_deps = step_deps(run, f"{node}-release-install")
         assert not [d for d in install_deps if d.endswith("-activate")], (node, install_deps)
-        ready = ("provision", "run-script", "env-preload", "ecosystem", "env", "nginx-site", "tool-install", "tool-conf")
+        ready = ("provision", "env-preload", "ecosystem", "env", "nginx-site", "tool-install", "tool-conf")
         assert install_deps == {f"{node}-{c}" for c in ready}
         assert step_deps(run, f"{node}-release-prune") == {f"{node}-release-activate"}
     assert step_deps(run, activations[0]) == installs
@@ -627,8 +661,10 @@ def test_server_1_of_several_keeps_the_state_of_the_one_server_stack(config: dic
     def names(reg: Registration) -> list[str]:
         return [a["spec"]["name"] for a in reg.aliases]
 
-    for component, was in (("cognivern-prod-1", "cognivern-prod"), ("cognivern-prod-1-tool", "cognivern-prod-tool")):
-        assert names(run.get(component)) == [was], component
+    assert names(run.get("cognivern-prod-1")) == ["cognivern-prod"]
+    # the tool is the Host's child, named after it: it follows the Host's alias (the SDK derives
+    # `cognivern-prod-tool` under the Host's old name), so it needs none of its own
+    assert run.parent_name(run.get("cognivern-prod-1-tool")) == "cognivern-prod-1" and not names(run.get("cognivern-prod-1-tool"))
     assert names(run.get("cognivern-prod-1-release")) == ["cognivern-prod-release"]
     assert not [r for r in run.registrations if not r.custom and r.name.startswith("cognivern-prod-2") and r.aliases]
     one = run_program(EXISTING)

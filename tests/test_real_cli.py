@@ -2,16 +2,14 @@
 
 What the CLI does to the stack config before the program sees it is the CLI's, not ours: these
 tests set config with `pulumi config set` as the README says and run, through the real engine, an
-inline program that reads the settings exactly as __main__.py does. They fail (never skip) when
-the CLI has not been built. The pulumi-command provider cannot be built here (its Go module is
-not served by the module proxy), so nothing below registers a remote command.
+inline program that reads the settings exactly as __main__.py does (the Automation API; no
+resource is registered). They fail (never skip) when the CLI has not been built. The merge of
+Pulumi.yaml's defaults: tests/test_project_defaults.py; the whole program: tests/test_scenarios.py.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +39,9 @@ def project(tmp_path: Path) -> PulumiProject:
     return PulumiProject(tmp_path)
 
 
-def test_the_cli_is_the_pinned_build() -> None:
-    version = subprocess.run([str(pulumi_binary()), "version"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-    assert version == f"v{VERSION}"
+def test_the_cli_is_the_pinned_build(project: PulumiProject) -> None:
+    assert pulumi_binary() == project.binary
+    assert project.run("version").stdout.strip() == f"v{VERSION}"  # (its env: a private PULUMI_HOME, no log in root's)
 
 
 def test_main_reads_settings_with_the_call_the_inline_program_uses() -> None:
@@ -51,16 +49,6 @@ def test_main_reads_settings_with_the_call_the_inline_program_uses() -> None:
     call = 'parse_settings(config.get, lambda key: is_config_secret(f"{NAMESPACE}:{key}"), stack=pulumi.get_stack())'
     assert call in (REPO / "__main__.py").read_text()
     assert call in (REPO / "tests" / "support" / "inline_program.py").read_text()
-
-
-def test_cli_merges_project_defaults_into_the_stack_as_plain_values(project: PulumiProject) -> None:
-    """mergeConfig, observed: an unset secretEnv is listed as the plain default `{}`."""
-    project.init(HOST)
-    listed = json.loads(project.run("config", "--json").stdout)
-    assert listed["cognivern:secretEnv"] == {"value": "{}", "objectValue": {}, "secret": False}
-    assert listed["cognivern:sshPrivateKey"] == {"value": "", "secret": False}
-    assert listed["cognivern:port"]["value"] == "3000"
-    assert "secretEnv" not in project.stack_file()  # nothing written: the merge happens at run time
 
 
 def test_stack_without_secret_env_runs_under_the_real_cli(project: PulumiProject) -> None:
@@ -116,13 +104,3 @@ def test_plain_leaf_next_to_secret_ones_is_secret_for_the_program(project: Pulum
     out = result(project.inline("settings"))
     assert out["ok"], out["error"]
     assert out["outputs"]["secretEnvNames"]["value"] == ["PLAIN_ONE", "SAPIENCE_PRIVATE_KEY"]
-
-
-def test_real_main_under_the_real_cli_gets_past_its_settings_to_the_command_provider(project: PulumiProject) -> None:
-    """The real __main__.py on a stack with no secretEnv: it reads its settings and registers its first
-    remote command, which the engine cannot serve without the pulumi-command plugin (not buildable here)."""
-    project.init({**HOST, "cognivern:artifactUrl": "https://example.invalid/a.tar.gz", "cognivern:artifactSha256": "0" * 64})
-    out = result(project.inline("main", op="preview"))
-    assert not out["ok"]
-    assert "must be stored encrypted" not in out["error"]
-    assert re.search(r"pulumi-resource-command|resource plugin.*command|plugin command", out["error"]), out["error"]

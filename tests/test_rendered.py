@@ -6,6 +6,7 @@ node itself; every shell script in the repository passes `shellcheck -S style`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -15,7 +16,6 @@ import pytest
 from components.render import (
     AGENT_NAME,
     ENV_PRELOAD,
-    HOST_DIR,
     env_preload_path,
     https_redirect_snippet,
     render_ecosystem,
@@ -31,9 +31,13 @@ BASE = {"release": "r1", "host": "192.0.2.10"}
 
 
 def settings(**values: object) -> Settings:
+    """Settings from raw values; a `root` is set after validation: the tests render into tmp_path,
+    which the settings refuse as a ROOT (it is under the sticky /tmp), and rendering does not care."""
+    root = values.pop("root", None)
     raw = {**BASE, **values}
     cfg = {k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
-    return parse_settings(cfg.get)
+    parsed = parse_settings(cfg.get)
+    return parsed if root is None else dataclasses.replace(parsed, root=str(root))
 
 
 @pytest.mark.parametrize(
@@ -162,7 +166,8 @@ def test_ecosystem_is_valid_node_with_expected_apps(tmp_path: Path, agents: bool
     (root / "config").mkdir(parents=True)
     (root / "shared").mkdir()
     (root / "shared" / ".env").write_text("PORT=4000\nFIXTURE=x\n")
-    (root / "config" / "slots").write_text("live=green\nblue=r1\ngreen=r2\nagent=r2\n")
+    state = {"slots": {"live": "green", "blue": "r1", "green": "r2", "agent": "r2"}}
+    (root / "config" / "state.json").write_text(json.dumps(state))
     s = settings(
         root=str(root),
         port="4000",
@@ -172,7 +177,8 @@ def test_ecosystem_is_valid_node_with_expected_apps(tmp_path: Path, agents: bool
         secretEnv={"GROQ_API_KEY": "gsk-secret"},
     )
     text = render_ecosystem(s)
-    apps = node_apps(tmp_path, text, {"PORT": "4000", "FIXTURE": "x"})  # what run.sh exports from shared/.env
+    # what cognivern-release gives PM2 from shared/.env (parsed as data), plus one variable not from it
+    apps = node_apps(tmp_path, text, {"PORT": "4000", "FIXTURE": "x", "COGNIVERN_ENV_KEYS": "PORT FIXTURE", "OTHER": "y"})
     names = [a["name"] for a in apps]
     slots = [f"{s.app_name}-blue", f"{s.app_name}-green"]
     assert names == ([*slots, AGENT_NAME] if agents else slots)
@@ -192,6 +198,18 @@ def test_ecosystem_is_valid_node_with_expected_apps(tmp_path: Path, agents: bool
         assert str(app["out_file"]).startswith(f"{s.root}/shared/logs/")
         assert app["node_args"] == ["--require", env_preload_path(s.root)]
     assert "gsk-secret" not in text, "secrets never reach the ecosystem file"
+
+
+def test_ecosystem_run_by_anything_but_the_tool_marks_nothing(tmp_path: Path) -> None:
+    """Without COGNIVERN_ENV_KEYS (an operator's own `pm2 reload` of the file) the apps get no
+    variable, no marker and no list: PM2 keeps their environment, and env-preload.cjs drops nothing."""
+    root = tmp_path / "root"
+    (root / "config").mkdir(parents=True)
+    state = {"slots": {"live": "blue", "blue": "r1", "green": None, "agent": None}}
+    (root / "config" / "state.json").write_text(json.dumps(state))
+    s = settings(root=str(root), port="4000")
+    apps = node_apps(tmp_path, render_ecosystem(s), {"FIXTURE": "x"})
+    assert [a["env"] for a in apps] == [{"NODE_ENV": "production", "PORT": "4000"}]
 
 
 def preloaded_env(env: dict[str, str]) -> dict[str, str]:
@@ -233,8 +251,9 @@ def test_env_preload_leaves_an_unmarked_environment_alone() -> None:
     assert broken["pm2_env"] == "{not json" and broken["KEPT"] == "x"
 
 
-def test_ecosystem_without_a_slots_file_runs_blue_and_the_agent_on_current(tmp_path: Path) -> None:
-    """A host prepared before the slots: the next run.sh starts blue where the single app was."""
+def test_ecosystem_without_a_state_runs_blue_and_the_agent_on_current(tmp_path: Path) -> None:
+    """A host prepared before the slots (the tool has not written its state yet): blue runs where
+    the single app was."""
     root = tmp_path / "root"
     (root / "releases" / "r0").mkdir(parents=True)
     (root / "current").symlink_to("releases/r0")
@@ -249,16 +268,15 @@ def test_ecosystem_without_a_slots_file_runs_blue_and_the_agent_on_current(tmp_p
 def test_ecosystem_ignores_a_slot_value_that_is_not_a_release_id(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "config").mkdir(parents=True)
-    (root / "config" / "slots").write_text("live=blue\nblue=../../etc\ngreen=\nagent=r1\n")
+    slots = {"live": "blue", "blue": "../../etc", "green": None, "agent": "r1\n"}
+    (root / "config" / "state.json").write_text(json.dumps({"slots": slots}))
     apps = node_apps(tmp_path, render_ecosystem(settings(root=str(root))))
     assert apps == []
 
 
 def shell_scripts() -> list[str]:
     tracked = subprocess.run(["git", "ls-files", "-z", "--", "*.sh"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    paths = {p for p in tracked.split("\0") if p}
-    paths.add(str((HOST_DIR / "run.sh").relative_to(REPO)))
-    return sorted(paths)
+    return sorted(p for p in tracked.split("\0") if p)
 
 
 @pytest.mark.parametrize("script", shell_scripts())

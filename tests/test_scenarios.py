@@ -17,108 +17,42 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.support.helpers import http_get, run_pm2
 from tests.support.load import Load
 from tests.support.program import REPO
 from tests.support.real_engine import is_secret
-from tests.support.stack import DeployStack
+from tests.support.stack import RELEASE_STEPS, TargetStack
 from tests.support.story import Story
 from tests.support.target_host import TargetHost
 
 V1, V2, V3, V4, V5 = (f"scn-v{i}" for i in range(1, 6))
-HOST_COMMANDS = ("provision", "run-script", "env-preload", "ecosystem", "env", "nginx-site", "tool-install", "tool-conf")
-RELEASE_STEPS = ("upload", "activate", "prune")
+HOST_COMMANDS = ("provision", "env-preload", "ecosystem", "env", "nginx-site", "tool-install", "tool-conf")
 SECRET = "secret-one"
 
 story = Story()
 story_outcomes = story.fixture()
 
 
-class Stack(DeployStack):
-    """The stack under test: its config, the engine that deploys it and views of the host."""
-
-    def __init__(self, host: TargetHost, tmp: Path) -> None:
-        super().__init__(host.config, tmp, secretEnv={"FIXTURE_ECHO": SECRET})
-        self.host = host
-
-    # -- the host
-    def get(self, path: str) -> httpx.Response:
-        return http_get(self.host.nginx.url(path), timeout=5)
-
-    def serving(self) -> dict[str, Any]:
-        response = self.get("/release")
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        return body
-
-    def tool(self, *args: str) -> str:
-        proc = self.host.run(" ".join(["cognivern-release", "--root", str(self.host.root), *args]), check=True)
-        return proc.stdout
-
-    def releases(self) -> dict[str, str]:
-        listing = json.loads(self.tool("list", "--json"))
-        return {r["id"]: r["state"] for r in listing["releases"]}
-
-    def release_dirs(self) -> set[str]:
-        return {p.name for p in (self.host.root / "releases").iterdir()}
-
-    def current(self) -> str:
-        return os.readlink(self.host.root / "current").rsplit("/", 1)[-1]
-
-    def pm2_apps(self) -> dict[str, str]:
-        proc = run_pm2(self.host.app_user, self.host.app_home, self.host.pm2_home, "jlist")
-        assert proc.returncode == 0, proc.stderr
-        out = proc.stdout
-        return {p["name"]: p["pm2_env"]["status"] for p in json.loads(out)}
-
-    def snapshot(self) -> dict[str, tuple[str, int, str]]:
-        """Every file, link and directory the deploy manages (not the app's logs/data), with content digests."""
-        out: dict[str, tuple[str, int, str]] = {}
-        skip = {self.host.root / "shared" / "logs", self.host.root / "shared" / "data", self.host.root / "backups"}
-        for base in (self.host.root, self.host.bin_dir, self.host.nginx.sites_available, self.host.nginx.sites_enabled):
-            for dirpath, dirnames, filenames in os.walk(base):
-                dirnames[:] = [d for d in dirnames if Path(dirpath, d) not in skip]
-                for name in dirnames + filenames:
-                    path = Path(dirpath, name)
-                    st = path.lstat()
-                    if stat.S_ISLNK(st.st_mode):
-                        kind, detail = "link", os.readlink(path)
-                    elif stat.S_ISREG(st.st_mode):
-                        kind, detail = "file", f"{st.st_size}:{st.st_mtime_ns}"
-                    else:
-                        kind, detail = "dir", ""
-                    out[str(path)] = (kind, st.st_mode, detail)
-        return out
-
-    def release_state(self) -> dict[str, str]:
-        """The release id each release resource's state was last created for (its first trigger)."""
-        steps = {f"cognivern-test-release-{step}": step for step in ("upload", "activate")}  # prune has no trigger
-        return {steps[name]: r["inputs"]["triggers"][0] for name, r in self.engine.resources().items() if name in steps}
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TargetStack]:
     with TargetHost() as host:
-        yield Stack(host, tmp_path_factory.mktemp("scenarios"))
+        yield TargetStack(host, tmp_path_factory.mktemp("scenarios"), secretEnv={"FIXTURE_ECHO": SECRET})
 
 
-def serving_under_load(stack: Stack) -> Load:
+def serving_under_load(stack: TargetStack) -> Load:
     """8 clients through nginx on /release and /health while a run changes what serves them."""
     return Load([stack.host.nginx.url("/release"), stack.host.nginx.url("/health")], clients=8)
 
 
 @story.stage
-def test_01_a_fresh_host_is_prepared_and_v1_goes_live(stack: Stack) -> None:
+def test_01_a_fresh_host_is_prepared_and_v1_goes_live(stack: TargetStack) -> None:
     report = stack.up(release=V1, artifact=stack.artifact(V1))
     assert set(report.ops().values()) == {"create"}, report.summary()
     assert len(report.ops()) == len(HOST_COMMANDS) + len(RELEASE_STEPS)
@@ -134,7 +68,7 @@ def test_01_a_fresh_host_is_prepared_and_v1_goes_live(stack: Stack) -> None:
     tool = host.bin_dir / "cognivern-release"
     assert tool.stat().st_mode & 0o777 == 0o755
     env = root / "shared" / ".env"
-    assert env.stat().st_mode & 0o777 == 0o600 and env.owner() == host.app_user
+    assert env.stat().st_mode & 0o777 == 0o640 and (env.owner(), env.group()) == ("root", host.app_user)  # the app reads, root writes
     assert f"FIXTURE_ECHO={SECRET}" in env.read_text()
     assert stack.current() == V1
     assert (root / "incoming" / f"cognivern-{V1}.tar.gz").exists()
@@ -145,7 +79,7 @@ def test_01_a_fresh_host_is_prepared_and_v1_goes_live(stack: Stack) -> None:
 
 
 @story.stage
-def test_02_a_second_run_with_no_change_executes_nothing(stack: Stack) -> None:
+def test_02_a_second_run_with_no_change_executes_nothing(stack: TargetStack) -> None:
     before = stack.snapshot()
     preview = stack.preview()
     assert set(preview.ops().values()) == {"same"} and preview.commands == []
@@ -157,7 +91,7 @@ def test_02_a_second_run_with_no_change_executes_nothing(stack: Stack) -> None:
 
 
 @story.stage
-def test_03_v2_goes_live_under_load_without_a_failed_request(stack: Stack) -> None:
+def test_03_v2_goes_live_under_load_without_a_failed_request(stack: TargetStack) -> None:
     artifact = stack.artifact(V2)
     with serving_under_load(stack) as load:
         started = time.monotonic()
@@ -181,7 +115,7 @@ def wait_for_release(load: Load, release: str, since: float) -> None:
 
 
 @story.stage
-def test_04_rollback_to_v1_by_config_alone_without_an_artifact(stack: Stack) -> None:
+def test_04_rollback_to_v1_by_config_alone_without_an_artifact(stack: TargetStack) -> None:
     assert not (REPO / ".artifacts" / f"cognivern-{V1}.tar.gz").exists()
     before_incoming = sorted(p.name for p in (stack.host.root / "incoming").iterdir())
     report = stack.up(release=V1, artifact=None)
@@ -204,7 +138,7 @@ FAILURES = {
 
 
 @story.stage
-def test_05_failing_releases_fail_the_run_while_v1_keeps_serving(stack: Stack) -> None:
+def test_05_failing_releases_fail_the_run_while_v1_keeps_serving(stack: TargetStack) -> None:
     """Each failure mode in turn: the run fails at activate, no client sees an error, v1 stays current."""
     for index, (name, (mode, says)) in enumerate(FAILURES.items()):
         release = f"{V3}-{name}"
@@ -228,7 +162,7 @@ def test_05_failing_releases_fail_the_run_while_v1_keeps_serving(stack: Stack) -
 
 
 @story.stage
-def test_05b_a_failed_run_reads_as_the_tools_explanation(stack: Stack) -> None:
+def test_05b_a_failed_run_reads_as_the_tools_explanation(stack: TargetStack) -> None:
     """What the operator's terminal shows for a release that cannot start: why, the error log, what still serves."""
     release = f"{V3}-readable"
     report = stack.up(release=release, artifact=stack.artifact(release, mode="crash"), check=False)
@@ -244,7 +178,7 @@ def test_05b_a_failed_run_reads_as_the_tools_explanation(stack: Stack) -> None:
 
 
 @story.stage
-def test_06_a_changed_secret_is_written_safely_and_the_app_reloaded(stack: Stack) -> None:
+def test_06_a_changed_secret_is_written_safely_and_the_app_reloaded(stack: TargetStack) -> None:
     marker = stack.tmp / "must-not-exist"
     tricky = f'it\'s $(touch {marker}) `touch {marker}` "q" ;|& $HOME'
     pid_before = stack.serving()["pid"]
@@ -263,7 +197,7 @@ def test_06_a_changed_secret_is_written_safely_and_the_app_reloaded(stack: Stack
 
 
 @story.stage
-def test_06b_no_secret_reaches_the_state_the_export_or_the_stack_file_in_clear_text(stack: Stack) -> None:
+def test_06b_no_secret_reaches_the_state_the_export_or_the_stack_file_in_clear_text(stack: TargetStack) -> None:
     secrets = [SECRET, stack.settings["secretEnv"]["FIXTURE_ECHO"], stack.host.config()["sshPrivateKey"].splitlines()[1]]
     exported = json.dumps(stack.engine.export())
     for place, text in (("raw state", stack.engine.raw_state()), ("stack export", exported), ("stack file", stack.engine.stack_file())):
@@ -274,7 +208,7 @@ def test_06b_no_secret_reaches_the_state_the_export_or_the_stack_file_in_clear_t
 
 
 @story.stage
-def test_07_agents_enabled_starts_and_stops_the_forecasting_agent(stack: Stack) -> None:
+def test_07_agents_enabled_starts_and_stops_the_forecasting_agent(stack: TargetStack) -> None:
     report = stack.up(agentsEnabled=True)
     assert report.ops()["cognivern-test-ecosystem"] == "update" and report.ops()["cognivern-test-env"] == "update"
     assert stack.pm2_apps() == {"cognivern-agent-blue": "online", "forecasting-agent": "online"}
@@ -288,7 +222,7 @@ def test_07_agents_enabled_starts_and_stops_the_forecasting_agent(stack: Stack) 
 
 
 @story.stage
-def test_07b_a_stack_with_no_secret_env_at_all_deploys(stack: Stack) -> None:
+def test_07b_a_stack_with_no_secret_env_at_all_deploys(stack: TargetStack) -> None:
     """`config rm cognivern:secretEnv`: the program gets Pulumi.yaml's plain `{}`, which holds nothing secret."""
     report = stack.up(secretEnv=None)
     assert report.ops()["cognivern-test-env"] == "update"
@@ -301,7 +235,7 @@ def test_07b_a_stack_with_no_secret_env_at_all_deploys(stack: Stack) -> None:
 
 
 @story.stage
-def test_08_keep_releases_holds(stack: Stack) -> None:
+def test_08_keep_releases_holds(stack: TargetStack) -> None:
     stack.up(release=V4, artifact=stack.artifact(V4), keepReleases=2)
     # newest 2 (v4 and the last bad one) plus current (v4) and previous (v1); v2 pruned
     dirs = stack.release_dirs()
@@ -326,7 +260,7 @@ def test_08_keep_releases_holds(stack: Stack) -> None:
     ],
     ids=["release-semicolon", "release-subst", "env-name", "env-newline", "app-user", "root-space"],
 )
-def test_09_shell_metacharacters_are_refused_before_anything_reaches_the_host(stack: Stack, change: dict[str, Any]) -> None:
+def test_09_shell_metacharacters_are_refused_before_anything_reaches_the_host(stack: TargetStack, change: dict[str, Any]) -> None:
     before, state_before = stack.snapshot(), stack.engine.resources(masked=True)
     saved = dict(stack.settings)
     try:
@@ -341,7 +275,7 @@ def test_09_shell_metacharacters_are_refused_before_anything_reaches_the_host(st
 
 
 @story.stage
-def test_10_refresh_then_up_changes_nothing(stack: Stack) -> None:
+def test_10_refresh_then_up_changes_nothing(stack: TargetStack) -> None:
     before = stack.snapshot()
     refreshed = stack.engine.refresh()
     assert refreshed.commands == [] and stack.snapshot() == before
@@ -350,7 +284,7 @@ def test_10_refresh_then_up_changes_nothing(stack: Stack) -> None:
     assert stack.serving()["release"] == V5
 
 
-def ops(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+def ops(stack: TargetStack, *args: str) -> subprocess.CompletedProcess[str]:
     """scripts/ops against the test host (COGNIVERN_SSH stands in for the stack's sshCommand output)."""
     assert stack.host.sshd is not None
     env = {**os.environ, "COGNIVERN_SSH": " ".join(stack.host.sshd.ssh_argv()), "COGNIVERN_ROOT": str(stack.host.root)}
@@ -358,7 +292,7 @@ def ops(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @story.stage
-def test_11_operator_commands_from_the_runbook(stack: Stack) -> None:
+def test_11_operator_commands_from_the_runbook(stack: TargetStack) -> None:
     listed = ops(stack, "list")
     assert listed.returncode == 0, listed.stderr
     assert any(V5 in line and "current" in line for line in listed.stdout.splitlines()), listed.stdout
@@ -383,7 +317,7 @@ def test_11_operator_commands_from_the_runbook(stack: Stack) -> None:
 
 
 @story.stage
-def test_12_emergency_rollback_without_pulumi_then_the_stack_follows(stack: Stack) -> None:
+def test_12_emergency_rollback_without_pulumi_then_the_stack_follows(stack: TargetStack) -> None:
     rolled = ops(stack, "activate", V4)
     assert rolled.returncode == 0, rolled.stderr
     assert f"scripts/pulumi-local test config set cognivern:release {V4}" in rolled.stderr
@@ -396,7 +330,7 @@ def test_12_emergency_rollback_without_pulumi_then_the_stack_follows(stack: Stac
 
 
 @story.stage
-def test_13_destroy_forgets_the_stack_but_leaves_releases_data_and_the_serving_app(stack: Stack) -> None:
+def test_13_destroy_forgets_the_stack_but_leaves_releases_data_and_the_serving_app(stack: TargetStack) -> None:
     data = stack.host.root / "shared" / "data" / "kept.json"
     data.write_text('{"kept": true}\n')
     dirs, before = stack.release_dirs(), stack.snapshot()

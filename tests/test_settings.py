@@ -97,6 +97,14 @@ BAD = [
     ({"root": "/opt//cognivern"}, "cognivern:root"),
     ({"root": "/"}, "cognivern:root"),
     ({"root": "/opt/cog nivern"}, "cognivern:root: '/opt/cog nivern' may contain only"),
+    # sticky, world-writable: another user creates it first, temp cleanup deletes releases and data
+    ({"root": "/tmp/cognivern"}, "cognivern:root: '/tmp/cognivern' is /tmp or inside it, which every local user can write"),
+    ({"root": "/tmp"}, "cognivern:root: '/tmp' is /tmp or inside it"),
+    ({"root": "/var/tmp/cognivern"}, "cognivern:root: '/var/tmp/cognivern' is /var/tmp or inside it"),
+    ({"root": "/dev/shm/cognivern"}, "cognivern:root: '/dev/shm/cognivern' is /dev/shm or inside it"),
+    ({"root": "/run/lock/cognivern"}, "cognivern:root: '/run/lock/cognivern' is /run/lock or inside it"),
+    ({"root": "/var/lock/cognivern/app"}, "cognivern:root: '/var/lock/cognivern/app' is /var/lock or inside it"),
+    ({"root": "/var/crash/cognivern"}, "cognivern:root: '/var/crash/cognivern' is /var/crash or inside it"),
     ({"appUser": "root"}, "cognivern:appUser: must not be root"),
     ({"appUser": "Bad User"}, "cognivern:appUser"),
     ({"appName": "a b"}, "cognivern:appName"),
@@ -129,6 +137,22 @@ BAD = [
     ({"hosts": '{"a": "192.0.2.1"}'}, "cognivern:hosts: must be a list"),
     ({"host": "192.0.2.1", "hostKeys": json.dumps({"192.0.2.1": KEY})}, "cognivern:hostKeys: pins keys of cognivern:hosts"),
     ({"hosts": '["192.0.2.1"]', "hostKeys": '{"192.0.2.1": "AAAA"}'}, "cognivern:hostKeys: 'AAAA' is not allowed"),
+    ({"nodeSource": "debian"}, "cognivern:nodeSource: 'debian' is not a Node.js source; allowed: nodesource, distribution"),
+    ({"nodeSource": "Distribution"}, "cognivern:nodeSource: 'Distribution' is not a Node.js source"),
+    (
+        {"nodeSource": "distribution", "image": "debian-12"},  # nodeMajor's default, 22
+        "cognivern:nodeMajor: is 22, but cognivern:nodeSource distribution on image debian-12 gives Node 18 (its nodejs package);"
+        " set cognivern:nodeMajor to 18, or cognivern:nodeSource to nodesource",
+    ),
+    ({"nodeSource": "distribution", "image": "debian-13", "nodeMajor": "18"}, "cognivern:nodeMajor: is 18, but cognivern:nodeSource"),
+    (
+        {"nodeSource": "distribution", "nodeMajor": "20"},
+        "cognivern:nodeMajor: is 20, but cognivern:nodeSource distribution on image ubuntu-24.04",
+    ),
+    (
+        {"nodeSource": "distribution", "image": "ubuntu-22.04", "nodeMajor": "18"},
+        "cognivern:nodeSource: is distribution, but image ubuntu-22.04 packages Node 12, older than the 18",
+    ),
 ]
 
 
@@ -195,3 +219,22 @@ def test_existing_hosts_are_normalised_and_pinned_per_host() -> None:
     assert (s.node_count, s.indexed) == (3, True)
     assert s.host_key_for("2001:db8::1") == other and s.host_key_for("192.0.2.1") == KEY
     assert parse_settings({"release": "v1", "hosts": "[]", "sshPublicKey": KEY}.get).hosts == ()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "source", "major"),
+    [
+        ({}, "nodesource", 22),
+        ({"nodeMajor": "24"}, "nodesource", 24),
+        ({"nodeSource": "distribution", "image": "debian-12", "nodeMajor": "18"}, "distribution", 18),
+        ({"nodeSource": "distribution", "image": "debian-13", "nodeMajor": "20"}, "distribution", 20),
+        ({"nodeSource": "distribution", "nodeMajor": "18"}, "distribution", 18),  # the default image, ubuntu-24.04
+        # An image the program knows nothing about: provisioning checks the host's own package.
+        ({"nodeSource": "distribution", "image": "rocky-9", "nodeMajor": "22"}, "distribution", 22),
+        # An existing host's OS is unknown until provisioning asks its apt: nothing to check here.
+        ({"nodeSource": "distribution", "host": "192.0.2.1", "image": "debian-12", "nodeMajor": "22"}, "distribution", 22),
+    ],
+)
+def test_node_source_and_the_majors_it_can_give(overrides: dict[str, str], source: str, major: int) -> None:
+    s = parse(**overrides)
+    assert (s.node_source, s.node_major) == (source, major)

@@ -1,10 +1,10 @@
 """An existing stack upgrades in place: a state written by the previous layout, run by this program.
 
-The previous layout is main as issue 22 began (commit BEFORE: the release tool installed by
-provisioning, its config a Host command, install and activate per release, `prune --keep` inside
-the activation), taken from git (`git archive`; CI checks out the whole history). It deploys v1 to
-a TargetHost through the real engine; then this checkout's program runs on the same project, state
-and host, under 8 clients through nginx, and must:
+The previous layout is main before this change (commit BEFORE, what users run today: the Python
+release tool installed by provisioning from its stdin, its config a Host command, install and
+activate per release, `prune --keep` inside the activation), taken from git (`git archive`; CI
+checks out the whole history). It deploys v1 to a TargetHost through the real engine; then this
+checkout's program runs on the same project, state and host, under 8 clients through nginx, and must:
 - replace no server and run no activation: the activation's command changed, so it is updated,
   which runs only its `update` (`list --json`); v1 keeps serving from the same slot;
 - keep the config file's state across its move (Host -> ReleaseTool) through its alias: updated,
@@ -30,10 +30,11 @@ from tests.support.goldens import assert_golden, normalise
 from tests.support.load import Load
 from tests.support.program import REPO
 from tests.support.real_engine import RealEngine
+from tests.support.release_host import read_state
 from tests.support.target_host import TargetHost
 from tests.test_boundaries import Stack
 
-BEFORE = "e36d59aba31bb8334776a6d095251c8f51bc6817"  # main before issue 22's layout
+BEFORE = "6f51a0919d79539b2df6f22c8b5260c46d1726c9"  # main before issue 22's layout (issue 23's Python tool merged)
 V1 = "upg-v1"
 NODE = "cognivern-test"
 
@@ -53,7 +54,7 @@ class OldStack(Stack):
 
     def __init__(self, host: TargetHost, tmp: Path, program: Path) -> None:
         super().__init__(host, tmp)
-        self.engine = RealEngine(tmp / "upgrade-engine", program=program)
+        self.engine = RealEngine(tmp / "upgrade-engine", tree=program)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OldStack]:
 def test_a_stack_of_the_previous_layout_upgrades_in_place(stack: OldStack) -> None:
     first = stack.up(release=V1, artifact=stack.artifact(V1))
     assert {f"{NODE}-release-install", f"{NODE}-release-conf"} <= set(first.ops()), first.summary()
-    slots = (stack.host.root / "config" / "slots").read_text()
+    slots = read_state(stack.host.root)["slots"]
     apps_before = stack.pm2()
 
     stack.engine.use_program(REPO)
@@ -94,8 +95,10 @@ def test_a_stack_of_the_previous_layout_upgrades_in_place(stack: OldStack) -> No
     provision = report.step(f"{NODE}-provision", "replace")
     assert provision.done
     assert "switching current" not in report.output and "starting" not in report.output
+    assert "release tool: not on stdin" in report.output, "provisioning no longer carries the tool"
+    assert "release tool: ok (already" in report.output, "the same tool, by its own command: nothing to install"
     assert stack.serving()["release"] == V1 and report.outputs["activeRelease"] == V1
-    assert (stack.host.root / "config" / "slots").read_text() == slots, "no activation: the same slot serves"
+    assert read_state(stack.host.root)["slots"] == slots, "no activation: the same slot serves"
     apps_after = stack.pm2()
     assert set(apps_after) == set(apps_before), "no slot started or stopped"
     for app, processes in apps_before.items():
@@ -104,4 +107,5 @@ def test_a_stack_of_the_previous_layout_upgrades_in_place(stack: OldStack) -> No
     again = stack.up()
     assert again.commands == [] and again.ops(include_same=False) == {}, again.summary()
     keep = stack.up(keepReleases=4)
-    assert keep.ops(include_same=False) == {f"{NODE}-release-prune": "update"}, keep.summary()
+    assert keep.ops(include_same=False) == {f"{NODE}-release-prune": "replace"}, keep.summary()
+    assert read_state(stack.host.root)["keep_releases"] == 4

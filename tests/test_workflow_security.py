@@ -106,6 +106,8 @@ def test_controls_removing_the_gate_or_switching_to_pull_request_target_is_caugh
     target[True] = {"pull_request_target": {}}
     del target["jobs"]["preview"]["environment"]
     target["jobs"]["preview"]["env"] = {}
+    for step in target["jobs"]["preview"]["steps"]:
+        step.pop("env", None)  # no credentials at all: only the checkout is left to catch
     target["jobs"]["preview"]["steps"][0]["with"]["ref"] = "${{ github.event.pull_request.head.sha }}"
     assert violations(target) == ["preview: pull_request_target checks out the pull request's code without an approval gate"]
 
@@ -137,6 +139,42 @@ def test_preview_state_credentials_are_the_read_only_ones_and_deploy_is_main_onl
     assert triggers(deploy) == {"push", "workflow_dispatch"}
     (job,) = deploy["jobs"].values()
     assert environment(job) == "production" and job["if"] == "github.ref == 'refs/heads/main'"
+
+
+def secrets_outside_the_pulumi_step(workflow: dict[Any, Any]) -> list[str]:
+    """Where a deploy credential is in reach of anything but the step that runs pulumi: the
+    workflow's or a job's env, or another step (installing packages runs their code)."""
+    out = [f"workflow env: {name}" for name in sorted(set(SECRET_REF.findall(yaml.safe_dump(workflow.get("env", {})))))]
+    for job_name, job in workflow["jobs"].items():
+        out += [f"{job_name} env: {name}" for name in sorted(set(SECRET_REF.findall(yaml.safe_dump(job.get("env", {})))))]
+        for step in job.get("steps", []):
+            found = set(SECRET_REF.findall(yaml.safe_dump(step))) - {"GITHUB_TOKEN"}
+            if str(step.get("uses", "")).startswith("pulumi/actions@"):
+                found -= set(SECRET_REF.findall(yaml.safe_dump(step.get("env", {}))))
+            out += [f"{job_name} step {step.get('name', step.get('uses'))}: {name}" for name in sorted(found)]
+    return out
+
+
+@pytest.mark.parametrize("name", ["deploy.yml", "preview.yml"])
+def test_credentials_are_only_in_the_env_of_the_step_that_runs_pulumi(name: str) -> None:
+    """Not the job's env: `pip install` (package code) and every other step run without them."""
+    workflow = load(WORKFLOWS / name)
+    assert secrets_outside_the_pulumi_step(workflow) == []
+    (job,) = [j for j in workflow["jobs"].values() if any("pulumi/actions@" in str(s.get("uses", "")) for s in j["steps"])]
+    (step,) = [s for s in job["steps"] if str(s.get("uses", "")).startswith("pulumi/actions@")]
+    assert "PULUMI_CONFIG_PASSPHRASE" in SECRET_REF.findall(yaml.safe_dump(step["env"]))
+
+
+def test_control_credentials_in_the_job_env_are_caught() -> None:
+    """The shape both workflows had before: the job's env handed the passphrase and state keys to `pip install`."""
+    found = secrets_outside_the_pulumi_step(load(OLD_PREVIEW))
+    assert "preview env: PULUMI_CONFIG_PASSPHRASE" in found and "preview env: STATE_ACCESS_KEY_ID" in found
+    deploy = load(WORKFLOWS / "deploy.yml")
+    moved = yaml.safe_load(yaml.safe_dump(deploy))
+    (job,) = moved["jobs"].values()
+    install = next(s for s in job["steps"] if "pip install" in str(s.get("run", "")))
+    install["env"] = {"PULUMI_CONFIG_PASSPHRASE": "${{ secrets.PULUMI_CONFIG_PASSPHRASE }}"}
+    assert secrets_outside_the_pulumi_step(moved) == ["deploy step Install dependencies: PULUMI_CONFIG_PASSPHRASE"]
 
 
 def test_every_action_is_pinned_to_the_commit_of_the_tag_in_its_comment() -> None:

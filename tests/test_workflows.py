@@ -84,8 +84,8 @@ def test_preview_comments_the_diff_on_pull_requests() -> None:
     assert step["comment-on-pr"] is True and step["diff"] is True
     assert step["cloud-url"] == "${{ vars.PULUMI_BACKEND_URL }}"
     job = wf["jobs"]["preview"]
-    assert job["env"]["PULUMI_CONFIG_PASSPHRASE"] == "${{ secrets.PULUMI_CONFIG_PASSPHRASE }}"
-    assert any("pip install -r requirements.txt" in str(s.get("run", "")) for s in job["steps"])
+    assert pulumi_step(wf)["env"]["PULUMI_CONFIG_PASSPHRASE"] == "${{ secrets.PULUMI_CONFIG_PASSPHRASE }}"
+    assert any("pip install --require-hashes -r requirements.lock" in str(s.get("run", "")) for s in job["steps"])
 
 
 def test_deploy_is_gated_and_never_overlaps() -> None:

@@ -5,9 +5,9 @@ stdin; a change to the script, its arguments or the data updates the command in 
 re-runs it (pulumi-command runs `create` again when no `update` is given): put-file.sh and
 nginx-site.sh compare first and say "unchanged", so a re-run with nothing new changes nothing.
 Provisioning is the exception: it takes seconds of package and account checks, so it is replaced
-when its command changes (its digest is its trigger) and does nothing when only its connection
-changed (`update=NOTHING`). The release tool and its config are the ReleaseTool's
-(components/tool), the releases the Release's.
+when its command or its stdin changes (their digest is its trigger) and does nothing when only its
+connection changed (`update=NOTHING`). The release tool and its config are the ReleaseTool's
+(components/tool), the releases the Release's (components/release/component.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import pulumi
 from pulumi_command import remote
 
+from components.release.cognivern_release import facts
 from components.remote import NOTHING, PUT_FILE, command, put_file, script_command
 from components.render import (
     ENV_PRELOAD,
@@ -27,17 +28,42 @@ from components.render import (
     render_env,
     render_nginx_site,
     render_nginx_tls_site,
+    render_upstream,
     site_name,
 )
+from components.server import metadata_filter
 from components.settings import Settings
+from components.tool import BUNDLE_MARKER, ReleaseTool, ReleaseToolArgs, bundle, release_tool_files
 
 HERE = Path(__file__).resolve().parent
 PROVISION = HERE / "provision.sh"
 NGINX_SITE = HERE / "nginx-site.sh"
 TLS = HERE / "tls.sh"
-RUN_SH = HERE / "run.sh"
 VERSIONS = HERE / "versions.env"
-__all__ = ["NGINX_SITE", "PROVISION", "PUT_FILE", "RUN_SH", "TLS", "Host", "HostArgs", "pinned_versions", "provision_args"]
+# What provision.sh installs from its stdin, each after its marker line: the metadata filter and its
+# unit. (provision.sh also takes the release tool's files there, as test hosts give them in one go:
+# release_tool_bundle; the program installs the tool with a command of its own, components/tool.)
+BUNDLED = {
+    metadata_filter.SCRIPT_NAME: metadata_filter.SCRIPT,
+    metadata_filter.UNIT_NAME: metadata_filter.UNIT,
+}
+__all__ = [
+    "BUNDLED",
+    "BUNDLE_MARKER",
+    "NGINX_SITE",
+    "PROVISION",
+    "PUT_FILE",
+    "TLS",
+    "Host",
+    "HostArgs",
+    "env_file",
+    "host_bundle",
+    "nginx_site_input",
+    "pinned_versions",
+    "provision_args",
+    "release_tool_bundle",
+    "release_tool_files",
+]
 
 
 def pinned_versions() -> dict[str, str]:
@@ -50,15 +76,46 @@ def pinned_versions() -> dict[str, str]:
     return out
 
 
+def host_bundle() -> str:
+    """provision.sh's stdin as the program sends it: each BUNDLED file (the metadata filter and its
+    unit) after a line `#--- PATH ---`, as source text in a fixed order."""
+    return bundle([(name, path.read_text()) for name, path in BUNDLED.items()])
+
+
+def release_tool_bundle(launcher: str | None = None) -> str:
+    """provision.sh's stdin with the release tool's files in front (test hosts that prepare a host in
+    one command); `launcher`: a stand-in text for the launcher alone, for tests."""
+    return bundle(release_tool_files(launcher)) + host_bundle()
+
+
+def nginx_site_input(s: Settings, site: str) -> str:
+    """nginx-site.sh's stdin: the site, then the upstream file it creates when missing (blue live)."""
+    return f"{site}#--- {site_name(s.app_name)}.upstream ---\n{render_upstream(s, s.port)}"
+
+
+def env_file(s: Settings) -> tuple[str, str, str]:
+    """shared/.env's path, mode and owner: root's, readable by the app's own group. The app cannot
+    rewrite it, so it is root's copy of the secret values the release tool masks the app's output with
+    (a copy the app owned let it choose what was masked); the tool reads it as data and hands it to PM2."""
+    return f"{s.root}/shared/.env", "0640", f"root:{s.app_user}"
+
+
 def provision_args(s: Settings) -> list[str]:
     """provision.sh's arguments for these settings."""
     pins = pinned_versions()
-    account = ["--root", s.root, "--app-user", s.app_user, "--node-major", str(s.node_major), "--ssh-user", s.ssh_user]
-    return [*account, "--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
+    account = ["--root", s.root, "--app-user", s.app_user, "--build-user", facts.build_user(s.app_user), "--ssh-user", s.ssh_user]
+    node = ["--node-major", str(s.node_major), "--node-source", s.node_source]
+    versions = ["--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
+    # the metadata filter (components/server/metadata_filter.py) only where the program created the server
+    return [*account, *node, *versions, "--metadata-filter", "yes" if s.creates_server else "no"]
 
 
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def digest(*texts: str) -> str:
+    """A command's work as one trigger value (sha256 of its texts)."""
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(hashlib.sha256(text.encode()).digest())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -89,7 +146,7 @@ class Host(pulumi.ComponentResource):
             reload: bool = False,
             secret: bool = False,
         ) -> remote.Command:
-            """put-file.sh; `reload`: a changed file reloads the app (the tool's `reload`)."""
+            """put-file.sh; `reload`: a changed file reloads the app (the installed tool's `reload`)."""
             return put_file(
                 f"{name}-{role}",
                 parent=self,
@@ -104,32 +161,43 @@ class Host(pulumi.ComponentResource):
                 secret=secret,
             )
 
-        provision_cmd = script_command(PROVISION, provision_args(s), sudo=sudo)
+        provision_cmd, provision_stdin = script_command(PROVISION, provision_args(s), sudo=sudo), host_bundle()
         provision = command(
-            f"{name}-provision", parent=self, connection=connection, create=provision_cmd, update=NOTHING, triggers=[digest(provision_cmd)]
+            f"{name}-provision",
+            parent=self,
+            connection=connection,
+            create=provision_cmd,
+            stdin=provision_stdin,
+            update=NOTHING,
+            triggers=[digest(provision_cmd, provision_stdin)],
         )
-        run_script = put("run-script", f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), [provision], reload=True)
+        # the tool and its config: a component of their own, so editing either runs only its command
+        tool = ReleaseTool(
+            f"{name}-tool",
+            ReleaseToolArgs(connection=connection, settings=s, after=[provision], conf_was_under=self),
+            pulumi.ResourceOptions(parent=self),
+        )
         preload = put("env-preload", env_preload_path(s.root), "0644", "root:root", ENV_PRELOAD.read_text(), [provision])
+        # reload=True: the installed tool starts the apps again (`cognivern-release reload`), with its conf in place
         ecosystem = put(
             "ecosystem",
             f"{s.root}/config/ecosystem.config.cjs",
             "0644",
             "root:root",
             render_ecosystem(s),
-            [run_script, preload],
+            [preload, *tool.ready],
             reload=True,
         )
         env_text = pulumi.Output.secret(render_env(s.stack_env, s.secret_env))
-        owner = f"{s.app_user}:{s.app_user}"
-        env = put("env", f"{s.root}/shared/.env", "0600", owner, env_text, [run_script, ecosystem], reload=True, secret=True)
+        env = put("env", *env_file(s), env_text, [ecosystem], reload=True, secret=True)
         site = site_name(s.app_name)
         tls_domain = s.domain if s.certbot_tls else None
         nginx = command(
             f"{name}-nginx-site",
             parent=self,
             connection=connection,
-            create=script_command(NGINX_SITE, ["--name", site, "--upstream-port", str(s.port)], sudo=sudo),
-            stdin=render_nginx_site(s, domain=tls_domain, hsts=s.balancer_tls),
+            create=script_command(NGINX_SITE, ["--name", site], sudo=sudo),
+            stdin=nginx_site_input(s, render_nginx_site(s, domain=tls_domain, hsts=s.balancer_tls)),
             depends_on=[provision],
         )
         if tls_domain is not None:
@@ -147,5 +215,5 @@ class Host(pulumi.ComponentResource):
             )
 
         self.provision = provision
-        self.ready = [provision, run_script, preload, ecosystem, env, nginx]
+        self.ready = [provision, *tool.ready, preload, ecosystem, env, nginx]
         self.register_outputs({})

@@ -1,72 +1,113 @@
 #!/usr/bin/env bash
 # Managed by cognivern-infra. Idempotent host preparation for the Cognivern backend (run as root).
 #
-#   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --node-major N --ssh-user S \
-#       --pm2-version X.Y.Z --pnpm-version X.Y.Z
+#   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --build-user B --ssh-user S \
+#       --node-major N --node-source nodesource|distribution --pm2-version X.Y.Z --pnpm-version X.Y.Z \
+#       --metadata-filter yes|no < bundle
 #
-# Every step prints one line, "ok (already)" or what it changed, so a re-run on a prepared host
-# changes nothing and says so. The release tool is not installed here but by its own command
-# (components/tool/install-tool.sh), so an edit of the tool never re-runs provisioning.
-# Supported: Ubuntu 24.04, Debian 12. Nothing under R/shared is ever deleted.
+# stdin (components.host.host_bundle): files as text, each after a line "#--- PATH ---":
+# cognivern-metadata-filter and cognivern-metadata-filter.service (installed with --metadata-filter
+# yes: servers the program creates, where Hetzner's metadata service exists; PM2's unit then requires
+# that unit). Every step prints one line, "ok (already)" or what it changed, so a re-run on a
+# prepared host changes nothing and says so. The program installs the release tool with a command of
+# its own (components/tool/install-tool.sh), so an edit of the tool never re-runs provisioning; test
+# hosts that prepare a host in one command may put the tool's files in front on stdin
+# (components.host.release_tool_bundle: the launcher cognivern-release and cognivern_release/*.py),
+# which this then installs the same way (lib.sh's install_release_tool).
+# Supported: Ubuntu 24.04, Debian 12 and 13. Nothing under R/shared is ever deleted.
 #
 # The app user is treated as hostile: the directories root works in (R, releases/, shared/,
 # cache/, backups/) belong to root; only the leaves the app writes (shared/data, shared/logs,
 # cache/pnpm-store) and its home (0700, with ~/.pm2 0700: PM2's dump holds the app's env) are its.
 # An existing account is taken as the app user only when it has the shape this script gives one
 # (home /home/U, own group, no other groups, no password): never a system or a login account.
+# The build account B runs `pnpm install` for the release tool: neither root nor the app, its own
+# store, HOME and npmrc under R/cache/build, so the app can write nothing a build reads or writes.
 #
-# Overrides (test hosts): COGNIVERN_LOGROTATE_DIR
+# Overrides (test hosts): COGNIVERN_BIN_DIR (/usr/local/bin), COGNIVERN_LOGROTATE_DIR
 # (/etc/logrotate.d), COGNIVERN_SSHD_CONFIG (/etc/ssh/sshd_config; the drop-in goes into its
 # sibling sshd_config.d/), COGNIVERN_SSHD_PIDFILE (reload by SIGHUP when systemd is not running),
 # COGNIVERN_NGINX_SITES_ENABLED (/etc/nginx/sites-enabled), COGNIVERN_NGINX_CONF and
-# COGNIVERN_NGINX_PREFIX (nginx -c / -p for the reload after removing the distro default site).
+# COGNIVERN_NGINX_PREFIX (nginx -c / -p for the reload after removing the distro default site),
+# COGNIVERN_SYSTEMD_DIR (/etc/systemd/system; unit files are written only when systemd runs, or
+# into this directory when it is set).
 # Sent after lib.sh (say/die/usage, parse_options, the validators, apt, nginx_reload).
 set -euo pipefail
 umask 022
 
-script_init provision "usage: provision --root ABS_PATH --app-user USER --node-major N --ssh-user USER
-                 --pm2-version X.Y.Z --pnpm-version X.Y.Z"
+script_init provision "usage: provision --root ABS_PATH --app-user USER --build-user USER --ssh-user USER --node-major N
+                 --node-source nodesource|distribution --pm2-version X.Y.Z --pnpm-version X.Y.Z
+                 --metadata-filter yes|no  (release tool bundle on stdin)"
 
 # ---------------------------------------------------------------------------- arguments
-root="" app_user="" node_major="" ssh_user="" pm2_version="" pnpm_version=""
-parse_options "--root --app-user --node-major --ssh-user --pm2-version --pnpm-version" "$@"
-require_options root app_user node_major ssh_user pm2_version pnpm_version
+root="" app_user="" build_user="" node_major="" node_source="" ssh_user="" pm2_version="" pnpm_version="" metadata_filter=""
+parse_options "--root --app-user --build-user --node-major --node-source --ssh-user --pm2-version --pnpm-version --metadata-filter" "$@"
+require_options root app_user build_user node_major node_source ssh_user pm2_version pnpm_version metadata_filter
 valid_abs_path "$root" || die "--root must be an absolute, normalised path such as /opt/cognivern, got '$root'"
-# The same list as components/settings.py (SYSTEM_TREES / SYSTEM_PARENTS); tests feed both one table.
-system_path() {
-    case "$1" in
-        /bin | /bin/* | /boot | /boot/* | /dev | /dev/* | /etc | /etc/* | /home | /home/* | /lib | /lib/* | /lib32 | /lib32/*) return 0 ;;
-        /lib64 | /lib64/* | /libx32 | /libx32/* | /proc | /proc/* | /root | /root/* | /run | /run/* | /sbin | /sbin/*) return 0 ;;
-        /sys | /sys/* | /usr | /usr/*) return 0 ;;
-        /opt | /srv | /tmp | /var | /var/lib | /var/log | /var/cache | /var/tmp | /var/www | /mnt | /media | /snap) return 0 ;;
-    esac
-    return 1
-}
 ! system_path "$root" || die "--root $root is a system directory (or inside one); use a directory of its own such as /opt/cognivern"
+# ROOT's parents must be root's alone: under a directory another user can write (a sticky /tmp
+# included, and any other such directory settings.SHARED_TEMP_DIRS does not name) that user could
+# create ROOT first or swap it, and temp cleanup could delete releases and data. Parents that do not
+# exist yet are created by root below, 0755.
+root_parent=$(dirname "$root")
+while [ ! -e "$root_parent" ] && [ ! -L "$root_parent" ]; do root_parent=$(dirname "$root_parent"); done
+bad_parent=$(untrusted_dir "$root_parent")
+[ -z "$bad_parent" ] ||
+    die "--root $root is under $bad_parent ($(describe_dir "$bad_parent")), which is not root's alone: another user could create or swap it; use a directory of its own such as /opt/cognivern"
 valid_user "$app_user" || die "--app-user must be a Linux user name (a-z 0-9 _ -), got '$app_user'"
 [ "$app_user" != root ] || die "--app-user must not be root"
 valid_user "$ssh_user" || die "--ssh-user must be a Linux user name (a-z 0-9 _ -), got '$ssh_user'"
 [ "$app_user" != "$ssh_user" ] || die "--app-user must differ from --ssh-user ($ssh_user): the deploy login has sudo, the app must not"
+valid_user "$build_user" || die "--build-user must be a Linux user name (a-z 0-9 _ -), got '$build_user'"
+case $build_user in root | "$app_user" | "$ssh_user") die "--build-user must be an account of its own, not root, the app or the SSH user" ;; esac
 [[ $node_major =~ ^[1-9][0-9]{0,2}$ ]] || die "--node-major must be a number such as 22, got '$node_major'"
+case "$node_source" in nodesource | distribution) ;; *) die "--node-source must be nodesource or distribution, got '$node_source'" ;; esac
 [[ $pm2_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pm2-version must be X.Y.Z, got '$pm2_version'"
 [[ $pnpm_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pnpm-version must be X.Y.Z, got '$pnpm_version'"
+[[ $metadata_filter =~ ^(yes|no)$ ]] || die "--metadata-filter must be yes or no, got '$metadata_filter'"
 
+bin_dir=${COGNIVERN_BIN_DIR:-/usr/local/bin}
 logrotate_dir=${COGNIVERN_LOGROTATE_DIR:-/etc/logrotate.d}
 sshd_config=${COGNIVERN_SSHD_CONFIG:-/etc/ssh/sshd_config}
 sshd_pidfile=${COGNIVERN_SSHD_PIDFILE:-}
 sites_enabled=${COGNIVERN_NGINX_SITES_ENABLED:-/etc/nginx/sites-enabled}
 nginx_conf=${COGNIVERN_NGINX_CONF:-/etc/nginx/nginx.conf}
 nginx_prefix=${COGNIVERN_NGINX_PREFIX:-}
-require_abs_paths logrotate_dir sshd_config sites_enabled nginx_conf
+systemd_dir=${COGNIVERN_SYSTEMD_DIR:-/etc/systemd/system}
+require_abs_paths bin_dir logrotate_dir sshd_config sites_enabled nginx_conf systemd_dir
 [ -z "$sshd_pidfile" ] || valid_abs_path "$sshd_pidfile" || die "COGNIVERN_SSHD_PIDFILE must be an absolute path"
 [ -z "$nginx_prefix" ] || valid_abs_path "$nginx_prefix" || die "COGNIVERN_NGINX_PREFIX must be an absolute path"
 [ "$(id -u)" -eq 0 ] || die "must run as root (the program prefixes sudo -n for a non-root SSH user)"
 id -u "$ssh_user" >/dev/null 2>&1 || die "--ssh-user $ssh_user does not exist on this host"
 
+# Read the release tool now, before anything changes (and before apt could touch stdin).
 tmpdir=$(mktemp -d)
 trap 'rm -rf -- "$tmpdir"' EXIT
+bundle="$tmpdir/bundle"
+mkdir -m 0700 "$bundle" "$bundle/cognivern_release"
+if [ ! -t 0 ]; then
+    unpack_bundle "$bundle" 'cognivern-release|cognivern_release/[a-z0-9_]+\.py|cognivern-metadata-filter|cognivern-metadata-filter\.service' ||
+        die "stdin is not a bundle of the files it takes (lines \"#--- PATH ---\" before each)"
+fi
+filter_src="$bundle/cognivern-metadata-filter"
+filter_unit=cognivern-metadata-filter.service
+
+if [ "$metadata_filter" = yes ] && { [ ! -s "$filter_src" ] || [ ! -s "$bundle/$filter_unit" ]; }; then
+    die "--metadata-filter yes needs cognivern-metadata-filter and its unit on stdin (components.host.release_tool_bundle)"
+fi
 
 systemd_running() { [ -d /run/systemd/system ]; }
+# Unit files go where systemd reads them when it runs; a test host sets COGNIVERN_SYSTEMD_DIR to
+# have them written (and checked) without systemd.
+units_wanted() { systemd_running || [ -n "${COGNIVERN_SYSTEMD_DIR:-}" ]; }
+units_changed=0
+put_unit_file() { # path mode content: install it when it differs (units_changed=1); says nothing
+    [ "$(cat "$1" 2>/dev/null || true)" != "$3" ] || [ "$(stat -c '%U:%G %a' "$1")" != "root:root ${2#0}" ] || return 1
+    install -d -m 0755 "$(dirname "$1")"
+    printf '%s\n' "$3" >"$tmpdir/unit"
+    install -o root -g root -m "$2" "$tmpdir/unit" "$1"
+    units_changed=1
+}
 
 # ---------------------------------------------------------------------------- cloud-init
 if [ -d /run/cloud-init ] && command -v cloud-init >/dev/null 2>&1; then
@@ -90,14 +131,62 @@ pkg_installed() {
 }
 missing=()
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
-for pkg in curl ca-certificates gpg logrotate tar gzip util-linux; do
+# the release tool is Python (standard library: python3, not python3-minimal, which lacks json, tarfile and shlex)
+[ -x /usr/bin/python3 ] && pkg_installed "python3" || missing+=(python3)
+wanted=(curl ca-certificates logrotate tar gzip util-linux)
+[ "$node_source" != nodesource ] || wanted+=(gpg) # only to check NodeSource's key
+for pkg in "${wanted[@]}"; do
     pkg_installed "$pkg" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -eq 0 ]; then
     say "packages: ok (already)"
 else
-    apt_install "${missing[@]}"
+    # What each needs, not what it suggests: gpg alone recommends 12 packages (gnupg, dirmngr, an agent).
+    apt_install --no-install-recommends "${missing[@]}"
     say "packages: installed ${missing[*]}"
+fi
+
+# ---------------------------------------------------------------------------- metadata filter
+# Servers the program creates: Hetzner's metadata service hands the user data (this server's SSH
+# host key) to any local process. cloud-init's bootcmd loads the filter at every boot, but in its
+# network stage, when PM2 may already be resurrecting the app; this unit loads it before
+# network-pre.target, and PM2's unit requires it (pm2 at boot, below). Loaded now, before anything
+# of the app's is installed; reloaded (never restarted: PM2 would restart with it) after a change.
+if [ "$metadata_filter" = yes ]; then
+    if ! command -v nft >/dev/null 2>&1 && ! command -v iptables >/dev/null 2>&1; then
+        apt_install nftables
+        say "metadata filter: installed nftables (there was no nft or iptables)"
+    fi
+    filter_changes=()
+    filter_dst="$bin_dir/cognivern-metadata-filter"
+    if [ -f "$filter_dst" ] && [ "$(stat -c '%U:%G %a' "$filter_dst")" = "root:root 755" ] && cmp -s "$filter_src" "$filter_dst"; then
+        :
+    else
+        install -d -m 0755 "$bin_dir"
+        install -o root -g root -m 0755 "$filter_src" "$filter_dst"
+        filter_changes+=("installed $filter_dst")
+    fi
+    if units_wanted; then
+        unit_text=$(<"$bundle/$filter_unit")
+        if put_unit_file "$systemd_dir/$filter_unit" 0644 "${unit_text//@BIN_DIR@/$bin_dir}"; then
+            filter_changes+=("wrote $systemd_dir/$filter_unit")
+        fi
+    fi
+    if ! systemd_running && [ "${#filter_changes[@]}" -eq 0 ]; then
+        say "metadata filter: ok (already installed; not loaded: systemd is not running)"
+    elif ! systemd_running; then
+        joined=$(printf '%s; ' "${filter_changes[@]}")
+        say "metadata filter: ${joined%; } (not loaded: systemd is not running)"
+    elif [ "${#filter_changes[@]}" -eq 0 ] && systemctl is-enabled --quiet "$filter_unit" && systemctl is-active --quiet "$filter_unit"; then
+        say "metadata filter: ok (already $filter_unit)"
+    else
+        [ "$units_changed" = 0 ] || systemctl daemon-reload
+        systemctl enable --quiet "$filter_unit"
+        systemctl reload-or-restart "$filter_unit" # active: ExecReload re-runs the script; else it starts
+        filter_changes+=("enabled and loaded $filter_unit")
+        joined=$(printf '%s; ' "${filter_changes[@]}")
+        say "metadata filter: ${joined%; }"
+    fi
 fi
 
 # ---------------------------------------------------------------------------- Node.js
@@ -106,14 +195,12 @@ readonly NODESOURCE_FPR=6F71F525282841EEDAF851B42F59B5F99B1BE0B4
 key_fingerprints() { # primary-key fingerprints of an armored key file, one a line
     gpg --batch --show-keys --with-colons "$1" 2>/dev/null | awk -F: '$1 == "pub" { want = 1 } $1 == "fpr" && want { print $10; want = 0 }'
 }
-node_version=$(node --version 2>/dev/null || true)
-if [[ $node_version == "v$node_major."* ]]; then
-    say "node: ok (already $node_version)"
-else
-    keyring=/etc/apt/keyrings/nodesource.asc
+nodesource_node() { # NodeSource's node_N.x repository, its key checked by fingerprint
+    local keyring=/etc/apt/keyrings/nodesource.asc
     install -d -m 0755 /etc/apt/keyrings
     if [ ! -s "$keyring" ]; then
-        curl -fsSL --retry 3 https://deb.nodesource.com/gpgkey/nodesource-repo.gpg.key -o "$tmpdir/nodesource.asc"
+        curl -fsSL --retry 3 https://deb.nodesource.com/gpgkey/nodesource-repo.gpg.key -o "$tmpdir/nodesource.asc" ||
+            die "cannot fetch NodeSource's key from https://deb.nodesource.com (cognivern:nodeSource nodesource); a host that cannot reach NodeSource can use cognivern:nodeSource distribution"
         grep -q 'BEGIN PGP PUBLIC KEY BLOCK' "$tmpdir/nodesource.asc" || die "NodeSource key download is not a PGP key"
         have_fpr=$(key_fingerprints "$tmpdir/nodesource.asc")
         [ "$have_fpr" = "$NODESOURCE_FPR" ] ||
@@ -135,10 +222,44 @@ Pin-Priority: 600
 EOF
     apt_get update # the new NodeSource source: its lists are not there yet
     apt_get install nodejs
+    node_from="NodeSource"
+}
+nodejs_candidate() { apt-cache policy nodejs 2>/dev/null | awk '$1 == "Candidate:" && $2 != "(none)" { print $2 }'; }
+distribution_node() { # the distribution's nodejs and npm: one major per release
+    local candidate major os removed=""
+    # A NodeSource repository from an earlier nodeSource would win over the distribution's package.
+    for f in /etc/apt/sources.list.d/nodesource.sources /etc/apt/preferences.d/nodesource; do
+        if [ -e "$f" ]; then
+            rm -f -- "$f"
+            removed=1
+        fi
+    done
+    candidate=$(nodejs_candidate)
+    if [ -z "$candidate" ] || [ -n "$removed" ]; then
+        apt_get update
+        candidate=$(nodejs_candidate)
+    fi
+    # shellcheck disable=SC1091 # the host's own
+    os=$(. /etc/os-release && echo "${PRETTY_NAME:-$ID}")
+    [ -n "$candidate" ] || die "$os has no nodejs package (cognivern:nodeSource distribution); set cognivern:nodeSource to nodesource"
+    major=${candidate#*:}
+    major=${major%%.*}
+    [ "$major" = "$node_major" ] ||
+        die "cognivern:nodeMajor is $node_major, but $os packages Node $major (nodejs $candidate; cognivern:nodeSource distribution); set cognivern:nodeMajor to $major, or cognivern:nodeSource to nodesource"
+    # Debian's npm recommends a compiler toolchain (node-gyp, build-essential): not for a server.
+    apt_get install --no-install-recommends --allow-downgrades "nodejs=$candidate" npm
+    node_from="the distribution (nodejs $candidate)"
+}
+node_version=$(node --version 2>/dev/null || true)
+if [[ $node_version == "v$node_major."* ]] && command -v npm >/dev/null 2>&1; then
+    say "node: ok (already $node_version)"
+else
+    "${node_source}_node"
     hash -r
     new_version=$(node --version 2>/dev/null || true)
-    [[ $new_version == "v$node_major."* ]] || die "node is ${new_version:-missing} after installing NodeSource node_${node_major}.x"
-    say "node: installed $new_version from NodeSource (was ${node_version:-none})"
+    [[ $new_version == "v$node_major."* ]] || die "node is ${new_version:-missing} after installing Node $node_major from $node_from"
+    command -v npm >/dev/null 2>&1 || die "npm is missing after installing Node $node_major from $node_from"
+    say "node: installed $new_version from $node_from (was ${node_version:-none})"
 fi
 
 # ---------------------------------------------------------------------------- app user
@@ -150,21 +271,21 @@ app_home=/home/$app_user
 # An existing account is the app's only if it has exactly the shape useradd gives it below: any
 # other (www-data, nobody, a person's login with a password or sudo) would hand the hostile app
 # that account's files and rights, and root would chown things to it.
-app_account_problem() {
+account_problem() { # user home: why it is not an account this script made, or nothing
     local uid home group groups pass
-    uid=$(id -u "$app_user")
-    home=$(getent passwd "$app_user" | cut -d: -f6)
-    group=$(id -gn "$app_user")
-    groups=$(id -Gn "$app_user")
-    pass=$(getent shadow "$app_user" | cut -d: -f2)
+    uid=$(id -u "$1")
+    home=$(getent passwd "$1" | cut -d: -f6)
+    group=$(id -gn "$1")
+    groups=$(id -Gn "$1")
+    pass=$(getent shadow "$1" | cut -d: -f2)
     if [ "$uid" -lt 100 ]; then echo "is a base system account (uid $uid)"
-    elif [ "$home" != "$app_home" ]; then echo "has its home at ${home:-nowhere}, not $app_home (a service or login account)"
-    elif [ "$group" != "$app_user" ] || [ "$groups" != "$app_user" ]; then echo "belongs to groups '$groups' (the app's account has only its own)"
+    elif [ "$home" != "$2" ]; then echo "has its home at ${home:-nowhere}, not $2 (a service or login account)"
+    elif [ "$group" != "$1" ] || [ "$groups" != "$1" ]; then echo "belongs to groups '$groups' (the app's account has only its own)"
     elif [ -n "$pass" ] && [ "${pass:0:1}" != '!' ] && [ "${pass:0:1}" != '*' ]; then echo "has a password (a login account)"
     fi
 }
 if id -u "$app_user" >/dev/null 2>&1; then
-    problem=$(app_account_problem)
+    problem=$(account_problem "$app_user" "$app_home")
     [ -z "$problem" ] || die "--app-user $app_user already exists and $problem; refusing to run the app as it (choose another cognivern:appUser)"
     say "app user: ok (already $app_user)"
 else
@@ -192,6 +313,19 @@ if [ "${#home_changes[@]}" -eq 0 ]; then
     say "app home: ok (already private)"
 else
     say "app home: made private: ${home_changes[*]}"
+fi
+
+# ---------------------------------------------------------------------------- build account
+# Runs `pnpm install` for the release tool (packages run install scripts): no login, no home of its
+# own outside R/cache/build/work, no group but its own. Checked like the app's account.
+build_home="$root/cache/build/work"
+if id -u "$build_user" >/dev/null 2>&1; then
+    problem=$(account_problem "$build_user" "$build_home")
+    [ -z "$problem" ] || die "--build-user $build_user already exists and $problem; refusing to build releases as it"
+    say "build user: ok (already $build_user)"
+else
+    useradd --system --no-create-home --home-dir "$build_home" --shell /usr/sbin/nologin --user-group "$build_user"
+    say "build user: created $build_user (home $build_home)"
 fi
 
 # ---------------------------------------------------------------------------- layout
@@ -224,10 +358,17 @@ ensure_dir "$root/shared/data" "$app_user" "$app_user" 0750
 ensure_dir "$root/shared/logs" "$app_user" "$app_user" 0750
 ensure_dir "$root/cache" root root 0755
 ensure_dir "$root/cache/pnpm-store" "$app_user" "$app_user" 0750
+ensure_dir "$root/cache/build" root root 0755
+ensure_dir "$root/cache/build/work" "$build_user" "$build_user" 0700
 ensure_dir "$root/backups" root root 0700
 ensure_dir "$root/config" root root 0755
 ensure_dir "$root/.deploy" root root 0700
 ensure_dir "$root/incoming" "$ssh_user" "$ssh_group" 0700
+# shared/run.sh started the apps before the release tool did (in Python): a stale copy goes.
+if [ -e "$root/shared/run.sh" ]; then
+    rm -f -- "$root/shared/run.sh"
+    layout_changes+=("removed $root/shared/run.sh (the release tool starts the apps)")
+fi
 if [ "${#layout_changes[@]}" -eq 0 ]; then
     say "layout: ok (already)"
 else
@@ -262,27 +403,61 @@ npm_global_pin pnpm "$pnpm_version"
 npm_global_pin pm2 "$pm2_version"
 
 # ---------------------------------------------------------------------------- pm2 at boot
+pm2_unit="pm2-$app_user.service"
 if systemd_running; then
-    if [ -e "/etc/systemd/system/pm2-$app_user.service" ] && systemctl is-enabled --quiet "pm2-$app_user.service"; then
-        say "pm2 startup: ok (already enabled pm2-$app_user.service)"
+    if [ -e "/etc/systemd/system/$pm2_unit" ] && systemctl is-enabled --quiet "$pm2_unit"; then
+        say "pm2 startup: ok (already enabled $pm2_unit)"
     else
         env PATH="$PATH" pm2 startup systemd -u "$app_user" --hp "$app_home" >"$tmpdir/pm2.log" 2>&1 ||
             { cat "$tmpdir/pm2.log" >&2; die "pm2 startup systemd failed"; }
-        say "pm2 startup: enabled pm2-$app_user.service"
-    fi
-    # The daemon started at boot must schedule cluster connections like the one run.sh starts.
-    dropin="/etc/systemd/system/pm2-$app_user.service.d/cognivern.conf"
-    want=$'[Service]\nEnvironment=NODE_CLUSTER_SCHED_POLICY=none'
-    if [ "$(cat "$dropin" 2>/dev/null || true)" = "$want" ]; then
-        say "pm2 startup environment: ok (already)"
-    else
-        mkdir -p "$(dirname "$dropin")"
-        printf '%s\n' "$want" >"$dropin"
-        systemctl daemon-reload
-        say "pm2 startup environment: wrote $dropin"
+        say "pm2 startup: enabled $pm2_unit"
     fi
 else
     say "pm2 startup: skipped (systemd is not running on this host)"
+fi
+if units_wanted; then
+    units_changed=0
+    # The daemon started at boot must schedule cluster connections like the one the release tool starts.
+    dropin="$systemd_dir/$pm2_unit.d/cognivern.conf"
+    if put_unit_file "$dropin" 0644 $'[Service]\nEnvironment=NODE_CLUSTER_SCHED_POLICY=none'; then
+        say "pm2 startup environment: wrote $dropin"
+    else
+        say "pm2 startup environment: ok (already)"
+    fi
+    # The app never starts before the metadata filter (a failed filter keeps PM2 down: fail closed).
+    # Only where the filter unit is installed: on a host without it, Requires= would stop PM2 starting.
+    if [ "$metadata_filter" = yes ]; then
+        dropin="$systemd_dir/$pm2_unit.d/cognivern-metadata-filter.conf"
+        if put_unit_file "$dropin" 0644 $'[Unit]\n'"Requires=$filter_unit"$'\n'"After=$filter_unit"; then
+            say "pm2 startup order: wrote $dropin (after $filter_unit)"
+        else
+            say "pm2 startup order: ok (already after $filter_unit)"
+        fi
+    fi
+    if [ "$units_changed" = 1 ] && systemd_running; then systemctl daemon-reload; fi
+fi
+# On a host whose app user runs no PM2 daemon yet (a new server), start the unit now, after its
+# drop-ins (scheduling policy, metadata filter first): the daemon the release tool then
+# use is systemd's (restarted if it dies) instead of one spawned inside the deploy's SSH session,
+# which came under systemd only at the first reboot.
+if systemd_running; then
+    if systemctl is-active --quiet "$pm2_unit"; then
+        say "pm2 daemon: ok (already running under $pm2_unit)"
+    elif pgrep -u "$app_user" -f '^PM2 v[0-9.]+: God Daemon' >/dev/null; then
+        say "pm2 daemon: ok (left running; it comes under $pm2_unit at the next boot)"
+    else
+        systemctl start "$pm2_unit"
+        say "pm2 daemon: started $pm2_unit"
+    fi
+fi
+
+# ---------------------------------------------------------------------------- release tool
+# (install_release_tool: lib.sh)
+/usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "the release tool needs Python 3.11 or newer (/usr/bin/python3)"
+if [ ! -s "$bundle/cognivern-release" ]; then
+    say "release tool: not on stdin (installed by its own command)"
+else
+    install_release_tool "$bundle" "$bin_dir"
 fi
 
 # ---------------------------------------------------------------------------- logrotate

@@ -15,10 +15,26 @@ from pathlib import Path
 
 import pulumi
 import pulumi_hcloud as hcloud
+import yaml
 
 from components.server.host_key import HostKey, user_data_with_host_key
+from components.server.metadata_filter import bootcmd
 
 CLOUD_INIT = Path(__file__).with_name("cloud-init.yaml")
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the bootcmd's script) as YAML literal blocks, readable as they are."""
+
+
+_Dumper.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
+
+
+def render_user_data(private_key: str, public_key: str) -> str:
+    """The cloud-config of a created server: cloud-init.yaml, the metadata filter's bootcmd, the host key
+    (the pristine-host tests boot a Debian root with exactly this, through cloud-init's NoCloud datasource)."""
+    filter_block = yaml.dump({"bootcmd": bootcmd()}, Dumper=_Dumper, width=4096, sort_keys=False)
+    return user_data_with_host_key(CLOUD_INIT.read_text().rstrip("\n") + "\n" + filter_block, private_key, public_key)
 
 
 @dataclass(frozen=True)
@@ -84,7 +100,7 @@ class Server(pulumi.ComponentResource):
             host_key = HostKey(f"{name}-host-key-{index}" if several else f"{name}-host-key", pulumi.ResourceOptions(parent=self))
             self.host_keys.append(host_key.public_key)
             rendered: pulumi.Output[str] = pulumi.Output.all(host_key.private_key, host_key.public_key).apply(
-                lambda keys: user_data_with_host_key(CLOUD_INIT.read_text(), keys[0], keys[1])
+                lambda keys: render_user_data(keys[0], keys[1])
             )
             user_data: pulumi.Output[str] = pulumi.Output.secret(rendered)
             aliases = [pulumi.Alias(name=f"{name}-server")] if several and index == 1 else None

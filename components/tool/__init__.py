@@ -1,8 +1,11 @@
 """The server-side release tool and its config: what `cognivern-release` is and how it behaves here.
 
-Two commands of their own, so an edit of the tool or of its settings runs only what it must:
-- `install`: the tool and its PM2 helper (components/release), installed by install-tool.sh when
-  they differ. Editing either reinstalls them and nothing else: no provisioning, no restart.
+A component of its own (a child of the Host it is installed on), with two commands, so an edit of
+the tool or of its settings runs only what it must:
+- `install`: the tool (its launcher and its stdlib-only package, components/release/cognivern-release
+  and cognivern_release/), installed by install-tool.sh (lib.sh's install_release_tool: a
+  digest-named directory, switched by rename). Editing any file of the tool reinstalls it and
+  nothing else: no provisioning, no restart; a running activation keeps the version it started with.
 - `conf`: config/cognivern.conf (health, bake, slots, nginx; no secrets): rewritten when a setting
   changes, read by the tool at its next run, so no activation follows.
 Neither is an input of the release's commands: a change here never re-runs an activation. The
@@ -23,26 +26,36 @@ from components.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 INSTALL_TOOL = HERE / "install-tool.sh"
-RELEASE_TOOL = RELEASE_DIR / "cognivern-release.sh"
-PM2_HELPER = RELEASE_DIR / "cognivern-pm2.cjs"
-HELPER_MARKER = "#--- cognivern-pm2.cjs ---"
+RELEASE_TOOL = RELEASE_DIR / "cognivern-release"
+RELEASE_PACKAGE = RELEASE_DIR / "cognivern_release"
+BUNDLE_MARKER = "#--- {} ---"
 
 
-def release_tool_bundle() -> str:
-    """install-tool.sh's stdin: the release tool, then (after a marker line) its PM2 query helper."""
-    return f"{RELEASE_TOOL.read_text().rstrip(chr(10))}\n{HELPER_MARKER}\n{PM2_HELPER.read_text()}"
+def release_tool_files(launcher: str | None = None) -> list[tuple[str, str]]:
+    """The release tool as it is installed: its launcher and its package (standard library only).
+    `launcher`: a stand-in text for the launcher alone, for tests."""
+    if launcher is not None:
+        return [(RELEASE_TOOL.name, launcher)]
+    files = [(RELEASE_TOOL.name, RELEASE_TOOL.read_text())]
+    return files + [(f"{RELEASE_PACKAGE.name}/{p.name}", p.read_text()) for p in sorted(RELEASE_PACKAGE.glob("*.py"))]
+
+
+def bundle(files: list[tuple[str, str]]) -> str:
+    """Files as one text for a script's stdin, each after a line `#--- PATH ---`, as source text (so
+    `pulumi preview --diff` shows a change line by line) in a fixed order (the same text every run)."""
+    return "".join(f"{BUNDLE_MARKER.format(name)}\n{text.rstrip(chr(10))}\n" for name, text in files)
 
 
 @dataclass(frozen=True)
 class ReleaseToolArgs:
     connection: remote.ConnectionArgs
     settings: Settings
-    after: list[pulumi.Resource]  # provisioning: the bin directory, ROOT/config, node and PM2
+    after: list[pulumi.Resource]  # provisioning: python3, ROOT/config
     conf_was_under: pulumi.Resource  # the Host whose child `<node>-release-conf` the config file was
 
 
 class ReleaseTool(pulumi.ComponentResource):
-    """`<node>-tool`: the tool installed (`-install`) and configured (`-conf`); `ready` for releases."""
+    """`<node>-tool`: the tool installed (`-install`) and configured (`-conf`); `ready` for what runs it."""
 
     ready: list[pulumi.Resource]
 
@@ -55,7 +68,7 @@ class ReleaseTool(pulumi.ComponentResource):
             parent=self,
             connection=args.connection,
             create=script_command(INSTALL_TOOL, [], sudo=sudo),
-            stdin=release_tool_bundle(),
+            stdin=bundle(release_tool_files()),
             depends_on=args.after,
         )
         node = name.removesuffix("-tool")

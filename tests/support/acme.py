@@ -11,8 +11,10 @@ Everything lives in one temp dir (removed on stop):
   * `pebble-config.json`: ACME API and management API on free 127.0.0.1 ports; `httpPort` (where
     the validation authority fetches http-01 challenges) is the port of the nginx under test.
   * pebble-challtestsrv serving only DNS on 127.0.0.1 (TCP and UDP, its HTTP/TLS challenge servers
-    off), answering A 127.0.0.1 for every name and no AAAA; pebble resolves through it
-    (`-dnsserver`), so http-01 is validated for real against the nginx on 127.0.0.1:httpPort.
+    off), answering A 127.0.0.1 (or `resolve_to`) for the domains and no AAAA; pebble resolves through
+    it (`-dnsserver`), so http-01 is validated for real against the nginx on that address's httpPort.
+  * the ACME API on 127.0.0.1, or on `address` (its certificate names that IP too) for a test host
+    in a network namespace, which reaches the root namespace through its veth.
 
 PEBBLE_VA_NOSLEEP=1 (no random validation delays) and PEBBLE_WFE_NONCEREJECT=0 (no random
 badNonce rejections) keep runs fast and deterministic. Validation is NOT faked
@@ -75,23 +77,28 @@ class Pebble:
     directory_url, api_ca_path (trust this for the ACME API), log_path, dns_log_path.
     """
 
-    def __init__(self, *, http_port: int, domains: Sequence[str] = ()) -> None:
+    def __init__(self, *, http_port: int, domains: Sequence[str] = (), address: str = "127.0.0.1", resolve_to: str = "127.0.0.1") -> None:
+        """`address`: where the ACME API listens (a test host in a network namespace reaches the root
+        namespace's end of its veth); `resolve_to`: the A record of every domain (where http-01 is fetched)."""
         self.dir = Path(tempfile.mkdtemp(prefix="cognivern-pebble-"))
         self.dir.chmod(0o755)  # certbot (root) reads the CA bundle; keep it world-readable anyway
         self.http_port = http_port
         self.domains = tuple(domains)
+        self.address = address
+        self.resolve_to = resolve_to
         self.port = free_port()
         self.management_port = free_port()
         self.dns_port = free_port()
         self.dns_management_port = free_port()
-        self.directory_url = f"https://127.0.0.1:{self.port}/dir"
+        self.directory_url = f"https://{address}:{self.port}/dir"
         self.log_path = self.dir / "pebble.log"
         self.dns_log_path = self.dir / "challtestsrv.log"
         self._pebble: subprocess.Popen[bytes] | None = None
         self._dns: subprocess.Popen[bytes] | None = None
         self._logs: list[object] = []
         try:
-            self.api_ca_path, cert, key = make_ca_and_cert(self.dir, "pebble-api", dns=["localhost"], ips=["127.0.0.1"])
+            ips = ["127.0.0.1", *([address] if address != "127.0.0.1" else [])]
+            self.api_ca_path, cert, key = make_ca_and_cert(self.dir, "pebble-api", dns=["localhost"], ips=ips)
         except Exception:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
@@ -100,7 +107,7 @@ class Pebble:
             json.dumps(
                 {
                     "pebble": {
-                        "listenAddress": f"127.0.0.1:{self.port}",
+                        "listenAddress": f"{address}:{self.port}",
                         "managementListenAddress": f"127.0.0.1:{self.management_port}",
                         "certificate": str(cert),
                         "privateKey": str(key),
@@ -133,7 +140,7 @@ class Pebble:
             )
             wait_for_port(self.dns_management_port, alive=self._dns)
             for domain in self.domains:
-                self._dns_api("add-a", {"host": domain, "addresses": ["127.0.0.1"]})
+                self._dns_api("add-a", {"host": domain, "addresses": [self.resolve_to]})
             log = self.log_path.open("ab")
             self._logs.append(log)
             self._pebble = subprocess.Popen(
@@ -143,7 +150,7 @@ class Pebble:
                 stdin=subprocess.DEVNULL,
                 env={"PATH": "/usr/bin:/bin", "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"},
             )
-            wait_for_port(self.port, alive=self._pebble)
+            wait_for_port(self.port, alive=self._pebble, host=self.address)
             wait_for_port(self.management_port, alive=self._pebble)
         except Exception:
             self.stop()

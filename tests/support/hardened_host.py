@@ -1,6 +1,6 @@
 """A provisioned TargetHost driven the way the program drives it, for the hardening tests.
 
-provision.sh (over SSH, as root), then put-file for run.sh, cognivern.conf, the ecosystem file and
+provision.sh (over SSH, as root), then put-file for cognivern.conf, the ecosystem file and
 shared/.env, then the installed `cognivern-release` for releases. Nothing is mocked: the attack and
 backup tests need the real layout, owners and modes that provisioning makes.
 """
@@ -15,8 +15,9 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, RUN_SH, provision_args
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, env_file, host_bundle, nginx_site_input, provision_args
 from components.remote import script_command
 from components.render import (
     ENV_PRELOAD,
@@ -29,8 +30,8 @@ from components.render import (
     site_name,
 )
 from components.settings import Settings
-from components.tool import INSTALL_TOOL, release_tool_bundle
-from tests.support.release_host import build_release_tarball
+from components.tool import INSTALL_TOOL, bundle, release_tool_files
+from tests.support.release_host import build_release_tarball, read_state
 from tests.support.target_host import SYSTEM_PATH, TargetHost, end_user_processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,10 +54,10 @@ class HardenedHost:
     def provision(self) -> subprocess.CompletedProcess[str]:
         """provision.sh, then the release tool's own install (the program's two commands): provisioning's
         result, or the install's when that failed."""
-        provisioned = self.target.run(script_command(PROVISION, provision_args(self.settings)))
+        provisioned = self.target.run(script_command(PROVISION, provision_args(self.settings)), stdin=host_bundle())
         if provisioned.returncode != 0:
             return provisioned
-        tool = self.target.run(script_command(INSTALL_TOOL, []), stdin=release_tool_bundle())
+        tool = self.target.run(script_command(INSTALL_TOOL, []), stdin=bundle(release_tool_files()))
         return provisioned if tool.returncode == 0 else tool
 
     def put(self, dest: str, mode: str, owner: str, content: str, reload: bool = False) -> subprocess.CompletedProcess[str]:
@@ -65,9 +66,7 @@ class HardenedHost:
 
     def put_env(self, **extra: str) -> subprocess.CompletedProcess[str]:
         s = self.settings
-        return self.put(
-            f"{s.root}/shared/.env", "0600", f"{s.app_user}:{s.app_user}", render_env({**s.stack_env, **extra}, s.secret_env), reload=True
-        )
+        return self.put(*env_file(s), render_env({**s.stack_env, **extra}, s.secret_env), reload=True)
 
     @property
     def front_port(self) -> int:
@@ -82,15 +81,14 @@ class HardenedHost:
         s = self.settings
         nginx = self.target.nginx
         target = NginxTarget(conf=str(nginx.conf_path), prefix=str(nginx.prefix))
-        site = script_command(NGINX_SITE, ["--name", site_name(s.app_name), "--upstream-port", str(s.port)])
+        site = script_command(NGINX_SITE, ["--name", site_name(s.app_name)])
         for result in (
             self.provision(),
-            self.put(f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), reload=True),
             self.put(f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s, target)),
             self.put(env_preload_path(s.root), "0644", "root:root", ENV_PRELOAD.read_text()),
             self.put(f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), reload=True),
             self.put_env(),
-            self.target.run(site, stdin=render_nginx_site(s)),
+            self.target.run(site, stdin=nginx_site_input(s, render_nginx_site(s))),
         ):
             assert result.returncode == 0, result.stdout + result.stderr
 
@@ -116,6 +114,10 @@ class HardenedHost:
         dest = self.root / "incoming" / tarball.name
         shutil.copy(tarball, dest)
         return self.tool("install", release_id, str(dest), sha)
+
+    def state(self) -> dict[str, Any]:
+        """The release tool's state (ROOT/config/state.json)."""
+        return read_state(self.root)
 
     def current(self) -> str | None:
         link = self.root / "current"

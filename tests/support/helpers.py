@@ -10,11 +10,14 @@ import contextlib
 import fcntl
 import functools
 import os
+import pwd
 import random
 import signal
 import socket
 import ssl
 import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +27,22 @@ from typing import Any, Self, TypeVar
 import httpx
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Where test hosts put their ROOT: a directory of their own in /srv (root's, 0755 on Debian and
+# Ubuntu), never in /tmp. The settings refuse a ROOT inside a sticky, world-writable directory and
+# provisioning one below any directory that is not root's alone.
+ROOT_BASE = Path("/srv")
+
+
+def root_base(prefix: str) -> Path:
+    """A fresh directory for a test host's ROOT (and its other files): root's, 0755, in ROOT_BASE.
+
+    Each host removes its own in its cleanup; none is shared, so parallel workers never race on one.
+    """
+    if not ROOT_BASE.is_dir():
+        raise RuntimeError(f"{ROOT_BASE} is missing: test hosts put their ROOT there (Debian's base-files creates it)")
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=ROOT_BASE))
+    base.chmod(0o755)  # mkdtemp's 0700 would keep the app user out of its releases
+    return base
 
 
 @functools.cache
@@ -193,3 +212,42 @@ class DisposableHost:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.cleanup()
+
+
+class UserCommandLines:
+    """Every command line a `user`'s processes had while the block ran, from /proc.
+
+        with UserCommandLines(app_user) as seen:
+            ...activate a release...
+        assert not [line for line in seen.lines if str(REPO) in line]
+
+    Sampled every 50 ms, so a process that lives at least that long is seen (the tool's slot watcher
+    lives for the whole health wait and bake).
+    """
+
+    def __init__(self, user: str) -> None:
+        self.uid = pwd.getpwnam(user).pw_uid
+        self.lines: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if proc.stat().st_uid != self.uid:
+                    continue
+                self.lines.add((proc / "cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace"))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -7,14 +7,11 @@ The CLI connects to the language runtime this process serves, so no language plu
 
 - `settings`: reads the stack settings exactly as __main__.py does and exports what it read
   (secretEnv only as a secret Output), registering no resource.
-- `main`: the real __main__.py.
-- `hostkey`: the generated host key of a created server (components/server/host_key.py).
 """
 
 from __future__ import annotations
 
 import json
-import runpy
 import sys
 from pathlib import Path
 
@@ -39,20 +36,7 @@ def settings_program() -> None:
     pulumi.export("hasPrivateKey", settings.ssh_private_key is not None)
 
 
-def host_key_program() -> None:
-    """The generated SSH host key (a Python dynamic resource) alone: runs its provider in the real engine."""
-    from components.server.host_key import HostKey
-
-    key = HostKey("server-host-key")
-    pulumi.export("publicKey", key.public_key)
-    pulumi.export("privateKey", key.private_key)
-
-
-def main_program() -> None:
-    runpy.run_path(str(REPO / "__main__.py"), run_name="__main__")
-
-
-PROGRAMS = {"settings": settings_program, "main": main_program, "hostkey": host_key_program}
+PROGRAMS = {"settings": settings_program}
 
 
 def main(program: str, op: str, work_dir: str, stack_name: str) -> int:

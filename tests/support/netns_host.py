@@ -15,8 +15,13 @@ one machine cannot share a network or a filesystem view. Each `NetnsHost` gets:
   it runs (provision, the release tool, PM2, the app) sees that host's ROOT and app home at the
   common paths of the stack config; the binds live only in that private mount namespace and go
   away with its last process;
-- its own nginx (a PrivateNginx prefix) started inside the network namespace, listening on the
-  common site port on all of the namespace's addresses;
+- its own nginx (a PrivateNginx prefix) started inside the sshd's network and mount namespaces
+  (nsenter), so it reads the same files as the commands that reload it, listening on the common
+  site port on all of the namespace's addresses;
+- optionally (`binds`), a private copy of system directories such as /etc/letsencrypt, bound over
+  them in that mount namespace: the program's own paths then work unchanged on the host (the TLS
+  test lets certbot and nginx use /etc/letsencrypt and /var/www as on a server), while the
+  machine's directories are never written;
 - the COGNIVERN_* SetEnv overrides of TargetHost (bin dir, logrotate dir, sshd config and pid file,
   nginx paths), all per host, and its own host key (pinned through `hostKeys`).
 
@@ -38,15 +43,15 @@ import pwd
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from components.release.cognivern_release import facts
 from components.settings import parse_settings
-from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, run_pm2, user_pids
+from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, root_base, run_pm2, user_pids
 from tests.support.nginx import PrivateNginx
 from tests.support.sshd import LocalSshd
 from tests.support.target_host import _config_string, node_major
@@ -69,6 +74,44 @@ def _used_slots() -> set[int]:
         if word.startswith(SUBNET_PREFIX):
             used.add(int(word.split("/")[0].rsplit(".", 1)[1]) // 4)
     return used
+
+
+@contextlib.contextmanager
+def claimed_slots(count: int) -> Iterator[list[int]]:
+    """`count` free /30s of 10.213.0.0/24 (slot k: k*4+1 on the root side, k*4+2 in the namespace).
+
+    Concurrent test runs pick their /30s one at a time: the lock is held until the caller has put
+    its addresses on them (an address added twice on two veths would not fail, only misroute).
+    """
+    with open(SLOT_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        used = _used_slots()
+        free = [s for s in range(1, 63) if s not in used][:count]
+        if len(free) < count:
+            raise RuntimeError("no free /30 left in 10.213.0.0/24")
+        yield free
+
+
+def slot_addresses(slot: int) -> tuple[str, str]:
+    """(root side, namespace side) of a slot's /30."""
+    return f"{SUBNET_PREFIX}{4 * slot + 1}", f"{SUBNET_PREFIX}{4 * slot + 2}"
+
+
+def add_veth_namespace(netns: str, veth: str, peer: str, address: str) -> None:
+    """Network namespace `netns` (already added) gets eth0 = address/30 and lo up; `veth` is its
+    peer in the root namespace with `peer`/30. Nothing is routed off the machine."""
+    _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+    _ip("addr", "add", f"{peer}/30", "dev", veth)
+    _ip("link", "set", veth, "up")
+    for args in (["addr", "add", f"{address}/30", "dev", "eth0"], ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"]):
+        _ip("netns", "exec", netns, "ip", *args)
+
+
+def remove_veth_namespace(netns: str | None, veth: str) -> None:
+    """The veth (gone with the namespace anyway, but a failed start may leave only the veth) and the namespace."""
+    _ip("link", "del", veth, check=False)
+    if netns is not None:
+        _ip("netns", "del", netns, check=False)
 
 
 class NetnsSshd(LocalSshd):
@@ -112,8 +155,7 @@ class NetnsHost:
         self.index = index
         self.netns = f"cgv{pool.tag}{index}"
         self.veth = f"cgv{pool.tag}{index}r"  # root side (<= 15 chars)
-        self.peer = f"{SUBNET_PREFIX}{4 * slot + 1}"
-        self.address = f"{SUBNET_PREFIX}{4 * slot + 2}"
+        self.peer, self.address = slot_addresses(slot)
         self.base = pool.base / f"host-{index}"
         self.root = self.base / "root"
         self.home = self.base / "home"
@@ -123,6 +165,12 @@ class NetnsHost:
             d.mkdir(parents=True)
         self.base.chmod(0o755)
         self.root.chmod(0o755)
+        # system directory -> this host's private copy of it (bound over it inside the namespaces)
+        self.binds = {path: self.base / "private" / str(path).strip("/").replace("/", "_") for path in pool.binds}
+        for path, copy in self.binds.items():
+            if not path.is_dir():
+                raise RuntimeError(f"{path} must exist on this machine: it is the mount point of the host's private copy")
+            shutil.copytree(path, copy, symlinks=True)  # what a fresh server has there (e.g. certbot's cli.ini)
         self.nginx = PrivateNginx(port=SITE_PORT, autostart=False)
         self.sshd: NetnsSshd | None = None
         self.netns_created = False
@@ -132,17 +180,13 @@ class NetnsHost:
         pool = self.pool
         _ip("netns", "add", self.netns)
         self.netns_created = True
-        _ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.netns)
-        _ip("addr", "add", f"{self.peer}/30", "dev", self.veth)
-        _ip("link", "set", self.veth, "up")
-        for args in (["addr", "add", f"{self.address}/30", "dev", "eth0"], ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"]):
-            _ip("netns", "exec", self.netns, "ip", *args)
+        add_veth_namespace(self.netns, self.veth, self.peer, self.address)
         os.chown(self.home, pool.uid, pool.gid)
         self.home.chmod(0o750)
         self.sshd = NetnsSshd(
             netns=self.netns,
             address=self.address,
-            binds=[(self.root, pool.root), (self.home, pool.app_home)],
+            binds=[(self.root, pool.root), (self.home, pool.app_home), *((copy, path) for path, copy in self.binds.items())],
             set_env={
                 "PATH": f"{self.bin_dir}:{SYSTEM_PATH}",
                 "COGNIVERN_BIN_DIR": str(self.bin_dir),
@@ -150,13 +194,15 @@ class NetnsHost:
                 "COGNIVERN_SSHD_CONFIG": "{config}",
                 "COGNIVERN_SSHD_PIDFILE": "{pidfile}",
                 **self.nginx.env,
+                **{key: value.replace("{base}", str(self.base)) for key, value in pool.env.items()},
             },
         )
         # one sshPrivateKey for the stack: every host accepts the pool's client key
         (self.sshd.dir / "authorized_keys").write_text(pool.public_key + "\n")
         self.sshd.private_key_path, self.sshd.private_key, self.sshd.public_key = pool.key_path, pool.private_key, pool.public_key
         self.sshd.start()
-        proc = subprocess.run(["ip", "netns", "exec", self.netns, *self.nginx.argv()], capture_output=True, text=True)
+        assert self.sshd.pid is not None
+        proc = subprocess.run(["nsenter", "-t", str(self.sshd.pid), "-m", "-n", "--", *self.nginx.argv()], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"nginx in {self.netns}: {proc.stderr.strip()}")
         deadline = time.monotonic() + 10
@@ -173,10 +219,8 @@ class NetnsHost:
         if self.sshd is not None:
             with contextlib.suppress(Exception):
                 self.sshd.stop()
-        _ip("link", "del", self.veth, check=False)
-        if self.netns_created:
-            _ip("netns", "del", self.netns, check=False)
-            self.netns_created = False
+        remove_veth_namespace(self.netns if self.netns_created else None, self.veth)
+        self.netns_created = False
 
     def kill_pm2(self) -> None:
         """`pm2 kill` as the app user with this host's PM2_HOME, inside its network and mount namespaces."""
@@ -209,15 +253,19 @@ class NetnsHost:
 class NetnsHosts(DisposableHost):
     """A pool of NetnsHost sharing one stack config (see the module docstring)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, *, binds: Sequence[Path] = (), env: Mapping[str, str] | None = None) -> None:
+        """`binds`: system directories each host gets a private copy of; `env`: more SetEnv overrides
+        for every host's commands ("{base}" in a value stands for that host's temp dir)."""
+        self.binds = tuple(binds)
+        self.env = dict(env or {})
         if os.geteuid() != 0:
             raise RuntimeError("NetnsHosts needs root (network namespaces, bind mounts, useradd)")
         self.tag = uuid.uuid4().hex[:6]
-        self.base = Path(tempfile.mkdtemp(prefix="cognivern-netns-"))
-        self.base.chmod(0o755)
+        self.base = root_base("cognivern-netns-")
         self.root = self.base / "root"  # the stack's ROOT: an empty mount point here, bound per host
         self.root.mkdir()
         self.app_user = f"cvm{uuid.uuid4().hex[:8]}"
+        self.build_user = facts.build_user(self.app_user)
         self.app_home = Path("/home") / self.app_user
         self.key_path = self.base / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cognivern-netns", "-f", str(self.key_path)], check=True)
@@ -236,16 +284,12 @@ class NetnsHosts(DisposableHost):
             capture_output=True,
         )
         self.user_created = True
+        # the build account as provisioning makes it (provision.sh on each host then finds it in that shape)
+        build_home = ["--no-create-home", "--home-dir", str(self.root / "cache" / "build" / "work"), "--shell", "/usr/sbin/nologin"]
+        subprocess.run(["useradd", "--system", *build_home, "--user-group", self.build_user], check=True, capture_output=True)
         self.app_home.mkdir(mode=0o750)  # mount point; each host binds its own home here
         self.home_created = True
-        # Pools of concurrent test runs pick their /30s one at a time: the lock is held until this
-        # pool's addresses exist (an address added twice on two veths would not fail, only misroute).
-        with open(SLOT_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            used = _used_slots()
-            free = [s for s in range(1, 63) if s not in used][: self.count]
-            if len(free) < self.count:
-                raise RuntimeError("no free /30 left in 10.213.0.0/24")
+        with claimed_slots(self.count) as free:
             for index, slot in enumerate(free, start=1):
                 host = NetnsHost(self, index, slot)
                 self.hosts.append(host)
@@ -265,6 +309,8 @@ class NetnsHosts(DisposableHost):
         if self.user_created:
             self._end_user_processes()
             subprocess.run(["userdel", self.app_user], capture_output=True)
+            end_user_processes(self.build_user)
+            subprocess.run(["userdel", self.build_user], capture_output=True)
             self.user_created = False
         if self.home_created:
             with contextlib.suppress(OSError):
@@ -279,11 +325,12 @@ class NetnsHosts(DisposableHost):
         end_user_processes(self.app_user)
 
     def seed_pnpm_store(self, app_dir: Path) -> None:
-        """Fill every host's pnpm store (ROOT/cache/pnpm-store) with `app_dir`'s production dependencies.
+        """Fill every host's pnpm store (the build account's, ROOT/cache/build/work/store) with
+        `app_dir`'s production dependencies.
 
         The namespaces have no route off the machine (on purpose), so `pnpm install --prefer-offline`
         on a host must find its packages in the store: they are fetched once here, in the root
-        namespace, and copied to each host (owned by the app user, as the release tool keeps it).
+        namespace, and copied to each host (owned by the build account, as the release tool keeps it).
         """
         seed = self.base / "pnpm-seed"
         work = seed / "app"
@@ -297,10 +344,11 @@ class NetnsHosts(DisposableHost):
             timeout=300,
         )
         for host in self.hosts:
-            store = host.root / "cache" / "pnpm-store"
-            store.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(seed / "store", store, symlinks=True)
-            subprocess.run(["chown", "-R", f"{self.app_user}:{self.app_user}", str(store.parent)], check=True)
+            build_home = host.root / "cache" / "build" / "work"
+            build_home.mkdir(parents=True, exist_ok=True)
+            build_home.chmod(0o700)
+            shutil.copytree(seed / "store", build_home / "store", symlinks=True)
+            subprocess.run(["chown", "-R", f"{self.build_user}:{self.build_user}", str(build_home)], check=True)
         shutil.rmtree(seed, ignore_errors=True)
 
     # ------------------------------------------------------------------ the stack

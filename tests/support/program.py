@@ -1,7 +1,8 @@
 """Run the real `__main__.py` under the Pulumi SDK's mock monitor and record what it registers.
 
 Each registration keeps what the engine would see: type, name, parent, inputs (secrets still
-marked), dependencies and options. Used by the program tests and by the engine stand-in.
+marked), dependencies and options. Used by the program tests (the first level of verification;
+`pulumi up` itself runs on the real engine, tests/support/real_engine.py).
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ PASSPHRASE = "real engine test passphrase (test only)"
 PROGRAM_FILES = ("Pulumi.yaml", "__main__.py", ".env.example")  # copied: the project dir is the program's PROJECT_DIR
 PROGRAM_DIRS = ("components", "scripts", "tools")  # linked: the program's read-only parts
 LINKED = (*PROGRAM_DIRS, ".tools", "venv")  # linked: read-only parts of the checkout
+# The project file of a tiny program (RealEngine(program=...)): this repository's runtime and venv, no config declared.
+TINY_PROJECT = "name: cognivern\nruntime:\n  name: python\n  options:\n    toolchain: pip\n    virtualenv: venv\n"
 # The engine's resource operations as the report names them: a replacement is one "replace" step for
 # the new copy and a "delete" of the old one (logged later), the logical "replace" marker is dropped.
 OPS = {"create-replacement": "replace", "delete-replaced": "delete", "replace": None}
@@ -302,12 +304,49 @@ class EventTail:
             self.lines.append((time.monotonic() - self.started, self._pending))
 
 
+class Running:
+    """A CLI run under way: `.process` (pulumi-local execs the CLI, so its pid is the CLI's), `.events()`."""
+
+    def __init__(self, command: str, argv: list[str], cwd: Path, env: Mapping[str, str], log: Path, timeout: float) -> None:
+        self.command, self.timeout = command, timeout
+        self.output_file = log.with_suffix(".out")
+        self.started = time.monotonic()
+        self.tail = EventTail(log, self.started).__enter__()
+        with self.output_file.open("w") as out:
+            self.process = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT, text=True)
+
+    def events(self) -> list[dict[str, Any]]:
+        """The engine events logged so far."""
+        return [json.loads(line) for _, line in list(self.tail.lines) if line.strip()]
+
+    def began(self, name: str) -> bool:
+        """True once the engine has started an operation on the resource named `name`."""
+        return any("resourcePreEvent" in e and e["resourcePreEvent"]["metadata"]["urn"].endswith(f"::{name}") for e in self.events())
+
+    def wait(self, *, check: bool = True) -> RunReport:
+        try:
+            code = self.process.wait(timeout=self.timeout)
+        finally:
+            self.tail.__exit__(None, None, None)
+        seconds = time.monotonic() - self.started
+        output = self.output_file.read_text()
+        steps, outputs, warnings, errors, summary = parse_events(self.tail.lines)
+        if code != 0 and not errors:
+            errors = [output.strip()]  # the CLI refused before the engine ran (a lock, bad flags)
+        report = RunReport(self.command, code, output, steps, outputs, warnings, errors, summary, seconds)
+        if check and not report.ok:
+            raise RunFailedError(report)
+        return report
+
+
 class RealEngine:
     """One stack of this repository's program on a private project directory and `file://` backend."""
 
-    def __init__(self, workdir: Path, *, stack: str = "test", timeout: float = 900, program: Path = REPO) -> None:
-        """`program`: a tree holding the program (another commit's, for an upgrade); the CLI, plugins
-        and venv always come from this checkout."""
+    def __init__(self, workdir: Path, *, stack: str = "test", timeout: float = 900, program: str | None = None, tree: Path = REPO) -> None:
+        """`program`: the text of a tiny `__main__.py` to run instead of this repository's program
+        (a project of its own, named like ours so its config keys are `cognivern:*`, none declared).
+        `tree`: a tree holding the program (another commit's, for an upgrade); the CLI, plugins and
+        venv always come from this checkout."""
         self.workdir = Path(workdir)
         self.project = self.workdir / "project"
         self.state_dir = self.workdir / "state"
@@ -317,7 +356,13 @@ class RealEngine:
         self.project.mkdir(parents=True)
         for name in (".tools", "venv"):
             (self.project / name).symlink_to(REPO / name)
-        self.use_program(program)
+        if program is None:
+            self.use_program(tree)
+        else:
+            (self.project / "Pulumi.yaml").write_text(TINY_PROJECT)
+            (self.project / "__main__.py").write_text(program)
+            for name in PROGRAM_DIRS:
+                (self.project / name).symlink_to(REPO / name)
         self._applied: dict[str, tuple[str, bool]] = {}  # key -> (raw value, secret) as last set
         self._runs = 0
         self.cli("stack-init")
@@ -405,19 +450,14 @@ class RealEngine:
     # ------------------------------------------------------------------ runs
     def run(self, command: str, *args: str, check: bool = True) -> RunReport:
         """`pulumi COMMAND ARGS --event-log F` and its report; `check`: raise RunFailedError when it fails."""
+        return self.start(command, *args).wait(check=check)
+
+    def start(self, command: str, *args: str) -> Running:
+        """The same run, not waited for: a test can watch its events and kill it."""
         self._runs += 1
         log = self.workdir / f"events-{self._runs:03d}-{command}.jsonl"
-        started = time.monotonic()
-        with EventTail(log, started) as tail:
-            done = self.cli(command, *args, "--non-interactive", "--event-log", str(log), check=False)
-        seconds = time.monotonic() - started
-        steps, outputs, warnings, errors, summary = parse_events(tail.lines)
-        if done.returncode != 0 and not errors:
-            errors = [done.stderr.strip() or done.stdout.strip()]  # the CLI refused before the engine ran
-        report = RunReport(command, done.returncode, done.stdout + done.stderr, steps, outputs, warnings, errors, summary, seconds)
-        if check and not report.ok:
-            raise RunFailedError(report)
-        return report
+        argv = ["scripts/pulumi-local", self.stack, command, *args, "--non-interactive", "--event-log", str(log)]
+        return Running(command, argv, self.project, self.env, log, self.timeout)
 
     def up(
         self, config: Mapping[str, str] | None = None, *, secret_keys: Sequence[str] = (), check: bool = True, preview: bool = False

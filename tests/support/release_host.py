@@ -3,12 +3,14 @@
 `ReleaseHost` lays out a temp ROOT the way provisioning does, renders conf/ecosystem/.env with
 components.render from a real `Settings`, gives PM2 a private home (PM2_HOME in cognivern.conf),
 puts a private nginx in front of the two slots (the rendered site on `front_port`, the upstream
-file the tool switches), and runs the tool. `url()` goes through nginx, as clients do.
+file the tool switches), installs the tool into a bin dir of its own as provisioning installs it
+(`install_release_tool`), and runs it from there. `url()` goes through nginx, as clients do.
 Used by tests/test_release_tool.py and bench/release_bench.py.
 """
 
 from __future__ import annotations
 
+import grp
 import io
 import json
 import os
@@ -24,7 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.release import sha256_file
+from components.host import env_file, release_tool_files
+from components.release.cognivern_release import facts
+from components.release.cognivern_release.facts import shell_prelude
+from components.release.component import TOOL as TOOL_NAME
+from components.release.component import sha256_file
+from components.remote import LIB
 from components.render import (
     ENV_PRELOAD,
     NginxTarget,
@@ -38,12 +45,11 @@ from components.render import (
     upstream_include,
 )
 from components.settings import Settings, parse_settings
-from tests.support.helpers import DisposableHost, end_user_processes, free_port_pair, http_get, port_open, run_pm2
+from tests.support.helpers import DisposableHost, end_user_processes, free_port_pair, http_get, port_open, root_base, run_pm2
 from tests.support.nginx import PrivateNginx
 
 REPO = Path(__file__).resolve().parents[2]
-TOOL = REPO / "components" / "release" / "cognivern-release.sh"
-RUN_SH = REPO / "components" / "host" / "run.sh"
+TOOL = REPO / "components" / "release" / "cognivern-release"
 FIXTURE_APP = REPO / "tests" / "fixtures" / "app"
 APP_USER = "cgv-rt"  # the benches' user; tests take a unique one (unique_app_user) so parallel runs never share one
 SECRET_VALUE = "fixture-secret-must-never-be-printed"
@@ -82,12 +88,52 @@ def build_evil_tarball(out_dir: Path, name: str, member: str = "../../escaped.tx
     return path, sha256_file(path)
 
 
+def read_state(root: Path) -> dict[str, Any]:
+    """The release tool's state (ROOT/config/state.json), or {} before the tool wrote it."""
+    path = root / facts.STATE_FILE
+    state: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    return state
+
+
+def install_release_tool(tool: Path, base: Path) -> Path:
+    """The release tool installed under `base` as provision.sh installs it on a server (lib.sh's
+    install_release_tool: base/lib/cognivern-release/<digest>/, root's, base/bin/cognivern-release
+    linking to its launcher); the installed command. The tool's files come from
+    components.host.release_tool_files, as provisioning's stdin carries them; nothing is run from
+    the checkout, which may sit where other users cannot enter (a clone under a 0700 home).
+    An older bash tool (bench/release_designs.py's baseline) is copied with its Node helper beside it."""
+    bin_dir = base / "bin"
+    bin_dir.mkdir(mode=0o755, exist_ok=True)
+    if tool.suffix == ".sh":
+        for source, mode in ((tool, 0o755), (tool.parent / "cognivern-pm2.cjs", 0o644)):
+            dest = bin_dir / (TOOL_NAME if source == tool else source.name)
+            if source.exists():
+                shutil.copyfile(source, dest)
+                os.chown(dest, 0, 0)
+                dest.chmod(mode)
+        return bin_dir / TOOL_NAME
+    files = base / "tool-files"
+    for name, text in release_tool_files():
+        (files / name).parent.mkdir(parents=True, exist_ok=True)
+        (files / name).write_text(text)
+    script = f'{LIB.read_text()}\n{shell_prelude()}script_init install-tool \'\'\ninstall_release_tool "$1" "$2"\n'
+    subprocess.run(["bash", "-c", script, "install-tool", str(files), str(bin_dir)], check=True, capture_output=True)
+    shutil.rmtree(files)
+    return bin_dir / TOOL_NAME
+
+
 def unique_app_user() -> str:
     """A fresh test-only user name: ReleaseHosts of concurrent test runs never share a user or its processes."""
     return f"cgvr{uuid.uuid4().hex[:8]}"
 
 
 def ensure_app_user(name: str = APP_USER) -> pwd.struct_passwd:
+    """The app user and its build account (the one that runs pnpm install), as provisioning makes them."""
+    build = facts.build_user(name)
+    try:
+        pwd.getpwnam(build)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", build], check=True)
     try:
         return pwd.getpwnam(name)
     except KeyError:
@@ -96,8 +142,9 @@ def ensure_app_user(name: str = APP_USER) -> pwd.struct_passwd:
 
 
 def remove_app_user(name: str = APP_USER) -> None:
-    end_user_processes(name)
-    subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
+    for user in (name, facts.build_user(name)):
+        end_user_processes(user)
+        subprocess.run(["userdel", "-r", user], check=False, capture_output=True)
 
 
 @dataclass
@@ -113,14 +160,17 @@ class ReleaseHost(DisposableHost):
     port: int = field(default_factory=free_port_pair)
     extra_config: Mapping[str, str] = field(default_factory=dict)
     root: Path = field(init=False)
+    bin_dir: Path = field(init=False)  # where the tool is installed: bin/, lib/ (install_release_tool)
+    installed_tool: Path = field(init=False)
     nginx: PrivateNginx = field(init=False)
     pm2_home: Path = field(init=False)
     settings: Settings = field(init=False)
-    tool = TOOL  # the release tool it runs (bench/release_bench.py gives one from an older commit)
+    tool = TOOL  # the release tool it installs and runs (bench/release_bench.py gives one from an older commit)
 
     def __post_init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="cgv_root_", dir="/tmp"))
-        os.chmod(self.root, 0o755)  # noqa: S103 - the app user must reach its releases
+        self.root = root_base("cgv_root_")
+        self.bin_dir = root_base("cgv_bin_")
+        self.installed_tool = install_release_tool(self.tool, self.bin_dir)
         self.pm2_home = self.root / "pm2-home"
         self._upstreams: dict[Path, str] = {}
         self.nginx = PrivateNginx()
@@ -164,12 +214,11 @@ class ReleaseHost(DisposableHost):
         target = NginxTarget(conf=str(self.nginx.conf_path), prefix=str(self.nginx.prefix))
         conf = render_release_conf(s, target) + f"PM2_HOME={self.pm2_home}\n"
         (self.root / "config" / "cognivern.conf").write_text(conf)
-        env = self.root / "shared" / ".env"
+        env_path, env_mode, env_owner = env_file(s)  # as the program writes it: root's, the app's group reads it
+        env = Path(env_path)
         env.write_text(render_env(s.stack_env, s.secret_env))
-        os.chown(env, *own)
-        env.chmod(0o600)
-        shutil.copy(RUN_SH, self.root / "shared" / "run.sh")
-        (self.root / "shared" / "run.sh").chmod(0o755)
+        os.chown(env, pwd.getpwnam(env_owner.split(":")[0]).pw_uid, grp.getgrnam(env_owner.split(":")[1]).gr_gid)
+        env.chmod(int(env_mode, 8))
         name = site_name(s.app_name)
         (self.nginx.sites_available / f"{name}.conf").write_text(render_nginx_site(s))
         (self.nginx.sites_enabled / f"{name}.conf").symlink_to(self.nginx.sites_available / f"{name}.conf")
@@ -193,12 +242,22 @@ class ReleaseHost(DisposableHost):
         """nginx's port: where clients reach whichever slot is live."""
         return self.nginx.port
 
+    def state(self) -> dict[str, Any]:
+        """The tool's state (ROOT/config/state.json); empty before the tool wrote it."""
+        return read_state(self.root)
+
     def slots(self) -> dict[str, str]:
-        """ROOT/config/slots as a dict (live, blue, green, agent); empty before the first activation."""
-        path = self.root / "config" / "slots"
-        if not path.exists():
-            return {}
-        return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+        """The state's slots (live, blue, green, agent; "" for an empty one); empty before the first activation."""
+        return {k: v or "" for k, v in self.state().get("slots", {}).items()}
+
+    def bad(self, release_id: str) -> bool:
+        """Whether the release is marked bad in the state."""
+        return "bad" in self.state().get("releases", {}).get(release_id, {})
+
+    def journal(self) -> dict[str, Any] | None:
+        """The journal of an activation under way (one a killed worker left), or None."""
+        journal: dict[str, Any] | None = self.state().get("journal")
+        return journal
 
     def slot_port(self, slot: str) -> int:
         return self.port if slot == "blue" else self.port + 1
@@ -208,7 +267,7 @@ class ReleaseHost(DisposableHost):
         self, *args: str, timeout: float = 120, env: Mapping[str, str] | None = None, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["bash", str(self.tool), "--root", str(self.root), *args],
+            [str(self.installed_tool), "--root", str(self.root), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -219,7 +278,7 @@ class ReleaseHost(DisposableHost):
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            ["bash", str(self.tool), "--root", str(self.root), *args],
+            [str(self.installed_tool), "--root", str(self.root), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -261,6 +320,12 @@ class ReleaseHost(DisposableHost):
         status, body = self.get_json("/release")
         assert status == 200, body
         return str(body["release"])
+
+    def serving_pid(self) -> int:
+        """The pid of the worker that answered (the fixture names it): unchanged means not reloaded."""
+        status, body = self.get_json("/release")
+        assert status == 200, body
+        return int(str(body["pid"]))
 
     def pm2(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run_pm2(self.user, Path(pwd.getpwnam(self.user).pw_dir), self.pm2_home, *args)
@@ -317,5 +382,6 @@ class ReleaseHost(DisposableHost):
         self.stop_pm2()
         self.nginx.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.bin_dir, ignore_errors=True)
 
     stop = cleanup

@@ -1,19 +1,28 @@
 """A stack deployed by the real engine (tests/support/real_engine.py), its config evolving like `pulumi config set`.
 
-Shared by the deploy scenarios (one TargetHost), the several-servers test (NetnsHosts behind a
-balancer) and bench/engine_bench.py: each subclass adds views of its own hosts.
+Shared by the deploy scenarios and the interrupted-deploy test (TargetStack: one TargetHost), the
+several-servers test (NetnsHosts behind a balancer) and bench/engine_bench.py.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from components.settings import SECRET_KEYS
+from tests.support.helpers import http_get, run_pm2
 from tests.support.real_engine import RealEngine, RunReport
 from tests.support.release_host import build_release_tarball
+from tests.support.target_host import TargetHost
 
+RELEASE_STEPS = ("upload", "activate", "prune")  # a release's resources (one server), in order
+TRIGGERED_STEPS = ("upload", "activate")  # those replaced by a release change (prune has no trigger)
 # Fixture-friendly PM2 and health timings: the fixture app signals `ready` and shuts down in ms.
 FIXTURE_SETTINGS: dict[str, Any] = {"waitReady": True, "healthTimeout": 10, "listenTimeoutMs": 4000, "killTimeoutMs": 3000}
 
@@ -49,3 +58,65 @@ def readable(report: RunReport) -> RunReport:
     """Every run, passed or failed, reads as the engine's and the tool's messages: no Python traceback."""
     assert "Traceback (most recent call last)" not in report.output and "KeyboardInterrupt" not in report.output, report.output
     return report
+
+
+class TargetStack(DeployStack):
+    """A stack on one TargetHost: its config, the engine that deploys it and views of the host."""
+
+    def __init__(self, host: TargetHost, tmp: Path, **settings: Any) -> None:
+        super().__init__(host.config, tmp, **settings)
+        self.host = host
+
+    # -- the host
+    def get(self, path: str) -> httpx.Response:
+        return http_get(self.host.nginx.url(path), timeout=5)
+
+    def serving(self) -> dict[str, Any]:
+        response = self.get("/release")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def tool(self, *args: str) -> str:
+        proc = self.host.run(" ".join(["cognivern-release", "--root", str(self.host.root), *args]), check=True)
+        return proc.stdout
+
+    def releases(self) -> dict[str, str]:
+        listing = json.loads(self.tool("list", "--json"))
+        return {r["id"]: r["state"] for r in listing["releases"]}
+
+    def release_dirs(self) -> set[str]:
+        return {p.name for p in (self.host.root / "releases").iterdir()}
+
+    def current(self) -> str:
+        return os.readlink(self.host.root / "current").rsplit("/", 1)[-1]
+
+    def pm2_apps(self) -> dict[str, str]:
+        proc = run_pm2(self.host.app_user, self.host.app_home, self.host.pm2_home, "jlist")
+        assert proc.returncode == 0, proc.stderr
+        out = proc.stdout
+        return {p["name"]: p["pm2_env"]["status"] for p in json.loads(out)}
+
+    def snapshot(self) -> dict[str, tuple[str, int, str]]:
+        """Every file, link and directory the deploy manages (not the app's logs/data), with content digests."""
+        out: dict[str, tuple[str, int, str]] = {}
+        skip = {self.host.root / "shared" / "logs", self.host.root / "shared" / "data", self.host.root / "backups"}
+        for base in (self.host.root, self.host.bin_dir, self.host.nginx.sites_available, self.host.nginx.sites_enabled):
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames[:] = [d for d in dirnames if Path(dirpath, d) not in skip]
+                for name in dirnames + filenames:
+                    path = Path(dirpath, name)
+                    st = path.lstat()
+                    if stat.S_ISLNK(st.st_mode):
+                        kind, detail = "link", os.readlink(path)
+                    elif stat.S_ISREG(st.st_mode):
+                        kind, detail = "file", f"{st.st_size}:{st.st_mtime_ns}"
+                    else:
+                        kind, detail = "dir", ""
+                    out[str(path)] = (kind, st.st_mode, detail)
+        return out
+
+    def release_state(self) -> dict[str, str]:
+        """The release id each release resource's state was last created for (its first trigger)."""
+        steps = {f"cognivern-test-release-{step}": step for step in TRIGGERED_STEPS}
+        return {steps[name]: r["inputs"]["triggers"][0] for name, r in self.engine.resources().items() if name in steps}

@@ -12,7 +12,8 @@ scripts write to temp locations instead of /usr/local/bin, /etc/logrotate.d, /et
 
 Cleanup (on exit, also after failures): nginx and sshd stopped, the app user's PM2 killed with
 its own PM2_HOME, any process left under the (unique, test-only) app user ended by pid, the user
-removed with `userdel -r`, temp dirs removed. Nothing is left running.
+removed with `userdel -r` (and the build account provisioning made for it), temp dirs removed.
+Nothing is left running.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import json
 import pwd
 import shutil
 import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
+from components.release.cognivern_release import facts
 from components.settings import Settings, parse_settings
-from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, free_port_pair, run_pm2, user_pids
+from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, free_port_pair, root_base, run_pm2, user_pids
 from tests.support.nginx import PrivateNginx
 from tests.support.sshd import LocalSshd
 
@@ -37,10 +38,11 @@ __all__ = ["SYSTEM_PATH", "TargetHost", "end_user_processes", "node_major", "use
 
 class TargetHost(DisposableHost):
     """Attributes:
-    base       temp dir holding root/, bin/, logrotate.d/
-    root       the deployment ROOT (cognivern:root), e.g. /tmp/cognivern-host-xxxx/root (not yet created)
+    base       its own directory in /srv (helpers.root_base) holding root/, bin/, logrotate.d/
+    root       the deployment ROOT (cognivern:root), e.g. /srv/cognivern-host-xxxx/root (not yet created)
     bin_dir    COGNIVERN_BIN_DIR (cognivern-release goes here)
     logrotate_dir  COGNIVERN_LOGROTATE_DIR
+    systemd_dir    COGNIVERN_SYSTEMD_DIR: provisioning writes its unit files there (no systemd runs here)
     app_user   unique per host ("cvt" + 8 hex), created by provision.sh, removed on cleanup
     app_home   /home/<app_user>;  pm2_home  <app_home>/.pm2
     app_port   a free loopback port for the backend (cognivern:port)
@@ -50,11 +52,11 @@ class TargetHost(DisposableHost):
     """
 
     def __init__(self, *, app_user: str | None = None, start_nginx: bool = True, sshd_reexec_delay: float = 0) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="cognivern-host-"))
-        self.base.chmod(0o755)
+        self.base = root_base("cognivern-host-")
         self.root = self.base / "root"
         self.bin_dir = self.base / "bin"
         self.logrotate_dir = self.base / "logrotate.d"
+        self.systemd_dir = self.base / "systemd"
         self.bin_dir.mkdir()
         self.logrotate_dir.mkdir()
         self.app_user = app_user or f"cvt{uuid.uuid4().hex[:8]}"
@@ -71,6 +73,7 @@ class TargetHost(DisposableHost):
                     "PATH": f"{self.bin_dir}:{SYSTEM_PATH}",
                     "COGNIVERN_BIN_DIR": str(self.bin_dir),
                     "COGNIVERN_LOGROTATE_DIR": str(self.logrotate_dir),
+                    "COGNIVERN_SYSTEMD_DIR": str(self.systemd_dir),
                     "COGNIVERN_SSHD_CONFIG": "{config}",
                     "COGNIVERN_SSHD_PIDFILE": "{pidfile}",
                     **self.nginx.env,
@@ -102,6 +105,11 @@ class TargetHost(DisposableHost):
             subprocess.run(["userdel", "-r", self.app_user], capture_output=True)
             if self.app_home.exists() and self.app_home.name == self.app_user:
                 shutil.rmtree(self.app_home, ignore_errors=True)
+        build = facts.build_user(self.app_user)  # the account provisioning made to run pnpm install
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(build)
+            end_user_processes(build)
+            subprocess.run(["userdel", build], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
 
     def user_exists(self) -> bool:
