@@ -185,7 +185,7 @@ def test_install_tool_installs_the_tool_by_rename_only_when_it_differs(
     switches to an edited one by rename."""
     tool = host.bin_dir / "cognivern-release"
     assert [line for line in first_run.stdout.splitlines() if "release tool" in line] == [
-        "provision: release tool: not on stdin (installed by its own command)"
+        "provision: release tool: skipped (not on stdin: it has a command of its own)"
     ]
     assert tool.read_text() == FAKE_TOOL
     assert owner_mode(tool) == ("root", "root", "0o755")
@@ -202,6 +202,14 @@ def test_install_tool_installs_the_tool_by_rename_only_when_it_differs(
     assert tool.read_text() == edited and os.readlink(lib / "current") != digest, "switched by rename: a run under way keeps its version"
     assert f"install-tool: release tool: installed {os.readlink(lib / 'current')}" in changed.stdout
     assert not [p for p in lib.iterdir() if p.name.startswith(".")], "no temporary file left"
+    edited_digest = os.readlink(lib / "current")
+    # back to the first version (its directory is the older one), then a third: the version that was
+    # current before each switch stays, whatever its age (an activation may still import from it)
+    assert host.run(install_tool_cmd(), stdin=FAKE_BUNDLE).returncode == 0
+    assert os.readlink(lib / "current") == digest and (lib / edited_digest).is_dir()
+    third = host.run(install_tool_cmd(), stdin=BUNDLE_MARKER.format("cognivern-release") + "\n" + FAKE_TOOL + "# third\n")
+    assert third.returncode == 0, third.stderr
+    assert sorted(p.name for p in lib.iterdir()) == sorted([digest, os.readlink(lib / "current"), "current"])
     assert host.run(install_tool_cmd(), stdin=FAKE_BUNDLE).returncode == 0
 
 

@@ -95,7 +95,7 @@ def test_a_stack_of_the_previous_layout_upgrades_in_place(stack: OldStack) -> No
     provision = report.step(f"{NODE}-provision", "replace")
     assert provision.done
     assert "switching current" not in report.output and "starting" not in report.output
-    assert "release tool: not on stdin" in report.output, "provisioning no longer carries the tool"
+    assert "release tool: skipped (not on stdin" in report.output, "provisioning no longer carries the tool"
     assert "release tool: ok (already" in report.output, "the same tool, by its own command: nothing to install"
     assert stack.serving()["release"] == V1 and report.outputs["activeRelease"] == V1
     assert read_state(stack.host.root)["slots"] == slots, "no activation: the same slot serves"

@@ -455,7 +455,7 @@ fi
 # (install_release_tool: lib.sh)
 /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "the release tool needs Python 3.11 or newer (/usr/bin/python3)"
 if [ ! -s "$bundle/cognivern-release" ]; then
-    say "release tool: not on stdin (installed by its own command)"
+    say "release tool: skipped (not on stdin: it has a command of its own)"
 else
     install_release_tool "$bundle" "$bin_dir"
 fi
