@@ -49,11 +49,11 @@ from typing import Any
 from bench import harness
 from bench.harness import median
 from bench.release_bench import RssSampler
-from components.host import NGINX_SITE
+from components.host import NGINX_SITE, env_file, nginx_site_input
 from components.remote import PUT_FILE, script_command
 from components.render import render_env, render_nginx_site, render_release_conf, site_name
 from components.settings import Settings, parse_settings
-from components.tool import INSTALL_TOOL, release_tool_bundle
+from components.tool import INSTALL_TOOL, bundle, release_tool_files
 from tests.support.load import Load
 from tests.support.real_engine import RunReport
 from tests.support.target_host import TargetHost
@@ -137,7 +137,8 @@ class Side:
 
     def at_rest(self, key: str) -> None:
         time.sleep(2)
-        samples = [RssSampler(self.uid).sample()[0] for _ in range(5)]
+        sampler = RssSampler(self.uid, self.host.bin_dir / "cognivern-release")
+        samples = [sampler.sample()[0] for _ in range(5)]
         self.rest[key].append(round(statistics.median(samples) / 1024, 1))
 
 
@@ -176,8 +177,8 @@ def config_rows(side: Side, i: int, say: Callable[[str], None], direct: bool) ->
     policy = "deny" if i % 2 == 0 else "same-origin"
     say(f"{side.name} {i}: nginx {side.up('nginx', framePolicy=policy)}")
     say(f"{side.name} {i}: env-value {side.up('env-value', secretEnv={'FIXTURE_ECHO': f'rotated-{i}'})}")
-    tool = stack.engine.project / "components" / "release" / "cognivern-release.sh"
-    stack.engine.edit("components/release/cognivern-release.sh", tool.read_text() + f"# change_bench round {i}\n")
+    cli = "components/release/cognivern_release/cli.py"  # a file of the tool's package, in both layouts
+    stack.engine.edit(cli, (stack.engine.project / cli).read_text() + f"# change_bench round {i}\n")
     say(f"{side.name} {i}: tool-edit {side.up('tool-edit')}")
     assert host.sshd is not None
     say(f"{side.name} {i}: host-key-pin {side.up('host-key-pin', hostKey=f'{host.sshd.host_key} pin-{i}')}")
@@ -187,13 +188,14 @@ def config_rows(side: Side, i: int, say: Callable[[str], None], direct: bool) ->
     conf = f"{host.root}/config/cognivern.conf"
     put_conf = script_command(PUT_FILE, ["--dest", conf, "--mode", "0644", "--owner", "root:root"])
     side.ssh("bake-health", None, (put_conf, render_release_conf(settings_of(stack, bakeSeconds=1 - bake))))
-    site = script_command(NGINX_SITE, ["--name", site_name(s.app_name), "--upstream-port", str(s.port)])
-    side.ssh("nginx", None, (site, render_nginx_site(settings_of(stack, framePolicy="same-origin" if i % 2 == 0 else "deny"))))
-    env_dest = f"{host.root}/shared/.env"
-    owner = f"{s.app_user}:{s.app_user}"
-    put_env = script_command(PUT_FILE, ["--dest", env_dest, "--mode", "0600", "--owner", owner, "--reload-root", str(host.root)])
+    site = script_command(NGINX_SITE, ["--name", site_name(s.app_name)])
+    other = settings_of(stack, framePolicy="same-origin" if i % 2 == 0 else "deny")
+    side.ssh("nginx", None, (site, nginx_site_input(other, render_nginx_site(other))))
+    env_dest, env_mode, env_owner = env_file(s)
+    put_env = script_command(PUT_FILE, ["--dest", env_dest, "--mode", env_mode, "--owner", env_owner, "--reload-root", str(host.root)])
     side.ssh("env-value", None, (put_env, render_env(s.stack_env, {"FIXTURE_ECHO": f"direct-{i}"})))
-    side.ssh("tool-edit", None, (script_command(INSTALL_TOOL, []), release_tool_bundle()))
+    files = [(n, text + f"# change_bench direct {i}\n" if n.endswith("/cli.py") else text) for n, text in release_tool_files()]
+    side.ssh("tool-edit", None, (script_command(INSTALL_TOOL, []), bundle(files)))
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -282,6 +284,31 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         title=f"pulumi up per change (real engine), {BEFORE[:7]} (before) and this checkout (now) on two hosts, row by row;"
         f" medians of {args.repeat}, {CLIENTS} clients, bakeSeconds 0; load average at the end {out['load_average_at_end'][0]:.1f}",
+    )
+    # issue 22's user's clock: the engine's median (failed requests counted) beside the tool alone, against the goal
+    out["goals"] = {}
+    goal_rows = []
+    for row, goal in GOALS.items():
+        clock = row in RELEASE_ROWS
+        key = "median_first" if clock else "median_wall"
+        figures = {side: (out["summary"].get(side, {}).get(row) or {}).get(key) for side in ("before", "now", "direct")}
+        now_s = out["summary"].get("now", {}).get(row) or {}
+        met = figures["now"] is not None and figures["now"] <= goal and now_s.get("failed") == 0
+        out["goals"][row] = {"goal_seconds": goal, "clock": "first response" if clock else "wall", **figures, "met": met}
+        goal_rows.append(
+            [
+                row,
+                f"{goal} s",
+                cell(now_s or None, clock=clock),
+                cell(out["summary"].get("before", {}).get(row), clock=clock),
+                cell(out["summary"].get("direct", {}).get(row), clock=clock) if row != "noop" else "",
+                "yes" if met else "no",
+            ]
+        )
+    harness.print_table(
+        ["step (issue 22)", "goal", "now (engine)", "before (engine)", "the tool alone", "met"],
+        goal_rows,
+        title="issue 22's clock: `pulumi up --yes --skip-preview` to the first response of the target release (no-op: to its end)",
     )
     for name, rest in out["at_rest_rss_mb"].items():
         print(
