@@ -83,6 +83,10 @@ def test_a_stack_of_the_previous_layout_upgrades_in_place(stack: OldStack) -> No
     assert ran == {
         f"{NODE}-provision": "replace",  # its command changed (the tool left it): runs once, nothing to do
         f"{NODE}-env-preload": "create",
+        # lib.sh, in front of every host script, changed: the file and site commands run again,
+        # compare and change nothing ("unchanged", no reload)
+        f"{NODE}-nginx-site": "update",
+        f"{NODE}-env": "update",
         f"{NODE}-ecosystem": "update",  # loads the preload: one graceful reload
         f"{NODE}-tool-install": "create",
         f"{NODE}-tool-conf": "update",  # the Host's release-conf, kept by its alias (KEEP_RELEASES left it)
@@ -96,7 +100,11 @@ def test_a_stack_of_the_previous_layout_upgrades_in_place(stack: OldStack) -> No
     assert provision.done
     assert "switching current" not in report.output and "starting" not in report.output
     assert "release tool: skipped (not on stdin" in report.output, "provisioning no longer carries the tool"
-    assert "release tool: ok (already" in report.output, "the same tool, by its own command: nothing to install"
+    # this change edits the tool too: installed once, by its own command
+    assert report.output.count("release tool: installed") == 2, "tool-install's creating and created lines"
+    assert "install-tool: release tool: installed" in report.output
+    # (.env's command logs nothing, it carries secrets: that it reloaded nothing is the restart count below)
+    assert "cognivern-agent.conf: unchanged (nginx not reloaded)" in report.output
     assert stack.serving()["release"] == V1 and report.outputs["activeRelease"] == V1
     assert read_state(stack.host.root)["slots"] == slots, "no activation: the same slot serves"
     apps_after = stack.pm2()
