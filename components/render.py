@@ -162,9 +162,9 @@ def forwarded_for(s: Settings) -> str:
     return "$proxy_add_x_forwarded_for" if behind_balancer(s) else "$remote_addr"
 
 
-def render_upstream(s: Settings, live_port: int, backup_port: int | None = None) -> str:
+def render_upstream(s: Settings, live_port: int) -> str:
     """The upstream file (facts.upstream_text): nginx-site.sh creates it with the blue slot live."""
-    return facts.upstream_text(upstream_name(s.app_name), live_port, backup_port)
+    return facts.upstream_text(upstream_name(s.app_name), s.port, live_port)
 
 
 def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: str = ACME_WEBROOT, hsts: bool = False) -> str:

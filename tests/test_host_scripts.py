@@ -555,7 +555,7 @@ def test_nginx_site_creates_the_upstream_only_when_missing(host: TargetHost, sit
     s = host.settings()
     upstream = host.nginx.sites_available / f"{name}.upstream"
     assert upstream.read_text() == render_upstream(s, s.port), "created pointing at the blue slot"
-    switched = render_upstream(s, s.port + 1, s.port)  # what the tool writes after a switch to green
+    switched = render_upstream(s, s.port + 1)  # what the tool writes after a switch to green
     upstream.write_text(switched)
     try:
         changed = text.replace("client_max_body_size 10m;", "client_max_body_size 12m;")

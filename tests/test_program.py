@@ -208,7 +208,7 @@ def test_runtime_files_are_rendered_from_settings() -> None:
     nginx = run.get("cognivern-prod-nginx-site")
     assert "include sites-available/cognivern-agent.upstream;" in nginx.inputs["stdin"]
     assert nginx.inputs["create"].endswith(" nginx-site --name cognivern-agent")
-    assert nginx.inputs["stdin"].endswith("#--- cognivern-agent.upstream ---\n" + facts.upstream_text("cognivern_agent_app", 4000))
+    assert nginx.inputs["stdin"].endswith("#--- cognivern-agent.upstream ---\n" + facts.upstream_text("cognivern_agent_app", 4000, 4000))
     conf = run.get("cognivern-prod-tool-conf")
     assert "PORT=4000\n" in conf.inputs["stdin"] and "KEEP_RELEASES" not in conf.inputs["stdin"], "keepReleases is prune's argument"
     assert "BAKE_SECONDS=30\n" in conf.inputs["stdin"] and "KEEP_PREVIOUS_WARM=false\n" in conf.inputs["stdin"]
