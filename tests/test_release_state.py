@@ -143,6 +143,26 @@ def test_the_seal_makes_everything_roots_without_setuid_and_follows_no_link(tmp_
     assert (outside.stat().st_uid, outside.stat().st_mode) == (before.st_uid, before.st_mode), "the link's target untouched"
 
 
+def test_a_hard_link_to_a_file_outside_is_removed_and_refused_with_its_inode_untouched(tmp_path: Path) -> None:
+    """Where fs.protected_hardlinks is 0 the build account can link any file it can name (a root
+    secret, say): sealing that inode would re-own and chmod it 0644 outside the release too."""
+    outside = tmp_path / "secret"
+    outside.write_text("elsewhere\n")
+    os.chown(outside, 4321, 4321)
+    outside.chmod(0o600)
+    release = tmp_path / "release"
+    (release / "node_modules" / "pkg").mkdir(parents=True)
+    (release / "node_modules" / "pkg" / "index.js").write_text("module.exports = 1\n")
+    os.link(outside, release / "node_modules" / "pkg" / "linked.js")
+    with safefs.opened_dir(str(release)) as fd, pytest.raises(safefs.RefusedError, match=r"node_modules/pkg/linked\.js is a hard link"):
+        safefs.seal(fd)
+    st = outside.stat()
+    assert (st.st_uid, oct(stat.S_IMODE(st.st_mode)), st.st_nlink) == (4321, "0o600", 1), (
+        "the outside file keeps owner, mode, and loses the link"
+    )
+    assert not (release / "node_modules" / "pkg" / "linked.js").exists()
+
+
 def test_a_link_where_a_directory_belongs_is_refused(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
