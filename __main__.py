@@ -15,7 +15,7 @@ from pulumi.runtime.config import is_config_secret
 
 from components.envfile import drift_warnings, load_env_example
 from components.host import Host, HostArgs
-from components.release import ArtifactError, Release, ReleaseArgs, resolve_artifact, rolling_activation
+from components.release.component import ArtifactError, Release, ReleaseArgs, resolve_artifact, rolling_activation
 from components.security import security_warnings
 from components.settings import NAMESPACE, ConfigError, parse_settings
 from components.shutdown import exit_quietly_on_interrupt

@@ -2,7 +2,7 @@
 
     venv/bin/python -m bench.cluster_policy [--repeat 16] [--out reports/cluster-policy.json] [--budget 900]
 
-Why the program starts PM2's daemon with NODE_CLUSTER_SCHED_POLICY=none (components/host/run.sh):
+Why the release tool starts PM2's daemon with NODE_CLUSTER_SCHED_POLICY=none (cognivern_release/apps.py):
 PM2's daemon is the cluster primary; with Node's default round-robin it accepts each connection
 and hands it to a worker over IPC, and during a reload it can hand one to a worker that is already
 exiting; that request then hangs until the client gives up. Same app (tests/fixtures/app, graceful
@@ -43,7 +43,7 @@ def run_load(url: str, stop: threading.Event, results: list[tuple[float, str]]) 
 
 
 def pm2(host: ReleaseHost, policy: str, *args: str) -> None:
-    """pm2 as the app user with shared/.env exported (as run.sh does) and the daemon policy under test."""
+    """pm2 as the app user with shared/.env in its environment (as the release tool gives it) and the daemon policy under test."""
     home = pwd.getpwnam(host.user).pw_dir
     env = ["env", f"HOME={home}", f"PM2_HOME={host.pm2_home}", f"NODE_CLUSTER_SCHED_POLICY={policy}"]
     script = 'set -a; . "$0"; set +a; exec pm2 "$@"'

@@ -322,8 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         # -- the same `pulumi up` with an empty pnpm store (no load; only the install step is quoted)
         for i in range(args.repeat):
             check_budget()
-            shutil.rmtree(host.root / "cache" / "pnpm-store", ignore_errors=True)
-            shutil.rmtree(host.app_home / ".cache" / "pnpm", ignore_errors=True)
+            shutil.rmtree(host.root / "cache" / "build" / "work", ignore_errors=True)  # the build account's store and HOME
             rid = f"eb-fresh{i}"
             report = stack.up(release=rid, artifact=stack.artifact(rid), check=False)
             if not report.ok:

@@ -1,21 +1,21 @@
-"""Failed requests, time to first response and peak memory of an activation: this checkout's tool vs today's design.
+"""Failed requests, time to first response, CPU and peak memory of an activation: this checkout's tool vs today's.
 
     venv/bin/python -m bench.release_bench [--repeat 3] [--bake 15] [--rows a,cold,...] [--out reports/release-bench.json] [--budget 1800]
 
 Runs as root on loopback only. Two designs (bench/release_designs.py) run in the same bench, row by
 row, so the noise of a shared machine falls on both alike:
-  today     cognivern-release as of commit f6380ad (one PM2 app, throwaway pre-flight, switch,
-            health gate, automatic revert), with that commit's ecosystem, conf, run.sh and nginx
-            site, taken from git at bench time;
-  checkout  this checkout's tool (issue 14: blue/green slots behind nginx, a bake window with
-            automatic revert, keepPreviousWarm), with --bake as bakeSeconds.
+  today     cognivern-release as of commit eb6022a (bash, its Node PM2 helper, run.sh: blue/green
+            slots behind nginx, the bake, the revert), with that commit's ecosystem, conf, run.sh
+            and nginx site, taken from git at bench time;
+  checkout  this checkout's tool (issue 23: the same activation as a stdlib Python program),
+            with --bake as bakeSeconds for both.
 Each design has its own temp ROOT laid out like provisioning, app user, PM2 daemon and private
 nginx (tests/support), and the same fixture app (tests/fixtures/app). 8 HTTP clients do GET
 /release through that nginx while a row runs; every error or non-2xx is a failed request. Rows:
   a           a good release
+  a0          a good release with bakeSeconds 0: against `a`, the CPU of the bake loop
   cold        rollback to the release before, its slot stopped (keepPreviousWarm false)
-  warm        rollback to the release before while its slot still runs (keepPreviousWarm true;
-              today has no slot: the same rollback as cold)
+  warm        rollback to the release before while its slot still runs (keepPreviousWarm true)
   crash       a release that crashes at boot
   unhealthy   a release whose /health answers 500
   c2          a release that crashes at boot only under PM2
@@ -30,10 +30,13 @@ Per run: failed/total requests (and how many were retried once, see Load); time 
 command's start to the first response from the new release (a) or the rolled-back-to one (cold,
 warm), and for the broken rows to the first response from the previous release after the last
 failure or the last answer of the broken one (0: clients never saw either; "never": still not back
-at the end); the command's wall time; the peak RSS (sum over the app user's processes, sampled
-every 100 ms from /proc) while it runs; what it left: exit status and the release that answers at
-the end. A row whose failure comes after the command may return (crash-4s, loop-10s, flip-4s)
-keeps the load on until --bake + 5 s after the start, for both designs.
+at the end); the command's wall time; the CPU (user + system seconds) of the command and every
+process it waited for (the detached worker, its PM2 and health questions, pnpm: getrusage of the
+bench's children); the peak RSS (sum over the app user's processes, and over the tool's own
+processes: those whose command line names the tool, sampled every 100 ms from /proc) while it runs;
+what it left: exit status and the release that answers at the end. A row whose failure comes after
+the command may return (crash-4s, loop-10s, flip-4s) keeps the load on until --bake + 5 s after the
+start, for both designs. The CPU of the bake loop is a's minus a0's (medians).
 Also: `install` with a warm store (lockfile unchanged) vs an empty store (this checkout's tool).
 Everything it starts (nginx, PM2 daemons, the app users it created, the baseline tree) is removed.
 """
@@ -41,6 +44,7 @@ Everything it starts (nginx, PM2 daemons, the app users it created, the baseline
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import tempfile
 import threading
@@ -140,34 +144,42 @@ class RssSampler:
     workers, the pre-flight's included); the rest are PM2's daemon and CLI calls and the tool's helpers.
     """
 
-    def __init__(self, uid: int, interval: float = 0.1) -> None:
+    def __init__(self, uid: int, tool: Path, interval: float = 0.1) -> None:
         self.uid = uid
+        self.tool = str(tool).encode()
         self.interval = interval
         self.samples: list[tuple[int, int]] = []
+        self.tool_samples: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def sample(self) -> tuple[int, int]:
-        total = app = 0
+    def sample(self) -> tuple[int, int, int]:
+        total = app = tool = 0
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
             try:
-                if entry.stat().st_uid != self.uid:
+                mine = entry.stat().st_uid == self.uid
+                cmdline = Path(entry.path, "cmdline").read_bytes()
+                if not mine and self.tool not in cmdline:
                     continue
                 status = Path(entry.path, "status").read_text()
-                cmdline = Path(entry.path, "cmdline").read_bytes()
             except OSError:
                 continue  # gone meanwhile
             rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+            if not mine:
+                tool += rss
+                continue
             total += rss
             if b"/dist/index.js" in cmdline:
                 app += rss
-        return total, app
+        return total, app, tool
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append(self.sample())
+            total, app, tool = self.sample()
+            self.samples.append((total, app))
+            self.tool_samples.append(tool)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
@@ -188,6 +200,7 @@ class RssSampler:
             "before_app": round(first[1] / 1024, 1),
             "peak_total": round(top[0] / 1024, 1),
             "peak_app": round(max(s[1] for s in self.samples) / 1024, 1),
+            "peak_tool": round(max(self.tool_samples, default=0) / 1024, 1),
         }
 
 
@@ -197,10 +210,12 @@ class Row:
     title: str
     mode: str | None  # fixture mode of the new release; None: a rollback to BASE
     late: bool = False  # its failure may come after the command returned: keep the load on for --bake + 5 s
+    no_bake: bool = False  # bakeSeconds 0 for this row
 
 
 ROWS = (
     Row("a", "a good release", "ok"),
+    Row("a0", "a good release, no bake", "ok", no_bake=True),
     Row("cold", "rollback, cold (slot stopped)", None),
     Row("warm", "rollback, warm (keepPreviousWarm)", None),
     Row("crash", "crashes at boot", "crash"),
@@ -237,9 +252,11 @@ def measure(design: Design, row: Row, new: str, target: str, observe: float) -> 
     broken = row.mode not in (None, "ok")
     with Load(design.nginx.url("/release")) as load:
         time.sleep(SETTLE)
-        with RssSampler(design.uid) as rss:
+        with RssSampler(design.uid, design.host.installed_tool) as rss:
             start = time.monotonic()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = design.activate(BASE if row.mode is None else new)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
             wall = time.monotonic() - start
             time.sleep(max(SETTLE, (start + observe - time.monotonic()) if row.late else 0))
     figures = analyse(load, start, new, target, broken)
@@ -250,6 +267,7 @@ def measure(design: Design, row: Row, new: str, target: str, observe: float) -> 
         "requests": load.ok + load.failed,
         "retried": load.retried,
         "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 3),
         **figures,
         "rss_mb": rss.peak_mb(),
         "exit": proc.returncode,
@@ -262,8 +280,8 @@ def measure(design: Design, row: Row, new: str, target: str, observe: float) -> 
 
 
 def release_of(row: Row, i: int) -> str:
-    """The release a row activates (a) or rolls back from (cold, warm): new<i>; a broken one: <row><i>."""
-    return f"new{i}" if row.mode in (None, "ok") else f"{row.key}{i}"
+    """The release a row activates (a) or rolls back from (cold, warm): new<i>; a broken one and a0: <row><i>."""
+    return f"new{i}" if row.mode is None or row.key == "a" else f"{row.key}{i}"
 
 
 def run_row(design: Design, row: Row, i: int, observe: float) -> dict[str, Any]:
@@ -273,10 +291,12 @@ def run_row(design: Design, row: Row, i: int, observe: float) -> dict[str, Any]:
     BASE again (unmeasured) before the next row."""
     new = release_of(row, i)
     design.keep_previous_warm(row.key == "warm")
+    design.host.set_conf(BAKE_SECONDS="0" if row.no_bake else str(design.bake))
     if row.mode is None and design.host.current() != new and design.activate(new).returncode != 0:
         raise RuntimeError(f"{design.label}: activating {new} failed before the {row.key} rollback")
-    result = measure(design, row, new, new if row.key == "a" else BASE, observe)
+    result = measure(design, row, new, new if row.mode == "ok" else BASE, observe)
     result["reset_to_base"] = row.key != "a" and (design.host.current() != BASE or result["answers_at_end"] != BASE)
+    design.host.set_conf(BAKE_SECONDS=str(design.bake))
     if result["reset_to_base"] and design.activate(BASE).returncode != 0:
         raise RuntimeError(f"{design.label}: could not bring {BASE} back after {row.key} #{i}")
     return result
@@ -303,6 +323,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "median_retried": harness.median(r["retried"] for r in runs),
         "median_first_response_seconds": harness.median(firsts) if None not in firsts else None,
         "median_wall_seconds": harness.median(r["wall_seconds"] for r in runs),
+        "median_cpu_seconds": harness.median(r["cpu_seconds"] for r in runs),
+        "median_peak_tool_rss_mb": harness.median(r["rss_mb"].get("peak_tool") for r in runs),
         "median_peak_rss_mb": harness.median(r["rss_mb"].get("peak_total") for r in runs),
         "median_peak_app_rss_mb": harness.median(r["rss_mb"].get("peak_app") for r in runs),
         "all_as_designed": all(r["as_designed"] for r in runs),
@@ -326,6 +348,8 @@ def table_rows(designs: list[Design], results: dict[str, dict[str, list[dict[str
                     + (f" ({s['median_retried']:.0f} retried)" if s["median_retried"] else ""),
                     first,
                     harness.fmt(s["median_wall_seconds"], " s"),
+                    harness.fmt(s["median_cpu_seconds"], " s", 2),
+                    harness.fmt(s["median_peak_tool_rss_mb"], digits=0),
                     f"{harness.fmt(s['median_peak_rss_mb'], digits=0)} ({harness.fmt(s['median_peak_app_rss_mb'], digits=0)})",
                     outcome(runs, "new" if row.mode in (None, "ok") else "broken"),
                 ]
@@ -348,16 +372,30 @@ def timed_installs(design: Design, work: Path, repeat: int, budget: harness.Budg
     for i in range(repeat):
         budget.check()
         out["warm"].append(timed(f"warm{i}"))
-        shutil.rmtree(host.root / "cache" / "pnpm-store", ignore_errors=True)
+        shutil.rmtree(host.root / "cache" / "build" / "work" / "store", ignore_errors=True)  # the build account's
         shutil.rmtree(Path(os.path.expanduser(f"~{design.user}")) / ".cache" / "pnpm", ignore_errors=True)
         out["fresh"].append(timed(f"fresh{i}"))
         budget.say(f"install #{i}: warm {out['warm'][-1]} s, empty store {out['fresh'][-1]} s")
     return out
 
 
+def bake_loop_cpu(designs: list[Design], results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, float]:
+    """Per design: median CPU of an activation with the bake minus one without (rows a and a0)."""
+    out = {}
+    for d in designs:
+        with_bake = harness.median(r["cpu_seconds"] for r in results.get(d.key, {}).get("a", []))
+        without = harness.median(r["cpu_seconds"] for r in results.get(d.key, {}).get("a0", []))
+        if with_bake is not None and without is not None:
+            out[d.key] = round(with_bake - without, 3)
+    return out
+
+
 def designs_for(bake: int, tree: BaselineTree) -> list[Design]:
     config = {"healthTimeout": "15", "bakeSeconds": str(bake)}
-    return [Today(config, tree), Design(config)]
+    designs = [Today(config, tree), Design(config)]
+    for d in designs:
+        d.bake = bake
+    return designs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(budget.elapsed(), 1),
     }
     harness.print_table(
-        ["row", "design", "failed / total", "first response", "wall", "peak RSS MB (app)", "end state"],
+        ["row", "design", "failed / total", "first response", "wall", "CPU", "tool RSS MB", "app user RSS MB (app)", "end state"],
         table_rows(designs, results),
         title=f"Release benchmark: {CLIENTS} clients through nginx, medians of {args.repeat} runs, bake {args.bake} s"
         + ("" if complete else " (INCOMPLETE: stopped early, see the end)"),
@@ -443,6 +481,13 @@ def main(argv: list[str] | None = None) -> int:
                 ["empty store", harness.fmt(report["install_median_seconds"]["fresh"], " s")],
             ],
         )
+    bake_cpu = bake_loop_cpu(designs, results)
+    if bake_cpu:
+        harness.print_table(
+            ["design", f"CPU of the {args.bake} s bake loop (a - a0)"],
+            [[d.label, harness.fmt(bake_cpu.get(d.key), " s", 2)] for d in designs],
+        )
+    report["bake_loop_cpu_seconds"] = bake_cpu
     harness.write_json(args.out, report)
     print(f"(wall time {report['wall_seconds']} s)" + (f"\nstopped early: {error}" if error else ""))
     return 1 if error and not error.startswith("BudgetExceededError") else 0

@@ -1,12 +1,13 @@
 """The activation designs bench/release_bench.py compares, each on its own ROOT, app user, PM2 daemon and nginx.
 
 today       cognivern-release and the files it works with (ecosystem, cognivern.conf, .env, run.sh,
-            nginx site) as of commit BASELINE: one PM2 app, a throwaway pre-flight, the switch, a
-            health gate and an automatic revert. Taken from git at bench time (`git archive` of that
-            commit's components/ into a temp dir, rendered by that commit's own renderers); nothing
-            is copied into the checkout.
-checkout    this checkout's tool and renderers (the blue/green activation of issue 14 once it is
-            here), through tests/support's ReleaseHost like the tool's own tests.
+            nginx site) as of commit BASELINE: the bash tool (1,436 lines) with its Node PM2 helper
+            and run.sh, blue/green slots, the bake and the revert. Taken from git at bench time (`git
+            archive` of that commit's components/ into a temp dir, rendered by that commit's own
+            renderers); nothing is copied into the checkout.
+checkout    this checkout's tool and renderers (issue 23: the same activation in stdlib Python,
+            asking PM2 over its socket in-process), through tests/support's ReleaseHost like the
+            tool's own tests.
 Both use the same fixture app (tests/fixtures/app) and the same configuration keys.
 """
 
@@ -26,15 +27,17 @@ from typing import Any
 
 from tests.support.release_host import REPO, ReleaseHost, ensure_app_user, remove_app_user, unique_app_user
 
-BASELINE = "f6380ad"  # today's design: single PM2 app + pre-flight + health gate + revert
+BASELINE = "eb6022a"  # today's tool: bash + cognivern-pm2.cjs + run.sh (main before issue 23)
 
 # Run by the baseline tree's Python path: that commit's settings parser and renderers, config on stdin.
 _RENDER = """
 import json, sys
-from components.render import render_ecosystem, render_env, render_nginx_site, render_release_conf
+from components.render import NginxTarget, render_ecosystem, render_env, render_nginx_site, render_release_conf
 from components.settings import parse_settings
-s = parse_settings(json.load(sys.stdin).get)
-json.dump({"ecosystem": render_ecosystem(s), "conf": render_release_conf(s),
+given = json.load(sys.stdin)
+s = parse_settings(given["config"].get)
+nginx = NginxTarget(conf=given["nginx_conf"], prefix=given["nginx_prefix"])  # the host's private nginx, never the system's
+json.dump({"ecosystem": render_ecosystem(s), "conf": render_release_conf(s, nginx),
            "env": render_env(s.stack_env, s.secret_env), "site": render_nginx_site(s)}, sys.stdout)
 """
 
@@ -60,11 +63,12 @@ class BaselineTree:
         self.tool = self.path / "components" / "release" / "cognivern-release.sh"
         self.run_sh = self.path / "components" / "host" / "run.sh"
 
-    def render(self, config: dict[str, str]) -> dict[str, str]:
-        """The commit's rendered ecosystem, cognivern.conf, .env and nginx site for `config`."""
+    def render(self, config: dict[str, str], nginx_conf: str, nginx_prefix: str) -> dict[str, str]:
+        """The commit's rendered ecosystem, cognivern.conf (for the nginx at `nginx_conf`, -p
+        `nginx_prefix`), .env and nginx site for `config`."""
         proc = subprocess.run(
             [sys.executable, "-c", _RENDER],
-            input=json.dumps(config),
+            input=json.dumps({"config": config, "nginx_conf": nginx_conf, "nginx_prefix": nginx_prefix}),
             capture_output=True,
             text=True,
             cwd=self.path,
@@ -95,17 +99,17 @@ class BaselineHost(ReleaseHost):
     def layout(self) -> None:
         super().layout()
         assert self.tree is not None
-        self.rendered = self.tree.render(self.config)
+        self.rendered = self.tree.render(self.config, str(self.nginx.conf_path), str(self.nginx.prefix))
         own = pwd.getpwnam(self.user)
         (self.root / "config" / "ecosystem.config.cjs").write_text(self.rendered["ecosystem"])
         (self.root / "config" / "cognivern.conf").write_text(self.rendered["conf"] + f"PM2_HOME={self.pm2_home}\n")
         env = self.root / "shared" / ".env"
         env.write_text(self.rendered["env"])
-        os.chown(env, own.pw_uid, own.pw_gid)
-        env.chmod(0o600)
+        os.chown(env, 0, own.pw_gid)  # root:APP 0640, as that commit's put-file wrote it
+        env.chmod(0o640)
         shutil.copy(self.tree.run_sh, self.root / "shared" / "run.sh")
         (self.root / "shared" / "run.sh").chmod(0o755)
-        for site in self.nginx.sites_enabled.glob("*.conf"):  # one upstream in the site, no slot file
+        for site in self.nginx.sites_enabled.glob("*.conf"):  # the site includes the upstream file the tool switches
             site.resolve().write_text(self.rendered["site"])
 
 
@@ -114,6 +118,7 @@ class Design:
 
     key = "checkout"
     label = "this checkout"
+    bake = 15  # bakeSeconds of the rows that bake (release_bench sets it)
 
     def __init__(self, config: dict[str, str]) -> None:
         self.user = unique_app_user()
@@ -161,6 +166,3 @@ class Today(Design):
 
     def make_host(self) -> ReleaseHost:
         return BaselineHost(user=self.user, extra_config=self.config, tree=self.tree)
-
-    def keep_previous_warm(self, warm: bool) -> None:
-        """No slots: a rollback is the same either way."""

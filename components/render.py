@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.settings import ROOT_CHARS_RE, Settings
+from components.release.cognivern_release import facts
+from components.release.cognivern_release.facts import AGENT_NAME as AGENT_NAME
+from components.release.cognivern_release.facts import SLOTS, nginx_identifier, upstream_name
+from components.release.cognivern_release.facts import site_name as site_name
+from components.release.cognivern_release.facts import upstream_include as upstream_include
+from components.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 HOST_DIR = HERE / "host"
@@ -25,7 +29,6 @@ RELEASE_DIR = HERE / "release"
 
 _PLACEHOLDER = re.compile(r"\{\{ ([a-z_]+) \}\}")
 _PLACEHOLDER_LINE = re.compile(r"^[ \t]*\{\{ ([a-z_]+) \}\}[ \t]*\n", re.MULTILINE)
-AGENT_NAME = "forecasting-agent"
 AGENT_SCRIPT = "./dist/services/AutomatedForecastingService.js"
 
 
@@ -40,23 +43,18 @@ def render_template(path: Path, values: Mapping[str, str]) -> str:
 
 
 def render_env(stack_env: Mapping[str, str], secret_env: Mapping[str, str]) -> str:
-    """shared/.env: one KEY=value per line, values shell-quoted so `set -a; . .env` is exact."""
-    lines = ["# Managed by cognivern-infra (pulumi up). Do not edit: changes are overwritten."]
-    for key, value in {**stack_env, **secret_env}.items():
-        lines.append(f"{key}={shlex.quote(value)}")
-    return "\n".join(lines) + "\n"
-
-
-SLOTS = ("blue", "green")
+    """shared/.env: KEY=value lines (facts.format_assignments), read as data by the release tool."""
+    header = "# Managed by cognivern-infra (pulumi up). Do not edit: changes are overwritten."
+    return facts.format_assignments({**stack_env, **secret_env}, header)
 
 
 def slot_apps(s: Settings) -> list[str]:
     """The PM2 names of the two slots (blue on `port`, green on `port`+1)."""
-    return [f"{s.app_name}-{slot}" for slot in SLOTS]
+    return [facts.slot_app(s.app_name, slot) for slot in SLOTS]
 
 
 def render_ecosystem(s: Settings) -> str:
-    """PM2 ecosystem: two cluster-mode slots (blue/green) and the agent, placed by the slots file."""
+    """PM2 ecosystem: two cluster-mode slots (blue/green) and the agent, placed by the tool's state."""
     logs = f"{s.root}/shared/logs"
     common = {
         "env": {"NODE_ENV": "production"},
@@ -93,12 +91,13 @@ def render_ecosystem(s: Settings) -> str:
         {
             "app": json.dumps(app, indent=2),
             "agents": json.dumps(agents, indent=2),
-            "env_file": json.dumps(f"{s.root}/shared/.env"),
-            "slots_file": json.dumps(f"{s.root}/config/slots"),
+            "state_file": json.dumps(f"{s.root}/{facts.STATE_FILE}"),
             "releases": json.dumps(f"{s.root}/releases"),
             "current": json.dumps(f"{s.root}/current"),
-            "app_name": json.dumps(s.app_name),
-            "port": str(s.port),
+            "slots": json.dumps(
+                [{"slot": slot, "name": facts.slot_app(s.app_name, slot), "port": facts.slot_port(s.port, slot)} for slot in SLOTS]
+            ),
+            "release_id": json.dumps(f"^(?:{facts.RELEASE_ID})$"),
         },
     )
 
@@ -120,23 +119,6 @@ _ACME_CHALLENGE = """
         default_type text/plain;
         try_files $uri =404;
     }}"""
-
-
-# What site_name returns for every valid cognivern:appName; lib.sh's valid_site_name checks the
-# same (tests/test_validators_agree.py feeds both the same values).
-SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
-
-
-def site_name(app_name: str) -> str:
-    """The nginx site's name (sites-available/NAME.conf, nginx-site.sh / tls.sh `--name`): the app
-    name with every character but A-Z a-z 0-9 _ - replaced by `_`."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", app_name)
-
-
-def nginx_identifier(app_name: str) -> str:
-    """The prefix of the names the site defines (upstream, map variable, TLS session cache): the
-    site name without `-`, which would end an nginx variable name (`$a-b_x` is `$a` then `-b_x`)."""
-    return site_name(app_name).replace("-", "_")
 
 
 def https_redirect_snippet(name: str) -> str:
@@ -171,24 +153,9 @@ def forwarded_for(s: Settings) -> str:
     return "$proxy_add_x_forwarded_for" if behind_balancer(s) else "$remote_addr"
 
 
-def upstream_name(app_name: str) -> str:
-    """The nginx upstream block of the site (an nginx identifier: letters, digits, _)."""
-    return nginx_identifier(app_name) + "_app"
-
-
-def upstream_include(app_name: str) -> str:
-    """The upstream file, relative to nginx.conf's directory (so a test's private prefix works too):
-    beside the site in sites-available, which nginx never includes by itself."""
-    return f"sites-available/{site_name(app_name)}.upstream"
-
-
 def render_upstream(s: Settings, live_port: int, backup_port: int | None = None) -> str:
-    """The upstream file as cognivern-release writes it (tests install it beside a rendered site)."""
-    backup = f"    server 127.0.0.1:{backup_port} backup;\n" if backup_port is not None else ""
-    return (
-        "# Managed by cognivern-release: the live slot, and the other slot as backup while it runs.\n"
-        f"upstream {upstream_name(s.app_name)} {{\n    server 127.0.0.1:{live_port};\n{backup}    keepalive 32;\n}}\n"
-    )
+    """The upstream file (facts.upstream_text): nginx-site.sh creates it with the blue slot live."""
+    return facts.upstream_text(upstream_name(s.app_name), live_port, backup_port)
 
 
 def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: str = ACME_WEBROOT, hsts: bool = False) -> str:
@@ -253,12 +220,12 @@ def render_nginx_tls_site(
 class NginxTarget:
     """The nginx that serves this ROOT: the system's, or a test's private prefix (nginx -p)."""
 
-    conf: str = "/etc/nginx/nginx.conf"
+    conf: str = facts.NGINX_CONF
     prefix: str = ""
 
     def __post_init__(self) -> None:
         for path in (self.conf, *([self.prefix] if self.prefix else [])):
-            if posixpath.normpath(path) != path or not path.startswith("/") or not ROOT_CHARS_RE.match(path):
+            if not facts.abs_path(path):  # the tool refuses anything else in cognivern.conf
                 raise ValueError(f"nginx path {path!r} must be absolute and normalised")
 
 
@@ -269,6 +236,8 @@ def render_release_conf(s: Settings, nginx: NginxTarget = SYSTEM_NGINX) -> str:
     """config/cognivern.conf: what the server-side release tool needs to know (no secrets)."""
     values = {
         "APP_USER": s.app_user,
+        # runs pnpm install (neither root nor the app: its own store, HOME and npmrc)
+        "BUILD_USER": facts.build_user(s.app_user),
         "APP_NAME": s.app_name,
         "PORT": str(s.port),
         "HEALTH_PATH": s.health_path,
@@ -287,6 +256,4 @@ def render_release_conf(s: Settings, nginx: NginxTarget = SYSTEM_NGINX) -> str:
         # names only: the tool masks these variables' values (from shared/.env) in what it prints
         "SECRET_KEYS": " ".join(sorted(s.secret_env)),
     }
-    lines = ["# Managed by cognivern-infra (pulumi up): settings for cognivern-release."]
-    lines += [f"{k}={shlex.quote(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+    return facts.format_assignments(values, "# Managed by cognivern-infra (pulumi up): settings for cognivern-release.")

@@ -14,11 +14,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from components.release.cognivern_release import facts
+from components.release.cognivern_release.facts import (
+    BAKE_SECONDS,
+    ENV_KEY_RE,
+    HEALTH_PATH_RE,
+    RELEASE_ID_RE,
+    SHA256_RE,
+    USER_RE,
+    abs_path,
+    system_path,
+)
+
 NAMESPACE = "cognivern"
 
-RELEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
 APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z"
@@ -27,7 +36,6 @@ SERVER_NAME_RE = re.compile(r"^(_|\*?[A-Za-z0-9.-]{1,253})\Z")
 LISTEN_RE = re.compile(r"^((\d{1,3}(\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):)?\d{1,5}\Z")
 SERVER_TYPE_RE = re.compile(r"^[a-z]{2,4}\d{1,3}\Z")
 IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}\Z)({_LABEL}\.)+{_LABEL}\Z")
 EMAIL_RE = re.compile(rf"^(?=.{{1,254}}\Z)[A-Za-z0-9._%+-]+@({_LABEL}\.)+{_LABEL}\Z")
@@ -36,13 +44,8 @@ LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 HOST_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( [^\x00-\x1f\x7f]*)?\Z")
 PUBLIC_KEY_RE = HOST_KEY_RE
 ROOT_CHARS_RE = re.compile(r"^[A-Za-z0-9/._-]+\Z")
-HEALTH_PATH_RE = re.compile(r"^/[A-Za-z0-9/._-]*\Z")
 ARTIFACT_URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d+)?/[A-Za-z0-9._~/%+-]*\Z")
 
-# Seconds a switched release is watched (health, PM2 restarts) with the previous slot still warm: long
-# enough for a crash loop that starts ~10 s after boot (the issue's measured case) and a few health
-# polls after it; short enough that a 3-server rollout stays under 3 minutes of bake.
-BAKE_SECONDS = 30
 LOCATIONS = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
 # Hetzner network zones: a private network's subnet must be in the zone of the servers' location.
 NETWORK_ZONES = {
@@ -57,28 +60,6 @@ LOAD_BALANCER_TYPE_RE = re.compile(r"^lb\d{2}\Z")
 MAX_SERVERS = 10
 DEPRECATED_SERVER_TYPES = frozenset(
     {"cx11", "cx21", "cx31", "cx41", "cx51", "cx22", "cx32", "cx42", "cx52"} | {"cpx11", "cpx21", "cpx31", "cpx41", "cpx51"}
-)
-# `root` may not be one of these trees or anything inside them (root chowns and prunes under it)...
-SYSTEM_TREES = (
-    "/bin",
-    "/boot",
-    "/dev",
-    "/etc",
-    "/home",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    "/libx32",
-    "/proc",
-    "/root",
-    "/run",
-    "/sbin",
-    "/sys",
-    "/usr",
-)
-# ...nor one of these shared parents itself (a directory of its own inside them is fine).
-SYSTEM_PARENTS = frozenset(
-    {"/opt", "/srv", "/tmp", "/var", "/var/lib", "/var/log", "/var/cache", "/var/tmp", "/var/www", "/mnt", "/media", "/snap"}
 )
 # Sticky, world-writable directories: every local user may create names in them and the system's
 # temp cleanup (systemd-tmpfiles) deletes what has not changed for a while, so another user could
@@ -444,20 +425,10 @@ def _listen(raw: Any, message: str) -> tuple[str, ...]:
     return listen
 
 
-def _normalised(path: str) -> bool:
-    return path.startswith("/") and posixpath.normpath(path) == path and path != "/" and "//" not in path
-
-
-def abs_path(path: str) -> bool:
-    """An absolute, normalised path of conservative characters: what lib.sh's valid_abs_path accepts
-    (tests/test_validators_agree.py feeds both the same values)."""
-    return _normalised(path) and ROOT_CHARS_RE.fullmatch(path) is not None
-
-
 def _root(value: str, _message: str) -> str:
-    if not _normalised(value):
-        raise _RuleError(f"{value!r} must be an absolute, normalised path such as /opt/cognivern (no trailing '/', '..' or '//')")
-    if not ROOT_CHARS_RE.fullmatch(value):
+    if not abs_path(value):  # the rule (facts.abs_path); the two messages say which part of it failed
+        if not (value.startswith("/") and posixpath.normpath(value) == value and value != "/" and "//" not in value):
+            raise _RuleError(f"{value!r} must be an absolute, normalised path such as /opt/cognivern (no trailing '/', '..' or '//')")
         raise _RuleError(f"{value!r} may contain only letters, digits, '/', '.', '_' and '-'")
     temp = shared_temp_dir(value)
     if temp is not None:
@@ -634,7 +605,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "root",
         _string(),
-        "/opt/cognivern",
+        facts.ROOT,
         _root,
         doc="app root on the server (absolute, normalised; not a system directory such as `/etc`, `/usr`, `/home/...`, `/var/lib`,"
         " nor inside one every user can write such as `/tmp`, `/var/tmp`, `/dev/shm`; provisioning refuses it below any directory"
@@ -643,7 +614,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "appUser",
         _string(),
-        "cognivern",
+        facts.APP_USER,
         _app_user,
         f"{USER_NAME}, not root",
         "unprivileged account that runs PM2 and the app (not root, not `sshUser`, not a system account; see *Who owns what*)",
@@ -651,7 +622,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "appName",
         _string(),
-        "cognivern-agent",
+        facts.APP_NAME,
         APP_NAME_RE,
         "1-64 characters from A-Z a-z 0-9 . _ -",
         "PM2 app name prefix: the app runs as `<appName>-blue` and `<appName>-green` (see *Blue/green activation*)",
@@ -659,7 +630,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "port",
         _integer(1, 65534),  # the green slot listens on port+1
-        3000,
+        facts.PORT,
         doc="app port on 127.0.0.1 (1–65534): the blue slot listens on it, the green slot on `port`+1; written as `PORT` into"
         " `shared/.env` (with `HOST=127.0.0.1`, so an app that honours HOST binds to loopback only), each slot's own `PORT` overrides it",
     ),
@@ -683,16 +654,33 @@ KEYS: tuple[Key, ...] = (
         False,
         doc="run `dist/services/AutomatedForecastingService.js` as PM2 app `forecasting-agent`, and set `AGENTS_ENABLED`",
     ),
-    Key("keepReleases", _integer(2, 100), 5, doc="releases kept on the server (≥ 2; current and previous are never pruned)"),
+    Key(
+        "keepReleases",
+        _integer(2, 100),
+        facts.KEEP_RELEASES,
+        doc="releases kept on the server (≥ 2; current and previous are never pruned)",
+    ),
     Key(
         "dataBackupsKeep",
         _integer(0, 100),
-        5,
+        facts.DATA_BACKUPS_KEEP,
         doc="`shared/data` backups kept (one before every activation that starts a release; a warm switch starts nothing"
         " and takes none; 0 disables)",
     ),
-    Key("healthPath", _string(), "/health", HEALTH_PATH_RE, "a URL path such as /health", 'must answer `{"status":"ok",...}`'),
-    Key("healthTimeout", _integer(1, 600), 25, doc="seconds a new release has to become healthy in its slot before it is refused"),
+    Key(
+        "healthPath",
+        _string(),
+        facts.HEALTH_PATH_DEFAULT,
+        HEALTH_PATH_RE,
+        "a URL path such as /health",
+        'must answer `{"status":"ok",...}`',
+    ),
+    Key(
+        "healthTimeout",
+        _integer(1, 600),
+        facts.HEALTH_TIMEOUT,
+        doc="seconds a new release has to become healthy in its slot before it is refused",
+    ),
     Key(
         "bakeSeconds",
         _integer(0, 3600),
@@ -794,16 +782,6 @@ def _holds_secret(raw: str | None) -> bool:
         return bool(json.loads(raw) != {})
     except json.JSONDecodeError:
         return True
-
-
-def system_path(path: str) -> bool:
-    """True for a path root would take over to its harm: a system tree, or one of the shared parents.
-
-    provision.sh refuses the same list (tests feed both the same table).
-    """
-    if path in SYSTEM_PARENTS:
-        return True
-    return any(path == tree or path.startswith(tree + "/") for tree in SYSTEM_TREES)
 
 
 def shared_temp_dir(path: str) -> str | None:

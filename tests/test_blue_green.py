@@ -106,8 +106,8 @@ def test_a_failing_release_is_reverted_or_refused_without_a_failed_request(live_
     assert h.current() == "r1" and h.serving_release() == "r1"
     assert h.slots() == {"live": "blue", "blue": "r1", "green": "", "agent": "r1"}
     assert pm2_names(h) == ["cognivern-agent-blue"]
-    assert (h.root / ".deploy" / "bad" / rid).exists()
-    assert not (h.root / ".deploy" / "journal").exists()
+    assert h.bad(rid)
+    assert h.journal() is None
     assert h.upstream_file.read_text() == render_upstream(h.settings, h.port)
     if "bake" in FAILING[rid][1]:
         assert "switching back to r1 (slot blue, still warm)" in proc.stderr
@@ -131,7 +131,7 @@ def test_a_failing_nginx_test_keeps_the_old_upstream_and_says_so(live_r1: Releas
     assert h.upstream_file.read_text() == before
     assert h.current() == "r1" and h.serving_release() == "r1"
     assert pm2_names(h) == ["cognivern-agent-blue"]
-    assert not (h.root / ".deploy" / "bad" / "r2").exists(), "nginx's fault, not the release's"
+    assert not h.bad("r2"), "nginx's fault, not the release's"
 
 
 def _latest_run(h: ReleaseHost) -> Path:
@@ -176,7 +176,7 @@ def test_a_worker_killed_during_the_bake_is_reverted_by_the_next_lock_holder(liv
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         first.communicate(timeout=30)
-        assert (h.root / ".deploy" / "journal").exists()
+        assert h.journal() is not None
         assert h.current() == "r2", "killed after the switch"
         proc = h.run("reload")
     assert proc.returncode == 0, proc.stderr
@@ -185,8 +185,8 @@ def test_a_worker_killed_during_the_bake_is_reverted_by_the_next_lock_holder(liv
     assert clients.failures == [], clients.served()
     assert h.current() == "r1" and h.serving_release() == "r1"
     assert h.slots() == {"live": "blue", "blue": "r1", "green": "", "agent": "r1"}
-    assert not (h.root / ".deploy" / "journal").exists()
-    assert not (h.root / ".deploy" / "bad" / "r2").exists()
+    assert h.journal() is None
+    assert not h.bad("r2")
 
 
 def test_a_warm_rollback_switches_without_starting_anything(live_r1: ReleaseHost) -> None:
@@ -211,14 +211,16 @@ def test_a_warm_rollback_switches_without_starting_anything(live_r1: ReleaseHost
     assert h.slots() == {"live": "blue", "blue": "r1", "green": "r2", "agent": "r1"}
 
 
-def test_a_warm_slot_that_does_not_run_the_release_the_slots_file_names_fails_its_bake(live_r1: ReleaseHost, tmp_path: Path) -> None:
-    """The warm switch trusts the slots file and a health answer (no PM2 query before it); the bake's
+def test_a_warm_slot_that_does_not_run_the_release_the_state_names_fails_its_bake(live_r1: ReleaseHost, tmp_path: Path) -> None:
+    """The warm switch trusts the state's slots and a health answer (no PM2 query before it); the bake's
     first check proves the slot's workers run from that release, else nginx goes back at once."""
     h = live_r1
     h.set_conf(KEEP_PREVIOUS_WARM="true", BAKE_SECONDS="2")
     h.ok("activate", "r2")  # r1 warm in blue, r2 live in green
-    slots = h.root / "config" / "slots"
-    slots.write_text(slots.read_text().replace("blue=r1", "blue=r3"))  # blue claims r3; its workers run r1
+    state_file = h.root / "config" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["slots"]["blue"] = "r3"  # blue claims r3; its workers run r1
+    state_file.write_text(json.dumps(state))
     assert h.slots()["blue"] == "r3"
     h.install("r3", *build_release_tarball(tmp_path, "r3"))
     with load(h) as clients:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from components.release import resolve_artifact
+from components.release.component import resolve_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 BUILDER = REPO / "scripts" / "build-artifact"

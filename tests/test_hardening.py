@@ -230,7 +230,16 @@ def test_a_link_at_the_pm2_home_stops_provisioning(host: HardenedHost, targets: 
     assert result.returncode != 0 and "could not make" in result.stderr and ".pm2 private" in result.stderr
 
 
-APP_CANNOT_WRITE = ["shared/data", "shared/logs", "shared/.env", "shared/run.sh", "cache/pnpm-store", "releases/r1", "backups", "current"]
+APP_CANNOT_WRITE = [
+    "shared/data",
+    "shared/logs",
+    "shared/.env",
+    "config/state.json",
+    "cache/pnpm-store",
+    "releases/r1",
+    "backups",
+    "current",
+]
 
 
 @pytest.mark.parametrize("rel", APP_CANNOT_WRITE)
@@ -245,7 +254,7 @@ def test_the_app_cannot_replace_what_root_works_in(host: HardenedHost, rel: str)
 
 
 def test_the_env_file_is_roots_and_the_app_only_reads_it(host: HardenedHost) -> None:
-    """shared/.env as put-file writes it for the program: the app (run.sh, PM2) reads it but cannot
+    """shared/.env as put-file writes it for the program: the app (PM2) reads it but cannot
     change it, so the release tool can take the secret values it masks with from it (test_masking.py)."""
     env = host.root / "shared" / ".env"
     st = env.stat()

@@ -26,7 +26,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, provision_args, release_tool_bundle
+from components.host import BUNDLE_MARKER, NGINX_SITE, PROVISION, PUT_FILE, nginx_site_input, provision_args, release_tool_bundle
+from components.release.cognivern_release import facts
 from components.remote import script_command
 from components.render import render_nginx_site, render_upstream, site_name
 from components.server import metadata_filter
@@ -36,6 +37,7 @@ from tests.support.helpers import http_get, wait_until
 from tests.support.target_host import TargetHost
 
 FAKE_TOOL = '#!/usr/bin/env bash\n# stand-in for cognivern-release\necho "cognivern-release $*" >>"${COGNIVERN_TOOL_LOG:-/dev/null}"\n'
+FAKE_BUNDLE = BUNDLE_MARKER.format("cognivern-release") + "\n" + FAKE_TOOL  # the shape of release_tool_bundle(), one file
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -48,9 +50,8 @@ def put_cmd(dest: str, mode: str, owner: str, reload_root: str | None = None) ->
     return script_command(PUT_FILE, args)
 
 
-def site_cmd(name: str, upstream_port: int | None = None) -> str:
-    extra = [] if upstream_port is None else ["--upstream-port", str(upstream_port)]
-    return script_command(NGINX_SITE, ["--name", name, *extra])
+def site_cmd(name: str) -> str:
+    return script_command(NGINX_SITE, ["--name", name])
 
 
 def owner_mode(p: Path) -> tuple[str, str, str]:
@@ -108,7 +109,7 @@ def first_run(host: TargetHost) -> subprocess.CompletedProcess[str]:
     (host.nginx.sites_enabled / "default").write_text("server { listen 127.0.0.1:9; server_name distro-default; }\n")
     assert host.sshd is not None
     assert host.sshd.auth_methods() >= {"publickey", "password"}
-    result = host.run(provision_cmd(host.settings()), stdin=FAKE_TOOL)
+    result = host.run(provision_cmd(host.settings()), stdin=FAKE_BUNDLE)
     assert result.returncode == 0, result.stderr + result.stdout
     return result  # provision.sh returns once the reloaded sshd listens again (test below)
 
@@ -125,8 +126,11 @@ def backend(host: TargetHost) -> Iterator[ThreadingHTTPServer]:
 
 # ---------------------------------------------------------------------------- provision
 def test_provision_prepares_user_and_layout(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
-    u = host.app_user
+    u, b = host.app_user, facts.build_user(host.app_user)
     assert host.user_exists()
+    build = pwd.getpwnam(b)
+    assert (build.pw_dir, build.pw_shell) == (str(host.root / "cache/build/work"), "/usr/sbin/nologin")
+    assert b != u and build.pw_uid < 1000, "a system account of its own"
     entry = pwd.getpwnam(u)
     assert entry.pw_dir == str(host.app_home) and host.app_home.is_dir()
     assert entry.pw_shell == "/bin/bash"
@@ -140,6 +144,8 @@ def test_provision_prepares_user_and_layout(host: TargetHost, first_run: subproc
         root / "shared/logs": (u, u, "0o750"),
         root / "cache": ("root", "root", "0o755"),
         root / "cache/pnpm-store": (u, u, "0o750"),
+        root / "cache/build": ("root", "root", "0o755"),
+        root / "cache/build/work": (b, b, "0o700"),
         root / "backups": ("root", "root", "0o700"),
         host.app_home: (u, u, "0o700"),
         host.app_home / ".pm2": (u, u, "0o700"),
@@ -159,6 +165,7 @@ def test_provision_installs_release_tool_and_logrotate(host: TargetHost, first_r
     tool = host.bin_dir / "cognivern-release"
     assert tool.read_text() == FAKE_TOOL
     assert owner_mode(tool) == ("root", "root", "0o755")
+    assert os.readlink(tool) == "../lib/cognivern-release/current/cognivern-release"
     # PATH on the host (SetEnv) finds it by name, as the release component calls it.
     assert host.run("command -v cognivern-release").stdout.strip() == str(tool)
     conf = host.logrotate_dir / "cognivern"
@@ -191,7 +198,7 @@ def test_provision_returns_only_once_the_reloaded_sshd_accepts_connections() -> 
     with TargetHost(sshd_reexec_delay=2) as host:
         assert host.sshd is not None and host.sshd.auth_methods() >= {"publickey", "password"}
         pid = host.sshd.pid
-        result = host.run(provision_cmd(host.settings()), stdin=FAKE_TOOL)
+        result = host.run(provision_cmd(host.settings()), stdin=FAKE_BUNDLE)
         assert result.returncode == 0, result.stderr + result.stdout
         assert f"sshd (pid {pid}) reloaded" in result.stdout
         after = host.run("true", retries=0)
@@ -209,7 +216,7 @@ def test_provision_second_run_changes_nothing(host: TargetHost, first_run: subpr
     watched = (host.root, host.bin_dir, host.logrotate_dir, host.sshd.dropin_dir, host.nginx.sites_enabled, host.app_home)
     before = manifest(*watched)
     sshd_config = host.sshd.config_path.stat().st_mtime_ns
-    again = host.run(provision_cmd(host.settings()), stdin=FAKE_TOOL)
+    again = host.run(provision_cmd(host.settings()), stdin=FAKE_BUNDLE)
     assert again.returncode == 0, again.stderr
     assert manifest(*watched) == before
     assert host.sshd.config_path.stat().st_mtime_ns == sshd_config
@@ -235,6 +242,8 @@ def test_provision_keeps_shared_content(host: TargetHost, first_run: subprocess.
         (["--app-user", "Root;x"], "--app-user must be"),
         (["--app-user", "root"], "must not be root"),
         (["--node-major", "22x"], "--node-major must be a number"),
+        (["--build-user", "cvtbad"], "--build-user must be an account of its own"),
+        (["--build-user", "Bad;x"], "--build-user must be"),
         (["--metadata-filter", "maybe"], "--metadata-filter must be yes or no"),
         (["--metadata-filter", "yes"], "--metadata-filter yes needs cognivern-metadata-filter and its unit on stdin"),
         (["--node-source", "debian"], "--node-source must be nodesource or distribution"),
@@ -242,8 +251,8 @@ def test_provision_keeps_shared_content(host: TargetHost, first_run: subprocess.
     ],
 )
 def test_provision_rejects_bad_arguments(host: TargetHost, first_run: object, args: list[str], message: str) -> None:
-    base = {"--root": str(host.root) + "-bad", "--app-user": "cvtbad", "--node-major": "20", "--node-source": "nodesource"}
-    base |= {"--ssh-user": "root"}
+    base = {"--root": str(host.root) + "-bad", "--app-user": "cvtbad", "--build-user": "cvtbad-build", "--node-major": "20"}
+    base |= {"--node-source": "nodesource", "--ssh-user": "root"}
     base |= {"--pm2-version": "7.0.4", "--pnpm-version": "9.15.9", "--metadata-filter": "no"}
     argv: list[str] = []
     for key, value in base.items():
@@ -387,7 +396,7 @@ def get(url: str, **kwargs: object) -> httpx.Response:
 def site(host: TargetHost, first_run: subprocess.CompletedProcess[str], backend: ThreadingHTTPServer) -> tuple[str, str]:
     s = host.settings()
     name, text = site_name(s.app_name), render_nginx_site(s)
-    result = host.run(site_cmd(name, s.port), stdin=text)
+    result = host.run(site_cmd(name), stdin=nginx_site_input(s, text))
     assert result.returncode == 0, result.stderr
     assert "reloaded nginx" in result.stdout
     wait_until(lambda: get(host.nginx.url("/health")).status_code == 200)
@@ -504,22 +513,16 @@ def test_nginx_site_creates_the_upstream_only_when_missing(host: TargetHost, sit
     upstream.write_text(switched)
     try:
         changed = text.replace("client_max_body_size 10m;", "client_max_body_size 12m;")
-        result = host.run(site_cmd(name, s.port), stdin=changed)
+        result = host.run(site_cmd(name), stdin=nginx_site_input(s, changed))
         assert result.returncode == 0 and "reloaded nginx" in result.stdout, result.stderr
         assert upstream.read_text() == switched
         assert get(host.nginx.url("/health")).status_code == 200, "green is down here: the blue backup answers"
     finally:
         upstream.write_text(render_upstream(s, s.port))
-        assert host.run(site_cmd(name, s.port), stdin=text).returncode == 0
+        assert host.run(site_cmd(name), stdin=nginx_site_input(s, text)).returncode == 0
 
 
-@pytest.mark.parametrize("args", [["--name", "x", "--upstream-port", "0"], ["--name", "x", "--upstream-port", "80;id"]])
-def test_nginx_site_rejects_a_bad_upstream_port(host: TargetHost, args: list[str]) -> None:
-    result = host.run(script_command(NGINX_SITE, args), stdin="server {}\n")
-    assert result.returncode != 0 and "--upstream-port must be a port number" in result.stderr
-
-
-@pytest.mark.parametrize("args", [["--name", "../etc"], ["--name", ""], ["--nam", "x"], []])
+@pytest.mark.parametrize("args", [["--name", "../etc"], ["--name", ""], ["--nam", "x"], [], ["--name", "x", "--upstream-port", "80"]])
 def test_nginx_site_rejects_bad_arguments(host: TargetHost, site: tuple[str, str], args: list[str]) -> None:
     result = host.run(script_command(NGINX_SITE, args), stdin="server {}\n")
     assert result.returncode != 0 and result.stderr
@@ -600,54 +603,88 @@ def test_put_file_replaces_atomically(host: TargetHost, first_run: subprocess.Co
     dest.unlink()
 
 
-def test_put_file_reload_uses_release_tool_then_run_sh(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+def test_put_file_reload_uses_the_release_tool(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
     root = host.root
-    u = host.app_user
     log = root / "shared/logs/reload.log"
     tool = host.bin_dir / "cognivern-release"
-    original_tool = tool.read_text()
+    installed = os.readlink(tool)
     release = root / "releases/r1"
     release.mkdir()
     (root / "current").symlink_to(release)
+
+    def stub(text: str | None) -> None:
+        tool.unlink()
+        if text is not None:
+            tool.write_text(text)
+            tool.chmod(0o755)
+
     try:
         eco = str(root / "config/ecosystem.config.cjs")
         # 1) the installed release tool does the reload (it logs its arguments)
-        tool.write_text(f'#!/usr/bin/env bash\necho "tool $*" >>{log}\n')
+        stub(f'#!/usr/bin/env bash\necho "tool $*" >>{log}\n')
         r = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: []};\n")
         assert r.returncode == 0, r.stderr
         assert log.read_text() == f"tool --root {root} reload\n"
         unchanged = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: []};\n")
         assert "unchanged" in unchanged.stdout and log.read_text().count("\n") == 1, "no reload when unchanged"
         # a failed reload is retried by the next run even though the content is unchanged
-        tool.write_text(f'#!/usr/bin/env bash\necho "failing $*" >>{log}\nexit 3\n')
+        stub(f'#!/usr/bin/env bash\necho "failing $*" >>{log}\nexit 3\n')
         failed = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: [0]};\n")
         assert failed.returncode != 0 and "reload failed" in failed.stderr
         assert (root / ".deploy/reload-pending").exists()
-        tool.write_text(f'#!/usr/bin/env bash\necho "tool $*" >>{log}\n')
+        stub(f'#!/usr/bin/env bash\necho "tool $*" >>{log}\n')
         retried = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: [0]};\n")
         assert retried.returncode == 0 and "retrying the reload" in retried.stdout, retried.stdout + retried.stderr
         assert log.read_text().splitlines()[-1] == f"tool --root {root} reload"
         assert not (root / ".deploy/reload-pending").exists()
-        # 2) no release tool: shared/run.sh runs as the owner of shared/ with its own HOME/PM2_HOME
-        tool.unlink()
-        run_sh = root / "shared/run.sh"
-        run_log = root / "shared/logs/run-sh.log"
-        run_sh.write_text(f'#!/usr/bin/env bash\necho "run.sh $(id -un) $HOME $PM2_HOME $PWD" >>{run_log}\n')
-        run_sh.chmod(0o755)
+        # 2) no release tool: nothing else starts the apps (no shell script as before); retried next time
+        stub(None)
         r = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: [] };\n")
-        assert r.returncode == 0, r.stderr
-        assert run_log.read_text() == f"run.sh {u} {host.app_home} {host.pm2_home} /\n"
+        assert r.returncode != 0 and "the release tool" in r.stderr and "is not installed" in r.stderr, r.stderr
+        assert (root / ".deploy/reload-pending").exists()
         # 3) no current yet: nothing to reload
         (root / "current").unlink()
         r = host.run(put_cmd(eco, "0644", "root:root", str(root)), stdin="module.exports = {apps: [1] };\n")
         assert r.returncode == 0 and "reload: skipped" in r.stdout
     finally:
-        tool.write_text(original_tool)
-        tool.chmod(0o755)
-        for p in (root / "current", root / "shared/run.sh", log, root / "shared/logs/run-sh.log", root / "config/ecosystem.config.cjs"):
+        if tool.is_symlink() or tool.exists():
+            tool.unlink()
+        tool.symlink_to(installed)
+        for p in (root / "current", log, root / "config/ecosystem.config.cjs", root / ".deploy/reload-pending"):
             if p.is_symlink() or p.exists():
                 p.unlink()
         release.rmdir()
+
+
+def test_provision_installs_the_real_tool_by_rename_and_keeps_the_version_before(
+    host: TargetHost, first_run: subprocess.CompletedProcess[str]
+) -> None:
+    """The bundle the program sends: installed as a directory named by its digest, `current` and the
+    command switched by rename; the same bundle again changes nothing; a malformed one is refused
+    with the installed tool untouched."""
+    lib = host.bin_dir.parent / "lib" / "cognivern-release"
+    before = os.readlink(lib / "current")
+    try:
+        bundle = release_tool_bundle()
+        first = host.run(provision_cmd(host.settings()), stdin=bundle)
+        assert first.returncode == 0, first.stderr
+        digest = os.readlink(lib / "current")
+        assert digest != before and f"release tool: installed {digest}" in first.stdout
+        assert sorted(p.name for p in lib.iterdir()) == sorted([before, digest, "current"]), "the version before stays"
+        help_text = host.run("cognivern-release --help")
+        assert help_text.returncode == 0 and "install ID SOURCE SHA256" in help_text.stdout, help_text.stderr
+        files = {str(p.relative_to(lib / digest)): owner_mode(p) for p in (lib / digest).rglob("*")}
+        assert files["cognivern-release"] == ("root", "root", "0o755")
+        assert files["cognivern_release/facts.py"] == ("root", "root", "0o644")
+        again = host.run(provision_cmd(host.settings()), stdin=bundle)
+        assert f"release tool: ok (already {digest})" in again.stdout
+        for bad in (FAKE_TOOL, BUNDLE_MARKER.format("../escape") + "\nx\n", BUNDLE_MARKER.format("cognivern_release/x.sh") + "\nx\n"):
+            refused = host.run(provision_cmd(host.settings()), stdin=bad)
+            assert refused.returncode != 0 and "release tool on stdin" in refused.stderr, refused.stderr
+            assert os.readlink(lib / "current") == digest and not list(lib.glob(".stage.*"))
+        assert not (host.bin_dir.parent / "escape").exists()
+    finally:
+        assert host.run(provision_cmd(host.settings()), stdin=FAKE_BUNDLE).returncode == 0
 
 
 @pytest.mark.parametrize(

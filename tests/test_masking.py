@@ -164,7 +164,7 @@ def test_the_app_cannot_rewrite_the_values_the_tool_masks_with(host: ReleaseHost
     """shared/.env as the program writes it (root's, 0640, the app's group): the app reads it, cannot write it."""
     env = host.root / "shared" / ".env"
     assert (env.stat().st_uid, stat.S_IMODE(env.stat().st_mode), env.stat().st_gid) == (0, 0o640, pwd.getpwnam(APP_USER).pw_gid)
-    assert as_app(host, "cat", str(env)).stdout == env.read_text(), "the app (run.sh, PM2) reads it"
+    assert as_app(host, "cat", str(env)).stdout == env.read_text(), "the app (PM2) reads it"
     rewrite = as_app(host, "sh", "-c", 'echo FIXTURE_SECRET=not-the-secret >> "$1"', "sh", str(env))
     assert rewrite.returncode != 0 and "Permission denied" in rewrite.stderr
     append_to_error_log(host, f"leaked: {SECRET_VALUE}\n")

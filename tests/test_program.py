@@ -15,7 +15,8 @@ from pulumi import RunError
 
 from components import remote
 from components.host import pinned_versions
-from components.release import ArtifactError, resolve_artifact
+from components.release.cognivern_release import facts
+from components.release.component import ArtifactError, resolve_artifact
 from components.render import HOST_DIR
 from tests.support.program import DefaultMocks, Registration, is_secret, run_program, unsecret
 
@@ -98,11 +99,11 @@ def test_children_are_named_after_their_component_and_parented() -> None:
 def test_host_commands_run_in_order() -> None:
     run = run_program(EXISTING)
     assert deps_names(run, run.get("cognivern-prod-provision")) == set()
-    assert deps_names(run, run.get("cognivern-prod-run-script")) == {"cognivern-prod-provision"}
     assert deps_names(run, run.get("cognivern-prod-release-conf")) == {"cognivern-prod-provision"}
     assert deps_names(run, run.get("cognivern-prod-nginx-site")) == {"cognivern-prod-provision"}
-    assert deps_names(run, run.get("cognivern-prod-ecosystem")) == {"cognivern-prod-run-script"}
-    assert deps_names(run, run.get("cognivern-prod-env")) == {"cognivern-prod-run-script", "cognivern-prod-ecosystem"}
+    # both reload the apps through the installed tool, which reads cognivern.conf first
+    assert deps_names(run, run.get("cognivern-prod-ecosystem")) == {"cognivern-prod-release-conf"}
+    assert deps_names(run, run.get("cognivern-prod-env")) == {"cognivern-prod-ecosystem"}
 
 
 def test_provision_command_carries_the_script_and_installs_the_release_tool() -> None:
@@ -112,17 +113,20 @@ def test_provision_command_carries_the_script_and_installs_the_release_tool() ->
     assert create.startswith("bash -c '#!/usr/bin/env bash")
     pins = pinned_versions()
     assert create.endswith(
-        " provision --root /opt/cognivern --app-user cognivern --ssh-user root --node-major 22 --node-source nodesource"
+        " provision --root /opt/cognivern --app-user cognivern --build-user cognivern-build --ssh-user root --node-major 22"
+        " --node-source nodesource"
         f" --pm2-version {pins['PM2_VERSION']} --pnpm-version {pins['PNPM_VERSION']} --metadata-filter no"
     )
-    parts = re.split(r"^#--- ([\w.-]+) ---\n", provision.inputs["stdin"], flags=re.MULTILINE)
-    assert parts[0] == Path("components/release/cognivern-release.sh").read_text()
-    bundled = dict(zip(parts[1::2], parts[2::2], strict=True))
-    assert bundled == {
-        "cognivern-pm2.cjs": Path("components/release/cognivern-pm2.cjs").read_text(),  # the PM2 query helper, beside the tool
-        "cognivern-metadata-filter": Path("components/server/metadata-filter.sh").read_text(),
-        "cognivern-metadata-filter.service": Path("components/server/cognivern-metadata-filter.service").read_text(),
-    }
+    # the files as source text, each after its marker line: a diff shows what changed, line by line
+    parts = re.split(r"^#--- ([\w./-]+) ---\n", provision.inputs["stdin"], flags=re.MULTILINE)
+    assert parts[0] == ""
+    files = dict(zip(parts[1::2], parts[2::2], strict=True))
+    release = Path("components/release")
+    tool = ["cognivern-release", *(f"cognivern_release/{p.name}" for p in sorted((release / "cognivern_release").glob("*.py")))]
+    assert list(files) == [*tool, "cognivern-metadata-filter", "cognivern-metadata-filter.service"], "every file, in a fixed order"
+    assert all(files[name] == (release / name).read_text() for name in tool)
+    assert files["cognivern-metadata-filter"] == Path("components/server/metadata-filter.sh").read_text()
+    assert files["cognivern-metadata-filter.service"] == Path("components/server/cognivern-metadata-filter.service").read_text()
     assert "delete" not in provision.inputs, "destroying the stack must never remove anything from the host"
 
 
@@ -154,14 +158,15 @@ def test_an_existing_host_with_metadata_filter_is_provisioned_exactly_like_a_cre
 
 
 def test_every_host_script_command_carries_lib_sh_in_front_of_its_script(tmp_path: Path) -> None:
-    """lib.sh travels inside each command (nothing to install first), so editing it changes the command."""
+    """lib.sh and the generated rules travel inside each command (nothing to install first), so editing
+    either changes the command."""
     lib = Path("components/host/lib.sh").read_text()
     for reg in run_program(EXISTING).by_type(COMMAND):
         script = reg.inputs["create"]
         if not script.startswith("bash -c "):
             continue  # the installed release tool
         _, _, text, name, *_ = shlex.split(script)
-        assert text == lib + "\n" + (HOST_DIR / f"{name}.sh").read_text(), reg.name
+        assert text == lib + "\n" + facts.shell_prelude() + (HOST_DIR / f"{name}.sh").read_text(), reg.name
     edited = tmp_path / "lib.sh"
     edited.write_text(lib + "# one more line\n")
     with mock.patch.object(remote, "LIB", edited):
@@ -182,18 +187,21 @@ def test_runtime_files_are_rendered_from_settings() -> None:
         in eco.inputs["create"]
     )
     assert "forecasting-agent" in eco.inputs["stdin"] and "'exec_mode': 'cluster'" not in eco.inputs["stdin"]
-    assert '"exec_mode": "cluster"' in eco.inputs["stdin"] and 'const SLOTS_FILE = "/opt/cognivern/config/slots";' in eco.inputs["stdin"]
+    assert (
+        '"exec_mode": "cluster"' in eco.inputs["stdin"] and 'const STATE_FILE = "/opt/cognivern/config/state.json";' in eco.inputs["stdin"]
+    )
     nginx = run.get("cognivern-prod-nginx-site")
     assert "include sites-available/cognivern-agent.upstream;" in nginx.inputs["stdin"]
-    assert nginx.inputs["create"].endswith(" nginx-site --name cognivern-agent --upstream-port 4000")
+    assert nginx.inputs["create"].endswith(" nginx-site --name cognivern-agent")
+    assert nginx.inputs["stdin"].endswith("#--- cognivern-agent.upstream ---\n" + facts.upstream_text("cognivern_agent_app", 4000))
     conf = run.get("cognivern-prod-release-conf")
     assert "PORT=4000\n" in conf.inputs["stdin"] and "KEEP_RELEASES=5\n" in conf.inputs["stdin"]
     assert "BAKE_SECONDS=30\n" in conf.inputs["stdin"] and "KEEP_PREVIOUS_WARM=false\n" in conf.inputs["stdin"]
     assert "NGINX_UPSTREAM=/etc/nginx/sites-available/cognivern-agent.upstream\n" in conf.inputs["stdin"]
     assert "AGENT_APPS=forecasting-agent\n" in conf.inputs["stdin"]
-    run_sh = run.get("cognivern-prod-run-script")
-    assert run_sh.inputs["stdin"] == Path("components/host/run.sh").read_text()
-    assert "--dest /opt/cognivern/shared/run.sh --mode 0755 --owner root:root --reload-root /opt/cognivern" in run_sh.inputs["create"]
+    assert "BUILD_USER=cognivern-build\n" in conf.inputs["stdin"]
+    env = run.get("cognivern-prod-env")
+    assert "--dest /opt/cognivern/shared/.env --mode 0640 --owner root:cognivern --reload-root /opt/cognivern" in env.inputs["create"]
 
 
 SECRET_VALUE = "0xSECRET-private-key-do-not-leak"
@@ -297,7 +305,6 @@ def test_release_with_artifact_uploads_installs_then_activates(tmp_path: Path) -
     )
     host_ready = {
         "cognivern-prod-provision",
-        "cognivern-prod-run-script",
         "cognivern-prod-release-conf",
         "cognivern-prod-ecosystem",
         "cognivern-prod-env",
@@ -467,7 +474,7 @@ def test_several_servers_sit_behind_a_load_balancer_on_a_private_network(n: int)
         for reg in run.registrations:
             if reg.type in (COMMAND, COPY) and reg.name.startswith(f"cognivern-prod-{i}-"):
                 assert unsecret(reg.inputs["connection"])["host"] == f"203.0.113.{10 + i}", reg.name
-    assert len(run.by_type(COMMAND)) == n * (6 + 2)
+    assert len(run.by_type(COMMAND)) == n * (5 + 2)
     assert run.outputs["url"] == "http://198.51.100.80/" and run.outputs["loadBalancerIpv4Address"] == "198.51.100.80"
     assert "ipv4Address" not in run.outputs
     assert [s["name"] for s in run.outputs["servers"]] == [f"cognivern-prod-{i}" for i in range(1, n + 1)]
@@ -519,7 +526,7 @@ def assert_rolling_order(run: Any, nodes: list[str]) -> None:
     for node in nodes:
         install_deps = step_deps(run, f"{node}-release-install")
         assert not [d for d in install_deps if d.endswith("-activate")], (node, install_deps)
-        assert install_deps == {f"{node}-{c}" for c in ("provision", "run-script", "release-conf", "ecosystem", "env", "nginx-site")}
+        assert install_deps == {f"{node}-{c}" for c in ("provision", "release-conf", "ecosystem", "env", "nginx-site")}
     assert step_deps(run, activations[0]) == installs
     for previous, activate, node in zip(activations, activations[1:], nodes[1:], strict=False):
         assert step_deps(run, activate) == {f"{node}-release-install", previous}

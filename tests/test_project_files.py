@@ -9,13 +9,11 @@ project.go: "is not namespaced by the project and should not define a type"), ar
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from components.render import render_release_conf
 from components.settings import KEYS, NAMESPACE, SECRET_KEYS, Settings, parse_settings
 from tools.config_table import README, with_table
 
@@ -84,22 +82,6 @@ def test_project_defaults_are_the_program_defaults() -> None:
         for key in KEYS
     }
     assert {k: declared.get(k) or None for k in table} == table, "Pulumi.yaml's defaults differ from components/settings.py KEYS"
-
-
-def test_release_tool_defaults_are_the_program_defaults() -> None:
-    """cognivern-release falls back to its own defaults when config/cognivern.conf lacks a value
-    (run by hand on a half-set-up host): they are what the program writes for a default stack."""
-    tool = (REPO / "components" / "release" / "cognivern-release.sh").read_text()
-    fallbacks = dict(re.findall(r"^    ([A-Z_]+)=\$\{\1:-([^}]*)\}$", tool, re.MULTILINE))
-    written = dict(line.split("=", 1) for line in render_release_conf(parse_settings(BASE.get)).splitlines()[1:])
-    written.pop("SECRET_KEYS")
-    # The nginx keys have no stack default to fall back to: without NGINX_UPSTREAM (a host set up
-    # before blue/green) the tool switches no upstream; the nginx paths and the upstream's name are
-    # derived (COGNIVERN_NGINX_* overrides, APP_NAME), and AGENT_APPS is empty when unset.
-    derived = {"NGINX_CONF", "NGINX_PREFIX", "NGINX_UPSTREAM", "UPSTREAM_NAME", "AGENT_APPS"}
-    assert set(written) - set(fallbacks) <= derived
-    assert {k: v for k, v in fallbacks.items() if k not in derived} == {k: v for k, v in written.items() if k not in derived}
-    assert re.search(r"^    ROOT=\$\{COGNIVERN_ROOT:-(\S+)\}$", tool, re.MULTILINE)[1] == parse_settings(BASE.get).root  # type: ignore[index]
 
 
 def test_readme_configuration_table_is_generated_from_the_settings_table() -> None:

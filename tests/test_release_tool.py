@@ -16,7 +16,6 @@ import os
 import pwd
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,8 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.host import PM2_HELPER
-from components.release import sha256_file
+from components.release.cognivern_release import facts
+from components.release.component import sha256_file
 from tests.support.helpers import UserCommandLines, http_get, http_post, wait_until
 from tests.support.release_host import (
     SECRET_VALUE,
@@ -121,17 +120,19 @@ def hammer(h: ReleaseHost, stop: threading.Event, results: list[str]) -> None:
 
 
 def test_the_app_user_runs_nothing_from_the_checkout(serving: ReleaseHost) -> None:
-    """What the tool has the app user run (its PM2 helper: the slot watcher) is the copy installed as provisioning
-    installs it, not the checkout's: a clone under a 0700 home or `mktemp -d` is out of the app user's reach."""
+    """What the tool has the app user run (PM2's CLI with the ecosystem file, the app) comes from the
+    host, and the tool is installed as provisioning installs it: a clone under a 0700 home or
+    `mktemp -d` is out of the app user's reach, and nothing the tool runs needs it."""
     checkout = str(Path(__file__).resolve().parents[1])
     with UserCommandLines(serving.user) as seen:
         serving.ok("activate", "r2")
-    watchers = [line for line in seen.lines if PM2_HELPER.name in line]
-    assert watchers and all(str(serving.bin_dir / PM2_HELPER.name) in line for line in watchers), seen.lines  # control: seen
+    assert [line for line in seen.lines if "pm2" in line.lower() or "dist/index.js" in line], seen.lines  # control: seen
     assert [line for line in seen.lines if checkout in line] == []  # (its working directory is the caller's, as over SSH)
-    for path in (serving.installed_tool, serving.bin_dir / PM2_HELPER.name):
-        assert not path.resolve().is_relative_to(checkout)
-        assert path.stat().st_uid == 0 and path.stat().st_mode & 0o004, path  # root's, readable by anyone
+    launcher = serving.installed_tool.resolve()
+    assert not launcher.is_relative_to(checkout) and launcher.parent.parent.name == "cognivern-release"
+    for path in [launcher, *launcher.parent.rglob("*")]:
+        st = path.stat()
+        assert st.st_uid == 0 and st.st_mode & 0o004 and not st.st_mode & 0o022, path  # root's, readable by anyone
 
 
 def test_help_and_id_validation(host: ReleaseHost) -> None:
@@ -149,7 +150,7 @@ def test_help_and_id_validation(host: ReleaseHost) -> None:
 # ------------------------------------------------------------------------ install
 
 
-def test_install_lays_out_release_with_shared_store(host: ReleaseHost) -> None:
+def test_install_lays_out_release_with_the_build_accounts_store(host: ReleaseHost) -> None:
     rel = host.root / "releases" / "r1"
     uid = pwd.getpwnam(host.user).pw_uid
     assert (rel / "dist" / "index.js").is_file()
@@ -160,10 +161,14 @@ def test_install_lays_out_release_with_shared_store(host: ReleaseHost) -> None:
     assert rel.stat().st_uid == 0 and uid != 0  # root's, read-only to the app (tests/test_hardening.py)
     dep = rel / "node_modules" / "ms" / "index.js"
     assert dep.is_file()
-    # pnpm copies package files from ROOT/cache/pnpm-store (the app's): no release file is a store file
+    # pnpm (as the build account) copies package files from its own store: no release file is a store file
     assert dep.resolve().stat().st_nlink == 1 and dep.resolve().stat().st_uid == 0
     assert dep.resolve().stat().st_ino != (host.root / "releases" / "r2" / "node_modules" / "ms" / "index.js").resolve().stat().st_ino
-    assert any((host.root / "cache" / "pnpm-store").rglob("*")), "store is empty"
+    work = host.root / "cache" / "build" / "work"
+    build = pwd.getpwnam(facts.build_user(host.user))
+    assert (work.stat().st_uid, oct(work.stat().st_mode & 0o777)) == (build.pw_uid, "0o700"), "the build account's alone"
+    assert any((work / "store").rglob("*")), "store is empty"
+    assert not any((host.root / "cache" / "pnpm-store").iterdir()), "the app's old store is not used"
 
 
 def test_reinstall_is_a_noop(host: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
@@ -290,6 +295,19 @@ def test_reactivating_a_current_release_that_does_not_answer_healthy_reloads_it(
     assert host.serving_release() == "r2"
 
 
+def test_reload_hands_the_env_file_to_the_app_also_when_it_is_the_apps_own_copy(serving: ReleaseHost) -> None:
+    """Hosts from before had .env as the app's (0600): its values are not trusted for masking, but
+    they are the app's own environment, so an upgrade's first reload must not start it without them."""
+    env = serving.root / "shared" / ".env"
+    pw = pwd.getpwnam(serving.user)
+    env.write_text(env.read_text().replace("FIXTURE_ECHO=hello-from-env", "FIXTURE_ECHO=from-the-apps-copy"))
+    os.chown(env, pw.pw_uid, pw.pw_gid)
+    env.chmod(0o600)
+    proc = serving.ok("reload")
+    app_env = serving.get_json("/release")[1]["env"]
+    assert isinstance(app_env, dict) and app_env["FIXTURE_ECHO"] == "from-the-apps-copy", proc.stderr
+
+
 def daemon_environ(host: ReleaseHost) -> tuple[int, list[bytes]]:
     """The PM2 daemon's pid (pm2.pid, waited for with a deadline) and environment."""
     pid_file = host.pm2_home / "pm2.pid"
@@ -325,7 +343,7 @@ def test_pm2_daemon_lets_workers_accept_connections_themselves(serving: ReleaseH
     host = serving
     _, environ = daemon_environ(host)
     assert b"NODE_CLUSTER_SCHED_POLICY=none" in environ
-    # a daemon started without it (before this fix, or by hand) is replaced once by run.sh
+    # a daemon started without it (before this fix, or by hand) is replaced once by the tool
     old_pid = round_robin_daemon(host)
     reload = host.ok("reload")
     assert "restarting the PM2 daemon once" in reload.stderr
@@ -337,7 +355,7 @@ def test_pm2_daemon_lets_workers_accept_connections_themselves(serving: ReleaseH
 
 @pytest.mark.parametrize("pid_file", ["missing", "stale"])
 def test_round_robin_daemon_is_replaced_even_without_a_true_pid_file(serving: ReleaseHost, pid_file: str) -> None:
-    """run.sh finds the daemon by PM2_HOME in its environment, not only through pm2.pid (removed by
+    """The tool finds the daemon by PM2_HOME in its environment, not only through pm2.pid (removed by
     any exiting daemon of that PM2_HOME, left stale by a SIGKILL)."""
     host = serving
     old_pid = round_robin_daemon(host)
@@ -380,7 +398,7 @@ def test_broken_release_is_refused_at_its_start(
     assert host.current() == "r1"
     status, body = host.get_json("/release")
     assert status == 200 and body["release"] == "r1" and body["pid"] == pid_before, "the live app was not touched"
-    assert (host.root / ".deploy" / "bad" / rid).exists()
+    assert host.bad(rid)
     again = host.run("activate", rid)
     assert again.returncode == 1 and "marked bad" in again.stderr
     assert host.log_lines()[-1][5].startswith("refused-bad")
@@ -422,7 +440,7 @@ def test_release_failing_only_under_pm2_is_refused_at_its_start_under_load(
     assert len(results) > 20 and not failures, failures[:5]
     assert pm2_names(host) == ["cognivern-agent-blue"], "the slot it was started in is deleted"
     assert host.slots() == {"live": "blue", "blue": "r1", "green": "", "agent": "r1"}
-    assert (host.root / ".deploy" / "bad" / "pm2crash").exists()
+    assert host.bad("pm2crash")
     assert host.log_lines()[-1][1:3] == ["activate", "pm2crash"] and host.log_lines()[-1][5] == "start-failed(exit=1)"
 
 
@@ -469,7 +487,7 @@ def test_release_failing_only_after_the_switch_is_rolled_back(switched: ReleaseH
     assert host.serving_release() == "r2"
     listing = host.list_json()
     assert listing["current"] == "r2" and listing["previous"] == "r1"
-    assert (host.root / ".deploy" / "bad" / "late").exists()
+    assert host.bad("late")
     assert pm2_names(host) == ["cognivern-agent-green"]
     assert host.log_lines()[-1][1:3] == ["activate", "late"] and host.log_lines()[-1][5] == "rolled-back(exit=1)"
 
@@ -559,33 +577,6 @@ def test_list_json_states_and_status(switched: ReleaseHost, artifacts: dict[str,
     assert SECRET_VALUE not in text + str(listing)
 
 
-def test_pm2_questions_go_through_pm2s_cli_when_its_rpc_modules_are_not_found(serving: ReleaseHost) -> None:
-    """cognivern-pm2.cjs exits 3 when the first `pm2` on PATH has no pm2-axon beside it (another PM2
-    layout): the tool then asks `pm2 jlist`, and the answers are the same as over the RPC socket."""
-    real = shutil.which("pm2")
-    assert real
-    shim = Path(tempfile.mkdtemp(prefix="cgv-pm2-shim-"))  # the app user runs it: not under root's 0700 tmp
-    try:
-        shim.chmod(0o755)
-        calls = shim / "calls"
-        calls.touch(mode=0o666)
-        calls.chmod(0o666)
-        (shim / "pm2").write_text(f'#!/bin/sh\necho "$1" >>{calls}\nexec {real} "$@"\n')
-        (shim / "pm2").chmod(0o755)
-        slow = serving.run("status", env={"PATH": f"{shim}:{os.environ['PATH']}"})
-        fast = serving.run("status")
-        assert slow.returncode == 0 and fast.returncode == 0, slow.stderr + fast.stderr
-        asked = calls.read_text().split()
-    finally:
-        shutil.rmtree(shim, ignore_errors=True)
-
-    def pm2_lines(out: str) -> list[str]:
-        return [line for line in out.splitlines() if line.startswith("  cognivern-agent")]
-
-    assert "jlist" in asked, asked
-    assert pm2_lines(slow.stdout) == pm2_lines(fast.stdout) and "online" in "".join(pm2_lines(fast.stdout)), fast.stdout
-
-
 def test_prune_keeps_current_previous_and_installs_in_progress(switched: ReleaseHost, artifacts: dict[str, tuple[Path, str]]) -> None:
     host = switched
     assert host.run("prune", "--keep", "1").returncode == 2
@@ -605,7 +596,7 @@ def test_prune_keeps_current_previous_and_installs_in_progress(switched: Release
     left = sorted(p.name for p in (host.root / "releases").iterdir())
     assert left == ["busy", "r1", "r2", "r3", "r4"]
     assert host.serving_release() == "r2"
-    assert not (host.root / ".deploy" / "bad" / "crash").exists()
+    assert not host.bad("crash")
     assert not (host.root / "incoming" / "cognivern-crash.tar.gz").exists(), "pruned releases' uploads go too"
     assert (host.root / "incoming" / "cognivern-r3.tar.gz").exists()
 

@@ -15,7 +15,6 @@ import pytest
 
 from components.render import (
     AGENT_NAME,
-    HOST_DIR,
     https_redirect_snippet,
     render_ecosystem,
     render_nginx_site,
@@ -165,7 +164,8 @@ def test_ecosystem_is_valid_node_with_expected_apps(tmp_path: Path, agents: bool
     (root / "config").mkdir(parents=True)
     (root / "shared").mkdir()
     (root / "shared" / ".env").write_text("PORT=4000\nFIXTURE=x\n")
-    (root / "config" / "slots").write_text("live=green\nblue=r1\ngreen=r2\nagent=r2\n")
+    state = {"slots": {"live": "green", "blue": "r1", "green": "r2", "agent": "r2"}}
+    (root / "config" / "state.json").write_text(json.dumps(state))
     s = settings(
         root=str(root),
         port="4000",
@@ -175,7 +175,8 @@ def test_ecosystem_is_valid_node_with_expected_apps(tmp_path: Path, agents: bool
         secretEnv={"GROQ_API_KEY": "gsk-secret"},
     )
     text = render_ecosystem(s)
-    apps = node_apps(tmp_path, text, {"PORT": "4000", "FIXTURE": "x"})  # what run.sh exports from shared/.env
+    # what cognivern-release gives PM2 from shared/.env (parsed as data), plus one variable not from it
+    apps = node_apps(tmp_path, text, {"PORT": "4000", "FIXTURE": "x", "COGNIVERN_ENV_KEYS": "PORT FIXTURE", "OTHER": "y"})
     names = [a["name"] for a in apps]
     slots = [f"{s.app_name}-blue", f"{s.app_name}-green"]
     assert names == ([*slots, AGENT_NAME] if agents else slots)
@@ -193,8 +194,9 @@ def test_ecosystem_is_valid_node_with_expected_apps(tmp_path: Path, agents: bool
     assert "gsk-secret" not in text, "secrets never reach the ecosystem file"
 
 
-def test_ecosystem_without_a_slots_file_runs_blue_and_the_agent_on_current(tmp_path: Path) -> None:
-    """A host prepared before the slots: the next run.sh starts blue where the single app was."""
+def test_ecosystem_without_a_state_runs_blue_and_the_agent_on_current(tmp_path: Path) -> None:
+    """A host prepared before the slots (the tool has not written its state yet): blue runs where
+    the single app was."""
     root = tmp_path / "root"
     (root / "releases" / "r0").mkdir(parents=True)
     (root / "current").symlink_to("releases/r0")
@@ -209,16 +211,15 @@ def test_ecosystem_without_a_slots_file_runs_blue_and_the_agent_on_current(tmp_p
 def test_ecosystem_ignores_a_slot_value_that_is_not_a_release_id(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "config").mkdir(parents=True)
-    (root / "config" / "slots").write_text("live=blue\nblue=../../etc\ngreen=\nagent=r1\n")
+    slots = {"live": "blue", "blue": "../../etc", "green": None, "agent": "r1\n"}
+    (root / "config" / "state.json").write_text(json.dumps({"slots": slots}))
     apps = node_apps(tmp_path, render_ecosystem(settings(root=str(root))))
     assert apps == []
 
 
 def shell_scripts() -> list[str]:
     tracked = subprocess.run(["git", "ls-files", "-z", "--", "*.sh"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    paths = {p for p in tracked.split("\0") if p}
-    paths.add(str((HOST_DIR / "run.sh").relative_to(REPO)))
-    return sorted(paths)
+    return sorted(p for p in tracked.split("\0") if p)
 
 
 @pytest.mark.parametrize("script", shell_scripts())

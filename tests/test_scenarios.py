@@ -33,7 +33,7 @@ from tests.support.story import Story
 from tests.support.target_host import TargetHost
 
 V1, V2, V3, V4, V5 = (f"scn-v{i}" for i in range(1, 6))
-HOST_COMMANDS = ("provision", "run-script", "release-conf", "ecosystem", "env", "nginx-site")
+HOST_COMMANDS = ("provision", "release-conf", "ecosystem", "env", "nginx-site")
 SECRET = "secret-one"
 
 story = Story()

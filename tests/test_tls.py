@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from components.host import nginx_site_input
 from components.remote import script_command
 from components.render import (
     HOST_DIR,
@@ -188,7 +189,7 @@ def backend(tls: Tls) -> Iterator[ThreadingHTTPServer]:
 def http_site(tls: Tls, backend: ThreadingHTTPServer) -> str:
     """The HTTP site in TLS mode, installed by nginx-site.sh as the program does before tls.sh."""
     text = tls.http_site()
-    result = tls.host.run(script_command(NGINX_SITE, ["--name", tls.name, "--upstream-port", str(tls.settings.port)]), stdin=text)
+    result = tls.host.run(script_command(NGINX_SITE, ["--name", tls.name]), stdin=nginx_site_input(tls.settings, text))
     assert result.returncode == 0, result.stderr
     wait_until(lambda: http_get(tls, "/health").status_code == 200)
     return text

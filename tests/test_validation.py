@@ -8,8 +8,6 @@ one without a sample (or with `$`) fails this module.
 from __future__ import annotations
 
 import re
-import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -118,7 +116,6 @@ def test_node_major_is_bounded(major: str, ok: bool) -> None:
             parse(nodeMajor=major)
 
 
-PROVISION_SH = Path(__file__).resolve().parents[1] / "components" / "host" / "provision.sh"
 CANDIDATE_ROOTS = [
     *SYSTEM_ROOTS,
     *OWN_ROOTS,
@@ -130,13 +127,3 @@ CANDIDATE_ROOTS = [
     "/usr2",
     "/homework",
 ]
-
-
-@pytest.mark.parametrize("root", CANDIDATE_ROOTS)
-def test_provision_refuses_the_same_system_paths_as_the_settings(root: str) -> None:
-    """provision.sh keeps its own copy of the list (it runs on the server); both must agree."""
-    text = PROVISION_SH.read_text()
-    function = re.search(r"^system_path\(\) \{\n.*?^\}\n", text, re.MULTILINE | re.DOTALL)
-    assert function is not None
-    result = subprocess.run(["bash", "-c", function.group(0) + 'system_path "$1"', "check", root], capture_output=True)
-    assert (result.returncode == 0) == settings.system_path(root), root

@@ -13,6 +13,7 @@ from pathlib import Path
 import pulumi
 from pulumi_command import remote
 
+from components.release.cognivern_release import facts
 from components.remote import script_command
 from components.render import (
     RELEASE_DIR,
@@ -21,6 +22,7 @@ from components.render import (
     render_nginx_site,
     render_nginx_tls_site,
     render_release_conf,
+    render_upstream,
     site_name,
 )
 from components.server import metadata_filter
@@ -31,13 +33,12 @@ PROVISION = HERE / "provision.sh"
 PUT_FILE = HERE / "put-file.sh"
 NGINX_SITE = HERE / "nginx-site.sh"
 TLS = HERE / "tls.sh"
-RUN_SH = HERE / "run.sh"
-RELEASE_TOOL = RELEASE_DIR / "cognivern-release.sh"
-PM2_HELPER = RELEASE_DIR / "cognivern-pm2.cjs"
+RELEASE_TOOL = RELEASE_DIR / "cognivern-release"
+RELEASE_PACKAGE = RELEASE_DIR / "cognivern_release"
 VERSIONS = HERE / "versions.env"
-# What provision.sh installs besides the release tool, each after a line `#--- NAME ---` on its stdin.
+BUNDLE_MARKER = "#--- {} ---"
+# What provision.sh installs besides the release tool, each after its marker line on its stdin.
 BUNDLED = {
-    PM2_HELPER.name: PM2_HELPER,
     metadata_filter.SCRIPT_NAME: metadata_filter.SCRIPT,
     metadata_filter.UNIT_NAME: metadata_filter.UNIT,
 }
@@ -53,26 +54,39 @@ def pinned_versions() -> dict[str, str]:
     return out
 
 
-def release_tool_bundle(tool: str | None = None) -> str:
-    """provision.sh's stdin: the release tool (`tool`: another text, for tests), then each BUNDLED
-    file after its marker line: the tool's PM2 query helper, the metadata filter and its unit."""
-    parts = [(RELEASE_TOOL.read_text() if tool is None else tool).rstrip("\n")]
-    for name, path in BUNDLED.items():
-        parts += [f"#--- {name} ---", path.read_text().rstrip("\n")]
-    return "\n".join(parts) + "\n"
+def release_tool_files(launcher: str | None = None) -> list[tuple[str, str]]:
+    """The release tool as provisioning installs it: its launcher and its package (standard library
+    only). `launcher`: a stand-in text for the launcher alone, for tests."""
+    if launcher is not None:
+        return [(RELEASE_TOOL.name, launcher)]
+    files = [(RELEASE_TOOL.name, RELEASE_TOOL.read_text())]
+    return files + [(f"{RELEASE_PACKAGE.name}/{p.name}", p.read_text()) for p in sorted(RELEASE_PACKAGE.glob("*.py"))]
+
+
+def release_tool_bundle(launcher: str | None = None) -> str:
+    """provision.sh's stdin: the release tool's files, then each BUNDLED file (the metadata filter
+    and its unit), each after a line `#--- PATH ---`, as source text (so `pulumi preview --diff` shows
+    a change line by line) in a fixed order (the same text every run)."""
+    files = [*release_tool_files(launcher), *((name, path.read_text()) for name, path in BUNDLED.items())]
+    return "".join(f"{BUNDLE_MARKER.format(name)}\n{text.rstrip(chr(10))}\n" for name, text in files)
+
+
+def nginx_site_input(s: Settings, site: str) -> str:
+    """nginx-site.sh's stdin: the site, then the upstream file it creates when missing (blue live)."""
+    return f"{site}#--- {site_name(s.app_name)}.upstream ---\n{render_upstream(s, s.port)}"
 
 
 def env_file(s: Settings) -> tuple[str, str, str]:
-    """shared/.env's path, mode and owner: root's, readable by the app's own group (run.sh and PM2
-    read it as the app user). The app cannot rewrite it, so the release tool can trust the secret
-    values it masks the app's output with (a copy the app owned let it choose what was masked)."""
+    """shared/.env's path, mode and owner: root's, readable by the app's own group. The app cannot
+    rewrite it, so it is root's copy of the secret values the release tool masks the app's output with
+    (a copy the app owned let it choose what was masked); the tool reads it as data and hands it to PM2."""
     return f"{s.root}/shared/.env", "0640", f"root:{s.app_user}"
 
 
 def provision_args(s: Settings) -> list[str]:
     """provision.sh's arguments for these settings."""
     pins = pinned_versions()
-    account = ["--root", s.root, "--app-user", s.app_user, "--ssh-user", s.ssh_user]
+    account = ["--root", s.root, "--app-user", s.app_user, "--build-user", facts.build_user(s.app_user), "--ssh-user", s.ssh_user]
     node = ["--node-major", str(s.node_major), "--node-source", s.node_source]
     versions = ["--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
     # the metadata filter (components/server/metadata_filter.py): servers the program created, or metadataFilter
@@ -95,21 +109,21 @@ class Host(pulumi.ComponentResource):
         s = args.settings
         self._name, self._connection, self._sudo, self._root = name, args.connection, s.ssh_user != "root", s.root
         provision = self._command("provision", script_command(PROVISION, provision_args(s), sudo=self._sudo), release_tool_bundle(), [])
-        run_script = self._put("run-script", f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), [provision], reload=True)
         release_conf = self._put(
             "release-conf", f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s), [provision]
         )
+        # reload=True: the installed tool starts the apps again (`cognivern-release reload`), with the conf in place
         ecosystem = self._put(
-            "ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [run_script], reload=True
+            "ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [release_conf], reload=True
         )
         env_text = pulumi.Output.secret(render_env(s.stack_env, s.secret_env))
-        env = self._put("env", *env_file(s), env_text, [run_script, ecosystem], reload=True, secret=True)
+        env = self._put("env", *env_file(s), env_text, [ecosystem], reload=True, secret=True)
         site = site_name(s.app_name)
         tls_domain = s.domain if s.certbot_tls else None
         nginx = self._command(
             "nginx-site",
-            script_command(NGINX_SITE, ["--name", site, "--upstream-port", str(s.port)], sudo=self._sudo),
-            render_nginx_site(s, domain=tls_domain, hsts=s.balancer_tls),
+            script_command(NGINX_SITE, ["--name", site], sudo=self._sudo),
+            nginx_site_input(s, render_nginx_site(s, domain=tls_domain, hsts=s.balancer_tls)),
             [provision],
         )
         if tls_domain is not None:
@@ -119,7 +133,7 @@ class Host(pulumi.ComponentResource):
             argv = ["--name", site, "--domain", tls_domain, "--email", s.acme_email, "--server", s.acme_server]
             self._command("tls", script_command(TLS, argv, sudo=self._sudo), render_nginx_tls_site(s, tls_domain), [nginx])
 
-        self.ready = [provision, run_script, release_conf, ecosystem, env, nginx]
+        self.ready = [provision, release_conf, ecosystem, env, nginx]
         self.register_outputs({})
 
     def _command(

@@ -1,57 +1,45 @@
 // Managed by cognivern-infra: commit-safe, holds no secrets.
-// shared/run.sh exports shared/.env (set -a) before calling PM2. Naming those variables in each
-// app's `env` is what makes `pm2 startOrReload --update-env` hand their *current* values to the
-// app: PM2 7 otherwise keeps the environment the app was first started with.
+// cognivern-release starts PM2 with shared/.env's variables in its environment (parsed as data: no
+// shell sources that file) and their names in COGNIVERN_ENV_KEYS. Naming them in each app's `env` is
+// what makes `pm2 startOrReload --update-env` hand their *current* values to the app: PM2 7
+// otherwise keeps the environment the app was first started with.
 //
-// Blue/green: the app runs as two PM2 apps, <appName>-blue on `port` and <appName>-green on
-// `port`+1, each in the release directory it was started on. Which release each slot runs (an empty
-// slot is not listed, so PM2 runs only what is listed) and which release the agent runs come from
-// the slots file, written only by cognivern-release (root's, world-readable: the app cannot change
-// it). A host without it (prepared before the slots) runs blue and the agent on `current`.
+// Blue/green: the app runs as two PM2 apps, one per slot, each on its own port and in the release
+// directory it was started on. Which release each slot runs (an empty slot is not listed, so PM2
+// runs only what is listed) and which release the agent runs come from the tool's state (JSON, root's,
+// world-readable: the app cannot change it). A host without it yet runs the first slot and the
+// agent on `current`.
 const fs = require('fs');
 const path = require('path');
 
-const SLOTS_FILE = {{ slots_file }};
+const STATE_FILE = {{ state_file }};
 const RELEASES = {{ releases }};
 const CURRENT = {{ current }};
-const APP_NAME = {{ app_name }};
-const PORT = {{ port }};
-const RELEASE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const SLOTS = {{ slots }};
+const RELEASE_ID = new RegExp({{ release_id }});
 
 function sharedEnv() {
-  let text = '';
-  try {
-    text = fs.readFileSync({{ env_file }}, 'utf8');
-  } catch (err) {
-    return {};
-  }
   const env = {};
-  for (const line of text.split('\n')) {
-    const match = /^([A-Za-z_][A-Za-z0-9_]*)=/.exec(line);
-    if (match && Object.prototype.hasOwnProperty.call(process.env, match[1])) {
-      env[match[1]] = process.env[match[1]];
-    }
+  for (const key of (process.env.COGNIVERN_ENV_KEYS || '').split(' ')) {
+    if (key && Object.prototype.hasOwnProperty.call(process.env, key)) env[key] = process.env[key];
   }
   return env;
 }
 
 function readSlots() {
-  const slots = {};
   try {
-    for (const line of fs.readFileSync(SLOTS_FILE, 'utf8').split('\n')) {
-      const match = /^(live|blue|green|agent)=(.*)$/.exec(line);
-      if (match) slots[match[1]] = match[2];
-    }
-    return slots;
+    const state = JSON.parse(fs.readFileSync(STATE_FILE, 'utf8'));
+    if (state && typeof state.slots === 'object' && state.slots) return state.slots;
   } catch (err) {
-    let current = '';
-    try {
-      current = path.basename(fs.readlinkSync(CURRENT));
-    } catch (e) {
-      current = '';
-    }
-    return { live: 'blue', blue: current, green: '', agent: current };
+    // no state yet: below
   }
+  let current = '';
+  try {
+    current = path.basename(fs.readlinkSync(CURRENT));
+  } catch (err) {
+    current = '';
+  }
+  return { [SLOTS[0].slot]: current, agent: current };
 }
 
 function releaseDir(id) {
@@ -62,10 +50,10 @@ const slotApp = {{ app }};
 const agents = {{ agents }};
 const slots = readSlots();
 const apps = [];
-for (const [slot, port] of [['blue', PORT], ['green', PORT + 1]]) {
+for (const { slot, name, port } of SLOTS) {
   const cwd = releaseDir(slots[slot]);
-  // the slot's PORT comes last: shared/.env holds the blue port for every app
-  if (cwd) apps.push({ ...slotApp, name: `${APP_NAME}-${slot}`, cwd, env: { ...slotApp.env, ...sharedEnv(), PORT: String(port) } });
+  // the slot's PORT comes last: shared/.env holds the first slot's port for every app
+  if (cwd) apps.push({ ...slotApp, name, cwd, env: { ...slotApp.env, ...sharedEnv(), PORT: String(port) } });
 }
 const agentDir = releaseDir(slots.agent);
 if (agentDir) for (const agent of agents) apps.push({ ...agent, cwd: agentDir, env: { ...agent.env, ...sharedEnv() } });

@@ -49,14 +49,21 @@ require_options() { # var...: each must have been given (--var-name)
 }
 
 # ---------------------------------------------------------------------------- validators
-# The Python side has the same rules (components/settings.py); tests/test_validators_agree.py
-# feeds both the same values.
-valid_abs_path() { # absolute, normalised (no //, ., .., trailing /), not "/", conservative characters only
-    [[ $1 =~ ^(/[A-Za-z0-9._-]+)+$ ]] || return 1
-    [[ /$1/ != */./* && /$1/ != */../* ]]
+# The rules are the program's (components/release/cognivern_release/facts.py): components.remote puts
+# them in front of this file as generated COGNIVERN_* variables, so no script holds a copy.
+valid_abs_path() { [[ $1 =~ $COGNIVERN_ABS_PATH_RE ]]; }  # absolute, normalised (no //, ., .., trailing /), not "/"
+valid_user() { [[ $1 =~ $COGNIVERN_USER_RE ]]; }
+valid_site_name() { [[ $1 =~ $COGNIVERN_SITE_NAME_RE ]]; } # what render.site_name makes of an app name
+system_path() { # a system tree (or inside one), or one of the shared parents itself: never a root
+    local dir
+    for dir in "${COGNIVERN_SYSTEM_TREES[@]}"; do
+        if [ "$1" = "$dir" ] || [[ $1 == "$dir"/* ]]; then return 0; fi
+    done
+    for dir in "${COGNIVERN_SYSTEM_PARENTS[@]}"; do
+        if [ "$1" = "$dir" ]; then return 0; fi
+    done
+    return 1
 }
-valid_user() { [[ $1 =~ ^[a-z_][a-z0-9_-]{0,31}$ ]]; }            # settings.USER_RE
-valid_site_name() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$ ]]; }   # render.SITE_NAME_RE (what render.site_name makes)
 # untrusted_dir DIR: the first directory from DIR up to / that is a link, not root's, or writable
 # by its group or by others (sticky or not, so /tmp, /var/tmp and /dev/shm count); nothing when
 # root alone controls the whole chain. Whoever can write a directory on the way can create or swap
@@ -138,4 +145,38 @@ nginx_reload() {
     else
         nginx_action="nginx not running"
     fi
+}
+
+# ---------------------------------------------------------------------------- the release tool
+# install_release_tool DIR BIN_DIR: the release tool's files in DIR (provision.sh unpacks them from
+# its stdin; test hosts write them) installed as $LIB/<digest of the files>/ ($LIB =
+# BIN_DIR/../lib/cognivern-release) (made aside, then renamed into place); $LIB/current is
+# pointed at it, and $BIN_DIR/cognivern-release at its launcher, each in one rename: a reader sees
+# the old tool or the new one, never a mix, and a running activation keeps its version (the
+# launcher resolves `current` once). The version before stays; older ones go.
+install_release_tool() { # dir bin_dir: dir holds cognivern-release and cognivern_release/
+    local bin_dir=$2 lib digest stage link="../lib/cognivern-release/current/cognivern-release" old
+    lib="$(dirname "$bin_dir")/lib/cognivern-release"
+    digest=$(cd "$1" && find cognivern-release cognivern_release -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+    if [ "$(readlink "$lib/current" 2>/dev/null)" = "$digest" ] && [ -d "$lib/$digest" ] &&
+        [ "$(readlink "$bin_dir/cognivern-release" 2>/dev/null)" = "$link" ]; then
+        say "release tool: ok (already $digest)"
+        return
+    fi
+    install -d -m 0755 "$bin_dir" "$lib"
+    if [ ! -d "$lib/$digest" ]; then
+        [ "$(head -c 2 "$1/cognivern-release")" = '#!' ] || die "the release tool on stdin has no launcher (cognivern-release, starting with #!)"
+        stage=$(mktemp -d "$lib/.stage.XXXXXX")
+        cp -R -- "$1/cognivern-release" "$1/cognivern_release" "$stage/"
+        chown -R root:root "$stage" # made here, in root's $lib: nobody else can reach it
+        find "$stage" -type d -exec chmod 0755 {} + -o -type f -exec chmod 0644 {} +
+        chmod 0755 "$stage/cognivern-release"
+        mv -T "$stage" "$lib/$digest"
+    fi
+    ln -sfn "$digest" "$lib/.current.new" && mv -T "$lib/.current.new" "$lib/current"
+    ln -sfn "$link" "$bin_dir/.cognivern-release.new" && mv -T "$bin_dir/.cognivern-release.new" "$bin_dir/cognivern-release"
+    rm -f -- "$bin_dir/cognivern-pm2.cjs" # the Node helper of the bash tool: its work is in the package now
+    find "$lib" -mindepth 1 -maxdepth 1 -type d ! -name "$digest" ! -name '.stage.*' -printf '%T@ %f\n' | sort -rn | tail -n +2 |
+        while read -r _ old; do rm -rf -- "${lib:?}/$old"; done
+    say "release tool: installed $digest ($bin_dir/cognivern-release)"
 }

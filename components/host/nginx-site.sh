@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Managed by cognivern-infra. Installs the rendered nginx site from stdin (run as root):
 #
-#   bash -c "$(cat lib.sh nginx-site.sh)" nginx-site --name NAME [--upstream-port PORT] < rendered-site.conf
+#   bash -c "$(cat lib.sh nginx-site.sh)" nginx-site --name NAME < rendered-site.conf [+ upstream]
 #
 # The site includes sites-available/NAME.upstream (the live blue/green slot, rewritten by
-# cognivern-release at every switch). --upstream-port creates it, pointing at PORT (the blue slot),
-# only when it is missing: running this again (a `pulumi up`) never flips the live slot.
+# cognivern-release at every switch). After the site, stdin may carry a line
+# "#--- NAME.upstream ---" and that file's text as the program renders it (the blue slot live):
+# it is written only when the file is missing, so running this again never flips the live slot.
 #
 # Writes sites-available/NAME.conf through a temp file, links sites-enabled/NAME.conf and runs
 # `nginx -t`. A failing test restores the previous site (or removes the new one) and exits
@@ -19,16 +20,11 @@
 set -euo pipefail
 umask 022
 
-script_init nginx-site "usage: nginx-site --name NAME [--upstream-port PORT]  (rendered site on stdin)"
-name="" upstream_port=""
-parse_options "--name --upstream-port" "$@"
+script_init nginx-site "usage: nginx-site --name NAME  (rendered site on stdin, then optionally the upstream file)"
+name=""
+parse_options "--name" "$@"
 require_options name
 valid_site_name "$name" || die "--name must be 1-64 characters from A-Z a-z 0-9 _ -, starting with a letter or digit, got '$name'"
-if [ -n "$upstream_port" ]; then
-    if ! [[ $upstream_port =~ ^[1-9][0-9]{0,4}$ ]] || [ "$upstream_port" -gt 65535 ]; then
-        die "--upstream-port must be a port number, got '$upstream_port'"
-    fi
-fi
 
 conf=${COGNIVERN_NGINX_CONF:-/etc/nginx/nginx.conf}
 prefix=${COGNIVERN_NGINX_PREFIX:-}
@@ -44,30 +40,28 @@ site="$available/$name.conf"
 link="$enabled/$name.conf"
 install -d -m 0755 "$available" "$enabled"
 
-# The upstream file: written when missing only (afterwards it is cognivern-release's). Same text as
-# the tool's write_upstream with no backup (tests/test_host_scripts.py compares them).
-upstream_file="$available/$name.upstream"
-created_upstream=""
-if [ -n "$upstream_port" ] && [ ! -e "$upstream_file" ]; then
-    printf '# Managed by cognivern-release: the live slot, and the other slot as backup while it runs.\nupstream %s_app {\n    server 127.0.0.1:%s;\n    keepalive 32;\n}\n' \
-        "${name//[^A-Za-z0-9_]/_}" "$upstream_port" >"$upstream_file.tmp"
-    chmod 0644 "$upstream_file.tmp"
-    mv -f "$upstream_file.tmp" "$upstream_file"
-    created_upstream=$upstream_file
-    say "$upstream_file: created (live slot 127.0.0.1:$upstream_port)"
-fi
-
 # Temp files live in sites-available (never included by nginx) with a leading dot.
 new=$(mktemp "$available/.$name.conf.new.XXXXXX")
+upstream_new=$(mktemp "$available/.$name.upstream.new.XXXXXX")
 previous=""
 cleanup() {
-    rm -f -- "$new"
+    rm -f -- "$new" "$upstream_new"
     [ -z "$previous" ] || rm -f -- "$previous"
 }
 trap cleanup EXIT
-cat >"$new"
+awk -v site="$new" -v up="$upstream_new" -v marker="#--- $name.upstream ---" \
+    '$0 == marker { u = 1; next } { print > (u ? up : site) }'
 [ -s "$new" ] || die "no site configuration on stdin"
-chmod 0644 "$new"
+chmod 0644 "$new" "$upstream_new"
+
+# The upstream file: written when missing only (afterwards it is cognivern-release's).
+upstream_file="$available/$name.upstream"
+created_upstream=""
+if [ -s "$upstream_new" ] && [ ! -e "$upstream_file" ]; then
+    mv -f "$upstream_new" "$upstream_file"
+    created_upstream=$upstream_file
+    say "$upstream_file: created"
+fi
 
 link_ok=0
 if [ -L "$link" ] && [ "$(readlink "$link")" = "$site" ]; then link_ok=1; fi

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Managed by cognivern-infra. Idempotent host preparation for the Cognivern backend (run as root).
 #
-#   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --ssh-user S --node-major N \
-#       --node-source nodesource|distribution --pm2-version X.Y.Z --pnpm-version X.Y.Z \
+#   bash -c "$(cat lib.sh provision.sh)" provision --root R --app-user U --build-user B --ssh-user S \
+#       --node-major N --node-source nodesource|distribution --pm2-version X.Y.Z --pnpm-version X.Y.Z \
 #       --metadata-filter yes|no < bundle
 #
-# stdin (components.host.release_tool_bundle): the server-side release tool, installed as
-# $BIN_DIR/cognivern-release when it differs (empty stdin or a terminal: that step is skipped),
-# then files after marker lines "#--- NAME ---": cognivern-pm2.cjs (the tool's PM2 query helper,
-# installed beside it), cognivern-metadata-filter and cognivern-metadata-filter.service (installed
-# with --metadata-filter yes: servers the program creates, where Hetzner's metadata service exists;
-# PM2's unit then requires that unit). Every step prints one line, "ok (already)"
-# or what it changed, so a re-run on a prepared host changes nothing and says so.
+# stdin (components.host.release_tool_bundle): files as text, each after a line "#--- PATH ---":
+# the server-side release tool (its launcher cognivern-release and its Python package
+# cognivern_release/*.py), installed under $BIN_DIR/../lib/cognivern-release with
+# $BIN_DIR/cognivern-release linking to it (no tool on stdin, or a terminal: that step is skipped);
+# cognivern-metadata-filter and cognivern-metadata-filter.service (installed with --metadata-filter
+# yes: servers the program creates, where Hetzner's metadata service exists; PM2's unit then requires
+# that unit). Every step prints one line, "ok (already)" or what it changed, so a re-run on a
+# prepared host changes nothing and says so.
 # Supported: Ubuntu 24.04, Debian 12 and 13. Nothing under R/shared is ever deleted.
 #
 # The app user is treated as hostile: the directories root works in (R, releases/, shared/,
@@ -19,6 +20,8 @@
 # cache/pnpm-store) and its home (0700, with ~/.pm2 0700: PM2's dump holds the app's env) are its.
 # An existing account is taken as the app user only when it has the shape this script gives one
 # (home /home/U, own group, no other groups, no password): never a system or a login account.
+# The build account B runs `pnpm install` for the release tool: neither root nor the app, its own
+# store, HOME and npmrc under R/cache/build, so the app can write nothing a build reads or writes.
 #
 # Overrides (test hosts): COGNIVERN_BIN_DIR (/usr/local/bin), COGNIVERN_LOGROTATE_DIR
 # (/etc/logrotate.d), COGNIVERN_SSHD_CONFIG (/etc/ssh/sshd_config; the drop-in goes into its
@@ -31,25 +34,15 @@
 set -euo pipefail
 umask 022
 
-script_init provision "usage: provision --root ABS_PATH --app-user USER --ssh-user USER --node-major N
+script_init provision "usage: provision --root ABS_PATH --app-user USER --build-user USER --ssh-user USER --node-major N
                  --node-source nodesource|distribution --pm2-version X.Y.Z --pnpm-version X.Y.Z
                  --metadata-filter yes|no  (release tool bundle on stdin)"
 
 # ---------------------------------------------------------------------------- arguments
-root="" app_user="" node_major="" node_source="" ssh_user="" pm2_version="" pnpm_version="" metadata_filter=""
-parse_options "--root --app-user --node-major --node-source --ssh-user --pm2-version --pnpm-version --metadata-filter" "$@"
-require_options root app_user node_major node_source ssh_user pm2_version pnpm_version metadata_filter
+root="" app_user="" build_user="" node_major="" node_source="" ssh_user="" pm2_version="" pnpm_version="" metadata_filter=""
+parse_options "--root --app-user --build-user --node-major --node-source --ssh-user --pm2-version --pnpm-version --metadata-filter" "$@"
+require_options root app_user build_user node_major node_source ssh_user pm2_version pnpm_version metadata_filter
 valid_abs_path "$root" || die "--root must be an absolute, normalised path such as /opt/cognivern, got '$root'"
-# The same list as components/settings.py (SYSTEM_TREES / SYSTEM_PARENTS); tests feed both one table.
-system_path() {
-    case "$1" in
-        /bin | /bin/* | /boot | /boot/* | /dev | /dev/* | /etc | /etc/* | /home | /home/* | /lib | /lib/* | /lib32 | /lib32/*) return 0 ;;
-        /lib64 | /lib64/* | /libx32 | /libx32/* | /proc | /proc/* | /root | /root/* | /run | /run/* | /sbin | /sbin/*) return 0 ;;
-        /sys | /sys/* | /usr | /usr/*) return 0 ;;
-        /opt | /srv | /tmp | /var | /var/lib | /var/log | /var/cache | /var/tmp | /var/www | /mnt | /media | /snap) return 0 ;;
-    esac
-    return 1
-}
 ! system_path "$root" || die "--root $root is a system directory (or inside one); use a directory of its own such as /opt/cognivern"
 # ROOT's parents must be root's alone: under a directory another user can write (a sticky /tmp
 # included, and any other such directory settings.SHARED_TEMP_DIRS does not name) that user could
@@ -64,6 +57,8 @@ valid_user "$app_user" || die "--app-user must be a Linux user name (a-z 0-9 _ -
 [ "$app_user" != root ] || die "--app-user must not be root"
 valid_user "$ssh_user" || die "--ssh-user must be a Linux user name (a-z 0-9 _ -), got '$ssh_user'"
 [ "$app_user" != "$ssh_user" ] || die "--app-user must differ from --ssh-user ($ssh_user): the deploy login has sudo, the app must not"
+valid_user "$build_user" || die "--build-user must be a Linux user name (a-z 0-9 _ -), got '$build_user'"
+case $build_user in root | "$app_user" | "$ssh_user") die "--build-user must be an account of its own, not root, the app or the SSH user" ;; esac
 [[ $node_major =~ ^[1-9][0-9]{0,2}$ ]] || die "--node-major must be a number such as 22, got '$node_major'"
 case "$node_source" in nodesource | distribution) ;; *) die "--node-source must be nodesource or distribution, got '$node_source'" ;; esac
 [[ $pm2_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--pm2-version must be X.Y.Z, got '$pm2_version'"
@@ -87,22 +82,23 @@ id -u "$ssh_user" >/dev/null 2>&1 || die "--ssh-user $ssh_user does not exist on
 # Read the release tool now, before anything changes (and before apt could touch stdin).
 tmpdir=$(mktemp -d)
 trap 'rm -rf -- "$tmpdir"' EXIT
-tool_src="$tmpdir/cognivern-release"
-helper_src="$tmpdir/cognivern-pm2.cjs"
-filter_src="$tmpdir/cognivern-metadata-filter"
-filter_unit=cognivern-metadata-filter.service
-if [ -t 0 ]; then
-    : >"$tool_src"
-else
-    # each marker line starts the next file (named by the marker), in $tmpdir
-    awk -v dir="$tmpdir" 'BEGIN { out = dir "/cognivern-release" }
-        $0 ~ /^#--- (cognivern-pm2\.cjs|cognivern-metadata-filter|cognivern-metadata-filter\.service) ---$/ {
-            out = dir "/" substr($0, 6, length($0) - 9); next }
-        { print > out }'
-    touch "$tool_src"
+bundle="$tmpdir/bundle"
+mkdir -m 0700 "$bundle" "$bundle/cognivern_release"
+if [ ! -t 0 ]; then
+    # each marker line starts the next file (named by the marker, one of these) in $bundle
+    awk -v dir="$bundle" '
+        /^#--- / {
+            if (NF != 3 || $3 != "---" || $2 !~ /^(cognivern-release|cognivern_release\/[a-z0-9_]+\.py|cognivern-metadata-filter|cognivern-metadata-filter\.service)$/) { bad = 1; exit }
+            out = dir "/" $2; next
+        }
+        out == "" { bad = 1; exit }
+        { print > out }
+        END { exit bad ? 3 : 0 }' || die "the release tool on stdin is not a bundle of its files (lines \"#--- PATH ---\" before each)"
 fi
+filter_src="$bundle/cognivern-metadata-filter"
+filter_unit=cognivern-metadata-filter.service
 
-if [ "$metadata_filter" = yes ] && { [ ! -s "$filter_src" ] || [ ! -s "$tmpdir/$filter_unit" ]; }; then
+if [ "$metadata_filter" = yes ] && { [ ! -s "$filter_src" ] || [ ! -s "$bundle/$filter_unit" ]; }; then
     die "--metadata-filter yes needs cognivern-metadata-filter and its unit on stdin (components.host.release_tool_bundle)"
 fi
 
@@ -141,6 +137,8 @@ pkg_installed() {
 }
 missing=()
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+# the release tool is Python (standard library: python3, not python3-minimal, which lacks json, tarfile and shlex)
+[ -x /usr/bin/python3 ] && pkg_installed "python3" || missing+=(python3)
 wanted=(curl ca-certificates logrotate tar gzip util-linux)
 [ "$node_source" != nodesource ] || wanted+=(gpg) # only to check NodeSource's key
 for pkg in "${wanted[@]}"; do
@@ -175,7 +173,7 @@ if [ "$metadata_filter" = yes ]; then
         filter_changes+=("installed $filter_dst")
     fi
     if units_wanted; then
-        unit_text=$(<"$tmpdir/$filter_unit")
+        unit_text=$(<"$bundle/$filter_unit")
         if put_unit_file "$systemd_dir/$filter_unit" 0644 "${unit_text//@BIN_DIR@/$bin_dir}"; then
             filter_changes+=("wrote $systemd_dir/$filter_unit")
         fi
@@ -279,21 +277,21 @@ app_home=/home/$app_user
 # An existing account is the app's only if it has exactly the shape useradd gives it below: any
 # other (www-data, nobody, a person's login with a password or sudo) would hand the hostile app
 # that account's files and rights, and root would chown things to it.
-app_account_problem() {
+account_problem() { # user home: why it is not an account this script made, or nothing
     local uid home group groups pass
-    uid=$(id -u "$app_user")
-    home=$(getent passwd "$app_user" | cut -d: -f6)
-    group=$(id -gn "$app_user")
-    groups=$(id -Gn "$app_user")
-    pass=$(getent shadow "$app_user" | cut -d: -f2)
+    uid=$(id -u "$1")
+    home=$(getent passwd "$1" | cut -d: -f6)
+    group=$(id -gn "$1")
+    groups=$(id -Gn "$1")
+    pass=$(getent shadow "$1" | cut -d: -f2)
     if [ "$uid" -lt 100 ]; then echo "is a base system account (uid $uid)"
-    elif [ "$home" != "$app_home" ]; then echo "has its home at ${home:-nowhere}, not $app_home (a service or login account)"
-    elif [ "$group" != "$app_user" ] || [ "$groups" != "$app_user" ]; then echo "belongs to groups '$groups' (the app's account has only its own)"
+    elif [ "$home" != "$2" ]; then echo "has its home at ${home:-nowhere}, not $2 (a service or login account)"
+    elif [ "$group" != "$1" ] || [ "$groups" != "$1" ]; then echo "belongs to groups '$groups' (the app's account has only its own)"
     elif [ -n "$pass" ] && [ "${pass:0:1}" != '!' ] && [ "${pass:0:1}" != '*' ]; then echo "has a password (a login account)"
     fi
 }
 if id -u "$app_user" >/dev/null 2>&1; then
-    problem=$(app_account_problem)
+    problem=$(account_problem "$app_user" "$app_home")
     [ -z "$problem" ] || die "--app-user $app_user already exists and $problem; refusing to run the app as it (choose another cognivern:appUser)"
     say "app user: ok (already $app_user)"
 else
@@ -321,6 +319,19 @@ if [ "${#home_changes[@]}" -eq 0 ]; then
     say "app home: ok (already private)"
 else
     say "app home: made private: ${home_changes[*]}"
+fi
+
+# ---------------------------------------------------------------------------- build account
+# Runs `pnpm install` for the release tool (packages run install scripts): no login, no home of its
+# own outside R/cache/build/work, no group but its own. Checked like the app's account.
+build_home="$root/cache/build/work"
+if id -u "$build_user" >/dev/null 2>&1; then
+    problem=$(account_problem "$build_user" "$build_home")
+    [ -z "$problem" ] || die "--build-user $build_user already exists and $problem; refusing to build releases as it"
+    say "build user: ok (already $build_user)"
+else
+    useradd --system --no-create-home --home-dir "$build_home" --shell /usr/sbin/nologin --user-group "$build_user"
+    say "build user: created $build_user (home $build_home)"
 fi
 
 # ---------------------------------------------------------------------------- layout
@@ -353,10 +364,17 @@ ensure_dir "$root/shared/data" "$app_user" "$app_user" 0750
 ensure_dir "$root/shared/logs" "$app_user" "$app_user" 0750
 ensure_dir "$root/cache" root root 0755
 ensure_dir "$root/cache/pnpm-store" "$app_user" "$app_user" 0750
+ensure_dir "$root/cache/build" root root 0755
+ensure_dir "$root/cache/build/work" "$build_user" "$build_user" 0700
 ensure_dir "$root/backups" root root 0700
 ensure_dir "$root/config" root root 0755
 ensure_dir "$root/.deploy" root root 0700
 ensure_dir "$root/incoming" "$ssh_user" "$ssh_group" 0700
+# shared/run.sh started the apps before the release tool did (in Python): a stale copy goes.
+if [ -e "$root/shared/run.sh" ]; then
+    rm -f -- "$root/shared/run.sh"
+    layout_changes+=("removed $root/shared/run.sh (the release tool starts the apps)")
+fi
 if [ "${#layout_changes[@]}" -eq 0 ]; then
     say "layout: ok (already)"
 else
@@ -405,7 +423,7 @@ else
 fi
 if units_wanted; then
     units_changed=0
-    # The daemon started at boot must schedule cluster connections like the one run.sh starts.
+    # The daemon started at boot must schedule cluster connections like the one the release tool starts.
     dropin="$systemd_dir/$pm2_unit.d/cognivern.conf"
     if put_unit_file "$dropin" 0644 $'[Service]\nEnvironment=NODE_CLUSTER_SCHED_POLICY=none'; then
         say "pm2 startup environment: wrote $dropin"
@@ -425,7 +443,7 @@ if units_wanted; then
     if [ "$units_changed" = 1 ] && systemd_running; then systemctl daemon-reload; fi
 fi
 # On a host whose app user runs no PM2 daemon yet (a new server), start the unit now, after its
-# drop-ins (scheduling policy, metadata filter first): the daemon run.sh and the release tool then
+# drop-ins (scheduling policy, metadata filter first): the daemon the release tool then
 # use is systemd's (restarted if it dies) instead of one spawned inside the deploy's SSH session,
 # which came under systemd only at the first reboot.
 if systemd_running; then
@@ -440,34 +458,12 @@ if systemd_running; then
 fi
 
 # ---------------------------------------------------------------------------- release tool
-tool_dst="$bin_dir/cognivern-release"
-if [ ! -s "$tool_src" ]; then
+# (install_release_tool: lib.sh)
+/usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "the release tool needs Python 3.11 or newer (/usr/bin/python3)"
+if [ ! -s "$bundle/cognivern-release" ]; then
     say "release tool: skipped (nothing on stdin)"
 else
-    [ "$(head -c 2 "$tool_src")" = '#!' ] || die "the release tool on stdin does not start with #!"
-    ok_mode=0
-    if [ -f "$tool_dst" ] && [ "$(stat -c '%U:%G %a' "$tool_dst")" = "root:root 755" ]; then ok_mode=1; fi
-    if [ "$ok_mode" -eq 1 ] && cmp -s "$tool_src" "$tool_dst"; then
-        say "release tool: ok (already $tool_dst)"
-    else
-        install -d -m 0755 "$bin_dir"
-        tmp=$(mktemp "$bin_dir/.cognivern-release.XXXXXX")
-        cat "$tool_src" >"$tmp"
-        chown root:root "$tmp"
-        chmod 0755 "$tmp"
-        mv -f "$tmp" "$tool_dst"
-        say "release tool: installed $tool_dst"
-    fi
-fi
-helper_dst="$bin_dir/cognivern-pm2.cjs"
-if [ -s "$helper_src" ]; then
-    if [ -f "$helper_dst" ] && [ "$(stat -c '%U:%G %a' "$helper_dst")" = "root:root 644" ] && cmp -s "$helper_src" "$helper_dst"; then
-        say "release tool helper: ok (already $helper_dst)"
-    else
-        install -d -m 0755 "$bin_dir"
-        install -o root -g root -m 0644 "$helper_src" "$helper_dst"
-        say "release tool helper: installed $helper_dst"
-    fi
+    install_release_tool "$bundle" "$bin_dir"
 fi
 
 # ---------------------------------------------------------------------------- logrotate

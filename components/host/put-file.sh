@@ -10,13 +10,11 @@
 # into place (`mv -f`), so readers see either the old or the new file, never a partial one.
 # Identical content with the right mode/owner: nothing happens ("unchanged").
 #
-# --reload-root ROOT: when the file changed and ROOT/current exists, reload the app:
-#   * `$BIN_DIR/cognivern-release --root ROOT reload` when the release tool is installed
-#     (BIN_DIR: COGNIVERN_BIN_DIR, default /usr/local/bin);
-#   * else `bash ROOT/shared/run.sh` as the owner of ROOT/shared/data (the app user, never root), with
-#     a clean environment (HOME, PM2_HOME=$HOME/.pm2) so PM2 runs under that user's own home.
-#   A failed reload leaves ROOT/.deploy/reload-pending behind; the next run retries the reload even
-#   when the content is unchanged (otherwise a re-run would report success with the old settings live).
+# --reload-root ROOT: when the file changed and ROOT/current exists, reload the app with
+#   `$BIN_DIR/cognivern-release --root ROOT reload` (BIN_DIR: COGNIVERN_BIN_DIR, default
+#   /usr/local/bin; provisioning installs it). A failed reload, or none because the tool is missing,
+#   leaves ROOT/.deploy/reload-pending behind; the next run retries the reload even when the content
+#   is unchanged (otherwise a re-run would report success with the old settings live).
 set -euo pipefail
 
 script_init put-file "usage: put-file --dest ABS_PATH --mode MODE --owner USER[:GROUP] [--reload-root ABS_PATH]  (content on stdin)"
@@ -79,22 +77,7 @@ if [ ! -e "$reload_root/current" ]; then
     exit 0
 fi
 tool="$bin_dir/cognivern-release"
-if [ -x "$tool" ]; then
-    "$tool" --root "$reload_root" reload || die "reload failed ($tool --root $reload_root reload); the next run retries it"
-    [ -z "$pending" ] || rm -f -- "$pending"
-    say "reload: done with $tool"
-    exit 0
-fi
-[ -d "$reload_root/shared/data" ] || die "$reload_root/shared/data does not exist"
-app_user=$(stat -c '%U' "$reload_root/shared/data")
-[ "$app_user" != root ] || die "$reload_root/shared/data is owned by root; refusing to run PM2 as root"
-app_home=$(getent passwd "$app_user" | cut -d: -f6)
-if [ -z "$app_home" ] || [ ! -d "$app_home" ]; then die "home directory of $app_user is missing"; fi
-(
-    cd /
-    runuser -u "$app_user" -- env -i HOME="$app_home" USER="$app_user" LOGNAME="$app_user" \
-        PM2_HOME="$app_home/.pm2" LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        bash "$reload_root/shared/run.sh"
-) || die "reload failed ($reload_root/shared/run.sh as $app_user); the next run retries it"
+[ -x "$tool" ] || die "reload failed: the release tool $tool is not installed (provisioning installs it); the next run retries it"
+"$tool" --root "$reload_root" reload || die "reload failed ($tool --root $reload_root reload); the next run retries it"
 [ -z "$pending" ] || rm -f -- "$pending"
-say "reload: done with $reload_root/shared/run.sh as $app_user"
+say "reload: done with $tool"

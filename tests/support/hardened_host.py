@@ -1,6 +1,6 @@
 """A provisioned TargetHost driven the way the program drives it, for the hardening tests.
 
-provision.sh (over SSH, as root), then put-file for run.sh, cognivern.conf, the ecosystem file and
+provision.sh (over SSH, as root), then put-file for cognivern.conf, the ecosystem file and
 shared/.env, then the installed `cognivern-release` for releases. Nothing is mocked: the attack and
 backup tests need the real layout, owners and modes that provisioning makes.
 """
@@ -15,12 +15,13 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, RUN_SH, env_file, provision_args, release_tool_bundle
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, env_file, nginx_site_input, provision_args, release_tool_bundle
 from components.remote import script_command
 from components.render import NginxTarget, render_ecosystem, render_env, render_nginx_site, render_release_conf, site_name
 from components.settings import Settings
-from tests.support.release_host import build_release_tarball
+from tests.support.release_host import build_release_tarball, read_state
 from tests.support.target_host import SYSTEM_PATH, TargetHost, end_user_processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,14 +65,13 @@ class HardenedHost:
         s = self.settings
         nginx = self.target.nginx
         target = NginxTarget(conf=str(nginx.conf_path), prefix=str(nginx.prefix))
-        site = script_command(NGINX_SITE, ["--name", site_name(s.app_name), "--upstream-port", str(s.port)])
+        site = script_command(NGINX_SITE, ["--name", site_name(s.app_name)])
         for result in (
             self.provision(),
-            self.put(f"{s.root}/shared/run.sh", "0755", "root:root", RUN_SH.read_text(), reload=True),
             self.put(f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s, target)),
             self.put(f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), reload=True),
             self.put_env(),
-            self.target.run(site, stdin=render_nginx_site(s)),
+            self.target.run(site, stdin=nginx_site_input(s, render_nginx_site(s))),
         ):
             assert result.returncode == 0, result.stdout + result.stderr
 
@@ -97,6 +97,10 @@ class HardenedHost:
         dest = self.root / "incoming" / tarball.name
         shutil.copy(tarball, dest)
         return self.tool("install", release_id, str(dest), sha)
+
+    def state(self) -> dict[str, Any]:
+        """The release tool's state (ROOT/config/state.json)."""
+        return read_state(self.root)
 
     def current(self) -> str | None:
         link = self.root / "current"

@@ -49,6 +49,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from components.release.cognivern_release import facts
 from components.settings import parse_settings
 from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, root_base, run_pm2, user_pids
 from tests.support.nginx import PrivateNginx
@@ -264,6 +265,7 @@ class NetnsHosts(DisposableHost):
         self.root = self.base / "root"  # the stack's ROOT: an empty mount point here, bound per host
         self.root.mkdir()
         self.app_user = f"cvm{uuid.uuid4().hex[:8]}"
+        self.build_user = facts.build_user(self.app_user)
         self.app_home = Path("/home") / self.app_user
         self.key_path = self.base / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cognivern-netns", "-f", str(self.key_path)], check=True)
@@ -282,6 +284,9 @@ class NetnsHosts(DisposableHost):
             capture_output=True,
         )
         self.user_created = True
+        # the build account as provisioning makes it (provision.sh on each host then finds it in that shape)
+        build_home = ["--no-create-home", "--home-dir", str(self.root / "cache" / "build" / "work"), "--shell", "/usr/sbin/nologin"]
+        subprocess.run(["useradd", "--system", *build_home, "--user-group", self.build_user], check=True, capture_output=True)
         self.app_home.mkdir(mode=0o750)  # mount point; each host binds its own home here
         self.home_created = True
         with claimed_slots(self.count) as free:
@@ -304,6 +309,8 @@ class NetnsHosts(DisposableHost):
         if self.user_created:
             self._end_user_processes()
             subprocess.run(["userdel", self.app_user], capture_output=True)
+            end_user_processes(self.build_user)
+            subprocess.run(["userdel", self.build_user], capture_output=True)
             self.user_created = False
         if self.home_created:
             with contextlib.suppress(OSError):
@@ -318,11 +325,12 @@ class NetnsHosts(DisposableHost):
         end_user_processes(self.app_user)
 
     def seed_pnpm_store(self, app_dir: Path) -> None:
-        """Fill every host's pnpm store (ROOT/cache/pnpm-store) with `app_dir`'s production dependencies.
+        """Fill every host's pnpm store (the build account's, ROOT/cache/build/work/store) with
+        `app_dir`'s production dependencies.
 
         The namespaces have no route off the machine (on purpose), so `pnpm install --prefer-offline`
         on a host must find its packages in the store: they are fetched once here, in the root
-        namespace, and copied to each host (owned by the app user, as the release tool keeps it).
+        namespace, and copied to each host (owned by the build account, as the release tool keeps it).
         """
         seed = self.base / "pnpm-seed"
         work = seed / "app"
@@ -336,10 +344,11 @@ class NetnsHosts(DisposableHost):
             timeout=300,
         )
         for host in self.hosts:
-            store = host.root / "cache" / "pnpm-store"
-            store.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(seed / "store", store, symlinks=True)
-            subprocess.run(["chown", "-R", f"{self.app_user}:{self.app_user}", str(store.parent)], check=True)
+            build_home = host.root / "cache" / "build" / "work"
+            build_home.mkdir(parents=True, exist_ok=True)
+            build_home.chmod(0o700)
+            shutil.copytree(seed / "store", build_home / "store", symlinks=True)
+            subprocess.run(["chown", "-R", f"{self.build_user}:{self.build_user}", str(build_home)], check=True)
         shutil.rmtree(seed, ignore_errors=True)
 
     # ------------------------------------------------------------------ the stack

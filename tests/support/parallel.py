@@ -44,7 +44,9 @@ SECONDS = {  # worker seconds per module in a `make test` run (junit sums, 2026-
     "test_tls": 45,
     "test_tls_engine": 45,
     "test_host_keys": 35,
-    "test_pm2_helper": 35,
+    "test_release_upgrade": 45,  # alone (2026-12): a host prepared by the old program, taken over
+    "test_release_safety": 30,  # alone (2026-12)
+    "test_pm2_rpc": 25,  # alone (2026-12)
     "test_project_defaults": 30,
     "test_real_cli": 20,
     "test_env_example": 15,

@@ -18,8 +18,9 @@ hash of the recipe (the package list, pristine_root.sh and ID_SHIFT), so a chang
 new root. Its files are owned by the guest's ids shifted by ID_SHIFT (below). Each host gets an
 overlay of that root with a disk of its own (`upper`, in a temp dir; `write()` puts a file there
 while the host is stopped): nothing is copied, and a reboot mounts the same disk again. Packages
-apt downloads are kept per release in ~/.cache/cognivern-tools/pristine-apt-archives (apt checks
-each against the package lists; `apt_cache=False` downloads as a new server does).
+apt downloads are kept per release in ~/.cache/cognivern-tools/pristine-apt-archives, linked into
+each host's own archive directory (apt checks each against the package lists; `apt_cache=False`
+downloads as a new server does).
 
 **The seed.** cloud-init finds its NoCloud datasource in /var/lib/cloud/seed/nocloud/ (checked:
 ds-identify looks there with no kernel command line or DMI data): `user-data` is, unless the test
@@ -265,6 +266,14 @@ class RebootReport:
     boot: BootReport
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where both are on one filesystem (instant, no space), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 class PristineHost(DisposableHost):
     """One pristine server (see the module docstring). Attributes:
     release, image     Debian release and the Hetzner image name of the same OS
@@ -459,14 +468,35 @@ class PristineHost(DisposableHost):
         self.boot_report = self.wait_running(started)
         return self.boot_report
 
-    def _apt_archives(self) -> Path:
-        """Downloaded packages, kept between hosts of a release (cache_root()/apt-archives/RELEASE)."""
+    def _shared_archives(self) -> Path:
+        """Downloaded packages, kept between hosts of a release (pristine-apt-archives/RELEASE)."""
         archives = cache_root().parent / "pristine-apt-archives" / self.release
-        (archives / "partial").mkdir(parents=True, exist_ok=True)
-        for path in (archives, *archives.rglob("*")):  # the guest's root's (older caches were this machine's)
-            if path.lstat().st_uid != ID_SHIFT:
-                os.lchown(path, ID_SHIFT, ID_SHIFT)
+        archives.mkdir(parents=True, exist_ok=True)
         return archives
+
+    def _apt_archives(self) -> Path:
+        """This host's /var/cache/apt/archives: the release's kept packages linked in, its own lock and
+        downloads. One directory bound into two guests made the second apt fail at once on
+        `archives/lock` ("held by process 0": a holder in another PID namespace; DPkg::Lock::Timeout
+        does not cover that lock), which a real server never meets. `_keep_downloads` links what the
+        host fetched back into the shared cache at cleanup."""
+        mine = self.base / "apt-archives"
+        if not mine.exists():
+            (mine / "partial").mkdir(parents=True)
+            for deb in self._shared_archives().glob("*.deb"):
+                link_or_copy(deb, mine / deb.name)
+            for path in (mine, *mine.iterdir()):  # the guest's root's
+                if path.lstat().st_uid != ID_SHIFT:
+                    os.lchown(path, ID_SHIFT, ID_SHIFT)
+        return mine
+
+    def _keep_downloads(self) -> None:
+        mine, shared = self.base / "apt-archives", self._shared_archives()
+        for deb in mine.glob("*.deb") if mine.is_dir() else ():
+            if not (shared / deb.name).exists():
+                temp = shared / f".{deb.name}.{os.getpid()}"
+                link_or_copy(deb, temp)
+                temp.replace(shared / deb.name)  # whole files only: another host may read the cache now
 
     def _find_pid1(self) -> int:
         """The guest's systemd: the child of `unshare --fork` (the boot process once it has exec'd)."""
@@ -602,6 +632,9 @@ class PristineHost(DisposableHost):
             self.holder.kill()
             self.holder.wait()
             self.holder = None
+        if self.apt_cache:
+            with contextlib.suppress(OSError):
+                self._keep_downloads()
         shutil.rmtree(self.base, ignore_errors=True)
 
     # ------------------------------------------------------------------ console

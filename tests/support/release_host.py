@@ -26,9 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.host import PM2_HELPER, env_file
-from components.release import TOOL as TOOL_NAME
-from components.release import sha256_file
+from components.host import env_file, release_tool_files
+from components.release.cognivern_release import facts
+from components.release.cognivern_release.facts import shell_prelude
+from components.release.component import TOOL as TOOL_NAME
+from components.release.component import sha256_file
+from components.remote import LIB
 from components.render import (
     NginxTarget,
     render_ecosystem,
@@ -44,8 +47,7 @@ from tests.support.helpers import DisposableHost, end_user_processes, free_port_
 from tests.support.nginx import PrivateNginx
 
 REPO = Path(__file__).resolve().parents[2]
-TOOL = REPO / "components" / "release" / "cognivern-release.sh"
-RUN_SH = REPO / "components" / "host" / "run.sh"
+TOOL = REPO / "components" / "release" / "cognivern-release"
 FIXTURE_APP = REPO / "tests" / "fixtures" / "app"
 APP_USER = "cgv-rt"  # the benches' user; tests take a unique one (unique_app_user) so parallel runs never share one
 SECRET_VALUE = "fixture-secret-must-never-be-printed"
@@ -84,19 +86,38 @@ def build_evil_tarball(out_dir: Path, name: str, member: str = "../../escaped.tx
     return path, sha256_file(path)
 
 
-def install_release_tool(tool: Path, bin_dir: Path) -> Path:
-    """`tool` and the PM2 helper beside it, installed into `bin_dir` as provision.sh installs them on a
-    server: root-owned, the tool 0755 as `cognivern-release`, the helper 0644 beside it (where the tool
-    looks for it), `bin_dir` 0755. The app user runs the helper, so it must never be read from the
-    checkout, which may sit where other users cannot enter (a clone under a 0700 home or `mktemp -d`)."""
-    bin_dir.chmod(0o755)
-    installed = bin_dir / TOOL_NAME
-    for source, dest, mode in ((tool, installed, 0o755), (tool.parent / PM2_HELPER.name, bin_dir / PM2_HELPER.name, 0o644)):
-        if source.exists():  # (an older tool, bench/release_designs.py's baseline, has no helper)
-            shutil.copyfile(source, dest)
-            os.chown(dest, 0, 0)
-            dest.chmod(mode)
-    return installed
+def read_state(root: Path) -> dict[str, Any]:
+    """The release tool's state (ROOT/config/state.json), or {} before the tool wrote it."""
+    path = root / facts.STATE_FILE
+    state: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    return state
+
+
+def install_release_tool(tool: Path, base: Path) -> Path:
+    """The release tool installed under `base` as provision.sh installs it on a server (lib.sh's
+    install_release_tool: base/lib/cognivern-release/<digest>/, root's, base/bin/cognivern-release
+    linking to its launcher); the installed command. The tool's files come from
+    components.host.release_tool_files, as provisioning's stdin carries them; nothing is run from
+    the checkout, which may sit where other users cannot enter (a clone under a 0700 home).
+    An older bash tool (bench/release_designs.py's baseline) is copied with its Node helper beside it."""
+    bin_dir = base / "bin"
+    bin_dir.mkdir(mode=0o755, exist_ok=True)
+    if tool.suffix == ".sh":
+        for source, mode in ((tool, 0o755), (tool.parent / "cognivern-pm2.cjs", 0o644)):
+            dest = bin_dir / (TOOL_NAME if source == tool else source.name)
+            if source.exists():
+                shutil.copyfile(source, dest)
+                os.chown(dest, 0, 0)
+                dest.chmod(mode)
+        return bin_dir / TOOL_NAME
+    files = base / "tool-files"
+    for name, text in release_tool_files():
+        (files / name).parent.mkdir(parents=True, exist_ok=True)
+        (files / name).write_text(text)
+    script = f'{LIB.read_text()}\n{shell_prelude()}script_init install-tool \'\'\ninstall_release_tool "$1" "$2"\n'
+    subprocess.run(["bash", "-c", script, "install-tool", str(files), str(bin_dir)], check=True, capture_output=True)
+    shutil.rmtree(files)
+    return bin_dir / TOOL_NAME
 
 
 def unique_app_user() -> str:
@@ -105,6 +126,12 @@ def unique_app_user() -> str:
 
 
 def ensure_app_user(name: str = APP_USER) -> pwd.struct_passwd:
+    """The app user and its build account (the one that runs pnpm install), as provisioning makes them."""
+    build = facts.build_user(name)
+    try:
+        pwd.getpwnam(build)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", build], check=True)
     try:
         return pwd.getpwnam(name)
     except KeyError:
@@ -113,8 +140,9 @@ def ensure_app_user(name: str = APP_USER) -> pwd.struct_passwd:
 
 
 def remove_app_user(name: str = APP_USER) -> None:
-    end_user_processes(name)
-    subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
+    for user in (name, facts.build_user(name)):
+        end_user_processes(user)
+        subprocess.run(["userdel", "-r", user], check=False, capture_output=True)
 
 
 @dataclass
@@ -130,7 +158,7 @@ class ReleaseHost(DisposableHost):
     port: int = field(default_factory=free_port_pair)
     extra_config: Mapping[str, str] = field(default_factory=dict)
     root: Path = field(init=False)
-    bin_dir: Path = field(init=False)  # the installed tool and helper (install_release_tool)
+    bin_dir: Path = field(init=False)  # where the tool is installed: bin/, lib/ (install_release_tool)
     installed_tool: Path = field(init=False)
     nginx: PrivateNginx = field(init=False)
     pm2_home: Path = field(init=False)
@@ -188,8 +216,6 @@ class ReleaseHost(DisposableHost):
         env.write_text(render_env(s.stack_env, s.secret_env))
         os.chown(env, pwd.getpwnam(env_owner.split(":")[0]).pw_uid, grp.getgrnam(env_owner.split(":")[1]).gr_gid)
         env.chmod(int(env_mode, 8))
-        shutil.copy(RUN_SH, self.root / "shared" / "run.sh")
-        (self.root / "shared" / "run.sh").chmod(0o755)
         name = site_name(s.app_name)
         (self.nginx.sites_available / f"{name}.conf").write_text(render_nginx_site(s))
         (self.nginx.sites_enabled / f"{name}.conf").symlink_to(self.nginx.sites_available / f"{name}.conf")
@@ -213,12 +239,22 @@ class ReleaseHost(DisposableHost):
         """nginx's port: where clients reach whichever slot is live."""
         return self.nginx.port
 
+    def state(self) -> dict[str, Any]:
+        """The tool's state (ROOT/config/state.json); empty before the tool wrote it."""
+        return read_state(self.root)
+
     def slots(self) -> dict[str, str]:
-        """ROOT/config/slots as a dict (live, blue, green, agent); empty before the first activation."""
-        path = self.root / "config" / "slots"
-        if not path.exists():
-            return {}
-        return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+        """The state's slots (live, blue, green, agent; "" for an empty one); empty before the first activation."""
+        return {k: v or "" for k, v in self.state().get("slots", {}).items()}
+
+    def bad(self, release_id: str) -> bool:
+        """Whether the release is marked bad in the state."""
+        return "bad" in self.state().get("releases", {}).get(release_id, {})
+
+    def journal(self) -> dict[str, Any] | None:
+        """The journal of an activation under way (one a killed worker left), or None."""
+        journal: dict[str, Any] | None = self.state().get("journal")
+        return journal
 
     def slot_port(self, slot: str) -> int:
         return self.port if slot == "blue" else self.port + 1

@@ -12,7 +12,8 @@ scripts write to temp locations instead of /usr/local/bin, /etc/logrotate.d, /et
 
 Cleanup (on exit, also after failures): nginx and sshd stopped, the app user's PM2 killed with
 its own PM2_HOME, any process left under the (unique, test-only) app user ended by pid, the user
-removed with `userdel -r`, temp dirs removed. Nothing is left running.
+removed with `userdel -r` (and the build account provisioning made for it), temp dirs removed.
+Nothing is left running.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from components.release.cognivern_release import facts
 from components.settings import Settings, parse_settings
 from tests.support.helpers import SYSTEM_PATH, DisposableHost, end_user_processes, free_port_pair, root_base, run_pm2, user_pids
 from tests.support.nginx import PrivateNginx
@@ -103,6 +105,11 @@ class TargetHost(DisposableHost):
             subprocess.run(["userdel", "-r", self.app_user], capture_output=True)
             if self.app_home.exists() and self.app_home.name == self.app_user:
                 shutil.rmtree(self.app_home, ignore_errors=True)
+        build = facts.build_user(self.app_user)  # the account provisioning made to run pnpm install
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(build)
+            end_user_processes(build)
+            subprocess.run(["userdel", build], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
 
     def user_exists(self) -> bool:
