@@ -144,13 +144,14 @@ def _engine(args: argparse.Namespace, budget: harness.Budget, report: dict[str, 
         budget.check()
         started = time.monotonic()
         up, to_200 = _first_200(stack, lambda: stack.engine.up(config, secret_keys=SECRET_KEYS), lambda: started)
-        budget.say(f"pristine -> first 200: {to_200} s (pulumi up {up.seconds:.1f} s)")
+        budget.say(f"pristine -> first 200: {harness.fmt(to_200)} s (pulumi up {up.seconds:.1f} s)")
         installed = {k: v for k, v in host.packages().items() if k not in before}
+        npm = host.ssh("npm ls -g --depth=0 --json", check=True).stdout
         boots: list[float | None] = []
         for _ in range(args.repeat):
             budget.check()
             rebooted, boot_to_200 = _first_200(stack, host.reboot, lambda: host.boot_started)
-            budget.say(f"reboot: boot -> first 200 {boot_to_200} s ({rebooted})")
+            budget.say(f"reboot: boot -> first 200 {harness.fmt(boot_to_200, digits=2)} s ({rebooted})")
             boots.append(boot_to_200)
         median_200 = harness.median(boots)
         report.update(
@@ -160,6 +161,7 @@ def _engine(args: argparse.Namespace, budget: harness.Budget, report: dict[str, 
             boot_to_first_200_seconds=boots,
             boot_to_first_200_median_seconds=median_200,
             installed_packages=installed,
+            npm_globals=npm,
         )
     apt = " (cold apt)" if args.cold_apt else " (kept archives)"
     rows += [
@@ -169,6 +171,8 @@ def _engine(args: argparse.Namespace, budget: harness.Budget, report: dict[str, 
         ["packages installed", str(len(installed))],
     ]
     harness.print_table([f"pristine {args.release}, real engine", "seconds"], rows)
+    key = ("nginx", "nodejs", "npm", "curl")
+    print("\n" + ", ".join(f"{k} {installed[k]}" for k in key if k in installed) + f", and {len(installed) - len(key)} more (see JSON)")
     harness.write_json(args.out, report)
     return 0
 

@@ -144,7 +144,8 @@ def test_provision_command_carries_the_script_and_installs_the_release_tool() ->
 def test_servers_the_program_creates_get_the_metadata_filter_existing_hosts_when_asked(config: dict[str, Any], wanted: str) -> None:
     """Hetzner's metadata service exists where the program created the server; an existing host may
     have none (PM2 there must not require a filter unit that is not installed) unless metadataFilter says so."""
-    run = run_program({**HETZNER, **config}, mocks=HetznerMocks()) if "host" not in config and "hosts" not in config else run_program(config)
+    existing = "host" in config or "hosts" in config
+    run = run_program(config) if existing else run_program({**HETZNER, **config}, mocks=HetznerMocks())
     provisions = [r for r in run.by_type(COMMAND) if r.name.endswith("-provision")]
     assert provisions and {r.inputs["create"].rsplit(" --metadata-filter ", 1)[1] for r in provisions} == {wanted}
 
