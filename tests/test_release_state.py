@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from components.release.cognivern_release import facts, safefs, state
+from components.release.cognivern_release import facts, install, safefs, state
 from components.render import render_env, render_release_conf
 from components.settings import parse_settings
 
@@ -112,6 +112,17 @@ def test_the_conf_the_program_renders_reads_back_whole() -> None:
     values = facts.parse_assignments(render_release_conf(s))
     assert values["APP_USER"] == "svc" and values["BUILD_USER"] == facts.build_user("svc") == "svc-build"
     assert values["BAKE_SECONDS"] == str(facts.BAKE_SECONDS) and values["SECRET_KEYS"] == "A B"
+
+
+def test_the_build_gets_roots_proxy_and_path_and_nothing_else_of_its_environment() -> None:
+    """A server that reaches npm's registry only through a proxy (set in /etc/environment, so in the
+    deploy's SSH session): pnpm, run as the build account, must get it (the pristine host's guest
+    reaches the registry only so); nothing else of root's (its HOME, a secret) reaches the build."""
+    root_env = {"PATH": "/usr/bin:/bin", "HOME": "/root", "SECRET": "s", "https_proxy": "http://10.0.0.1:3128/", "NO_PROXY": "localhost"}
+    env = install.build_env("/opt/c/cache/build", "c-build", root_env)
+    assert (env["https_proxy"], env["NO_PROXY"], env["PATH"]) == ("http://10.0.0.1:3128/", "localhost", "/usr/bin:/bin")
+    assert env["HOME"] == "/opt/c/cache/build/work" and "SECRET" not in env and "http_proxy" not in env
+    assert install.build_env("/opt/c/cache/build", "c-build", {}).keys().isdisjoint(install.PROXY_VARIABLES)
 
 
 # ---------------------------------------------------------------------------- the seal's walk
