@@ -150,6 +150,7 @@ class Settings:
     acme_email: str | None = None
     acme_server: str = LETS_ENCRYPT
     require_host_key: bool = False
+    metadata_filter: bool = False
     frame_policy: str = "same-origin"
     bake_seconds: int = BAKE_SECONDS
     keep_previous_warm: bool = False
@@ -165,6 +166,12 @@ class Settings:
     @property
     def creates_server(self) -> bool:
         return self.host is None and not self.hosts
+
+    @property
+    def filters_metadata(self) -> bool:
+        """Only root may reach the metadata service, from before PM2 at every boot: always on servers the
+        program creates (their user data holds the host key), on `host`/`hosts` when `metadataFilter` asks."""
+        return self.creates_server or self.metadata_filter
 
     @property
     def node_count(self) -> int:
@@ -552,6 +559,16 @@ KEYS: tuple[Key, ...] = (
         " the key the program generated for it; an existing `host` is not checked and every preview warns (see *Host keys*)",
     ),
     Key("requireHostKey", _boolean(), False, doc="refuse (instead of warning about) a `host`/`hosts` address without a pin"),
+    Key(
+        "metadataFilter",
+        _boolean(),
+        False,
+        doc="give `host`/`hosts` the metadata filter that servers the program creates always get: only root may reach"
+        " `169.254.169.254`, loaded before PM2 at every boot (PM2 does not start without it). For existing servers whose"
+        " cloud serves user data or credentials there (a Hetzner server created elsewhere, a cloud's instance metadata)"
+        " (see *Host keys*)",
+        shown="`false` (created servers: always)",
+    ),
     Key(
         "sshAllowedCidrs",
         _array("a list of CIDRs"),

@@ -22,19 +22,6 @@ pytestmark = pytest.mark.needs_root("it boots a Debian root in namespaces and cg
 
 APP_USER = "cognivern"  # the program's default: the pristine host runs with the program's defaults
 PM2_UNIT = f"pm2-{APP_USER}.service"
-# What provisioning manages on the host, for "a second run changes nothing" (contents and modes).
-MANAGED = (
-    "/etc/systemd/system",
-    "/etc/nginx",
-    "/etc/ssh/sshd_config.d",
-    "/etc/logrotate.d",
-    "/etc/apt",
-    "/usr/local/bin",
-    "/usr/local/lib/node_modules/pm2/package.json",
-    "/usr/local/lib/node_modules/pnpm/package.json",
-    "/opt/cognivern",
-    "/home/cognivern",
-)
 
 
 @dataclass
@@ -51,16 +38,6 @@ def provisioned() -> Iterator[Provisioned]:
         result = host.provision()
         assert result.returncode == 0, result.stderr[-4000:]
         yield Provisioned(host, before, result.stdout)
-
-
-def checksums(host: PristineHost) -> list[str]:
-    """Every managed file's path, mode, owner and sha256, and the packages with their versions (not
-    what the running daemon writes: PM2's own files and logs)."""
-    prune = ["(", "-path", "/home/cognivern/.pm2/*", "-o", "-path", "/opt/cognivern/shared/logs/*", ")", "-prune", "-o"]
-    listing = host.run(["find", *MANAGED, *prune, "-printf", "%p %m %u:%g %y\\n"], check=True).stdout
-    digests = host.run(["find", *MANAGED, *prune, "-type", "f", "-exec", "sha256sum", "{}", "+"], check=True).stdout
-    packages = [f"package {k}={v}" for k, v in host.packages().items()]
-    return sorted([*listing.splitlines(), *digests.splitlines(), *packages])
 
 
 def test_provisioning_installs_from_nothing(provisioned: Provisioned) -> None:
@@ -116,12 +93,12 @@ def test_logrotate_takes_the_apps_config_and_systemd_runs_it_daily(provisioned: 
 
 def test_a_second_run_changes_nothing(provisioned: Provisioned) -> None:
     host = provisioned.host
-    before = checksums(host)
+    before = host.checksums()
     again = host.provision()
     assert again.returncode == 0, again.stderr
     steps = [line for line in again.stdout.splitlines() if line not in ("provision: done", "provision: cloud-init: ok (finished)")]
     assert steps and all("ok (already" in line for line in steps), again.stdout
-    assert checksums(host) == before
+    assert host.checksums() == before
 
 
 @pytest.fixture(scope="module")

@@ -163,12 +163,32 @@ def test_the_release_tool_is_installed_and_configured_by_its_own_commands() -> N
     assert conf.aliases == [{"spec": {"name": "cognivern-prod-release-conf", "parentUrn": run.get("cognivern-prod").urn}}]
 
 
-@pytest.mark.parametrize(("config", "wanted"), [("created", "yes"), ("existing", "no")])
-def test_only_servers_the_program_creates_get_the_metadata_filter(config: str, wanted: str) -> None:
+@pytest.mark.parametrize(
+    ("config", "wanted"),
+    [
+        ({}, "yes"),
+        ({"metadataFilter": "false"}, "yes"),  # a created server's user data holds its host key: never off
+        (EXISTING, "no"),
+        ({**EXISTING, "metadataFilter": "true"}, "yes"),
+        ({"release": "v1", "hosts": ["192.0.2.10", "192.0.2.11"], "metadataFilter": "true"}, "yes"),
+    ],
+    ids=["created", "created-false", "existing", "existing-asked", "hosts-asked"],
+)
+def test_servers_the_program_creates_get_the_metadata_filter_existing_hosts_when_asked(config: dict[str, Any], wanted: str) -> None:
     """Hetzner's metadata service exists where the program created the server; an existing host may
-    have none, and PM2 there must not require a filter unit that is not installed."""
-    run = run_program(HETZNER, mocks=HetznerMocks()) if config == "created" else run_program(EXISTING)
-    assert run.get("cognivern-prod-provision").inputs["create"].endswith(f" --metadata-filter {wanted}")
+    have none (PM2 there must not require a filter unit that is not installed) unless metadataFilter says so."""
+    existing = "host" in config or "hosts" in config
+    run = run_program(config) if existing else run_program({**HETZNER, **config}, mocks=HetznerMocks())
+    provisions = [r for r in run.by_type(COMMAND) if r.name.endswith("-provision")]
+    assert provisions and {r.inputs["create"].rsplit(" --metadata-filter ", 1)[1] for r in provisions} == {wanted}
+
+
+def test_an_existing_host_with_metadata_filter_is_provisioned_exactly_like_a_created_server() -> None:
+    """What the pristine-host scenarios rely on to test a created server's provisioning in existing-host
+    mode (no Hetzner here): with metadataFilter the command and its stdin are the created server's."""
+    created = run_program(HETZNER, mocks=HetznerMocks()).get("cognivern-prod-provision")
+    existing = run_program({**EXISTING, "metadataFilter": "true"}).get("cognivern-prod-provision")
+    assert (existing.inputs["create"], existing.inputs["stdin"]) == (created.inputs["create"], created.inputs["stdin"])
 
 
 def test_every_host_script_command_carries_lib_sh_in_front_of_its_script(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from components.release.cognivern_release import facts, safefs, state
+from components.release.cognivern_release import facts, install, safefs, state
 from components.render import render_env, render_release_conf
 from components.settings import parse_settings
 
@@ -122,6 +122,17 @@ def test_the_conf_the_program_renders_reads_back_whole() -> None:
     assert values["BAKE_SECONDS"] == str(facts.BAKE_SECONDS) and values["SECRET_KEYS"] == "A B"
 
 
+def test_the_build_gets_roots_proxy_and_path_and_nothing_else_of_its_environment() -> None:
+    """A server that reaches npm's registry only through a proxy (set in /etc/environment, so in the
+    deploy's SSH session): pnpm, run as the build account, must get it (the pristine host's guest
+    reaches the registry only so); nothing else of root's (its HOME, a secret) reaches the build."""
+    root_env = {"PATH": "/usr/bin:/bin", "HOME": "/root", "SECRET": "s", "https_proxy": "http://10.0.0.1:3128/", "NO_PROXY": "localhost"}
+    env = install.build_env("/opt/c/cache/build", "c-build", root_env)
+    assert (env["https_proxy"], env["NO_PROXY"], env["PATH"]) == ("http://10.0.0.1:3128/", "localhost", "/usr/bin:/bin")
+    assert env["HOME"] == "/opt/c/cache/build/work" and "SECRET" not in env and "http_proxy" not in env
+    assert install.build_env("/opt/c/cache/build", "c-build", {}).keys().isdisjoint(install.PROXY_VARIABLES)
+
+
 # ---------------------------------------------------------------------------- the seal's walk
 def test_the_seal_makes_everything_roots_without_setuid_and_follows_no_link(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
@@ -149,6 +160,26 @@ def test_the_seal_makes_everything_roots_without_setuid_and_follows_no_link(tmp_
     assert modes["node_modules/pkg/data.json"] == (0, "0o644")
     assert modes["node_modules/pkg/link"][0] == 0 and "node_modules/fifo" not in modes
     assert (outside.stat().st_uid, outside.stat().st_mode) == (before.st_uid, before.st_mode), "the link's target untouched"
+
+
+def test_a_hard_link_to_a_file_outside_is_removed_and_refused_with_its_inode_untouched(tmp_path: Path) -> None:
+    """Where fs.protected_hardlinks is 0 the build account can link any file it can name (a root
+    secret, say): sealing that inode would re-own and chmod it 0644 outside the release too."""
+    outside = tmp_path / "secret"
+    outside.write_text("elsewhere\n")
+    os.chown(outside, 4321, 4321)
+    outside.chmod(0o600)
+    release = tmp_path / "release"
+    (release / "node_modules" / "pkg").mkdir(parents=True)
+    (release / "node_modules" / "pkg" / "index.js").write_text("module.exports = 1\n")
+    os.link(outside, release / "node_modules" / "pkg" / "linked.js")
+    with safefs.opened_dir(str(release)) as fd, pytest.raises(safefs.RefusedError, match=r"node_modules/pkg/linked\.js is a hard link"):
+        safefs.seal(fd)
+    st = outside.stat()
+    assert (st.st_uid, oct(stat.S_IMODE(st.st_mode)), st.st_nlink) == (4321, "0o600", 1), (
+        "the outside file keeps owner, mode, and loses the link"
+    )
+    assert not (release / "node_modules" / "pkg" / "linked.js").exists()
 
 
 def test_a_link_where_a_directory_belongs_is_refused(tmp_path: Path) -> None:

@@ -106,8 +106,8 @@ def provision_args(s: Settings) -> list[str]:
     account = ["--root", s.root, "--app-user", s.app_user, "--build-user", facts.build_user(s.app_user), "--ssh-user", s.ssh_user]
     node = ["--node-major", str(s.node_major), "--node-source", s.node_source]
     versions = ["--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
-    # the metadata filter (components/server/metadata_filter.py) only where the program created the server
-    return [*account, *node, *versions, "--metadata-filter", "yes" if s.creates_server else "no"]
+    # the metadata filter (components/server/metadata_filter.py): servers the program created, or metadataFilter
+    return [*account, *node, *versions, "--metadata-filter", "yes" if s.filters_metadata else "no"]
 
 
 def digest(*texts: str) -> str:

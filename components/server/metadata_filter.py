@@ -6,8 +6,9 @@ cloud-init's bootcmd runs it at every boot (the first one included, before provi
 provision.sh installs it with its unit, cognivern-metadata-filter.service (before
 network-pre.target), and makes PM2's unit require and follow that unit, so the app never starts
 before the filter; also on servers created before the unit existed, whose user data is ignored
-after creation. Existing hosts (`host`/`hosts`) get neither: they may have no such service, and a
-PM2 unit requiring a unit that does not exist would never start.
+after creation. Existing hosts (`host`/`hosts`) get neither unless `metadataFilter` asks
+(Settings.filters_metadata): they may have no such service, and a PM2 unit requiring a unit that
+does not exist would never start.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ SECONDS = {  # worker seconds per module in a `make test` run (junit sums, 2026-
     # (the modules issue 21 moved onto the real engine: estimated from their alone times, 2026-12-04, until a measured run)
     "test_release_tool": 285,
     "test_blue_green": 200,
+    "test_pristine_scenarios": 220,  # alone (2026-12): the real pulumi up on a pristine host, 3 reboots
     "test_pristine_provision": 150,  # alone, not yet from a `make test` run (2026-12): provisioning from nothing
     "test_newcomer": 130,
     "test_scenarios": 105,

@@ -100,6 +100,22 @@ PROXY_PORT = 3128  # tinyproxy on the root side of this host's veth (the address
 PROXY_ALLOW = (r"^deb\.debian\.org$", r"^security\.debian\.org$", r"^registry\.npmjs\.org$", r"^deb\.nodesource\.com$")
 LOCAL_CAS = Path("/usr/local/share/ca-certificates")
 PID1_SIGNALS = {signal.SIGHUP: "reboot", signal.SIGINT: "poweroff"}
+# What provisioning manages on a host with the program's defaults (appUser cognivern, root
+# /opt/cognivern), for "a second run changes nothing" (PristineHost.checksums), less UNMANAGED:
+# what the daemons write while they run.
+MANAGED = (
+    "/etc/systemd/system",
+    "/etc/nginx",
+    "/etc/ssh/sshd_config.d",
+    "/etc/logrotate.d",
+    "/etc/apt",
+    "/usr/local/bin",
+    "/usr/local/lib/node_modules/pm2/package.json",
+    "/usr/local/lib/node_modules/pnpm/package.json",
+    "/opt/cognivern",
+    "/home/cognivern",
+)
+UNMANAGED = ("/home/cognivern/.pm2", "/opt/cognivern/shared/logs", "/opt/cognivern/shared/data")
 
 
 @dataclass(frozen=True)
@@ -268,6 +284,7 @@ class PristineHost(DisposableHost):
     disk               `base/upper`: the files this host changed or added (readable while it is stopped)
     pid1               the guest's systemd, as this machine's pid (None while stopped)
     boot_report        the last boot's BootReport
+    boot_started       time.monotonic() when the last boot began
     """
 
     def __init__(
@@ -314,6 +331,7 @@ class PristineHost(DisposableHost):
         self.pid1: int | None = None
         self.cgroup: Path | None = None
         self.boot_report: BootReport | None = None
+        self.boot_started = 0.0  # time.monotonic() when the last boot began (boot-to-answer figures start here)
         self.boots = 0
         self._console_master: int | None = None
         self._console_slave: int | None = None
@@ -416,7 +434,7 @@ class PristineHost(DisposableHost):
         if self.boot_proc is not None:
             raise RuntimeError("already booted")
         assert self.holder is not None, "boot() after start()"
-        started = time.monotonic()
+        started = self.boot_started = time.monotonic()
         self.cgroup = cgroup2_mount() / f"cognivern-pristine-{self.tag}"
         self._remove_cgroup()
         self.cgroup.mkdir()
@@ -728,6 +746,16 @@ class PristineHost(DisposableHost):
 
     def read(self, path: str) -> str:
         return self.run(["cat", "--", path], check=True).stdout
+
+    def checksums(self) -> list[str]:
+        """Every file provisioning manages (MANAGED) with its path, mode, owner and sha256, and the
+        packages with their versions; not what running daemons write (PM2's own files, the app's logs
+        and data)."""
+        prune = ["(", *" -o ".join(f"-path {p}/*" for p in UNMANAGED).split(), ")", "-prune", "-o"]
+        listing = self.run(["find", *MANAGED, *prune, "-printf", "%p %m %u:%g %y\\n"], check=True).stdout
+        digests = self.run(["find", *MANAGED, *prune, "-type", "f", "-exec", "sha256sum", "{}", "+"], check=True).stdout
+        packages = [f"package {k}={v}" for k, v in self.packages().items()]
+        return sorted([*listing.splitlines(), *digests.splitlines(), *packages])
 
     # ------------------------------------------------------------------ the stack
     def config(self, **values: object) -> dict[str, str]:

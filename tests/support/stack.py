@@ -1,7 +1,8 @@
 """A stack deployed by the real engine (tests/support/real_engine.py), its config evolving like `pulumi config set`.
 
 Shared by the deploy scenarios and the interrupted-deploy test (TargetStack: one TargetHost), the
-several-servers test (NetnsHosts behind a balancer) and bench/engine_bench.py.
+several-servers test (NetnsHosts behind a balancer), the pristine-host scenarios (PristineStack: a
+Debian booted with systemd, tests/support/pristine_host.py) and bench/engine_bench.py.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ from typing import Any
 import httpx
 
 from components.settings import SECRET_KEYS
-from tests.support.helpers import http_get, run_pm2
+from tests.support.helpers import SYSTEM_PATH, http_get, run_pm2
+from tests.support.pristine_host import PristineHost
 from tests.support.real_engine import RealEngine, RunReport
 from tests.support.release_host import build_release_tarball
 from tests.support.target_host import TargetHost
@@ -123,3 +126,58 @@ class TargetStack(DeployStack):
         """The release id each release resource's state was last created for (its first trigger)."""
         steps = {f"cognivern-test-release-{step}": step for step in TRIGGERED_STEPS}
         return {steps[name]: r["inputs"]["triggers"][0] for name, r in self.engine.resources().items() if name in steps}
+
+
+class PristineStack(DeployStack):
+    """A stack on one PristineHost in existing-host mode, with the program's defaults for paths and
+    users; views of the guest through nsenter (`host.run`), never through SSH, so the guest's SSH
+    log holds the deploy's sessions only."""
+
+    APP_USER, ROOT = "cognivern", "/opt/cognivern"
+
+    def __init__(self, host: PristineHost, tmp: Path, **settings: Any) -> None:
+        super().__init__(host.config, tmp, **settings)
+        self.host = host
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host.address}{path}"
+
+    def get(self, path: str) -> httpx.Response:
+        return http_get(self.url(path), timeout=5)
+
+    def serving(self) -> dict[str, Any]:
+        response = self.get("/release")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def as_app(self, command: str) -> subprocess.CompletedProcess[str]:
+        """`command` (bash) as the app user, in the environment the release tool gives PM2 calls."""
+        env = ["env", "-i", f"HOME=/home/{self.APP_USER}", f"PATH={SYSTEM_PATH}", "LANG=C.UTF-8"]
+        return self.host.run(["runuser", "-u", self.APP_USER, "--", *env, "bash", "-c", f"cd / && {command}"])
+
+    def pm2_apps(self) -> dict[str, str]:
+        """PM2 app name -> status, from the app user's own daemon (the one systemd runs)."""
+        proc = self.as_app("pm2 jlist")
+        assert proc.returncode == 0, proc.stderr
+        return {p["name"]: p["pm2_env"]["status"] for p in json.loads(proc.stdout)}
+
+    def current(self) -> str:
+        return self.host.run(["readlink", f"{self.ROOT}/current"], check=True).stdout.strip().rsplit("/", 1)[-1]
+
+    def releases(self) -> dict[str, str]:
+        listing = json.loads(self.host.run(["cognivern-release", "--root", self.ROOT, "list", "--json"], check=True).stdout)
+        return {r["id"]: r["state"] for r in listing["releases"]}
+
+    def unit(self, unit: str, *properties: str) -> dict[str, str]:
+        """`systemctl show -p ...` of a unit as a dict."""
+        out = self.host.run(["systemctl", "show", unit, *(f"--property={p}" for p in properties)], check=True).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def journal(self, *args: str) -> str:
+        return self.host.run(["journalctl", "--no-pager", "-o", "cat", *args], check=True).stdout
+
+    def cursor(self) -> str:
+        """Where the guest's journal ends now (`journal("--after-cursor", cursor)`: what came after)."""
+        out = self.host.run(["journalctl", "--no-pager", "-n", "0", "--show-cursor"], check=True).stdout
+        return out.strip().rsplit("-- cursor: ", 1)[1]

@@ -19,7 +19,7 @@ import re
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import IO, TYPE_CHECKING
 
 from . import proc, safefs
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from .server import Server
 
 UNFINISHED = ".cognivern-unfinished"
+# Root's proxy settings reach pnpm (it reads both spellings): a server that reaches npm's registry
+# only through a proxy sets them in /etc/environment, which SSH sessions (the deploy's) get from PAM.
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 NPMRC = """\
 # Managed by cognivern-release: the build account's npm/pnpm settings (root's; the build cannot change them).
 update-notifier=false
@@ -180,12 +183,18 @@ def build_dirs(srv: Server) -> tuple[proc.Account, dict[str, str]]:
                 os.close(wfd)
         finally:
             os.close(bfd)
+    return build, build_env(base, build.name, os.environ)
+
+
+def build_env(base: str, name: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The build's whole environment: its own dirs, and of the caller's only PATH and the proxy
+    (PROXY_VARIABLES), which a server reaching the registry through one sets in /etc/environment."""
     work = f"{base}/work"
     env = {
         "HOME": work,
-        "USER": build.name,
-        "LOGNAME": build.name,
-        "PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin",
+        "USER": name,
+        "LOGNAME": name,
+        "PATH": environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin",
         "LANG": "C.UTF-8",
         "CI": "true",
         "NPM_CONFIG_USERCONFIG": f"{base}/npmrc",
@@ -195,7 +204,7 @@ def build_dirs(srv: Server) -> tuple[proc.Account, dict[str, str]]:
         "XDG_STATE_HOME": f"{work}/state",
         "TMPDIR": f"{work}/tmp",
     }
-    return build, env
+    return env | {key: environ[key] for key in PROXY_VARIABLES if key in environ}
 
 
 def _differs(dir_fd: int, name: str, text: str) -> bool:

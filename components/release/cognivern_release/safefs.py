@@ -177,13 +177,16 @@ def sealed_mode(mode: int) -> int:
     return 0o644
 
 
-def seal(dir_fd: int) -> None:
+def seal(dir_fd: int, path: str = "") -> None:
     """Make the tree under `dir_fd` root's and read-only to everyone else.
 
     Each entry is opened (O_NOFOLLOW) and changed through that descriptor, so a link put where a
     file was is never followed; links themselves only get their owner changed (lchown). Fifos,
-    sockets and devices have no place in a release and are removed. Call it only while nobody but
-    root can write there (a build account's processes ended, the app never had access).
+    sockets and devices have no place in a release and are removed. A file with a second hard link
+    is removed and refused: artifacts carry none and pnpm copies (--package-import-method=copy), so
+    it was linked in from elsewhere, and changing its inode would change that file too (where
+    fs.protected_hardlinks is 0, any file the build account can name). Call it only while nobody
+    but root can write there (a build account's processes ended, the app never had access).
     """
     os.fchown(dir_fd, 0, 0)
     os.fchmod(dir_fd, 0o755)
@@ -192,11 +195,16 @@ def seal(dir_fd: int) -> None:
             os.chown(name, 0, 0, dir_fd=dir_fd, follow_symlinks=False)
         elif stat.S_ISDIR(st.st_mode):
             with opened_dir(name, dir_fd) as fd:
-                seal(fd)
+                seal(fd, f"{path}{name}/")
         elif stat.S_ISREG(st.st_mode):
             fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
             try:
                 now = os.fstat(fd)
+                if stat.S_ISREG(now.st_mode) and now.st_nlink > 1:
+                    os.unlink(name, dir_fd=dir_fd)
+                    raise RefusedError(
+                        f"{path}{name} is a hard link to a file outside the release ({now.st_nlink} links); removed and refused"
+                    )
                 if stat.S_ISREG(now.st_mode):
                     os.fchown(fd, 0, 0)
                     os.fchmod(fd, sealed_mode(now.st_mode))
