@@ -25,7 +25,7 @@ from tests.support.release_host import build_release_tarball
 from tests.support.target_host import TargetHost
 
 RELEASE_STEPS = ("upload", "activate", "prune")  # a release's resources (one server), in order
-TRIGGERED_STEPS = ("upload", "activate")  # those replaced by a release change (prune has no trigger)
+TRIGGERED_STEPS = ("upload", "activate")  # those a release change replaces (prune's trigger is keepReleases)
 # Fixture-friendly PM2 and health timings: the fixture app signals `ready` and shuts down in ms.
 FIXTURE_SETTINGS: dict[str, Any] = {"waitReady": True, "healthTimeout": 10, "listenTimeoutMs": 4000, "killTimeoutMs": 3000}
 
