@@ -83,6 +83,11 @@ class Stack(TargetStack):
                 f"127.0.0.1:{host.nginx.port}": "127.0.0.1:<SITE_PORT>",
                 f"PORT={host.app_port}\n": "PORT=<APP_PORT>\n",
                 f"PORT = {host.app_port};": "PORT = <APP_PORT>;",
+                f"server 127.0.0.1:{host.app_port};": "server 127.0.0.1:<APP_PORT>;",
+                f"server 127.0.0.1:{host.app_port} ": "server 127.0.0.1:<APP_PORT> ",
+                f"server 127.0.0.1:{host.app_port + 1} ": "server 127.0.0.1:<APP_PORT+1> ",
+                f'"port": {host.app_port}}}': '"port": <APP_PORT>}',
+                f'"port": {host.app_port + 1}}}': '"port": <APP_PORT+1>}',
                 f"--node-major {node_major()} ": "--node-major <NODE_MAJOR> ",
             }
         )
