@@ -11,9 +11,9 @@ every install, server i's for server i-1's. A failed health gate stops the rollo
 The release id and the artifact digest are the `triggers` of install and activate, so changing
 `cognivern:release` replaces them: the new release's commands run, the old resources are dropped
 (create-before-delete). Any other change to the activation (its connection, the wording of its
-command) runs only its `update`, `list --json`: nothing switches; to an install, nothing. `prune --keep N` is a command of
-its own, triggered by N, so keepReleases never touches the activation (the tool remembers N for
-deploy's prune) and a new connection alone prunes nothing.
+command) runs only its `update`, `list --json`: nothing switches; to an install, nothing.
+`prune --keep N` is a command of its own, triggered by N, so keepReleases never touches the
+activation (the tool remembers N for deploy's prune) and a new connection alone prunes nothing.
 No command has a `delete`: destroying or replacing a release resource never removes a release
 directory or undoes the newer activation.
 """
