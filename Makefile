@@ -71,6 +71,7 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.release_bench --out reports/release-bench.json
 	$(VENV)/bin/python -m bench.engine_bench --out reports/engine-bench.json
 	$(VENV)/bin/python -m bench.engine_phases --out reports/engine-phases.json
+	$(VENV)/bin/python -m bench.change_bench --out reports/change-bench.json
 	$(VENV)/bin/python -m bench.cluster_policy --out reports/cluster-policy.json
 	$(VENV)/bin/python -m bench.provision_rerun --out reports/provision-rerun.json
 	$(VENV)/bin/python -m bench.pm2_calls --out reports/pm2-calls.json

@@ -19,7 +19,7 @@ from components.release.component import ArtifactError, Release, ReleaseArgs, re
 from components.security import security_warnings
 from components.settings import NAMESPACE, ConfigError, parse_settings
 from components.shutdown import exit_quietly_on_interrupt
-from components.topology import connection_to, known_hosts, ssh_command, topology
+from components.topology import connection_to, known_hosts, node_names, ssh_command, topology
 
 exit_quietly_on_interrupt()  # a failed step reads as its own error, not as a traceback (components/shutdown.py)
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -43,13 +43,16 @@ servers = topology(name, settings, labels)
 addresses = servers.addresses
 
 
-# One Host and one Release per server. Server 1 of a one-server stack keeps today's names
-# (`{name}`, `{name}-release`); otherwise server i is `{name}-{i}` and `{name}-{i}-release`.
-nodes = [f"{name}-{index}" if settings.indexed else name for index in range(1, len(addresses) + 1)]
+# Per server: its Host (the machine, the release tool and its config, the app's runtime files) and
+# its Release. Server 1 of a one-server stack keeps today's names (`{name}`, `{name}-release`);
+# otherwise server i is `{name}-{i}`, `{name}-{i}-release`. Server 1's components carry the other
+# spelling as an alias (children follow their parent's), so a stack that grows to several servers,
+# or shrinks back to one, keeps server 1's state: nothing runs there again.
+nodes = node_names(name, settings)
 releases: list[Release] = []
-for node, address, pin, server_id in zip(nodes, addresses, servers.pins, servers.server_ids, strict=True):
+for node, address, pin, server_id in zip(nodes.names, addresses, servers.pins, servers.server_ids, strict=True):
     connection = connection_to(settings, address, pin)
-    host = Host(node, HostArgs(connection=connection, settings=settings))
+    host = Host(node, HostArgs(connection=connection, settings=settings), pulumi.ResourceOptions(aliases=nodes.aliases(node)))
     releases.append(
         Release(
             f"{node}-release",
@@ -62,7 +65,9 @@ for node, address, pin, server_id in zip(nodes, addresses, servers.pins, servers
                 sudo=settings.ssh_user != "root",
                 depends_on=host.ready,
                 server_id=server_id,
+                install_first=len(nodes.names) > 1,
             ),
+            pulumi.ResourceOptions(aliases=nodes.aliases(f"{node}-release")),
             defer_activation=True,
         )
     )
@@ -89,4 +94,6 @@ pulumi.export("knownHosts", pulumi.Output.all(*addresses, *servers.pins).apply(l
 pulumi.export("activeRelease", first.active_release)
 pulumi.export("previousRelease", first.previous_release)
 pulumi.export("releases", first.releases)
-pulumi.export("servers", [server_entry(node, address, release) for node, address, release in zip(nodes, addresses, releases, strict=True)])
+pulumi.export(
+    "servers", [server_entry(node, address, release) for node, address, release in zip(nodes.names, addresses, releases, strict=True)]
+)

@@ -2,8 +2,8 @@
 
     venv/bin/python -m bench.provision_rerun [--repeat 5] [--out reports/provision-rerun.json] [--budget 600]
 
-Runs the program's exact provisioning command (components.remote.script_command on provision.sh,
-release tool on stdin) over SSH against a disposable TargetHost: once to prepare, then `--repeat`
+Runs the program's exact provisioning command (components.remote.script_command on provision.sh)
+over SSH against a disposable TargetHost: once to prepare, then `--repeat`
 more times, and reports the median re-run. Loopback only; the host is torn down afterwards.
 """
 
@@ -13,7 +13,7 @@ import sys
 import time
 
 from bench import harness
-from components.host import PROVISION, provision_args, release_tool_bundle
+from components.host import PROVISION, provision_args
 from components.remote import script_command
 from tests.support.target_host import TargetHost
 
@@ -22,12 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     args, budget = harness.start(__doc__, "provision-rerun", repeat=5, alias="--runs", budget=600, argv=argv)
     with TargetHost() as host:
         argv_ = provision_args(host.settings())
-        command, tool = script_command(PROVISION, argv_), release_tool_bundle()
+        command = script_command(PROVISION, argv_)
         times = []
         for _ in range(args.repeat + 1):
             budget.check()
             started = time.monotonic()
-            last = host.run(command, stdin=tool, check=True)
+            last = host.run(command, check=True)
             times.append(round(time.monotonic() - started, 3))
     changed = [line for line in last.stdout.splitlines() if "ok (" not in line and "skipped" not in line and not line.endswith(": done")]
     rerun = harness.median(times[1:])

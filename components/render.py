@@ -53,6 +53,14 @@ def slot_apps(s: Settings) -> list[str]:
     return [facts.slot_app(s.app_name, slot) for slot in SLOTS]
 
 
+ENV_PRELOAD = HOST_DIR / "env-preload.cjs"
+
+
+def env_preload_path(root: str) -> str:
+    """Where env-preload.cjs is installed (root's, readable by the app): every app process loads it."""
+    return f"{root}/config/env-preload.cjs"
+
+
 def render_ecosystem(s: Settings) -> str:
     """PM2 ecosystem: two cluster-mode slots (blue/green) and the agent, placed by the tool's state."""
     logs = f"{s.root}/shared/logs"
@@ -62,6 +70,7 @@ def render_ecosystem(s: Settings) -> str:
         "merge_logs": True,
         "max_memory_restart": "1G",
         "kill_timeout": s.kill_timeout_ms,
+        "node_args": ["--require", env_preload_path(s.root)],
     }
     app = {
         "script": "./dist/index.js",
@@ -153,9 +162,9 @@ def forwarded_for(s: Settings) -> str:
     return "$proxy_add_x_forwarded_for" if behind_balancer(s) else "$remote_addr"
 
 
-def render_upstream(s: Settings, live_port: int, backup_port: int | None = None) -> str:
+def render_upstream(s: Settings, live_port: int) -> str:
     """The upstream file (facts.upstream_text): nginx-site.sh creates it with the blue slot live."""
-    return facts.upstream_text(upstream_name(s.app_name), live_port, backup_port)
+    return facts.upstream_text(upstream_name(s.app_name), s.port, live_port)
 
 
 def render_nginx_site(s: Settings, *, domain: str | None = None, acme_webroot: str = ACME_WEBROOT, hsts: bool = False) -> str:
@@ -242,7 +251,6 @@ def render_release_conf(s: Settings, nginx: NginxTarget = SYSTEM_NGINX) -> str:
         "PORT": str(s.port),
         "HEALTH_PATH": s.health_path,
         "HEALTH_TIMEOUT": str(s.health_timeout),
-        "KEEP_RELEASES": str(s.keep_releases),
         "DATA_BACKUPS_KEEP": str(s.data_backups_keep),
         "BAKE_SECONDS": str(s.bake_seconds),
         "KEEP_PREVIOUS_WARM": "true" if s.keep_previous_warm else "false",

@@ -656,7 +656,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "keepReleases",
-        _integer(2, 100),
+        _integer(facts.MIN_KEEP_RELEASES, 100),
         facts.KEEP_RELEASES,
         doc="releases kept on the server (≥ 2; current and previous are never pruned)",
     ),

@@ -87,6 +87,28 @@ def _created(name: str, settings: Settings, labels: dict[str, str]) -> Topology:
     return Topology(addresses, pins, server_ids, balancer.ipv4_address, exports)
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """The per-server names: `{stack name}` for one server, `{stack name}-{i}` for several (or a `hosts` list)."""
+
+    stack_name: str
+    names: list[str]
+
+    def aliases(self, component: str) -> list[pulumi.Alias]:
+        """Server 1's components under the other spelling (`{name}-1-x` <-> `{name}-x`), so a stack that
+        grows to several servers or shrinks to one keeps server 1's state; no alias for the others."""
+        first = self.names[0]
+        if not (component == first or component.startswith(first + "-")):
+            return []
+        other = f"{self.stack_name}-1" if first == self.stack_name else self.stack_name
+        return [pulumi.Alias(name=other + component[len(first) :])]
+
+
+def node_names(name: str, settings: Settings) -> Nodes:
+    count = settings.node_count
+    return Nodes(name, [f"{name}-{i}" for i in range(1, count + 1)] if settings.indexed else [name])
+
+
 def connection_to(settings: Settings, address: pulumi.Input[str], host_key: pulumi.Input[str] | None) -> remote.ConnectionArgs:
     """The SSH connection every command to one server uses (the private key stays a secret)."""
     return remote.ConnectionArgs(

@@ -26,23 +26,37 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.host import BUNDLE_MARKER, NGINX_SITE, PROVISION, PUT_FILE, nginx_site_input, provision_args, release_tool_bundle
+from components.host import (
+    BUNDLE_MARKER,
+    NGINX_SITE,
+    PROVISION,
+    PUT_FILE,
+    host_bundle,
+    nginx_site_input,
+    provision_args,
+    release_tool_bundle,
+)
 from components.release.cognivern_release import facts
 from components.remote import script_command
 from components.render import render_nginx_site, render_upstream, site_name
 from components.server import metadata_filter
 from components.settings import Settings
+from components.tool import INSTALL_TOOL, bundle, release_tool_files
 from tests.support.fs import manifest
 from tests.support.helpers import http_get, wait_until
 from tests.support.target_host import TargetHost
 
 FAKE_TOOL = '#!/usr/bin/env bash\n# stand-in for cognivern-release\necho "cognivern-release $*" >>"${COGNIVERN_TOOL_LOG:-/dev/null}"\n'
-FAKE_BUNDLE = BUNDLE_MARKER.format("cognivern-release") + "\n" + FAKE_TOOL  # the shape of release_tool_bundle(), one file
+FAKE_BUNDLE = BUNDLE_MARKER.format("cognivern-release") + "\n" + FAKE_TOOL  # the shape of install-tool.sh's stdin, one file
 
 
 # ---------------------------------------------------------------------------- helpers
 def provision_cmd(s: Settings) -> str:
     return script_command(PROVISION, provision_args(s))
+
+
+def install_tool_cmd() -> str:
+    return script_command(INSTALL_TOOL, [])
 
 
 def put_cmd(dest: str, mode: str, owner: str, reload_root: str | None = None) -> str:
@@ -109,8 +123,10 @@ def first_run(host: TargetHost) -> subprocess.CompletedProcess[str]:
     (host.nginx.sites_enabled / "default").write_text("server { listen 127.0.0.1:9; server_name distro-default; }\n")
     assert host.sshd is not None
     assert host.sshd.auth_methods() >= {"publickey", "password"}
-    result = host.run(provision_cmd(host.settings()), stdin=FAKE_BUNDLE)
+    result = host.run(provision_cmd(host.settings()), stdin=host_bundle())
     assert result.returncode == 0, result.stderr + result.stdout
+    tool = host.run(install_tool_cmd(), stdin=FAKE_BUNDLE)
+    assert tool.returncode == 0, tool.stderr + tool.stdout
     return result  # provision.sh returns once the reloaded sshd listens again (test below)
 
 
@@ -161,13 +177,43 @@ def test_provision_prepares_user_and_layout(host: TargetHost, first_run: subproc
     assert "provision: cloud-init: ok (did not run on this boot; not waiting)" in lines
 
 
-def test_provision_installs_release_tool_and_logrotate(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
+def test_install_tool_installs_the_tool_by_rename_only_when_it_differs(
+    host: TargetHost, first_run: subprocess.CompletedProcess[str]
+) -> None:
+    """Provisioning installs no tool (it has its own command, so an edit of the tool never re-runs
+    provisioning); install-tool.sh installs it, says "ok (already ...)" when it is there, and
+    switches to an edited one by rename."""
     tool = host.bin_dir / "cognivern-release"
+    assert [line for line in first_run.stdout.splitlines() if "release tool" in line] == [
+        "provision: release tool: skipped (not on stdin: it has a command of its own)"
+    ]
     assert tool.read_text() == FAKE_TOOL
     assert owner_mode(tool) == ("root", "root", "0o755")
     assert os.readlink(tool) == "../lib/cognivern-release/current/cognivern-release"
     # PATH on the host (SetEnv) finds it by name, as the release component calls it.
     assert host.run("command -v cognivern-release").stdout.strip() == str(tool)
+    lib = host.bin_dir.parent / "lib" / "cognivern-release"
+    digest = os.readlink(lib / "current")
+    again = host.run(install_tool_cmd(), stdin=FAKE_BUNDLE)
+    assert again.returncode == 0 and again.stdout.splitlines() == [f"install-tool: release tool: ok (already {digest})"], again.stdout
+    edited = FAKE_TOOL + "# edited\n"
+    changed = host.run(install_tool_cmd(), stdin=BUNDLE_MARKER.format("cognivern-release") + "\n" + edited)
+    assert changed.returncode == 0, changed.stderr
+    assert tool.read_text() == edited and os.readlink(lib / "current") != digest, "switched by rename: a run under way keeps its version"
+    assert f"install-tool: release tool: installed {os.readlink(lib / 'current')}" in changed.stdout
+    assert not [p for p in lib.iterdir() if p.name.startswith(".")], "no temporary file left"
+    edited_digest = os.readlink(lib / "current")
+    # back to the first version (its directory is the older one), then a third: the version that was
+    # current before each switch stays, whatever its age (an activation may still import from it)
+    assert host.run(install_tool_cmd(), stdin=FAKE_BUNDLE).returncode == 0
+    assert os.readlink(lib / "current") == digest and (lib / edited_digest).is_dir()
+    third = host.run(install_tool_cmd(), stdin=BUNDLE_MARKER.format("cognivern-release") + "\n" + FAKE_TOOL + "# third\n")
+    assert third.returncode == 0, third.stderr
+    assert sorted(p.name for p in lib.iterdir()) == sorted([digest, os.readlink(lib / "current"), "current"])
+    assert host.run(install_tool_cmd(), stdin=FAKE_BUNDLE).returncode == 0
+
+
+def test_provision_installs_logrotate(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
     conf = host.logrotate_dir / "cognivern"
     text = conf.read_text()
     assert f"{host.root}/shared/logs/*.log {{" in text
@@ -198,7 +244,7 @@ def test_provision_returns_only_once_the_reloaded_sshd_accepts_connections() -> 
     with TargetHost(sshd_reexec_delay=2) as host:
         assert host.sshd is not None and host.sshd.auth_methods() >= {"publickey", "password"}
         pid = host.sshd.pid
-        result = host.run(provision_cmd(host.settings()), stdin=FAKE_BUNDLE)
+        result = host.run(provision_cmd(host.settings()), stdin=host_bundle())
         assert result.returncode == 0, result.stderr + result.stdout
         assert f"sshd (pid {pid}) reloaded" in result.stdout
         after = host.run("true", retries=0)
@@ -216,7 +262,7 @@ def test_provision_second_run_changes_nothing(host: TargetHost, first_run: subpr
     watched = (host.root, host.bin_dir, host.logrotate_dir, host.sshd.dropin_dir, host.nginx.sites_enabled, host.app_home)
     before = manifest(*watched)
     sshd_config = host.sshd.config_path.stat().st_mtime_ns
-    again = host.run(provision_cmd(host.settings()), stdin=FAKE_BUNDLE)
+    again = host.run(provision_cmd(host.settings()), stdin=host_bundle())
     assert again.returncode == 0, again.stderr
     assert manifest(*watched) == before
     assert host.sshd.config_path.stat().st_mtime_ns == sshd_config
@@ -228,7 +274,7 @@ def test_provision_second_run_changes_nothing(host: TargetHost, first_run: subpr
 def test_provision_keeps_shared_content(host: TargetHost, first_run: subprocess.CompletedProcess[str]) -> None:
     data = host.root / "shared/data/usage.json"
     data.write_text("{}")
-    assert host.run(provision_cmd(host.settings()), stdin="").returncode == 0
+    assert host.run(provision_cmd(host.settings())).returncode == 0
     assert data.read_text() == "{}"
     data.unlink()
 
@@ -314,7 +360,7 @@ def test_provision_orders_pm2_after_the_metadata_filter_on_servers_it_created(
     units, script = host.systemd_dir, host.bin_dir / metadata_filter.SCRIPT_NAME
     unit, dropin = units / FILTER_UNIT, units / f"{pm2_unit}.d" / "cognivern-metadata-filter.conf"
     try:
-        first = host.run(script_command(PROVISION, args), stdin=release_tool_bundle(FAKE_TOOL))
+        first = host.run(script_command(PROVISION, args), stdin=host_bundle())
         assert first.returncode == 0, first.stderr
         lines = first.stdout.splitlines()
         assert f"provision: metadata filter: installed {script}; wrote {unit} (not loaded: systemd is not running)" in lines
@@ -325,7 +371,7 @@ def test_provision_orders_pm2_after_the_metadata_filter_on_servers_it_created(
         verify = systemd_verify(units, pm2_unit, FILTER_UNIT)
         assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
 
-        again = host.run(script_command(PROVISION, args), stdin=release_tool_bundle(FAKE_TOOL))
+        again = host.run(script_command(PROVISION, args), stdin=host_bundle())
         assert "provision: metadata filter: ok (already installed; not loaded: systemd is not running)" in again.stdout
         assert f"provision: pm2 startup order: ok (already after {FILTER_UNIT})" in again.stdout
 
@@ -509,7 +555,7 @@ def test_nginx_site_creates_the_upstream_only_when_missing(host: TargetHost, sit
     s = host.settings()
     upstream = host.nginx.sites_available / f"{name}.upstream"
     assert upstream.read_text() == render_upstream(s, s.port), "created pointing at the blue slot"
-    switched = render_upstream(s, s.port + 1, s.port)  # what the tool writes after a switch to green
+    switched = render_upstream(s, s.port + 1)  # what the tool writes after a switch to green
     upstream.write_text(switched)
     try:
         changed = text.replace("client_max_body_size 10m;", "client_max_body_size 12m;")
@@ -656,17 +702,17 @@ def test_put_file_reload_uses_the_release_tool(host: TargetHost, first_run: subp
         release.rmdir()
 
 
-def test_provision_installs_the_real_tool_by_rename_and_keeps_the_version_before(
+def test_install_tool_installs_the_real_tool_by_rename_and_keeps_the_version_before(
     host: TargetHost, first_run: subprocess.CompletedProcess[str]
 ) -> None:
-    """The bundle the program sends: installed as a directory named by its digest, `current` and the
+    """The bundle the program sends (ReleaseTool's install): installed as a directory named by its digest, `current` and the
     command switched by rename; the same bundle again changes nothing; a malformed one is refused
     with the installed tool untouched."""
     lib = host.bin_dir.parent / "lib" / "cognivern-release"
     before = os.readlink(lib / "current")
     try:
-        bundle = release_tool_bundle()
-        first = host.run(provision_cmd(host.settings()), stdin=bundle)
+        tool_files = bundle(release_tool_files())
+        first = host.run(install_tool_cmd(), stdin=tool_files)
         assert first.returncode == 0, first.stderr
         digest = os.readlink(lib / "current")
         assert digest != before and f"release tool: installed {digest}" in first.stdout
@@ -676,15 +722,18 @@ def test_provision_installs_the_real_tool_by_rename_and_keeps_the_version_before
         files = {str(p.relative_to(lib / digest)): owner_mode(p) for p in (lib / digest).rglob("*")}
         assert files["cognivern-release"] == ("root", "root", "0o755")
         assert files["cognivern_release/facts.py"] == ("root", "root", "0o644")
-        again = host.run(provision_cmd(host.settings()), stdin=bundle)
+        again = host.run(install_tool_cmd(), stdin=tool_files)
         assert f"release tool: ok (already {digest})" in again.stdout
         for bad in (FAKE_TOOL, BUNDLE_MARKER.format("../escape") + "\nx\n", BUNDLE_MARKER.format("cognivern_release/x.sh") + "\nx\n"):
-            refused = host.run(provision_cmd(host.settings()), stdin=bad)
-            assert refused.returncode != 0 and "release tool on stdin" in refused.stderr, refused.stderr
+            refused = host.run(install_tool_cmd(), stdin=bad)
+            assert refused.returncode != 0 and "is not a bundle of the release tool's files" in refused.stderr, refused.stderr
             assert os.readlink(lib / "current") == digest and not list(lib.glob(".stage.*"))
         assert not (host.bin_dir.parent / "escape").exists()
+        # provision.sh takes the same files in front of its own (test hosts prepare a host in one command)
+        both = host.run(provision_cmd(host.settings()), stdin=release_tool_bundle())
+        assert both.returncode == 0 and f"provision: release tool: ok (already {digest})" in both.stdout, both.stderr
     finally:
-        assert host.run(provision_cmd(host.settings()), stdin=FAKE_BUNDLE).returncode == 0
+        assert host.run(install_tool_cmd(), stdin=FAKE_BUNDLE).returncode == 0
 
 
 @pytest.mark.parametrize(

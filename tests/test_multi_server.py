@@ -7,13 +7,14 @@ does with its /health check: an upstream of both hosts' nginx with passive healt
 fail_timeout) that retries another server on a connection error, a timeout or a 502/503/504.
 Eight clients poll /release through it during every rollout.
 
-A stack's history, in four stages: both hosts go live on v1; v2 rolls out (server 1, then server
+A stack's history, in five stages: both hosts go live on v1; v2 rolls out (server 1, then server
 2) with zero failed requests; a v3 that dies under PM2 fails server 1's health gate, which reverts
 itself, and the rollout stops there (server 2's activate never runs) while the balancer keeps
-serving v2 with zero failures; config alone rolls both back to v1, in the same order. The
+serving v2 with zero failures; config alone rolls both back to v1, in the same order; a new host
+key pin for server 2 alone runs nothing on server 1 (not even a step) and changes nothing on 2. The
 `history` fixture runs the stages in that order, once, as far as the test that asks needs, and
 records what each stage saw; every test checks one stage's record, so any test runs alone and in
-any order (test_04 alone runs all four stages). The rolling release's figures (failed requests,
+any order (test_05 alone runs all five stages). The rolling release's figures (failed requests,
 seconds per server) are printed and written to reports/multi-server.json.
 """
 
@@ -112,7 +113,7 @@ class History:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self.stages: list[dict[str, Any]] = []
-        self._runs = [self._v1, self._v2, self._v3_broken, self._back_to_v1]
+        self._runs = [self._v1, self._v2, self._v3_broken, self._back_to_v1, self._repin_server_2]
 
     def reach(self, n: int) -> dict[str, Any]:
         while len(self.stages) < n:
@@ -154,6 +155,19 @@ class History:
         with Load([stack.balancer.url("/release")], clients=CLIENTS, retry=False) as load:
             report = stack.up(release=V1, artifact=None)
         return {"report": report, "load": load, "currents": stack.currents(), "balancer": stack.through_balancer()}
+
+    def _repin_server_2(self) -> dict[str, Any]:
+        """Server 2's host key pinned anew (its comment changed): only server 2's commands are concerned."""
+        stack = self.stack
+        second = stack.pool.hosts[1]
+        assert second.sshd is not None
+        pins = {h.address: h.sshd.host_key for h in stack.pool.hosts if h.sshd is not None}
+        pins[second.address] = f"{second.sshd.host_key} re-pinned"
+        logs = [(h.root / ".deploy" / "releases.log").read_text() for h in stack.pool.hosts]
+        with Load([stack.balancer.url("/release")], clients=CLIENTS, retry=False) as load:
+            report = stack.up(hostKeys=pins)
+        new_logs = [(h.root / ".deploy" / "releases.log").read_text()[len(old) :] for h, old in zip(stack.pool.hosts, logs, strict=True)]
+        return {"report": report, "load": load, "logs": new_logs, "currents": stack.currents()}
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +266,20 @@ def test_04_config_alone_rolls_every_server_back_in_order(history: History) -> N
     write_figures()
     assert load.failures == [], FIGURES["rollback"]
     assert seen["balancer"] == V1
+
+
+def test_05_a_pin_of_one_server_runs_nothing_on_the_others(history: History) -> None:
+    seen = history.reach(5)
+    report, load = seen["report"], seen["load"]
+    ran = report.ops(include_same=False)
+    assert ran and all(name.startswith(f"{NODES[1]}-") for name in ran), report.summary()
+    assert set(ran.values()) == {"update"}
+    assert not [s for s in report.steps if s.name.startswith(f"{NODES[0]}-") and s.op != "same"], "server 1 sees no step"
+    # on server 2 nothing changes either: provisioning and prune run `true`, the activation lists its state
+    assert report.step(f"{NODES[1]}-provision").commands == ["true"]
+    assert report.step(f"{NODES[1]}-release-prune").commands == ["true"]
+    assert seen["logs"] == ["", ""], "the tool did nothing it logs, on either server"
+    assert seen["currents"] == [V1, V1] and load.failures == []
 
 
 def write_figures() -> None:

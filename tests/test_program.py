@@ -14,10 +14,12 @@ import pytest
 from pulumi import RunError
 
 from components import remote
+from components.host import digest as command_digest
 from components.host import pinned_versions
 from components.release.cognivern_release import facts
 from components.release.component import ArtifactError, resolve_artifact
 from components.render import HOST_DIR
+from components.tool import INSTALL_TOOL
 from tests.support.program import DefaultMocks, Registration, is_secret, run_program, unsecret
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ8b0pTBp5e8hGQHDgNnLrHHOHxg0VHzUXoTWlBXDk8S deploy"
@@ -89,7 +91,7 @@ def test_existing_host_registers_no_hetzner_resource() -> None:
 def test_children_are_named_after_their_component_and_parented() -> None:
     run = run_program(HETZNER)
     components = {r.urn: r.name for r in run.registrations if not r.custom}
-    assert set(components.values()) == {"cognivern-prod", "cognivern-prod-release"}
+    assert set(components.values()) == {"cognivern-prod", "cognivern-prod-tool", "cognivern-prod-release"}
     for reg in run.registrations:
         if reg.custom:
             assert reg.parent in components, reg.name
@@ -99,14 +101,20 @@ def test_children_are_named_after_their_component_and_parented() -> None:
 def test_host_commands_run_in_order() -> None:
     run = run_program(EXISTING)
     assert deps_names(run, run.get("cognivern-prod-provision")) == set()
-    assert deps_names(run, run.get("cognivern-prod-release-conf")) == {"cognivern-prod-provision"}
+    assert deps_names(run, run.get("cognivern-prod-env-preload")) == {"cognivern-prod-provision"}
+    assert deps_names(run, run.get("cognivern-prod-tool-install")) == {"cognivern-prod-provision"}
+    assert deps_names(run, run.get("cognivern-prod-tool-conf")) == {"cognivern-prod-provision"}
     assert deps_names(run, run.get("cognivern-prod-nginx-site")) == {"cognivern-prod-provision"}
     # both reload the apps through the installed tool, which reads cognivern.conf first
-    assert deps_names(run, run.get("cognivern-prod-ecosystem")) == {"cognivern-prod-release-conf"}
+    assert deps_names(run, run.get("cognivern-prod-ecosystem")) == {
+        "cognivern-prod-env-preload",
+        "cognivern-prod-tool-install",
+        "cognivern-prod-tool-conf",
+    }
     assert deps_names(run, run.get("cognivern-prod-env")) == {"cognivern-prod-ecosystem"}
 
 
-def test_provision_command_carries_the_script_and_installs_the_release_tool() -> None:
+def test_provision_carries_its_script_and_does_nothing_when_only_its_connection_changes() -> None:
     run = run_program(EXISTING)
     provision = run.get("cognivern-prod-provision")
     create = provision.inputs["create"]
@@ -117,17 +125,42 @@ def test_provision_command_carries_the_script_and_installs_the_release_tool() ->
         " --node-source nodesource"
         f" --pm2-version {pins['PM2_VERSION']} --pnpm-version {pins['PNPM_VERSION']} --metadata-filter no"
     )
-    # the files as source text, each after its marker line: a diff shows what changed, line by line
+    # the metadata filter's files as source text, each after its marker line: a diff shows what
+    # changed, line by line; the release tool is not among them (its own command, below)
     parts = re.split(r"^#--- ([\w./-]+) ---\n", provision.inputs["stdin"], flags=re.MULTILINE)
+    assert parts[0] == ""
+    files = dict(zip(parts[1::2], parts[2::2], strict=True))
+    assert list(files) == ["cognivern-metadata-filter", "cognivern-metadata-filter.service"], "every file, in a fixed order"
+    assert files["cognivern-metadata-filter"] == Path("components/server/metadata-filter.sh").read_text()
+    assert files["cognivern-metadata-filter.service"] == Path("components/server/cognivern-metadata-filter.service").read_text()
+    # the digest of its command and stdin is its trigger (a changed script or file replaces it: it
+    # runs); `update` is what runs when anything else changed, i.e. the connection alone (a host-key pin): nothing
+    assert provision.inputs["triggers"] == [command_digest(create, provision.inputs["stdin"])]
+    assert provision.inputs["update"] == "true"
+    assert "delete" not in provision.inputs, "destroying the stack must never remove anything from the host"
+
+
+def test_the_release_tool_is_installed_and_configured_by_its_own_commands() -> None:
+    run = run_program(EXISTING)
+    install = run.get("cognivern-prod-tool-install")
+    assert shlex.split(install.inputs["create"])[3] == "install-tool"
+    parts = re.split(r"^#--- ([\w./-]+) ---\n", install.inputs["stdin"], flags=re.MULTILINE)
     assert parts[0] == ""
     files = dict(zip(parts[1::2], parts[2::2], strict=True))
     release = Path("components/release")
     tool = ["cognivern-release", *(f"cognivern_release/{p.name}" for p in sorted((release / "cognivern_release").glob("*.py")))]
-    assert list(files) == [*tool, "cognivern-metadata-filter", "cognivern-metadata-filter.service"], "every file, in a fixed order"
+    assert list(files) == tool, "the launcher and every file of its package, in a fixed order"
     assert all(files[name] == (release / name).read_text() for name in tool)
-    assert files["cognivern-metadata-filter"] == Path("components/server/metadata-filter.sh").read_text()
-    assert files["cognivern-metadata-filter.service"] == Path("components/server/cognivern-metadata-filter.service").read_text()
-    assert "delete" not in provision.inputs, "destroying the stack must never remove anything from the host"
+    conf = run.get("cognivern-prod-tool-conf")
+    assert "--dest /opt/cognivern/config/cognivern.conf --mode 0644 --owner root:root" in conf.inputs["create"]
+    assert "--reload-root" not in shlex.split(conf.inputs["create"])[4:], (
+        "a settings change is read at the tool's next run: nothing reloads"
+    )
+    for reg in (install, conf):
+        assert run.parent_name(reg) == "cognivern-prod-tool"
+    assert run.parent_name(run.get("cognivern-prod-tool")) == "cognivern-prod", "the tool is installed on its Host"
+    # the config file was the Host's `release-conf`: its alias keeps that state on upgrade
+    assert conf.aliases == [{"spec": {"name": "cognivern-prod-release-conf", "parentUrn": run.get("cognivern-prod").urn}}]
 
 
 @pytest.mark.parametrize(
@@ -167,7 +200,8 @@ def test_every_host_script_command_carries_lib_sh_in_front_of_its_script(tmp_pat
         if not script.startswith("bash -c "):
             continue  # the installed release tool
         _, _, text, name, *_ = shlex.split(script)
-        assert text == lib + "\n" + facts.shell_prelude() + (HOST_DIR / f"{name}.sh").read_text(), reg.name
+        path = INSTALL_TOOL if name == "install-tool" else HOST_DIR / f"{name}.sh"
+        assert text == lib + "\n" + facts.shell_prelude() + path.read_text(), reg.name
     edited = tmp_path / "lib.sh"
     edited.write_text(lib + "# one more line\n")
     with mock.patch.object(remote, "LIB", edited):
@@ -194,9 +228,9 @@ def test_runtime_files_are_rendered_from_settings() -> None:
     nginx = run.get("cognivern-prod-nginx-site")
     assert "include sites-available/cognivern-agent.upstream;" in nginx.inputs["stdin"]
     assert nginx.inputs["create"].endswith(" nginx-site --name cognivern-agent")
-    assert nginx.inputs["stdin"].endswith("#--- cognivern-agent.upstream ---\n" + facts.upstream_text("cognivern_agent_app", 4000))
-    conf = run.get("cognivern-prod-release-conf")
-    assert "PORT=4000\n" in conf.inputs["stdin"] and "KEEP_RELEASES=5\n" in conf.inputs["stdin"]
+    assert nginx.inputs["stdin"].endswith("#--- cognivern-agent.upstream ---\n" + facts.upstream_text("cognivern_agent_app", 4000, 4000))
+    conf = run.get("cognivern-prod-tool-conf")
+    assert "PORT=4000\n" in conf.inputs["stdin"] and "KEEP_RELEASES" not in conf.inputs["stdin"], "keepReleases is prune's argument"
     assert "BAKE_SECONDS=30\n" in conf.inputs["stdin"] and "KEEP_PREVIOUS_WARM=false\n" in conf.inputs["stdin"]
     assert "NGINX_UPSTREAM=/etc/nginx/sites-available/cognivern-agent.upstream\n" in conf.inputs["stdin"]
     assert "AGENT_APPS=forecasting-agent\n" in conf.inputs["stdin"]
@@ -285,45 +319,53 @@ def make_artifact(tmp_path: Path, release: str, content: bytes = b"tarball") -> 
     return art, digest
 
 
-def test_release_with_artifact_uploads_installs_then_activates(tmp_path: Path) -> None:
+HOST_READY = {
+    "cognivern-prod-provision",
+    "cognivern-prod-env-preload",
+    "cognivern-prod-ecosystem",
+    "cognivern-prod-env",
+    "cognivern-prod-nginx-site",
+    "cognivern-prod-tool-install",
+    "cognivern-prod-tool-conf",
+}
+
+
+def test_release_with_artifact_is_an_upload_then_one_deploy_command(tmp_path: Path) -> None:
     art, digest = make_artifact(tmp_path, "v2")
     run = run_program({**EXISTING, "release": "v2", "artifact": str(art), "keepReleases": "3"})
-    upload, install, activate = (
+    upload, activate, prune = (
         run.get("cognivern-prod-release-upload"),
-        run.get("cognivern-prod-release-install"),
         run.get("cognivern-prod-release-activate"),
+        run.get("cognivern-prod-release-prune"),
     )
-    assert upload.type == COPY and install.type == COMMAND and activate.type == COMMAND
+    assert upload.type == COPY and activate.type == COMMAND and prune.type == COMMAND
+    assert not [r for r in run.registrations if r.name.endswith("-install") and r.name != "cognivern-prod-tool-install"]
     assert upload.inputs["remotePath"] == "/opt/cognivern/incoming/cognivern-v2.tar.gz"
-    assert upload.inputs["triggers"] == install.inputs["triggers"] == activate.inputs["triggers"] == ["v2", digest]
+    assert upload.inputs["triggers"] == activate.inputs["triggers"] == ["v2", digest]
     assert (
-        install.inputs["create"]
-        == f"cognivern-release --root /opt/cognivern install v2 /opt/cognivern/incoming/cognivern-v2.tar.gz {digest}"
+        activate.inputs["create"]
+        == f"cognivern-release --root /opt/cognivern deploy v2 /opt/cognivern/incoming/cognivern-v2.tar.gz {digest}"
     )
-    assert activate.inputs["create"] == (
-        "cognivern-release --root /opt/cognivern activate v2 && cognivern-release --root /opt/cognivern prune --keep 3"
-        " && cognivern-release --root /opt/cognivern list --json"
-    )
-    host_ready = {
-        "cognivern-prod-provision",
-        "cognivern-prod-release-conf",
-        "cognivern-prod-ecosystem",
-        "cognivern-prod-env",
-        "cognivern-prod-nginx-site",
-    }
-    assert deps_names(run, upload) == host_ready
-    assert deps_names(run, install) == {"cognivern-prod-release-upload"}
-    assert deps_names(run, activate) == {"cognivern-prod-release-install"}
-    for reg in (install, activate):
+    # any change that is not the release (the connection, the command's wording) lists the state: nothing switches
+    assert activate.inputs["update"] == "cognivern-release --root /opt/cognivern list --json"
+    # keepReleases is prune's own command, run after the activation: changing it never touches the
+    # activation; it is prune's trigger, and a change of the connection alone runs nothing
+    assert prune.inputs["create"] == "cognivern-release --root /opt/cognivern prune --keep 3"
+    assert prune.inputs["triggers"] == ["3"] and prune.inputs["update"] == "true"
+    assert deps_names(run, upload) == HOST_READY
+    assert deps_names(run, activate) == {"cognivern-prod-release-upload"}
+    assert deps_names(run, prune) == {"cognivern-prod-release-activate"}
+    for reg in (upload, activate, prune):
         assert "delete" not in reg.inputs and not reg.delete_before_replace, "replacement must not undo the newer release"
 
 
-def test_rollback_without_artifact_needs_no_upload() -> None:
+def test_rollback_without_artifact_is_one_command() -> None:
     run = run_program({**EXISTING, "release": "v1-not-built-here"})
     assert not run.by_type(COPY)
-    install = run.get("cognivern-prod-release-install")
-    assert install.inputs["create"] == "cognivern-release --root /opt/cognivern install v1-not-built-here - -"
-    assert install.inputs["triggers"] == ["v1-not-built-here", "on-server"]
+    activate = run.get("cognivern-prod-release-activate")
+    assert activate.inputs["create"] == "cognivern-release --root /opt/cognivern deploy v1-not-built-here - -"
+    assert activate.inputs["triggers"] == ["v1-not-built-here", "on-server"]
+    assert deps_names(run, activate) == HOST_READY
 
 
 def test_changing_the_release_changes_the_triggers(tmp_path: Path) -> None:
@@ -337,7 +379,7 @@ def test_artifact_url_is_fetched_on_the_server() -> None:
     run = run_program({**EXISTING, "artifactUrl": "https://dl.example.com/cognivern-v1.tar.gz", "artifactSha256": sha})
     assert not run.by_type(COPY)
     assert (
-        run.get("cognivern-prod-release-install").inputs["create"].endswith(f"install v1 https://dl.example.com/cognivern-v1.tar.gz {sha}")
+        run.get("cognivern-prod-release-activate").inputs["create"].endswith(f"deploy v1 https://dl.example.com/cognivern-v1.tar.gz {sha}")
     )
 
 
@@ -475,7 +517,7 @@ def test_several_servers_sit_behind_a_load_balancer_on_a_private_network(n: int)
         for reg in run.registrations:
             if reg.type in (COMMAND, COPY) and reg.name.startswith(f"cognivern-prod-{i}-"):
                 assert unsecret(reg.inputs["connection"])["host"] == f"203.0.113.{10 + i}", reg.name
-    assert len(run.by_type(COMMAND)) == n * (5 + 2)
+    assert len(run.by_type(COMMAND)) == n * (5 + 2 + 3)  # host, tool, release (install, activate, prune)
     assert run.outputs["url"] == "http://198.51.100.80/" and run.outputs["loadBalancerIpv4Address"] == "198.51.100.80"
     assert "ipv4Address" not in run.outputs
     assert [s["name"] for s in run.outputs["servers"]] == [f"cognivern-prod-{i}" for i in range(1, n + 1)]
@@ -505,7 +547,8 @@ def test_children_of_several_servers_are_named_after_their_component(n: int) -> 
     run, _ = run_servers(n)
     components = {r.urn: r.name for r in run.registrations if not r.custom}
     expected = {"cognivern-prod", "cognivern-prod-balancer"}
-    expected |= {f"cognivern-prod-{i}" for i in range(1, n + 1)} | {f"cognivern-prod-{i}-release" for i in range(1, n + 1)}
+    for i in range(1, n + 1):
+        expected |= {f"cognivern-prod-{i}", f"cognivern-prod-{i}-tool", f"cognivern-prod-{i}-release"}
     assert set(components.values()) == expected
     for reg in run.registrations:
         if reg.custom:
@@ -527,7 +570,9 @@ def assert_rolling_order(run: Any, nodes: list[str]) -> None:
     for node in nodes:
         install_deps = step_deps(run, f"{node}-release-install")
         assert not [d for d in install_deps if d.endswith("-activate")], (node, install_deps)
-        assert install_deps == {f"{node}-{c}" for c in ("provision", "release-conf", "ecosystem", "env", "nginx-site")}
+        ready = ("provision", "env-preload", "ecosystem", "env", "nginx-site", "tool-install", "tool-conf")
+        assert install_deps == {f"{node}-{c}" for c in ready}
+        assert step_deps(run, f"{node}-release-prune") == {f"{node}-release-activate"}
     assert step_deps(run, activations[0]) == installs
     for previous, activate, node in zip(activations, activations[1:], nodes[1:], strict=False):
         assert step_deps(run, activate) == {f"{node}-release-install", previous}
@@ -539,9 +584,10 @@ def test_activations_roll_one_server_at_a_time(n: int) -> None:
     assert_rolling_order(run, [f"cognivern-prod-{i}" for i in range(1, n + 1)])
 
 
-def test_one_server_activation_waits_for_its_install_only() -> None:
+def test_one_server_activation_is_its_own_install() -> None:
     run = run_program(HETZNER)
-    assert step_deps(run, "cognivern-prod-release-activate") == {"cognivern-prod-release-install"}
+    assert "cognivern-prod-release-install" not in run.names
+    assert step_deps(run, "cognivern-prod-release-activate") == HOST_READY
 
 
 def test_rollback_by_config_rolls_every_server_back_in_the_same_order() -> None:
@@ -566,7 +612,7 @@ def test_existing_hosts_are_each_prepared_and_released_without_hetzner() -> None
     assert not [r for r in run.registrations if r.type.startswith("hcloud:")]
     nodes = [f"cognivern-prod-{i}" for i in (1, 2, 3)]
     components = {r.name for r in run.registrations if not r.custom}
-    assert components == set(nodes) | {f"{n}-release" for n in nodes}
+    assert components == set(nodes) | {f"{n}-release" for n in nodes} | {f"{n}-tool" for n in nodes}
     for node, address in zip(nodes, config["hosts"], strict=True):
         for reg in run.registrations:
             if reg.type == COMMAND and reg.name.startswith(f"{node}-"):
@@ -581,7 +627,8 @@ def test_existing_hosts_are_each_prepared_and_released_without_hetzner() -> None
 
 def test_a_single_entry_in_hosts_is_indexed() -> None:
     run = run_program({"release": "v1", "hosts": ["192.0.2.10"]})
-    assert {r.name for r in run.registrations if not r.custom} == {"cognivern-prod-1", "cognivern-prod-1-release"}
+    assert {r.name for r in run.registrations if not r.custom} == {"cognivern-prod-1", "cognivern-prod-1-tool", "cognivern-prod-1-release"}
+    assert "cognivern-prod-1-release-install" not in run.names, "one server: the deploy command installs"
 
 
 BAD_SEVERAL = [
@@ -625,6 +672,26 @@ def test_growing_a_one_server_stack_keeps_its_server() -> None:
     assert not aliases["cognivern-prod-server-2"]
 
 
+@pytest.mark.parametrize("config", [{**HETZNER, "servers": "2"}, {"release": "v1", "hosts": ["192.0.2.10", "192.0.2.11"]}])
+def test_server_1_of_several_keeps_the_state_of_the_one_server_stack(config: dict[str, Any]) -> None:
+    """Server 1's components carry the one-server names as aliases (their children follow): growing
+    re-runs nothing there. The other servers have none; a one-server stack carries the `-1` names."""
+    run = run_program(config, mocks=HetznerMocks())
+
+    def names(reg: Registration) -> list[str]:
+        return [a["spec"]["name"] for a in reg.aliases]
+
+    assert names(run.get("cognivern-prod-1")) == ["cognivern-prod"]
+    # the tool is the Host's child, named after it: it follows the Host's alias (the SDK derives
+    # `cognivern-prod-tool` under the Host's old name), so it needs none of its own
+    assert run.parent_name(run.get("cognivern-prod-1-tool")) == "cognivern-prod-1" and not names(run.get("cognivern-prod-1-tool"))
+    assert names(run.get("cognivern-prod-1-release")) == ["cognivern-prod-release"]
+    assert not [r for r in run.registrations if not r.custom and r.name.startswith("cognivern-prod-2") and r.aliases]
+    one = run_program(EXISTING)
+    assert names(one.get("cognivern-prod")) == ["cognivern-prod-1"]
+    assert names(one.get("cognivern-prod-release")) == ["cognivern-prod-1-release"]
+
+
 # --- HTTPS ----------------------------------------------------------------------
 
 TLS = {"domain": "api.example.com", "acmeEmail": "ops@example.com"}
@@ -642,7 +709,7 @@ def test_one_server_with_a_domain_gets_a_certbot_step_after_the_http_site() -> N
     assert "Strict-Transport-Security" in tls.inputs["stdin"]
     assert "/.well-known/acme-challenge/" in run.get("cognivern-prod-nginx-site").inputs["stdin"]
     # a Let's Encrypt outage must not hold back releases: the release does not wait for the certificate
-    assert "cognivern-prod-tls" not in deps_names(run, run.get("cognivern-prod-release-install"))
+    assert "cognivern-prod-tls" not in deps_names(run, run.get("cognivern-prod-release-activate"))
     assert run.outputs["url"] == "https://api.example.com/"
 
 
@@ -715,15 +782,18 @@ def test_preview_with_an_artifact_creates_the_server(tmp_path: Path) -> None:
     art, digest = make_artifact(tmp_path, "v1")
     run = run_program({**HETZNER, "artifact": str(art)}, mocks=PreviewCreatesServerMocks(), preview=True)
     assert (
-        run.get("cognivern-prod-release-install")
+        run.get("cognivern-prod-release-activate")
         .inputs["create"]
-        .endswith(f"install v1 /opt/cognivern/incoming/cognivern-v1.tar.gz {digest}")
+        .endswith(f"deploy v1 /opt/cognivern/incoming/cognivern-v1.tar.gz {digest}")
     )
 
 
 def test_existing_server_without_artifact_keeps_the_server_side_check() -> None:
     """The server is in state (its id is known in the preview): the tool's install looks for the release there."""
     run = run_program({**HETZNER, "release": "v0"}, mocks=HetznerMocks(), preview=True)
-    assert run.get("cognivern-prod-release-install").inputs["create"].endswith("install v0 - -")
+    assert run.get("cognivern-prod-release-activate").inputs["create"].endswith("deploy v0 - -")
     hosts = run_program({**EXISTING, "release": "v0"}, preview=True)
-    assert hosts.get("cognivern-prod-release-install").inputs["create"].endswith("install v0 - -")
+    assert hosts.get("cognivern-prod-release-activate").inputs["create"].endswith("deploy v0 - -")
+    several = run_servers(2, release="v0")[0]
+    install = several.get("cognivern-prod-1-release-install")
+    assert install.inputs["create"].endswith("install v0 - -") and install.inputs["update"] == "true", "a new pin installs nothing"

@@ -65,6 +65,14 @@ def test_a_host_with_the_old_text_state_is_read_and_then_written_as_json(root: t
     assert store.read() == read
 
 
+@pytest.mark.parametrize(("raw", "kept"), [(4, 4), (2, 2), (1, None), (True, None), ("4", None), (None, None)])
+def test_the_remembered_keep_releases_is_a_whole_number_of_at_least_two(raw: object, kept: int | None) -> None:
+    """`prune --keep N` is remembered as `keep_releases`; anything else in the file reads as none
+    (the tool then keeps KEEP_RELEASES), never as a number that would prune current or previous."""
+    assert state.normalise({"keep_releases": raw})["keep_releases"] == kept
+    assert state.empty()["keep_releases"] is None
+
+
 def test_a_host_before_the_slots_runs_blue_and_the_agent_on_current(root: tuple[Path, int]) -> None:
     path, fd = root
     (path / "releases" / "r0").mkdir()

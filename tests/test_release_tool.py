@@ -271,6 +271,14 @@ def test_new_release_and_rollback_without_failed_requests_or_data_changes(servin
     assert listing["current"] == "r1" and listing["previous"] == "r2"
 
 
+def app_pids(host: ReleaseHost) -> dict[str, list[tuple[int, int]]]:
+    """PM2 app -> (pid, restart count) of each of its processes."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for p in json.loads(host.pm2("jlist").stdout):
+        out.setdefault(p["name"], []).append((p["pid"], p["pm2_env"]["restart_time"]))
+    return out
+
+
 def test_reactivating_current_and_reload_are_idempotent(switched: ReleaseHost) -> None:
     host = switched
     backups = sorted((host.root / "backups" / "data").iterdir())
@@ -282,6 +290,7 @@ def test_reactivating_current_and_reload_are_idempotent(switched: ReleaseHost) -
     assert host.current() == "r2" and host.serving_release() == "r2"
     assert sorted((host.root / "backups" / "data").iterdir()) == backups, "no backup for a no-op"
     assert host.list_json()["previous"] == "r1"
+    assert host.log_lines()[-1][1:3] == ["activate", "r2"] and host.log_lines()[-1][5] == "already-current"
     host.ok("reload")
     assert host.serving_release() == "r2"
 
@@ -306,6 +315,31 @@ def test_reload_hands_the_env_file_to_the_app_also_when_it_is_the_apps_own_copy(
     proc = serving.ok("reload")
     app_env = serving.get_json("/release")[1]["env"]
     assert isinstance(app_env, dict) and app_env["FIXTURE_ECHO"] == "from-the-apps-copy", proc.stderr
+
+
+def test_deploy_is_install_activate_prune_and_the_list_in_one_command(
+    switched: ReleaseHost, artifacts: dict[str, tuple[Path, str]]
+) -> None:
+    """`pulumi up` runs one command per server and release; prune keeps the last --keep it was given
+    (in the JSON state), so deploy's prune follows keepReleases without naming it."""
+    host = switched
+    host.ok("prune", "--keep", "2")
+    assert host.state()["keep_releases"] == 2
+    tarball, sha = artifacts["r3"]
+    proc = host.ok("deploy", "r3", str(host.upload(tarball)), sha)
+    assert proc.stdout.count("\n") == 1, "stdout is the list alone"
+    state = json.loads(proc.stdout)
+    assert state["current"] == "r3" and state["previous"] == "r2"
+    assert host.serving_release() == "r3"
+    assert sorted(p.name for p in (host.root / "releases").iterdir()) == ["r2", "r3"], "deploy's prune kept the 2 it remembers"
+    assert [f[1] for f in host.log_lines()[-4:]] == ["prune", "install", "activate", "prune"]
+    # an installed release without a source: the whole rollback is this one command
+    rollback = host.ok("deploy", "r2", "-", "-")
+    assert json.loads(rollback.stdout)["current"] == "r2" and host.serving_release() == "r2"
+    # a release that is not here: refused by the install step, nothing switches
+    missing = host.run("deploy", "r9", "-", "-")
+    assert missing.returncode == 1 and "r9 is not installed" in missing.stderr and missing.stdout == ""
+    assert host.serving_release() == "r2" and host.log_lines()[-1][1:3] == ["install", "r9"]
 
 
 def daemon_environ(host: ReleaseHost) -> tuple[int, list[bytes]]:

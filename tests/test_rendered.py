@@ -15,6 +15,8 @@ import pytest
 
 from components.render import (
     AGENT_NAME,
+    ENV_PRELOAD,
+    env_preload_path,
     https_redirect_snippet,
     render_ecosystem,
     render_nginx_site,
@@ -185,13 +187,68 @@ def test_ecosystem_is_valid_node_with_expected_apps(tmp_path: Path, agents: bool
         assert main["exec_mode"] == "cluster" and main["instances"] == 2 and main["wait_ready"] is True
         assert main["script"] == "./dist/index.js"
     assert blue["cwd"] == f"{s.root}/releases/r1" and green["cwd"] == f"{s.root}/releases/r2"
-    assert blue["env"] == {"NODE_ENV": "production", "PORT": "4000", "FIXTURE": "x"}
-    assert green["env"] == {"NODE_ENV": "production", "PORT": "4001", "FIXTURE": "x"}, "the slot's PORT wins over shared/.env's"
+    # each .env variable marked, and the list of them, for env-preload.cjs (a removed one leaves the app)
+    marks = {"COGNIVERN_ENV_KEY_PORT": "1", "COGNIVERN_ENV_KEY_FIXTURE": "1", "COGNIVERN_ENV_KEYS": "PORT FIXTURE"}
+    assert blue["env"] == {"NODE_ENV": "production", "PORT": "4000", "FIXTURE": "x", **marks}
+    assert green["env"] == {"NODE_ENV": "production", "PORT": "4001", "FIXTURE": "x", **marks}, "the slot's PORT wins over shared/.env's"
     if agents:
-        assert apps[2]["cwd"] == f"{s.root}/releases/r2" and apps[2]["env"] == {"NODE_ENV": "production", "PORT": "4000", "FIXTURE": "x"}
+        assert apps[2]["cwd"] == f"{s.root}/releases/r2"
+        assert apps[2]["env"] == {"NODE_ENV": "production", "PORT": "4000", "FIXTURE": "x", **marks}
     for app in apps:
         assert str(app["out_file"]).startswith(f"{s.root}/shared/logs/")
+        assert app["node_args"] == ["--require", env_preload_path(s.root)]
     assert "gsk-secret" not in text, "secrets never reach the ecosystem file"
+
+
+def test_ecosystem_run_by_anything_but_the_tool_marks_nothing(tmp_path: Path) -> None:
+    """Without COGNIVERN_ENV_KEYS (an operator's own `pm2 reload` of the file) the apps get no
+    variable, no marker and no list: PM2 keeps their environment, and env-preload.cjs drops nothing."""
+    root = tmp_path / "root"
+    (root / "config").mkdir(parents=True)
+    state = {"slots": {"live": "blue", "blue": "r1", "green": None, "agent": None}}
+    (root / "config" / "state.json").write_text(json.dumps(state))
+    s = settings(root=str(root), port="4000")
+    apps = node_apps(tmp_path, render_ecosystem(s), {"FIXTURE": "x"})
+    assert [a["env"] for a in apps] == [{"NODE_ENV": "production", "PORT": "4000"}]
+
+
+def preloaded_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment a process sees after env-preload.cjs (node --require, as PM2 starts the apps)."""
+    code = "process.stdout.write(JSON.stringify(process.env))"
+    out = subprocess.run(["node", "--require", str(ENV_PRELOAD), "-e", code], capture_output=True, text=True, check=True, env=env)
+    seen: dict[str, str] = json.loads(out.stdout)
+    return seen
+
+
+STALE = {"OLD": "stale", "COGNIVERN_ENV_KEY_OLD": "1"}  # once in .env, kept by PM2 after its removal
+CURRENT = {"KEPT": "x", "COGNIVERN_ENV_KEY_KEPT": "1", "COGNIVERN_ENV_KEYS": "KEPT"}
+
+
+def test_env_preload_drops_variables_removed_from_env_in_cluster_mode() -> None:
+    """A cluster worker gets its environment as JSON in `pm2_env`, which PM2's wrapper copies into process.env after the preload."""
+    pm2_env = {**STALE, **CURRENT, "OTHER": "kept", "pm_id": 0, "env": {**CURRENT}}
+    seen = json.loads(preloaded_env({"PATH": "/usr/bin:/bin", "pm2_env": json.dumps(pm2_env)})["pm2_env"])
+    assert {k: v for k, v in seen.items() if k != "env"} == {"KEPT": "x", "OTHER": "kept", "pm_id": 0}
+
+
+def test_env_preload_drops_variables_removed_from_env_in_fork_mode() -> None:
+    """The agent (fork mode) gets the variables themselves."""
+    seen = preloaded_env({"PATH": "/usr/bin:/bin", **STALE, **CURRENT, "OTHER": "kept"})
+    assert {k: seen.get(k) for k in ("OLD", "KEPT", "OTHER", "COGNIVERN_ENV_KEYS", "COGNIVERN_ENV_KEY_KEPT")} == {
+        "OLD": None,
+        "KEPT": "x",
+        "OTHER": "kept",
+        "COGNIVERN_ENV_KEYS": None,
+        "COGNIVERN_ENV_KEY_KEPT": None,
+    }
+
+
+def test_env_preload_leaves_an_unmarked_environment_alone() -> None:
+    """Apps started by an ecosystem from before the markers: nothing is known, nothing is dropped."""
+    seen = preloaded_env({"PATH": "/usr/bin:/bin", **STALE, "KEPT": "x"})
+    assert seen["OLD"] == "stale" and seen["KEPT"] == "x"
+    broken = preloaded_env({"PATH": "/usr/bin:/bin", "pm2_env": "{not json", "KEPT": "x"})
+    assert broken["pm2_env"] == "{not json" and broken["KEPT"] == "x"
 
 
 def test_ecosystem_without_a_state_runs_blue_and_the_agent_on_current(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from tests.support.story import Story
 from tests.support.target_host import TargetHost
 
 V1, V2, V3, V4, V5 = (f"scn-v{i}" for i in range(1, 6))
-HOST_COMMANDS = ("provision", "release-conf", "ecosystem", "env", "nginx-site")
+HOST_COMMANDS = ("provision", "env-preload", "ecosystem", "env", "nginx-site", "tool-install", "tool-conf")
 SECRET = "secret-one"
 
 story = Story()
@@ -100,7 +100,7 @@ def test_03_v2_goes_live_under_load_without_a_failed_request(stack: TargetStack)
     assert load.failures == [], load.failures
     ops = report.ops()
     assert {ops[f"cognivern-test-{c}"] for c in HOST_COMMANDS} == {"same"}
-    assert {ops[f"cognivern-test-release-{c}"] for c in RELEASE_STEPS} == {"replace"}
+    assert {c: ops[f"cognivern-test-release-{c}"] for c in RELEASE_STEPS} == {"upload": "replace", "activate": "replace", "prune": "same"}
     assert set(load.served()) - {"ok"} == {V1, V2}  # "ok": the /health answers
     assert stack.serving()["release"] == V2 and stack.current() == V2
     assert report.outputs["activeRelease"] == V2 and report.outputs["previousRelease"] == V1
@@ -121,9 +121,8 @@ def test_04_rollback_to_v1_by_config_alone_without_an_artifact(stack: TargetStac
     report = stack.up(release=V1, artifact=None)
     ops = report.ops()
     assert ops["cognivern-test-release-upload"] == "delete"  # no artifact: no upload resource (and no file removed)
-    assert ops["cognivern-test-release-install"] == "replace" and ops["cognivern-test-release-activate"] == "replace"
-    install = report.step("release-install", "replace")
-    assert install.commands == [f"cognivern-release --root {stack.host.root} install {V1} - -"]
+    assert ops["cognivern-test-release-activate"] == "replace"
+    assert report.commands == [f"cognivern-release --root {stack.host.root} deploy {V1} - -"]  # one SSH command
     assert sorted(p.name for p in (stack.host.root / "incoming").iterdir()) == before_incoming
     assert stack.serving()["release"] == V1
     assert report.outputs["activeRelease"] == V1 and report.outputs["previousRelease"] == V2
@@ -152,14 +151,13 @@ def test_05_failing_releases_fail_the_run_while_v1_keeps_serving(stack: TargetSt
         assert report.steps[-1].name.endswith("activate")  # nothing ran after the failure
         ops = report.ops()
         assert ops["cognivern-test-release-upload"] == ("create" if index == 0 else "replace")
-        assert ops["cognivern-test-release-install"] == "replace"
         assert load.failures == [], (name, load.failures)
         assert stack.serving()["release"] == V1 and stack.current() == V1, name
         assert stack.releases()[release] == "bad", name
-        # the state keeps what succeeded (upload and install of the new release) and v1's activate; the
-        # install it replaced waits as a pending delete (nothing runs for it: no delete command)
-        assert stack.release_state() == {"upload": release, "install": release, "activate": V1}, name
-        assert "cognivern-test-release-install" in stack.engine.resources(pending_deletes=True)
+        # the state keeps what succeeded (the new release's upload) and v1's activate; an upload it
+        # replaced waits as a pending delete (nothing runs for it: no delete command)
+        assert stack.release_state() == {"upload": release, "activate": V1}, name
+        assert index == 0 or "cognivern-test-release-upload" in stack.engine.resources(pending_deletes=True)
     stack.up(release=V1, artifact=None, bakeSeconds=2)  # back in line: the stack's release is v1 again
 
 
@@ -229,6 +227,7 @@ def test_07b_a_stack_with_no_secret_env_at_all_deploys(stack: TargetStack) -> No
     report = stack.up(secretEnv=None)
     assert report.ops()["cognivern-test-env"] == "update"
     assert "FIXTURE_ECHO" not in (stack.host.root / "shared" / ".env").read_text()
+    assert "FIXTURE_ECHO" not in stack.serving()["env"], "a removed variable leaves the app at the reload (env-preload.cjs)"
     assert "secretEnv" not in stack.engine.stack_file()
     assert stack.serving()["release"] == V1
     stack.up(secretEnv={"FIXTURE_ECHO": SECRET})

@@ -1,12 +1,18 @@
-"""Host preparation and runtime config: everything a server (created or existing) needs before releases.
+"""The machine and the app's runtime files: everything a server (created or existing) needs before releases.
 
 Each concern is one idempotent remote command whose script is a file here and whose data rides on
 stdin; a change to the script, its arguments or the data updates the command in place, which
-re-runs it (pulumi-command runs `create` again when no `update` is given).
+re-runs it (pulumi-command runs `create` again when no `update` is given): put-file.sh and
+nginx-site.sh compare first and say "unchanged", so a re-run with nothing new changes nothing.
+Provisioning is the exception: it takes seconds of package and account checks, so it is replaced
+when its command or its stdin changes (their digest is its trigger) and does nothing when only its
+connection changed (`update=NOTHING`). The release tool and its config are the ReleaseTool's
+(components/tool), the releases the Release's (components/release/component.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,34 +20,50 @@ import pulumi
 from pulumi_command import remote
 
 from components.release.cognivern_release import facts
-from components.remote import script_command
+from components.remote import NOTHING, PUT_FILE, command, put_file, script_command
 from components.render import (
-    RELEASE_DIR,
+    ENV_PRELOAD,
+    env_preload_path,
     render_ecosystem,
     render_env,
     render_nginx_site,
     render_nginx_tls_site,
-    render_release_conf,
     render_upstream,
     site_name,
 )
 from components.server import metadata_filter
 from components.settings import Settings
+from components.tool import BUNDLE_MARKER, ReleaseTool, ReleaseToolArgs, bundle, release_tool_files
 
 HERE = Path(__file__).resolve().parent
 PROVISION = HERE / "provision.sh"
-PUT_FILE = HERE / "put-file.sh"
 NGINX_SITE = HERE / "nginx-site.sh"
 TLS = HERE / "tls.sh"
-RELEASE_TOOL = RELEASE_DIR / "cognivern-release"
-RELEASE_PACKAGE = RELEASE_DIR / "cognivern_release"
 VERSIONS = HERE / "versions.env"
-BUNDLE_MARKER = "#--- {} ---"
-# What provision.sh installs besides the release tool, each after its marker line on its stdin.
+# What provision.sh installs from its stdin, each after its marker line: the metadata filter and its
+# unit. (provision.sh also takes the release tool's files there, as test hosts give them in one go:
+# release_tool_bundle; the program installs the tool with a command of its own, components/tool.)
 BUNDLED = {
     metadata_filter.SCRIPT_NAME: metadata_filter.SCRIPT,
     metadata_filter.UNIT_NAME: metadata_filter.UNIT,
 }
+__all__ = [
+    "BUNDLED",
+    "BUNDLE_MARKER",
+    "NGINX_SITE",
+    "PROVISION",
+    "PUT_FILE",
+    "TLS",
+    "Host",
+    "HostArgs",
+    "env_file",
+    "host_bundle",
+    "nginx_site_input",
+    "pinned_versions",
+    "provision_args",
+    "release_tool_bundle",
+    "release_tool_files",
+]
 
 
 def pinned_versions() -> dict[str, str]:
@@ -54,21 +76,16 @@ def pinned_versions() -> dict[str, str]:
     return out
 
 
-def release_tool_files(launcher: str | None = None) -> list[tuple[str, str]]:
-    """The release tool as provisioning installs it: its launcher and its package (standard library
-    only). `launcher`: a stand-in text for the launcher alone, for tests."""
-    if launcher is not None:
-        return [(RELEASE_TOOL.name, launcher)]
-    files = [(RELEASE_TOOL.name, RELEASE_TOOL.read_text())]
-    return files + [(f"{RELEASE_PACKAGE.name}/{p.name}", p.read_text()) for p in sorted(RELEASE_PACKAGE.glob("*.py"))]
+def host_bundle() -> str:
+    """provision.sh's stdin as the program sends it: each BUNDLED file (the metadata filter and its
+    unit) after a line `#--- PATH ---`, as source text in a fixed order."""
+    return bundle([(name, path.read_text()) for name, path in BUNDLED.items()])
 
 
 def release_tool_bundle(launcher: str | None = None) -> str:
-    """provision.sh's stdin: the release tool's files, then each BUNDLED file (the metadata filter
-    and its unit), each after a line `#--- PATH ---`, as source text (so `pulumi preview --diff` shows
-    a change line by line) in a fixed order (the same text every run)."""
-    files = [*release_tool_files(launcher), *((name, path.read_text()) for name, path in BUNDLED.items())]
-    return "".join(f"{BUNDLE_MARKER.format(name)}\n{text.rstrip(chr(10))}\n" for name, text in files)
+    """provision.sh's stdin with the release tool's files in front (test hosts that prepare a host in
+    one command); `launcher`: a stand-in text for the launcher alone, for tests."""
+    return bundle(release_tool_files(launcher)) + host_bundle()
 
 
 def nginx_site_input(s: Settings, site: str) -> str:
@@ -93,6 +110,14 @@ def provision_args(s: Settings) -> list[str]:
     return [*account, *node, *versions, "--metadata-filter", "yes" if s.filters_metadata else "no"]
 
 
+def digest(*texts: str) -> str:
+    """A command's work as one trigger value (sha256 of its texts)."""
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(hashlib.sha256(text.encode()).digest())
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class HostArgs:
     connection: remote.ConnectionArgs
@@ -100,71 +125,95 @@ class HostArgs:
 
 
 class Host(pulumi.ComponentResource):
-    """Prepares the host and writes its runtime config; `ready` lists what releases must wait for."""
+    """Prepares the host and writes the app's runtime files; `ready` lists what releases wait for."""
 
+    provision: remote.Command
     ready: list[pulumi.Resource]
 
     def __init__(self, name: str, args: HostArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("cognivern:index:Host", name, {}, opts)
         s = args.settings
-        self._name, self._connection, self._sudo, self._root = name, args.connection, s.ssh_user != "root", s.root
-        provision = self._command("provision", script_command(PROVISION, provision_args(s), sudo=self._sudo), release_tool_bundle(), [])
-        release_conf = self._put(
-            "release-conf", f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s), [provision]
+        sudo, connection = s.ssh_user != "root", args.connection
+
+        def put(
+            role: str,
+            dest: str,
+            mode: str,
+            owner: str,
+            content: pulumi.Input[str],
+            deps: list[pulumi.Resource],
+            *,
+            reload: bool = False,
+            secret: bool = False,
+        ) -> remote.Command:
+            """put-file.sh; `reload`: a changed file reloads the app (the installed tool's `reload`)."""
+            return put_file(
+                f"{name}-{role}",
+                parent=self,
+                connection=connection,
+                dest=dest,
+                mode=mode,
+                owner=owner,
+                content=content,
+                sudo=sudo,
+                depends_on=deps,
+                reload_root=s.root if reload else None,
+                secret=secret,
+            )
+
+        provision_cmd, provision_stdin = script_command(PROVISION, provision_args(s), sudo=sudo), host_bundle()
+        provision = command(
+            f"{name}-provision",
+            parent=self,
+            connection=connection,
+            create=provision_cmd,
+            stdin=provision_stdin,
+            update=NOTHING,
+            triggers=[digest(provision_cmd, provision_stdin)],
         )
-        # reload=True: the installed tool starts the apps again (`cognivern-release reload`), with the conf in place
-        ecosystem = self._put(
-            "ecosystem", f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), [release_conf], reload=True
+        # the tool and its config: a component of their own, so editing either runs only its command
+        tool = ReleaseTool(
+            f"{name}-tool",
+            ReleaseToolArgs(connection=connection, settings=s, after=[provision], conf_was_under=self),
+            pulumi.ResourceOptions(parent=self),
+        )
+        preload = put("env-preload", env_preload_path(s.root), "0644", "root:root", ENV_PRELOAD.read_text(), [provision])
+        # reload=True: the installed tool starts the apps again (`cognivern-release reload`), with its conf in place
+        ecosystem = put(
+            "ecosystem",
+            f"{s.root}/config/ecosystem.config.cjs",
+            "0644",
+            "root:root",
+            render_ecosystem(s),
+            [preload, *tool.ready],
+            reload=True,
         )
         env_text = pulumi.Output.secret(render_env(s.stack_env, s.secret_env))
-        env = self._put("env", *env_file(s), env_text, [ecosystem], reload=True, secret=True)
+        env = put("env", *env_file(s), env_text, [ecosystem], reload=True, secret=True)
         site = site_name(s.app_name)
         tls_domain = s.domain if s.certbot_tls else None
-        nginx = self._command(
-            "nginx-site",
-            script_command(NGINX_SITE, ["--name", site], sudo=self._sudo),
-            nginx_site_input(s, render_nginx_site(s, domain=tls_domain, hsts=s.balancer_tls)),
-            [provision],
+        nginx = command(
+            f"{name}-nginx-site",
+            parent=self,
+            connection=connection,
+            create=script_command(NGINX_SITE, ["--name", site], sudo=sudo),
+            stdin=nginx_site_input(s, render_nginx_site(s, domain=tls_domain, hsts=s.balancer_tls)),
+            depends_on=[provision],
         )
         if tls_domain is not None:
             # After the HTTP site (its ACME challenge location must be live). Not part of `ready`: the
             # health gate uses 127.0.0.1, so a Let's Encrypt outage never holds back a release.
             assert s.acme_email is not None
             argv = ["--name", site, "--domain", tls_domain, "--email", s.acme_email, "--server", s.acme_server]
-            self._command("tls", script_command(TLS, argv, sudo=self._sudo), render_nginx_tls_site(s, tls_domain), [nginx])
+            command(
+                f"{name}-tls",
+                parent=self,
+                connection=connection,
+                create=script_command(TLS, argv, sudo=sudo),
+                stdin=render_nginx_tls_site(s, tls_domain),
+                depends_on=[nginx],
+            )
 
-        self.ready = [provision, release_conf, ecosystem, env, nginx]
+        self.provision = provision
+        self.ready = [provision, *tool.ready, preload, ecosystem, env, nginx]
         self.register_outputs({})
-
-    def _command(
-        self, role: str, create: str, stdin: pulumi.Input[str], depends_on: list[pulumi.Resource], secret: bool = False
-    ) -> remote.Command:
-        """A child command; one that carries a secret logs nothing and keeps its output secret."""
-        opts = pulumi.ResourceOptions(parent=self, depends_on=depends_on)
-        if secret:
-            opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(additional_secret_outputs=["stdout", "stderr"]))
-        return remote.Command(
-            f"{self._name}-{role}",
-            connection=self._connection,
-            create=create,
-            stdin=stdin,
-            logging=remote.Logging.NONE if secret else remote.Logging.STDOUT_AND_STDERR,
-            add_previous_output_in_env=False,
-            opts=opts,
-        )
-
-    def _put(
-        self,
-        role: str,
-        dest: str,
-        mode: str,
-        owner: str,
-        content: pulumi.Input[str],
-        deps: list[pulumi.Resource],
-        *,
-        reload: bool = False,
-        secret: bool = False,
-    ) -> remote.Command:
-        """put-file.sh: the content travels on stdin, never in the command line."""
-        argv = ["--dest", dest, "--mode", mode, "--owner", owner] + (["--reload-root", self._root] if reload else [])
-        return self._command(role, script_command(PUT_FILE, argv, sudo=self._sudo), content, deps, secret)

@@ -18,11 +18,25 @@ const CURRENT = {{ current }};
 const SLOTS = {{ slots }};
 const RELEASE_ID = new RegExp({{ release_id }});
 
+// A variable removed from shared/.env must leave the app: PM2 7 keeps every variable an app ever had
+// through each reload (see env-preload.cjs). So, when cognivern-release is the caller (it sets
+// COGNIVERN_ENV_KEYS), each variable is also marked with COGNIVERN_ENV_KEY_<NAME> and the list of
+// the current names goes along; env-preload.cjs drops from the app any marked variable that is no
+// longer listed. Run by anything else (no list), the ecosystem adds nothing and PM2 keeps the
+// environment the app had.
 function sharedEnv() {
   const env = {};
-  for (const key of (process.env.COGNIVERN_ENV_KEYS || '').split(' ')) {
-    if (key && Object.prototype.hasOwnProperty.call(process.env, key)) env[key] = process.env[key];
+  const listed = process.env.COGNIVERN_ENV_KEYS;
+  if (typeof listed !== 'string') return env;
+  const names = [];
+  for (const key of listed.split(' ')) {
+    if (key && Object.prototype.hasOwnProperty.call(process.env, key)) {
+      env[key] = process.env[key];
+      env[`COGNIVERN_ENV_KEY_${key}`] = '1';
+      names.push(key);
+    }
   }
+  env.COGNIVERN_ENV_KEYS = names.join(' ');
   return env;
 }
 

@@ -148,6 +148,20 @@ nginx_reload() {
 }
 
 # ---------------------------------------------------------------------------- the release tool
+# unpack_bundle DIR NAMES: stdin's files into DIR, each after a line "#--- PATH ---" whose PATH
+# matches the extended regex NAMES (anchored); a marker outside it, or text before the first marker,
+# fails (status 3) with nothing more read. DIR (and its subdirectories the names need) exist already.
+unpack_bundle() { # dir names
+    awk -v dir="$1" -v names="^($2)$" '
+        /^#--- / {
+            if (NF != 3 || $3 != "---" || $2 !~ names) { bad = 1; exit }
+            out = dir "/" $2; next
+        }
+        out == "" { bad = 1; exit }
+        { print > out }
+        END { exit bad ? 3 : 0 }'
+}
+
 # install_release_tool DIR BIN_DIR: the release tool's files in DIR (provision.sh unpacks them from
 # its stdin; test hosts write them) installed as $LIB/<digest of the files>/ ($LIB =
 # BIN_DIR/../lib/cognivern-release) (made aside, then renamed into place); $LIB/current is
@@ -155,7 +169,7 @@ nginx_reload() {
 # the old tool or the new one, never a mix, and a running activation keeps its version (the
 # launcher resolves `current` once). The version before stays; older ones go.
 install_release_tool() { # dir bin_dir: dir holds cognivern-release and cognivern_release/
-    local bin_dir=$2 lib digest stage link="../lib/cognivern-release/current/cognivern-release" old
+    local bin_dir=$2 lib digest stage link="../lib/cognivern-release/current/cognivern-release" old before
     lib="$(dirname "$bin_dir")/lib/cognivern-release"
     digest=$(cd "$1" && find cognivern-release cognivern_release -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
     if [ "$(readlink "$lib/current" 2>/dev/null)" = "$digest" ] && [ -d "$lib/$digest" ] &&
@@ -173,10 +187,13 @@ install_release_tool() { # dir bin_dir: dir holds cognivern-release and cogniver
         chmod 0755 "$stage/cognivern-release"
         mv -T "$stage" "$lib/$digest"
     fi
+    before=$(readlink "$lib/current" 2>/dev/null || true)
     ln -sfn "$digest" "$lib/.current.new" && mv -T "$lib/.current.new" "$lib/current"
     ln -sfn "$link" "$bin_dir/.cognivern-release.new" && mv -T "$bin_dir/.cognivern-release.new" "$bin_dir/cognivern-release"
     rm -f -- "$bin_dir/cognivern-pm2.cjs" # the Node helper of the bash tool: its work is in the package now
-    find "$lib" -mindepth 1 -maxdepth 1 -type d ! -name "$digest" ! -name '.stage.*' -printf '%T@ %f\n' | sort -rn | tail -n +2 |
-        while read -r _ old; do rm -rf -- "${lib:?}/$old"; done
+    # the version that was current stays (an activation under way may still import from it), whatever
+    # its age: a switch back to an older digest keeps the one it leaves, not the newest directory
+    find "$lib" -mindepth 1 -maxdepth 1 -type d ! -name "$digest" ! -name "${before:-.}" ! -name '.stage.*' -printf '%f\n' |
+        while read -r old; do rm -rf -- "${lib:?}/$old"; done
     say "release tool: installed $digest ($bin_dir/cognivern-release)"
 }

@@ -5,14 +5,15 @@
 #       --node-major N --node-source nodesource|distribution --pm2-version X.Y.Z --pnpm-version X.Y.Z \
 #       --metadata-filter yes|no < bundle
 #
-# stdin (components.host.release_tool_bundle): files as text, each after a line "#--- PATH ---":
-# the server-side release tool (its launcher cognivern-release and its Python package
-# cognivern_release/*.py), installed under $BIN_DIR/../lib/cognivern-release with
-# $BIN_DIR/cognivern-release linking to it (no tool on stdin, or a terminal: that step is skipped);
+# stdin (components.host.host_bundle): files as text, each after a line "#--- PATH ---":
 # cognivern-metadata-filter and cognivern-metadata-filter.service (installed with --metadata-filter
 # yes: servers the program creates, where Hetzner's metadata service exists; PM2's unit then requires
 # that unit). Every step prints one line, "ok (already)" or what it changed, so a re-run on a
-# prepared host changes nothing and says so.
+# prepared host changes nothing and says so. The program installs the release tool with a command of
+# its own (components/tool/install-tool.sh), so an edit of the tool never re-runs provisioning; test
+# hosts that prepare a host in one command may put the tool's files in front on stdin
+# (components.host.release_tool_bundle: the launcher cognivern-release and cognivern_release/*.py),
+# which this then installs the same way (lib.sh's install_release_tool).
 # Supported: Ubuntu 24.04, Debian 12 and 13. Nothing under R/shared is ever deleted.
 #
 # The app user is treated as hostile: the directories root works in (R, releases/, shared/,
@@ -85,15 +86,8 @@ trap 'rm -rf -- "$tmpdir"' EXIT
 bundle="$tmpdir/bundle"
 mkdir -m 0700 "$bundle" "$bundle/cognivern_release"
 if [ ! -t 0 ]; then
-    # each marker line starts the next file (named by the marker, one of these) in $bundle
-    awk -v dir="$bundle" '
-        /^#--- / {
-            if (NF != 3 || $3 != "---" || $2 !~ /^(cognivern-release|cognivern_release\/[a-z0-9_]+\.py|cognivern-metadata-filter|cognivern-metadata-filter\.service)$/) { bad = 1; exit }
-            out = dir "/" $2; next
-        }
-        out == "" { bad = 1; exit }
-        { print > out }
-        END { exit bad ? 3 : 0 }' || die "the release tool on stdin is not a bundle of its files (lines \"#--- PATH ---\" before each)"
+    unpack_bundle "$bundle" 'cognivern-release|cognivern_release/[a-z0-9_]+\.py|cognivern-metadata-filter|cognivern-metadata-filter\.service' ||
+        die "stdin is not a bundle of the files it takes (lines \"#--- PATH ---\" before each)"
 fi
 filter_src="$bundle/cognivern-metadata-filter"
 filter_unit=cognivern-metadata-filter.service
@@ -461,7 +455,7 @@ fi
 # (install_release_tool: lib.sh)
 /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "the release tool needs Python 3.11 or newer (/usr/bin/python3)"
 if [ ! -s "$bundle/cognivern-release" ]; then
-    say "release tool: skipped (nothing on stdin)"
+    say "release tool: skipped (not on stdin: it has a command of its own)"
 else
     install_release_tool "$bundle" "$bin_dir"
 fi

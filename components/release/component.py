@@ -1,15 +1,21 @@
-"""A release: upload (when there is an artifact), install, then health-gated activation.
+"""A release: upload (when there is an artifact), then `cognivern-release deploy` on each server.
 
-Several servers roll: every server's upload and install run at once (they do not touch the
-running app), then the activations run one server at a time (`rolling_activation`): server 1's
-activate waits for every install, server i's for server i-1's activate. A failed health gate
-stops the rollout at that server (its tool has already switched it back); later servers keep the
-old release, earlier ones the new one.
+One server: `deploy ID SOURCE SHA256` is the whole release in one SSH command (install when it is not
+installed yet, the health-gated activation, prune, then the state as JSON); a release that is
+already installed (a rollback) needs nothing else. Several servers roll: every server's upload and
+install run at once (they do not touch the running app), then the activations (the same `deploy`,
+whose install is then a check) run one server at a time (`rolling_activation`): server 1's waits for
+every install, server i's for server i-1's. A failed health gate stops the rollout at that server
+(its tool has already switched it back); later servers keep the old release, earlier ones the new.
 
 The release id and the artifact digest are the `triggers` of install and activate, so changing
 `cognivern:release` replaces them: the new release's commands run, the old resources are dropped
-(create-before-delete). No command has a `delete`: destroying or replacing a release resource never
-removes a release directory or undoes the newer activation.
+(create-before-delete). Any other change to the activation (its connection, the wording of its
+command) runs only its `update`, `list --json`: nothing switches; to an install, nothing.
+`prune --keep N` is a command of its own, triggered by N, so keepReleases never touches the
+activation (the tool remembers N for deploy's prune) and a new connection alone prunes nothing.
+No command has a `delete`: destroying or replacing a release resource never removes a release
+directory or undoes the newer activation.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 import pulumi
 from pulumi_command import remote
 
-from components.remote import tool_command
+from components.remote import NOTHING, tool_command
 
 TOOL = "cognivern-release"
 
@@ -98,6 +104,9 @@ class ReleaseArgs:
     # id of the server the program creates for this release (None for an existing host): while a
     # preview does not know it, this run creates the server, so the release cannot be on it yet
     server_id: pulumi.Output[Any] | None = None
+    # several servers: install here first (an `-install` command), so no server switches before
+    # every server has the release; one server: the activation's deploy installs
+    install_first: bool = False
 
 
 NO_ARTIFACT_FOR_NEW_SERVER = (
@@ -142,14 +151,15 @@ def parse_state(stdout: str) -> dict[str, Any]:
 
 
 class Release(pulumi.ComponentResource):
-    """Upload and install on construction; `activate(after=...)` adds the activation.
+    """Upload (and, with several servers, install) on construction; `activate(after=...)` adds the activation.
 
     Built with `defer_activation=True` the activation waits for `activate()`, so a rollout can
     make it depend on other servers' steps; otherwise it is added at once (one server).
     """
 
-    install: remote.Command
+    install: remote.Command | None
     activation: remote.Command
+    prune: remote.Command
     active_release: pulumi.Output[Any]
     previous_release: pulumi.Output[Any]
     releases: pulumi.Output[Any]
@@ -159,11 +169,8 @@ class Release(pulumi.ComponentResource):
         self._name = name
         self._args = args
         a = args.artifact
-        triggers = [args.release, a.digest]
-        tool = self._tool
-
-        deps = list(args.depends_on)
-        install_cmd: pulumi.Input[str]
+        self._triggers = [args.release, a.digest]
+        self._before: list[pulumi.Resource] = list(args.depends_on)
         if a.kind == "file":
             assert a.location is not None
             remote_path = f"{args.root}/incoming/cognivern-{args.release}.tar.gz"
@@ -172,53 +179,72 @@ class Release(pulumi.ComponentResource):
                 connection=args.connection,
                 source=pulumi.FileAsset(a.location),
                 remote_path=remote_path,
-                triggers=triggers,
-                opts=pulumi.ResourceOptions(parent=self, depends_on=deps),
+                triggers=self._triggers,
+                opts=pulumi.ResourceOptions(parent=self, depends_on=self._before),
             )
-            deps = [upload]
-            install_cmd = tool("install", args.release, remote_path, a.digest)
+            self._before = [upload]
+            self._source = [args.release, remote_path, a.digest]
         elif a.kind == "url":
             assert a.location is not None and a.sha256 is not None
-            install_cmd = tool("install", args.release, a.location, a.sha256)
+            self._source = [args.release, a.location, a.sha256]
         else:
-            install_cmd = tool("install", args.release, "-", "-")
-            if args.server_id is not None:
-                install_cmd = on_existing_server(args.server_id, args.release, install_cmd)
+            self._source = [args.release, "-", "-"]
 
-        self.install = remote.Command(
-            f"{name}-install",
-            connection=args.connection,
-            create=install_cmd,
-            triggers=triggers,
-            add_previous_output_in_env=False,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=deps),
-        )
+        self.install = None
+        if args.install_first:
+            install = self._checked(self._tool("install", *self._source))
+            self.install = self._command("install", install, self._before, triggers=self._triggers, update=NOTHING)
+            self._before = [self.install]
         if not defer_activation:
             self.activate()
 
     def _tool(self, *argv: str) -> str:
         return tool_command(TOOL, ["--root", self._args.root, *argv], sudo=self._args.sudo)
 
+    def _checked(self, command: str) -> pulumi.Input[str]:
+        """The first command that names a release without an artifact fails a preview that creates its server."""
+        if self._args.artifact.kind != "none" or self._args.server_id is None:
+            return command
+        return on_existing_server(self._args.server_id, self._args.release, command)
+
+    def _command(
+        self,
+        role: str,
+        create: pulumi.Input[str],
+        after: list[pulumi.Resource],
+        *,
+        triggers: Sequence[str] | None = None,
+        update: str | None = None,
+    ) -> remote.Command:
+        return remote.Command(
+            f"{self._name}-{role}",
+            connection=self._args.connection,
+            create=create,
+            update=update,
+            triggers=list(triggers) if triggers is not None else None,
+            add_previous_output_in_env=False,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=after),
+        )
+
     def activate(self, after: Sequence[pulumi.Resource] = ()) -> remote.Command:
-        """The health-gated switch (then prune, then the state as JSON), after this install and `after`."""
-        args, tool = self._args, self._tool
+        """The release's `deploy` (install, health-gated switch, prune, the state as JSON), then the
+        stack's own prune, after this server's upload/install and `after`."""
         if hasattr(self, "activation"):
             raise RuntimeError(f"{self._name}: activate() called twice")
-        activate = remote.Command(
-            f"{self._name}-activate",
-            connection=args.connection,
-            create=" && ".join([tool("activate", args.release), tool("prune", "--keep", str(args.keep_releases)), tool("list", "--json")]),
-            triggers=[args.release, args.artifact.digest],
-            add_previous_output_in_env=False,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.install, *[r for r in after if r is not self.install]]),
-        )
-        self.activation = activate
-        state = activate.stdout.apply(parse_state)
+        deploy = self._tool("deploy", *self._source)
+        create = deploy if self.install is not None else self._checked(deploy)
+        deps = [*self._before, *[r for r in after if r not in self._before]]
+        self.activation = self._command("activate", create, deps, triggers=self._triggers, update=self._tool("list", "--json"))
+        # keepReleases is its trigger: a new value replaces it (the prune runs, and the tool remembers
+        # N for the next deploy's prune); a change of its connection alone (a host-key pin) runs nothing
+        keep = str(self._args.keep_releases)
+        self.prune = self._command("prune", self._tool("prune", "--keep", keep), [self.activation], triggers=[keep], update=NOTHING)
+        state = self.activation.stdout.apply(parse_state)
         self.active_release = state.apply(lambda st: st.get("current"))
         self.previous_release = state.apply(lambda st: st.get("previous"))
         self.releases = state.apply(lambda st: st.get("releases", []))
         self.register_outputs({"activeRelease": self.active_release, "previousRelease": self.previous_release, "releases": self.releases})
-        return activate
+        return self.activation
 
 
 def rolling_activation(releases: Sequence[Release]) -> list[remote.Command]:
@@ -227,7 +253,7 @@ def rolling_activation(releases: Sequence[Release]) -> list[remote.Command]:
     Server 1 waits for every server's install (no server switches before all have the release);
     server i waits for server i-1's activation, so a failed health gate stops the rollout there.
     """
-    installs = [r.install for r in releases]
+    installs = [r.install for r in releases if r.install is not None]
     activations: list[remote.Command] = []
     for index, release in enumerate(releases):
         after: list[pulumi.Resource] = list(installs) if index == 0 else [activations[-1]]

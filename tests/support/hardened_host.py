@@ -17,10 +17,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from components.host import NGINX_SITE, PROVISION, PUT_FILE, env_file, nginx_site_input, provision_args, release_tool_bundle
+from components.host import NGINX_SITE, PROVISION, PUT_FILE, env_file, host_bundle, nginx_site_input, provision_args
 from components.remote import script_command
-from components.render import NginxTarget, render_ecosystem, render_env, render_nginx_site, render_release_conf, site_name
+from components.render import (
+    ENV_PRELOAD,
+    NginxTarget,
+    env_preload_path,
+    render_ecosystem,
+    render_env,
+    render_nginx_site,
+    render_release_conf,
+    site_name,
+)
 from components.settings import Settings
+from components.tool import INSTALL_TOOL, bundle, release_tool_files
 from tests.support.release_host import build_release_tarball, read_state
 from tests.support.target_host import SYSTEM_PATH, TargetHost, end_user_processes
 
@@ -42,7 +52,13 @@ class HardenedHost:
 
     # -- the program's steps ---------------------------------------------------------------
     def provision(self) -> subprocess.CompletedProcess[str]:
-        return self.target.run(script_command(PROVISION, provision_args(self.settings)), stdin=release_tool_bundle())
+        """provision.sh, then the release tool's own install (the program's two commands): provisioning's
+        result, or the install's when that failed."""
+        provisioned = self.target.run(script_command(PROVISION, provision_args(self.settings)), stdin=host_bundle())
+        if provisioned.returncode != 0:
+            return provisioned
+        tool = self.target.run(script_command(INSTALL_TOOL, []), stdin=bundle(release_tool_files()))
+        return provisioned if tool.returncode == 0 else tool
 
     def put(self, dest: str, mode: str, owner: str, content: str, reload: bool = False) -> subprocess.CompletedProcess[str]:
         argv = ["--dest", dest, "--mode", mode, "--owner", owner] + (["--reload-root", str(self.root)] if reload else [])
@@ -69,6 +85,7 @@ class HardenedHost:
         for result in (
             self.provision(),
             self.put(f"{s.root}/config/cognivern.conf", "0644", "root:root", render_release_conf(s, target)),
+            self.put(env_preload_path(s.root), "0644", "root:root", ENV_PRELOAD.read_text()),
             self.put(f"{s.root}/config/ecosystem.config.cjs", "0644", "root:root", render_ecosystem(s), reload=True),
             self.put_env(),
             self.target.run(site, stdin=nginx_site_input(s, render_nginx_site(s))),

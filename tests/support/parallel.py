@@ -34,6 +34,8 @@ SECONDS = {  # worker seconds per module in a `make test` run (junit sums, 2026-
     "test_pristine_provision": 150,  # alone, not yet from a `make test` run (2026-12): provisioning from nothing
     "test_newcomer": 130,
     "test_scenarios": 105,
+    "test_boundaries": 150,  # not yet from a `make test` run: 2:01 alone at load average ~3
+    "test_upgrade": 60,  # the same: 0:54 alone
     "test_hardening": 85,
     "test_backup_live": 85,
     "test_multi_server": 80,

@@ -41,6 +41,7 @@ class Registration:
     replace_on_changes: list[str]
     additional_secret_outputs: list[str]
     protect: bool
+    aliases: list[Any] = field(default_factory=list)  # alias specs as dicts (name, parentUrn, ...) and alias URNs
 
 
 @dataclass
@@ -56,6 +57,9 @@ class ProgramRun:
         found = [r for r in self.registrations if r.name == name]
         assert len(found) == 1, f"{name}: {[r.name for r in self.registrations]}"
         return found[0]
+
+    def parent_name(self, reg: Registration) -> str:
+        return next(r.name for r in self.registrations if r.urn == reg.parent)
 
     @property
     def names(self) -> list[str]:
@@ -127,6 +131,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                         replace_on_changes=list(request.replaceOnChanges),
                         additional_secret_outputs=list(request.additionalSecretOutputs),
                         protect=request.protect,
+                        aliases=[json_format.MessageToDict(a) for a in request.aliases] + list(request.aliasURNs),
                     )
                 )
         return response

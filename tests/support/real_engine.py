@@ -42,7 +42,8 @@ BIN = REPO / ".tools" / "bin"
 PLUGINS = ("pulumi", "pulumi-language-python", "pulumi-language-python-exec", "pulumi-resource-command", "pulumi-resource-pulumi-python")
 PASSPHRASE = "real engine test passphrase (test only)"
 PROGRAM_FILES = ("Pulumi.yaml", "__main__.py", ".env.example")  # copied: the project dir is the program's PROJECT_DIR
-LINKED = ("components", "scripts", "tools", ".tools", "venv")  # linked: read-only parts of the checkout
+PROGRAM_DIRS = ("components", "scripts", "tools")  # linked: the program's read-only parts
+LINKED = (*PROGRAM_DIRS, ".tools", "venv")  # linked: read-only parts of the checkout
 # The project file of a tiny program (RealEngine(program=...)): this repository's runtime and venv, no config declared.
 TINY_PROJECT = "name: cognivern\nruntime:\n  name: python\n  options:\n    toolchain: pip\n    virtualenv: venv\n"
 # The engine's resource operations as the report names them: a replacement is one "replace" step for
@@ -341,9 +342,11 @@ class Running:
 class RealEngine:
     """One stack of this repository's program on a private project directory and `file://` backend."""
 
-    def __init__(self, workdir: Path, *, stack: str = "test", timeout: float = 900, program: str | None = None) -> None:
+    def __init__(self, workdir: Path, *, stack: str = "test", timeout: float = 900, program: str | None = None, tree: Path = REPO) -> None:
         """`program`: the text of a tiny `__main__.py` to run instead of this repository's program
-        (a project of its own, named like ours so its config keys are `cognivern:*`, none declared)."""
+        (a project of its own, named like ours so its config keys are `cognivern:*`, none declared).
+        `tree`: a tree holding the program (another commit's, for an upgrade); the CLI, plugins and
+        venv always come from this checkout."""
         self.workdir = Path(workdir)
         self.project = self.workdir / "project"
         self.state_dir = self.workdir / "state"
@@ -351,17 +354,30 @@ class RealEngine:
         self.timeout = timeout
         self.env = engine_env(self.workdir / "pulumi-home", self.state_dir)
         self.project.mkdir(parents=True)
+        for name in (".tools", "venv"):
+            (self.project / name).symlink_to(REPO / name)
         if program is None:
-            for name in PROGRAM_FILES:
-                shutil.copy(REPO / name, self.project / name)
+            self.use_program(tree)
         else:
             (self.project / "Pulumi.yaml").write_text(TINY_PROJECT)
             (self.project / "__main__.py").write_text(program)
-        for name in LINKED:
-            (self.project / name).symlink_to(REPO / name)
+            for name in PROGRAM_DIRS:
+                (self.project / name).symlink_to(REPO / name)
         self._applied: dict[str, tuple[str, bool]] = {}  # key -> (raw value, secret) as last set
         self._runs = 0
         self.cli("stack-init")
+
+    def use_program(self, program: Path) -> None:
+        """Run `program`'s __main__.py and components from now on, on the same stack and state (an upgrade)."""
+        for name in PROGRAM_FILES:
+            shutil.copy(program / name, self.project / name)
+        for name in PROGRAM_DIRS:
+            link = self.project / name
+            if link.is_symlink():
+                link.unlink()
+            elif link.exists():
+                shutil.rmtree(link)
+            link.symlink_to(program / name)
 
     # ------------------------------------------------------------------ the CLI
     def cli(
@@ -381,6 +397,18 @@ class RealEngine:
         if check and done.returncode != 0:
             raise AssertionError(f"pulumi {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
         return done
+
+    def edit(self, path: str, text: str) -> None:
+        """Give this project its own `path` (e.g. an edited release tool); the checkout is untouched.
+
+        The linked directory that holds it becomes a copy first, so later runs see the edit too.
+        """
+        top = self.project / path.split("/", 1)[0]
+        if top.is_symlink():
+            target = top.resolve()
+            top.unlink()
+            shutil.copytree(target, top, symlinks=True)
+        (self.project / path).write_text(text)
 
     # ------------------------------------------------------------------ config
     def configure(self, config: Mapping[str, str], secret_keys: Sequence[str] = ()) -> None:

@@ -33,7 +33,9 @@ from components.release.component import TOOL as TOOL_NAME
 from components.release.component import sha256_file
 from components.remote import LIB
 from components.render import (
+    ENV_PRELOAD,
     NginxTarget,
+    env_preload_path,
     render_ecosystem,
     render_env,
     render_nginx_site,
@@ -207,6 +209,7 @@ class ReleaseHost(DisposableHost):
         self.pm2_home.mkdir(exist_ok=True)
         os.chown(self.pm2_home, *own)
         s = self.settings
+        shutil.copy(ENV_PRELOAD, env_preload_path(s.root))  # every app process loads it (the ecosystem's node_args)
         (self.root / "config" / "ecosystem.config.cjs").write_text(render_ecosystem(s))
         target = NginxTarget(conf=str(self.nginx.conf_path), prefix=str(self.nginx.prefix))
         conf = render_release_conf(s, target) + f"PM2_HOME={self.pm2_home}\n"

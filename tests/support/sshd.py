@@ -1,7 +1,7 @@
 """A private OpenSSH server on a loopback port, for running the program's commands over real SSH.
 
     with LocalSshd(set_env={"COGNIVERN_BIN_DIR": "/tmp/x/bin"}) as sshd:
-        result = sshd.run(script_command(PROVISION, [...]), stdin=tool_text)
+        result = sshd.run(script_command(PROVISION, [...]))
 
 Everything lives in one temp dir: host key, client key, `authorized_keys`, `known_hosts`, the
 server config and the `sshd_config.d/` drop-in directory that the config includes at its top

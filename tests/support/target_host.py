@@ -2,7 +2,7 @@
 
     with TargetHost() as host:
         s = host.settings(release="r1")                  # Settings pointing at this host
-        host.run(script_command(PROVISION, [...]), stdin=tool_text)
+        host.run(script_command(PROVISION, [...]))
         httpx.get(host.nginx.url("/health"))
 
 The program's commands run unmodified (root over SSH, as the program does for sshUser=root):

@@ -60,8 +60,14 @@ Commands:
                              the deploy lock settles it first (a slot still starting is stopped; an
                              interrupted bake goes back to the still-warm old slot; a revert or
                              finish is done again).
-  prune [--keep N]           Remove old releases, keeping the newest N (default KEEP_RELEASES,
-                             N >= 2) plus current and previous; removes abandoned unfinished ones.
+  deploy ID SOURCE SHA256    What `pulumi up` runs on a server for a release, in one command:
+                             install (SOURCE `-`: ID must be installed), activate ID, prune
+                             (keeping the last --keep given), then `list --json` on stdout.
+                             Stops at the first step that fails, with its exit status.
+  prune [--keep N]           Remove old releases, keeping the newest N (N >= 2) plus current and
+                             previous; removes abandoned unfinished ones. N is remembered in the
+                             state: a prune without --keep (and deploy's) keeps the last N given
+                             (before any: KEEP_RELEASES, default 5).
   list [--json]              Releases newest first: id, install time, size, state
                              (current, previous, bad, unfinished, installed).
   status                     Current and previous release, what each slot runs and which is
@@ -89,7 +95,7 @@ Exit status: 0 success, 1 failure, 2 usage error, 3 another deploy holds the loc
 """
 
 READ_ONLY = ("list", "status", "logs")
-COMMANDS = ("install", "activate", "activate-worker", "prune", "backup", "restore", "reload", *READ_ONLY)
+COMMANDS = ("install", "activate", "activate-worker", "deploy", "prune", "backup", "restore", "reload", *READ_ONLY)
 ACTIONS = {
     "install": "install",
     "prune": "prune",
@@ -284,6 +290,20 @@ def cmd_activate(srv: Server, act: Action, args: list[str]) -> int:
     return rc
 
 
+def cmd_deploy(srv: Server, act: Action, args: list[str]) -> int:
+    """install, activate, prune, `list --json`: a release's whole deploy in one SSH command (one
+    session instead of three sequential ones). Each step is the command of that name, with its own
+    line in releases.log and its own clean-ups; the first that fails ends the deploy with its status."""
+    if len(args) != 3:
+        raise usage_error("usage: deploy ID SOURCE SHA256 (or: deploy ID - -)")
+    rid = valid_id(args[0])
+    for cmd, argv in (("install", list(args)), ("activate", [rid]), ("prune", []), ("list", ["--json"])):
+        rc = execute(Server(srv.cfg, srv.root_fd), cmd, argv)
+        if rc:
+            return rc
+    return 0
+
+
 def cmd_activate_worker(srv: Server, act: Action, args: list[str]) -> None:
     from . import activation
 
@@ -321,9 +341,11 @@ def activation_checks(srv: Server, act: Action, rid: str, force: bool) -> None:
 
 
 def cmd_prune(srv: Server, act: Action, args: list[str]) -> None:
+    """`--keep N` is remembered in the state: a prune without it keeps the last N given (before any,
+    KEEP_RELEASES), so deploy's prune follows the stack's keepReleases without naming it."""
     from . import install as inst
 
-    keep = str(srv.cfg.keep_releases)
+    keep: str | None = None
     rest = list(args)
     while rest:
         arg = rest.pop(0)
@@ -335,10 +357,18 @@ def cmd_prune(srv: Server, act: Action, args: list[str]) -> None:
             keep = arg.removeprefix("--keep=")
         else:
             raise usage_error("usage: prune [--keep N]")
-    if not (keep.isascii() and keep.isdigit()) or int(keep) < 2:
-        raise usage_error(f"prune: --keep must be a whole number >= 2, got '{keep}'")
+    if keep is not None and (not (keep.isascii() and keep.isdigit()) or int(keep) < facts.MIN_KEEP_RELEASES):
+        raise usage_error(f"prune: --keep must be a whole number >= {facts.MIN_KEEP_RELEASES}, got '{keep}'")
     srv.ensure_layout()
     take_deploy_lock(srv, act, "prune", "-", 0)
+    if keep is None:
+        remembered = srv.store.read()["keep_releases"]
+        keep = str(remembered if remembered is not None else srv.cfg.keep_releases)
+    else:
+        with srv.store.update() as st:
+            if st["keep_releases"] != int(keep):
+                say(f"keeping {keep} releases from now on (prune --keep {keep})")
+            st["keep_releases"] = int(keep)
     cur, prev = srv.current(), srv.store.read()["previous"]
     removed = 0
     for n, rid in enumerate(complete_releases(srv), start=1):

@@ -90,6 +90,7 @@ PORT = 3000
 HEALTH_PATH_DEFAULT = "/health"
 HEALTH_TIMEOUT = 25
 KEEP_RELEASES = 5
+MIN_KEEP_RELEASES = 2  # current and previous are never pruned; fewer would keep nothing to roll back to
 DATA_BACKUPS_KEEP = 5
 # Seconds a switched release is watched (health, PM2 restarts) with the previous slot still warm: long
 # enough for a crash loop that starts ~10 s after boot (the issue's measured case) and a few health
@@ -150,15 +151,25 @@ def upstream_include(app_name: str) -> str:
     return f"sites-available/{site_name(app_name)}.upstream"
 
 
-def upstream_text(name: str, live_port: int, backup_port: int | None = None) -> str:
-    """The upstream file: the live slot, and the other slot as `backup` while it runs.
+def upstream_text(name: str, port: int, live_port: int) -> str:
+    """The upstream file: the live slot, and the other slot (of the app's `port`) as `backup`.
 
     Written by nginx-site.sh when missing (the program renders it), then by the tool at every switch.
+    The other slot is listed whether it runs or not: nginx tries a backup only when the live slot
+    fails, and a worker of the configuration before a switch (a graceful reload lets it finish the
+    requests of its keepalive connections) then reaches the slot just switched to. Without it, the
+    first switch on a host (whose file listed one slot) answered 502 for as long as the old workers
+    lived once the old slot stopped at once (bakeSeconds 0; measured by bench.change_bench).
+    `max_fails=0` on both: with two servers nginx would otherwise take one failed attempt at the live
+    slot (a worker's restart) as a reason to send everything to the backup for `fail_timeout`
+    (10 s), and a stopped backup then answers 502 all that time (seen in test_blue_green's
+    interrupted bake); a failed attempt is retried on the other slot, request by request.
     """
-    backup = f"    server 127.0.0.1:{backup_port} backup;\n" if backup_port is not None else ""
+    other = next(slot_port(port, s) for s in SLOTS if slot_port(port, s) != live_port)
     return (
-        "# Managed by cognivern-release: the live slot, and the other slot as backup while it runs.\n"
-        f"upstream {name} {{\n    server 127.0.0.1:{live_port};\n{backup}    keepalive 32;\n}}\n"
+        "# Managed by cognivern-release: the live slot, and the other slot as backup.\n"
+        f"upstream {name} {{\n    server 127.0.0.1:{live_port} max_fails=0;\n"
+        f"    server 127.0.0.1:{other} backup max_fails=0;\n    keepalive 32;\n}}\n"
     )
 
 

@@ -32,6 +32,8 @@ def reload(srv: Server) -> tuple[bool, str]:
 
 
 def switch(srv: Server, live_port: int, backup_port: int | None) -> bool:
+    """`backup_port`: the slot switched away from while it runs (None: none runs). The file lists the
+    other slot either way (facts.upstream_text); this only words the message."""
     path = srv.cfg.nginx_upstream
     if not path:
         return True
@@ -44,7 +46,7 @@ def switch(srv: Server, live_port: int, backup_port: int | None) -> bool:
         if st is not None and stat.S_ISLNK(st.st_mode):
             raise ToolError(f"{path} is a symbolic link; refusing to write through it")
         previous = safefs.read_file(dfd, name)[0] if st is not None and stat.S_ISREG(st.st_mode) else None
-        safefs.write_atomic(dfd, name, facts.upstream_text(srv.cfg.upstream_name, live_port, backup_port).encode(), 0o644)
+        safefs.write_atomic(dfd, name, facts.upstream_text(srv.cfg.upstream_name, srv.cfg.port, live_port).encode(), 0o644)
         ok, out = _run(["nginx", *srv.cfg.nginx_args(), "-t"])
         if ok:
             ok, out = reload(srv)

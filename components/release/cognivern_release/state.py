@@ -33,6 +33,9 @@ def empty() -> State:
         "previous": None,
         "journal": None,
         "releases": {},
+        # the last `prune --keep N` (None: none yet, KEEP_RELEASES applies): a prune without --keep
+        # (deploy's) keeps what the stack asked for last, so keepReleases is one prune command of its own
+        "keep_releases": None,
     }
 
 
@@ -55,6 +58,8 @@ def normalise(raw: Any) -> State:
         **{key: _id(slots.get(key)) for key in (*facts.SLOTS, "agent")},
     }
     st["previous"] = _id(raw.get("previous"))
+    keep = raw.get("keep_releases")
+    st["keep_releases"] = keep if isinstance(keep, int) and not isinstance(keep, bool) and keep >= facts.MIN_KEEP_RELEASES else None
     j = raw.get("journal")
     if isinstance(j, dict) and _id(j.get("id")) and _slot(j.get("slot")) and j.get("phase") in facts.JOURNAL_PHASES:
         st["journal"] = {
