@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
+import struct
 import subprocess
+import threading
 from pathlib import Path
 
+import httpx
 import pytest
 
 from components.render import (
@@ -24,6 +28,7 @@ from components.render import (
     site_name,
 )
 from components.settings import Settings, parse_settings
+from tests.support.helpers import free_port_pair
 from tests.support.nginx import PrivateNginx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,3 +288,48 @@ def shell_scripts() -> list[str]:
 def test_shellcheck(script: str) -> None:
     result = subprocess.run(["shellcheck", "-S", "style", script], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_request_the_live_slot_resets_is_retried_on_the_live_slot_not_the_stopped_backup(nginx: PrivateNginx) -> None:
+    """A graceful reload of the live slot ends its old worker, which closes its idle keepalive
+    connections: a request nginx has just written on one of them is reset. nginx retries it on a
+    server not yet tried; with the live slot listed once that was the stopped backup (502). Here the
+    live slot resets the first request it reads (SO_LINGER 0, as a close with unread data does) and
+    answers the rest; the other slot is not listening."""
+    port = free_port_pair()
+    s = settings(port=str(port), nginxListen=[f"127.0.0.1:{nginx.port}"])
+    (nginx.sites_enabled / "site.conf").write_text(render_nginx_site(s))
+    nginx.write_upstream(s, live_port=port)
+    seen: list[str] = []
+    listener = socket.create_server(("127.0.0.1", port))
+    listener.settimeout(10)
+
+    def serve() -> None:
+        with listener:
+            while len(seen) < 2:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(65536)
+                    if not seen:
+                        seen.append("reset")
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        continue
+                    seen.append("answered")
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n"
+                        b'Connection: close\r\n\r\n{"status":"ok"}'
+                    )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        nginx.start()
+        answer = httpx.get(nginx.url("/release"), timeout=10)
+    finally:
+        listener.close()
+        thread.join(5)
+    assert seen == ["reset", "answered"], seen
+    assert answer.status_code == 200, (answer.status_code, nginx.error_log.read_text())

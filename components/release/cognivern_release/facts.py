@@ -164,12 +164,22 @@ def upstream_text(name: str, port: int, live_port: int) -> str:
     slot (a worker's restart) as a reason to send everything to the backup for `fail_timeout`
     (10 s), and a stopped backup then answers 502 all that time (seen in test_blue_green's
     interrupted bake); a failed attempt is retried on the other slot, request by request.
+
+    No `keepalive` to the slots: a graceful reload of the live slot (an `.env` change) ends the
+    old worker, which closes its idle connections (Node's `server.close()` does since Node 19),
+    and a request nginx had just written on one it kept was reset ("recv() failed (104: Connection
+    reset by peer) while reading response header from upstream", or "upstream prematurely closed
+    connection"); nginx retried it on a server not yet tried, the stopped backup, and the client got
+    502 (test_boundaries under CPU load: 1-8 per reload; several kept connections go stale at once,
+    so a retry on another kept one failed too). A connection per request costs a loopback connect.
+    The live slot is listed twice so that a request reset anyway (accepted by the old worker just
+    before it closed) is retried on a new connection to the live slot, not on the stopped backup.
     """
     other = next(slot_port(port, s) for s in SLOTS if slot_port(port, s) != live_port)
+    live = f"    server 127.0.0.1:{live_port} max_fails=0;\n"
     return (
-        "# Managed by cognivern-release: the live slot, and the other slot as backup.\n"
-        f"upstream {name} {{\n    server 127.0.0.1:{live_port} max_fails=0;\n"
-        f"    server 127.0.0.1:{other} backup max_fails=0;\n    keepalive 32;\n}}\n"
+        "# Managed by cognivern-release: the live slot (twice: a reset request is retried there first), the other slot as backup.\n"
+        f"upstream {name} {{\n{live}{live}    server 127.0.0.1:{other} backup max_fails=0;\n}}\n"
     )
 
 
