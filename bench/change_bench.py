@@ -39,6 +39,7 @@ from __future__ import annotations
 import os
 import pwd
 import shlex
+import shutil
 import statistics
 import tempfile
 import time
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for host in hosts:
             host.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)  # both stacks' projects, venvs and states (~275 MB)
     out: dict[str, Any] = {"clients": CLIENTS, "repeat": args.repeat, "bake_seconds": 0, "before": BEFORE}
     out["load_average_at_end"] = os.getloadavg()
     out["summary"] = {side: {row: summary(r) for row, r in rows.items()} for side, rows in runs.items()}
