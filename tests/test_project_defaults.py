@@ -124,6 +124,7 @@ def test_secret_true_with_a_default_fails_every_stack_that_leaves_the_key_unset(
     project = stack(tmp_path / "declared", HOST, with_declaration(tmp_path, "secretEnv", secret=True))
     refused = project.run("preview", check=False)
     assert refused.returncode != 0
+    assert project.leftovers() == [], "the refused preview's language host outlived the CLI"
     assert "validating stack config: Stack 'test' with configuration key 'secretEnv' must be encrypted as it's secret" in refused.stderr
     project.set("cognivern:secretEnv.K", "v", secret=True)
     assert project.run("preview", check=False).returncode == 0  # control: the key set encrypted passes

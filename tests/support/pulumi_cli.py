@@ -9,10 +9,13 @@ the CLI connects to it (`--client`), so no `pulumi-language-python` plugin is ne
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -66,9 +69,36 @@ class PulumiProject:
             timeout=300,
             check=False,
         )
+        self.end_leftovers()
         if check and done.returncode != 0:
             raise AssertionError(f"pulumi {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
         return done
+
+    def leftovers(self) -> list[int]:
+        """Processes still running with this project's PULUMI_HOME once its CLI has exited: plugins
+        the CLI left behind (a stack refused at config validation leaves its language host, PPID 1,
+        which checks its engine only every 5 minutes)."""
+        mark = f"PULUMI_HOME={self.env['PULUMI_HOME']}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if mark in (entry / "environ").read_bytes().split(b"\0"):
+                        found.append(int(entry.name))
+                except OSError:
+                    continue
+        return found
+
+    def end_leftovers(self) -> None:
+        """Nothing a test started may outlive it."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self.leftovers()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 3
+            while pids and self.leftovers() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def init(self, config: Mapping[str, str] = {}, secrets: Mapping[str, str] = {}) -> None:
         """`pulumi stack init` (passphrase provider), then `pulumi config set [--secret] [--path]`."""
