@@ -114,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         ["provisioning again", harness.fmt(rerun_seconds)],
         ["packages installed", str(len(installed))],
     ]
-    harness.print_table([f"pristine {args.release}", "seconds"], rows)
+    return finish(args, f"pristine {args.release}", rows, installed, report)
+
+
+def finish(args: argparse.Namespace, title: str, rows: list[list[str]], installed: dict[str, str], report: dict[str, object]) -> int:
+    """The table, the main packages' versions (the rest in the JSON), the JSON."""
+    harness.print_table([title, "seconds"], rows)
     key = ("nginx", "nodejs", "npm", "curl")
     print("\n" + ", ".join(f"{k} {installed[k]}" for k in key if k in installed) + f", and {len(installed) - len(key)} more (see JSON)")
     harness.write_json(args.out, report)
@@ -170,11 +175,7 @@ def _engine(args: argparse.Namespace, budget: harness.Budget, report: dict[str, 
         [f"reboot: boot -> first 200, no deploy (median of {args.repeat})", harness.fmt(median_200, digits=2)],
         ["packages installed", str(len(installed))],
     ]
-    harness.print_table([f"pristine {args.release}, real engine", "seconds"], rows)
-    key = ("nginx", "nodejs", "npm", "curl")
-    print("\n" + ", ".join(f"{k} {installed[k]}" for k in key if k in installed) + f", and {len(installed) - len(key)} more (see JSON)")
-    harness.write_json(args.out, report)
-    return 0
+    return finish(args, f"pristine {args.release}, real engine", rows, installed, report)
 
 
 if __name__ == "__main__":
