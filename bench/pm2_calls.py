@@ -27,7 +27,7 @@ from typing import Any
 from bench import harness
 from components.release.cognivern_release import pm2
 from components.release.cognivern_release.activation import Machine
-from components.release.cognivern_release.proc import Account
+from components.release.cognivern_release.proc import Account, HostEdges
 from components.release.cognivern_release.server import health_check
 from tests.support.helpers import free_port
 
@@ -57,7 +57,7 @@ def timed_here(call: Callable[[], object]) -> tuple[float, float]:
     return time.process_time() - cpu, time.monotonic() - began
 
 
-class Edges:
+class Edges(HostEdges):
     """What the Python tool's watch loop asks, for the bench's daemon."""
 
     def __init__(self, daemon: pm2.Daemon) -> None:
@@ -68,18 +68,6 @@ class Edges:
 
     def pm2_list(self) -> list[dict[str, Any]] | None:
         return self.daemon.list()
-
-    def cwd(self, pid: int) -> str | None:
-        try:
-            return os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            return None
-
-    def now(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 def main() -> None:

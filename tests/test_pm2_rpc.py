@@ -27,7 +27,7 @@ import pytest
 
 from components.release.cognivern_release import pm2
 from components.release.cognivern_release.activation import Machine, Verdict
-from components.release.cognivern_release.proc import Account
+from components.release.cognivern_release.proc import Account, HostEdges
 from components.release.cognivern_release.server import health_check
 from tests.support.helpers import free_port, wait_until
 from tests.test_activation_machine import config
@@ -187,7 +187,7 @@ def test_an_answer_is_data_however_large_or_malformed(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- the watches, on real edges
-class RealEdges:
+class RealEdges(HostEdges):
     """What the machine's watches use, from the real daemon and the app's health answer."""
 
     def __init__(self, daemon: Daemon) -> None:
@@ -198,18 +198,6 @@ class RealEdges:
 
     def pm2_list(self) -> list[dict[str, Any]] | None:
         return self.daemon.rpc.list()
-
-    def cwd(self, pid: int) -> str | None:
-        try:
-            return os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            return None
-
-    def now(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 def watcher(daemon: Daemon, name: str, port: int) -> Machine:

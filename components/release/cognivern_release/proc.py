@@ -27,6 +27,23 @@ class Account(NamedTuple):
     home: str
 
 
+class HostEdges:
+    """The edges of the activation machine that are this host itself (its clock, /proc): the same
+    for the tool's Server and for anything else that drives the machine against a real daemon."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def cwd(self, pid: int) -> str | None:
+        try:
+            return os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            return None
+
+
 def iso_now(clock: Callable[[], float] = time.time) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock()))
 

@@ -52,7 +52,7 @@ def say(msg: str) -> None:
     sys.stderr.flush()
 
 
-class Server:
+class Server(proc.HostEdges):
     def __init__(self, cfg: Config, root_fd: int) -> None:
         self.cfg = cfg
         self.root_fd = root_fd
@@ -64,12 +64,6 @@ class Server:
 
     def say(self, msg: str) -> None:
         say(msg)
-
-    def now(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
     @contextlib.contextmanager
     def dir(self, rel: str) -> Iterator[int]:
@@ -207,12 +201,6 @@ class Server:
     # ------------------------------------------------------------------ Edges: PM2
     def pm2_list(self) -> list[dict[str, Any]] | None:
         return self.daemon.list()
-
-    def cwd(self, pid: int) -> str | None:
-        try:
-            return os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            return None
 
     def release_dir(self, rid: str) -> str | None:
         path = f"{self.cfg.root}/releases/{rid}"
