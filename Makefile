@@ -15,8 +15,11 @@ help:
 # The deploy needs only the program's runtime; the dev tools are for `make test`. Both install the
 # hash-locked files `make lock` writes from requirements*.txt: every package, the transitive ones
 # too, at one version, and pip refuses any download whose hash is not in the lock.
+# pip.conf in the venv: the language host's `pip list` before every program run never asks PyPI
+# whether pip is current (a network round trip, or a stall offline).
 $(VENV)/.runtime: requirements.lock
 	$(PYTHON) -m venv $(VENV)
+	printf '[global]\ndisable-pip-version-check = true\n' >$(VENV)/pip.conf
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
 	touch $@
 

@@ -12,7 +12,9 @@ requirements ask for (`make lock` not run after an edit) fails here.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -105,7 +107,22 @@ def test_the_venv_under_test_is_the_dev_lock() -> None:
 def test_only_the_locks_are_installed_and_always_with_hashes_required() -> None:
     texts = [(REPO / "Makefile").read_text(), *(p.read_text() for p in sorted(WORKFLOWS.glob("*.yml")))]
     installs = [line for text in texts for line in re.findall(r"pip install [^\n]*", text)]
-    assert len(installs) == 4, installs  # the two venv targets, deploy.yml, preview.yml
+    assert len(installs) == 2, installs  # the two venv targets; the workflows run `make venv/.runtime`
+    for name in ("deploy.yml", "preview.yml"):
+        assert "run: make venv/.runtime" in (WORKFLOWS / name).read_text(), name
     for line in installs:
         assert re.search(r"--require-hashes -r requirements(-dev)?\.lock$", line), line
     assert "$(LOCK) --output-file requirements.lock requirements.txt" in texts[0] and "--generate-hashes" in texts[0]
+
+
+def test_the_venv_never_asks_pypi_whether_pip_is_current() -> None:
+    """The language host runs `pip list` before every program run; the venv's own pip.conf (the
+    Makefile writes it) keeps that from a network round trip, or a stall offline, whatever the
+    caller's environment says."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    debug = subprocess.run(
+        [str(REPO / "venv" / "bin" / "python"), "-m", "pip", "config", "debug"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    site = debug.split("site:", 1)[1].split("user:", 1)[0]
+    assert f"{REPO / 'venv' / 'pip.conf'}, exists: True" in site, debug
+    assert "global.disable-pip-version-check: true" in site, debug

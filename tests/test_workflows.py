@@ -60,7 +60,8 @@ def test_actionlint_catches_a_broken_workflow(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yml"
     deploy = with_tag_refs((WORKFLOWS / "deploy.yml").read_text())
     deploy = deploy.replace("          diff: true", "          diff: true\n          comment-on-prr: true")
-    bad.write_text(deploy.replace("run: python -m venv venv", "run: echo ${{ github.nope }} && python -m venv venv"))
+    assert "run: make venv/.runtime" in deploy
+    bad.write_text(deploy.replace("run: make venv/.runtime", "run: echo ${{ github.nope }} && make venv/.runtime"))
     result = actionlint(bad)
     assert result.returncode == 1
     assert (
@@ -85,7 +86,7 @@ def test_preview_comments_the_diff_on_pull_requests() -> None:
     assert step["cloud-url"] == "${{ vars.PULUMI_BACKEND_URL }}"
     job = wf["jobs"]["preview"]
     assert pulumi_step(wf)["env"]["PULUMI_CONFIG_PASSPHRASE"] == "${{ secrets.PULUMI_CONFIG_PASSPHRASE }}"
-    assert any("pip install --require-hashes -r requirements.lock" in str(s.get("run", "")) for s in job["steps"])
+    assert any(str(s.get("run", "")).startswith("make venv/.runtime") for s in job["steps"])
 
 
 def test_deploy_is_gated_and_never_overlaps() -> None:
