@@ -338,6 +338,48 @@ def test_a_new_enough_cli_on_path_is_used_as_it_is(clone: Clone) -> None:
     assert not (clone.root / ".tools").exists()
 
 
+def test_the_cli_is_asked_its_version_once_until_the_file_changes(clone: Clone) -> None:
+    """ensure-pulumi runs before every pulumi-local command and `pulumi version` is a CLI start
+    (0.1 s): the answer is kept in .tools/cli-versions, keyed by the file, so a CLI rewritten in
+    place is asked again."""
+    asked, cli = clone.root.parent / "asked", clone.bin / "pulumi"
+
+    def stand_in(version: str) -> None:
+        cli.write_text(f'#!/bin/sh\necho "$*" >>{asked}\n[ "$1" = version ] && echo v{version} && exit 0\nexit 1\n')
+        cli.chmod(0o755)
+
+    stand_in(VERSION)
+    (clone.root / ".tools").mkdir()
+    for _ in range(3):
+        result = clone.run("scripts/ensure-pulumi")
+        assert (result.returncode, result.stdout.strip()) == (0, str(cli)), result.stderr
+    assert asked.read_text().splitlines() == ["version"]
+    stand_in("3.100.0")  # the same path and size, rewritten: asked again, and now too old
+    result = clone.run("scripts/ensure-pulumi")
+    assert result.returncode == 1 and "older than the pinned" in result.stderr, result.stderr
+    assert asked.read_text().splitlines() == ["version", "version"]
+    assert clone.status() == ""  # .tools/ is ignored
+
+
+def test_a_stack_in_the_local_state_is_found_without_a_cli_start(clone: Clone) -> None:
+    """pulumi-local checks the stack exists before every command (only make init creates one): in
+    a file:// state it looks for the stack's file instead of asking `pulumi stack select`; a stack
+    not there, or a state of another layout, is still asked of the CLI."""
+    recording_cli(clone)
+    assert clone.run("scripts/pulumi-local", "prod", "stack-init").returncode == 0
+    before = len(clone.calls())
+    assert clone.run("scripts/pulumi-local", "prod", "stack-check").returncode == 0
+    assert clone.calls()[before:] == []
+    missing = clone.run("scripts/pulumi-local", "other", "stack-check")
+    assert missing.returncode == 1 and "make init" in missing.stderr
+    assert [c["argv"] for c in clone.calls()[before:]] == [["stack", "select", "other"]]
+    meta = clone.root / ".pulumi-state" / ".pulumi" / "meta.yaml"
+    assert meta.read_text().strip() == "version: 1"
+    meta.write_text("version: 2\n")  # a layout this script does not know: the CLI decides
+    clone.run("scripts/pulumi-local", "prod", "stack-check")
+    assert [c["argv"][:2] for c in clone.calls()[before + 1 :]] == [["stack", "select"]]
+
+
 def test_an_archive_that_does_not_match_its_checksum_is_not_installed(clone: Clone, mirror: Path) -> None:
     bad = tampered(mirror, clone.root.parent / "tampered")
     result = clone.run("scripts/ensure-pulumi", env={**clone.env, "PULUMI_CLI_URL": f"file://{bad}"})
