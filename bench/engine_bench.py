@@ -18,8 +18,9 @@ GET /release through the host's nginx:
      it passed the pre-flight and failed after the switch; bench/release_bench.py compares the two)
 Per run: failed requests, wall time of the engine run (start to return), and time to healthy as
 the clients see it: a/b the first response from the requested release (the fixture's /release
-names it), c/c2/c3 when the last failed request was sent (0: never down). Install step time with a warm store comes
-from (a); the same `pulumi up` after emptying the store gives the empty-store figure (no load).
+names it), c/c2/c3 when the last failed request was sent (0: never down). A release is its upload, then one
+`deploy` command (install + activate + prune, the `-activate` resource): its time with a warm store comes from (a);
+the same `pulumi up` after emptying the store gives the empty-store figure (no load), whose difference is the install.
 
 The baseline, in the same run on the same host and load, is the document's procedure over the same
 SSH connection (root, same sshd and key): upload the tarball (`cat >` over ssh), unpack into
@@ -65,7 +66,7 @@ TITLES = {
 BROKEN = (("c", "crash"), ("c2", "crash-under-pm2"), ("c3", "crash-after-preflight"))  # scenario, fixture mode
 BASE = "eb-base"
 SETTLE = 1.0  # seconds of load before and after each measured command
-STEP_NAMES = ("release-upload", "release-install", "release-activate")
+STEP_NAMES = {"release-upload": "upload", "release-activate": "deploy"}  # resource suffix -> the step's name here
 DOC_RETRIES, DOC_SLEEP = 5, 1  # the document's loop: 5 tries, sleep 5 s (shortened to 1 s here)
 
 
@@ -221,9 +222,9 @@ def measure(load_url: str, action: Callable[[], dict[str, Any]], target: str, br
 def step_durations(report: RunReport) -> dict[str, float]:
     out: dict[str, float] = {}
     for s in report.steps:
-        short = next((n for n in STEP_NAMES if s.name.endswith(n)), None)
+        short = next((n for suffix, n in STEP_NAMES.items() if s.name.endswith(suffix)), None)
         if short is not None and s.op not in ("same", "delete", "skipped"):
-            out[short.removeprefix("release-")] = round(s.seconds, 2)
+            out[short] = round(s.seconds, 2)
     return out
 
 
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "engine": {s: [] for s in SCENARIOS},
         "doc": {s: [] for s in SCENARIOS},
-        "install": {"warm": [], "fresh": []},
+        "deploy": {"warm": [], "fresh": []},
     }
     extra: dict[str, Any] = {}
     tmp = Path(tempfile.mkdtemp(prefix="cgv-engine-bench-"))
@@ -307,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             rid = f"eb-new{i}"
             r = measure(load_url, engine_new(rid, stack.artifact(rid)), rid, broken=False)
             results["engine"]["a"].append(r)
-            if "install" in r["steps"]:
-                results["install"]["warm"].append(r["steps"]["install"])
+            if "deploy" in r["steps"]:
+                results["deploy"]["warm"].append(r["steps"]["deploy"])
             say(f"engine a #{i}: {r}")
             r = measure(load_url, engine_rollback, BASE, broken=False)
             results["engine"]["b"].append(r)
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["engine"][key].append(r)
                 say(f"engine {key} #{i}: {r}")
 
-        # -- the same `pulumi up` with an empty pnpm store (no load; only the install step is quoted)
+        # -- the same `pulumi up` with an empty pnpm store (no load; only the deploy step is quoted)
         for i in range(args.repeat):
             check_budget()
             shutil.rmtree(host.root / "cache" / "build" / "work", ignore_errors=True)  # the build account's store and HOME
@@ -327,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             report = stack.up(release=rid, artifact=stack.artifact(rid), check=False)
             if not report.ok:
                 raise RuntimeError(f"empty-store deploy failed: {report.summary()}")
-            results["install"]["fresh"].append(step_durations(report)["install"])
-            say(f"engine install, empty store #{i}: {results['install']['fresh'][-1]} s")
+            results["deploy"]["fresh"].append(step_durations(report)["deploy"])
+            say(f"engine deploy step, empty store #{i}: {results['deploy']['fresh'][-1]} s")
 
         # -- the document's procedure on the same host, over the same SSH, same nginx and load
         host.kill_pm2()
@@ -384,10 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     summary = {side: {s: summarise(runs) for s, runs in results[side].items()} for side in ("engine", "doc")}
-    installs = {k: median(v) for k, v in results["install"].items()}
-    step_medians = {
-        n: median([r["steps"][n] for r in results["engine"]["a"] if n in r["steps"]]) for n in ("upload", "install", "activate")
-    }
+    deploys = {k: median(v) for k, v in results["deploy"].items()}
+    step_medians = {n: median([r["steps"][n] for r in results["engine"]["a"] if n in r["steps"]]) for n in STEP_NAMES.values()}
     out = {
         "clients": CLIENTS,
         "repeat": args.repeat,
@@ -398,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         **extra,
         "summary": summary,
         "engine_step_median_seconds_a": step_medians,
-        "install_median_seconds": installs,
+        "deploy_step_median_seconds": deploys,
         "runs": results,
         "wall_seconds": round(budget.elapsed(), 1),
     }
@@ -408,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         ["first deploy (prepare host + base)", f"{extra['first_deploy_seconds']:.1f} s (once, no load)", ""],
         ["up with no change", f"{extra['no_change_up_seconds']:.1f} s (nothing executed)", ""],
         ["engine steps in (a)", steps, ""],
-        ["install step, warm store", harness.fmt(installs["warm"], " s"), ""],
-        ["install step, empty store (no load)", harness.fmt(installs["fresh"], " s"), ""],
+        ["deploy step (install + activate), warm store", harness.fmt(deploys["warm"], " s"), ""],
+        ["deploy step, empty store (no load)", harness.fmt(deploys["fresh"], " s"), ""],
     ]
     harness.print_table(
         ["scenario", "pulumi up (real engine, SSH)", "document procedure over SSH (sleep 1 s)"],
