@@ -157,7 +157,7 @@ def secrets_outside_the_pulumi_step(workflow: dict[Any, Any]) -> list[str]:
 
 @pytest.mark.parametrize("name", ["deploy.yml", "preview.yml"])
 def test_credentials_are_only_in_the_env_of_the_step_that_runs_pulumi(name: str) -> None:
-    """Not the job's env: `pip install` (package code) and every other step run without them."""
+    """Not the job's env: `make venv/.runtime` (pip install: package code) and every other step run without them."""
     workflow = load(WORKFLOWS / name)
     assert secrets_outside_the_pulumi_step(workflow) == []
     (job,) = [j for j in workflow["jobs"].values() if any("pulumi/actions@" in str(s.get("uses", "")) for s in j["steps"])]
@@ -172,7 +172,7 @@ def test_control_credentials_in_the_job_env_are_caught() -> None:
     deploy = load(WORKFLOWS / "deploy.yml")
     moved = yaml.safe_load(yaml.safe_dump(deploy))
     (job,) = moved["jobs"].values()
-    install = next(s for s in job["steps"] if "pip install" in str(s.get("run", "")))
+    install = next(s for s in job["steps"] if str(s.get("run", "")).startswith("make venv/.runtime"))  # pip install
     install["env"] = {"PULUMI_CONFIG_PASSPHRASE": "${{ secrets.PULUMI_CONFIG_PASSPHRASE }}"}
     assert secrets_outside_the_pulumi_step(moved) == ["deploy step Install dependencies: PULUMI_CONFIG_PASSPHRASE"]
 
