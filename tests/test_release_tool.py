@@ -635,6 +635,25 @@ def test_prune_keeps_current_previous_and_installs_in_progress(switched: Release
     assert (host.root / "incoming" / "cognivern-r3.tar.gz").exists()
 
 
+def test_a_prune_waits_for_the_deploy_lock_another_process_holds(serving: ReleaseHost) -> None:
+    """A killed `pulumi up` leaves its deploy running on the server; the re-run's deploy reaches its
+    prune while that one holds the lock for its own. Housekeeping waits (bounded by the longest an
+    activation holds the lock) instead of failing the re-run with "another deploy is in progress"."""
+    host = serving
+    with open(host.root / ".deploy" / "lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.truncate(0)  # the holder's line, as the tool writes it
+        lock.write("pid=1 user=root action=prune id=- since=2026-12-05T00:00:00Z\n")
+        lock.flush()
+        waiting = host.popen("prune", "--keep", "2")
+        time.sleep(1.5)
+        assert waiting.poll() is None, waiting.communicate()
+    _out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert "the deploy lock is held (pid=1 user=root action=prune" in err and "waiting up to" in err
+    assert host.log_lines()[-1][1] == "prune" and host.log_lines()[-1][5] != "locked(exit=3)"
+
+
 def test_release_log_has_one_line_per_action(serving: ReleaseHost) -> None:
     host = serving
     backup = Path(host.ok("backup").stdout.strip())

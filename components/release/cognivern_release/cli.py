@@ -164,20 +164,28 @@ def complete_list_text(srv: Server) -> str:
 
 
 # ---------------------------------------------------------------------------- locks
+def activation_span(srv: Server) -> float:
+    """The longest an activation holds the deploy lock: its health wait, its bake, stopping a slot."""
+    return float(srv.cfg.health_timeout + srv.cfg.bake_seconds + 120)
+
+
 def take_deploy_lock(srv: Server, act: Action, action: str, rid: str, wait: float) -> None:
-    """The deploy lock (activate, restore, prune, reload, backup); then settle an interrupted activation."""
+    """The deploy lock (activate, restore, prune, reload, backup); then settle an interrupted activation.
+    `wait`: seconds to wait for another holder (0: refuse at once, naming it)."""
     from . import activation
 
     with srv.dir(".deploy") as deploy:
         fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=deploy)
-    if action == "activate" and not flock(fd, 0):
-        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+    if not flock(fd, 0):
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "(holder is just starting)"
         # The same activation asked for again: its deploy lost the connection (or `pulumi up` was
         # killed) while the detached worker went on. Waiting for that worker, then answering as
         # usual (already current, or the release's verdict), is what makes the re-run converge.
-        if f" {holder} ".find(f" action=activate id={rid} ") >= 0:
+        if action == "activate" and f" {holder} ".find(f" action=activate id={rid} ") >= 0:
             say(f"the activation of {rid} is already under way ({holder}); waiting for it to finish")
-            wait = srv.cfg.health_timeout + srv.cfg.bake_seconds + 120
+            wait = activation_span(srv)
+        elif wait > 0:
+            say(f"the deploy lock is held ({holder}); waiting up to {wait:.0f} s for it")
     if not flock(fd, wait):
         holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "(holder is just starting)"
         os.close(fd)
@@ -360,7 +368,9 @@ def cmd_prune(srv: Server, act: Action, args: list[str]) -> None:
     if keep is not None and (not (keep.isascii() and keep.isdigit()) or int(keep) < facts.MIN_KEEP_RELEASES):
         raise usage_error(f"prune: --keep must be a whole number >= {facts.MIN_KEEP_RELEASES}, got '{keep}'")
     srv.ensure_layout()
-    take_deploy_lock(srv, act, "prune", "-", 0)
+    # Housekeeping after whatever holds the lock: the deploy of a killed `pulumi up` goes on on the
+    # server, and the re-run's deploy reaches its prune while that one prunes.
+    take_deploy_lock(srv, act, "prune", "-", activation_span(srv))
     if keep is None:
         remembered = srv.store.read()["keep_releases"]
         keep = str(remembered if remembered is not None else srv.cfg.keep_releases)
