@@ -14,8 +14,6 @@ from typing import Any
 import pulumi
 from pulumi_command import remote
 
-from components.balancer import Balancer, BalancerArgs
-from components.server import Server, ServerArgs
 from components.settings import Settings
 
 
@@ -43,6 +41,11 @@ def topology(name: str, settings: Settings, labels: dict[str, str]) -> Topology:
 
 
 def _created(name: str, settings: Settings, labels: dict[str, str]) -> Topology:
+    # Imported here: the Hetzner SDK and the host-key crypto cost every `pulumi up` ~0.09 s of
+    # imports, which a stack on existing hosts never uses (README, "The engine's floor").
+    from components.balancer import Balancer, BalancerArgs
+    from components.server import Server, ServerArgs
+
     assert settings.ssh_public_key is not None
     server = Server(
         name,

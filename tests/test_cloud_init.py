@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components import metadata_filter
 from components.host import release_tool_bundle
-from components.server import metadata_filter, render_user_data
+from components.server import render_user_data
 from components.server.host_key import generate_ed25519
 from tests.support.program import run_program, unsecret
 

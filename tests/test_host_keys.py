@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from pulumi import RunError
 
-from components.server import metadata_filter, render_user_data
+from components import metadata_filter
+from components.server import render_user_data
 from components.server.host_key import HostKeyProvider, generate_ed25519
 from tests.support.program import Registration, is_secret, run_program, unsecret
 from tests.support.real_engine import RealEngine, RunReport

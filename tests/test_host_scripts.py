@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from components import metadata_filter
 from components.host import (
     BUNDLE_MARKER,
     NGINX_SITE,
@@ -39,7 +40,6 @@ from components.host import (
 from components.release.cognivern_release import facts
 from components.remote import script_command
 from components.render import render_nginx_site, render_upstream, site_name
-from components.server import metadata_filter
 from components.settings import Settings
 from components.tool import INSTALL_TOOL, bundle, release_tool_files
 from tests.support.fs import manifest

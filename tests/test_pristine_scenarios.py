@@ -33,9 +33,9 @@ from typing import Any
 
 import pytest
 
+from components import metadata_filter
 from components.host import PROVISION, provision_args
 from components.remote import script_command
-from components.server import metadata_filter
 from components.server.host_key import generate_ed25519
 from components.settings import SECRET_KEYS, parse_settings
 from tests.support.helpers import http_post

@@ -131,8 +131,8 @@ def test_provision_carries_its_script_and_does_nothing_when_only_its_connection_
     assert parts[0] == ""
     files = dict(zip(parts[1::2], parts[2::2], strict=True))
     assert list(files) == ["cognivern-metadata-filter", "cognivern-metadata-filter.service"], "every file, in a fixed order"
-    assert files["cognivern-metadata-filter"] == Path("components/server/metadata-filter.sh").read_text()
-    assert files["cognivern-metadata-filter.service"] == Path("components/server/cognivern-metadata-filter.service").read_text()
+    assert files["cognivern-metadata-filter"] == Path("components/metadata_filter/metadata-filter.sh").read_text()
+    assert files["cognivern-metadata-filter.service"] == Path("components/metadata_filter/cognivern-metadata-filter.service").read_text()
     # the digest of its command and stdin is its trigger (a changed script or file replaces it: it
     # runs); `update` is what runs when anything else changed, i.e. the connection alone (a host-key pin): nothing
     assert provision.inputs["triggers"] == [command_digest(create, provision.inputs["stdin"])]

@@ -19,6 +19,7 @@ from pathlib import Path
 import pulumi
 from pulumi_command import remote
 
+from components import metadata_filter
 from components.release.cognivern_release import facts
 from components.remote import NOTHING, PUT_FILE, command, put_file, script_command
 from components.render import (
@@ -31,7 +32,6 @@ from components.render import (
     render_upstream,
     site_name,
 )
-from components.server import metadata_filter
 from components.settings import Settings
 from components.tool import BUNDLE_MARKER, ReleaseTool, ReleaseToolArgs, bundle, release_tool_files
 
@@ -106,7 +106,7 @@ def provision_args(s: Settings) -> list[str]:
     account = ["--root", s.root, "--app-user", s.app_user, "--build-user", facts.build_user(s.app_user), "--ssh-user", s.ssh_user]
     node = ["--node-major", str(s.node_major), "--node-source", s.node_source]
     versions = ["--pm2-version", pins["PM2_VERSION"], "--pnpm-version", pins["PNPM_VERSION"]]
-    # the metadata filter (components/server/metadata_filter.py): servers the program created, or metadataFilter
+    # the metadata filter (components/metadata_filter): servers the program created, or metadataFilter
     return [*account, *node, *versions, "--metadata-filter", "yes" if s.filters_metadata else "no"]
 
 

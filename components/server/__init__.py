@@ -17,8 +17,8 @@ import pulumi
 import pulumi_hcloud as hcloud
 import yaml
 
+from components.metadata_filter import bootcmd
 from components.server.host_key import HostKey, user_data_with_host_key
-from components.server.metadata_filter import bootcmd
 
 CLOUD_INIT = Path(__file__).with_name("cloud-init.yaml")
 

@@ -9,6 +9,10 @@ before the filter; also on servers created before the unit existed, whose user d
 after creation. Existing hosts (`host`/`hosts`) get neither unless `metadataFilter` asks
 (Settings.filters_metadata): they may have no such service, and a PM2 unit requiring a unit that
 does not exist would never start.
+
+Its own package, so that components/host needs nothing of components/server (the Hetzner SDK).
+The unit's header still names components/server/, where it lived: its bytes are part of
+provisioning's trigger, and a new header would re-provision every server once for nothing.
 """
 
 from __future__ import annotations
