@@ -169,6 +169,11 @@ def activation_span(srv: Server) -> float:
     return float(srv.cfg.health_timeout + srv.cfg.bake_seconds + 120)
 
 
+def lock_holder(fd: int) -> str:
+    """The holder's line (`pid=... user=... action=... id=... since=...`), as it wrote it."""
+    return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "(holder is just starting)"
+
+
 def take_deploy_lock(srv: Server, act: Action, action: str, rid: str, wait: float) -> None:
     """The deploy lock (activate, restore, prune, reload, backup); then settle an interrupted activation.
     `wait`: seconds to wait for another holder (0: refuse at once, naming it)."""
@@ -177,17 +182,17 @@ def take_deploy_lock(srv: Server, act: Action, action: str, rid: str, wait: floa
     with srv.dir(".deploy") as deploy:
         fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=deploy)
     if not flock(fd, 0):
-        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "(holder is just starting)"
+        holder = lock_holder(fd)
         # The same activation asked for again: its deploy lost the connection (or `pulumi up` was
         # killed) while the detached worker went on. Waiting for that worker, then answering as
         # usual (already current, or the release's verdict), is what makes the re-run converge.
-        if action == "activate" and f" {holder} ".find(f" action=activate id={rid} ") >= 0:
+        if action == "activate" and f" action=activate id={rid} " in f" {holder} ":
             say(f"the activation of {rid} is already under way ({holder}); waiting for it to finish")
             wait = activation_span(srv)
         elif wait > 0:
             say(f"the deploy lock is held ({holder}); waiting up to {wait:.0f} s for it")
     if not flock(fd, wait):
-        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "(holder is just starting)"
+        holder = lock_holder(fd)
         os.close(fd)
         act.result = "locked"
         say(f"error: another deploy is in progress: {holder}")
